@@ -1,0 +1,424 @@
+"""Loading, verifying and saving DINO-Mix weights; the model fingerprint that maps record.
+
+Three file kinds load (spec: shared/spec/model.md, "Weight files that must load"):
+
+* an official DINO-Mix checkpoint (``.ckpt``): a PyTorch Lightning dict with ``state_dict``, or a bare state dict,
+  keys ``backbone.dino_model.*`` and ``aggregator.*``; loaded whole and strictly;
+* an official DINOv2 backbone file (``dinov2_vit?14_pretrain.pth``): backbone keys without prefix plus ``norm.*``
+  (ignored); the aggregator is then untrained, which is logged loudly: descriptors are not DINO-Mix descriptors;
+* this project's own format (``.safetensors`` written by :func:`save_model`), which carries its fingerprint.
+
+Checkpoints are untrusted input: pickle files are read with ``torch.load(weights_only=True, map_location="cpu")``
+and an explicit allow-list of the harmless globals Lightning writes; there is no unsafe fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import logging
+import pickle
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinomix_ros.model.dinomix import VARIANTS, BackboneSpec, DinoMix, build_model, init_random_weights
+from dinomix_ros.preprocess import PREPROCESSING_ID
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "UnsafeCheckpointError",
+    "CheckpointMismatchError",
+    "ModelFingerprint",
+    "LoadedModel",
+    "load_model",
+    "random_model",
+    "save_model",
+    "read_weights_file",
+    "infer_variant",
+    "compute_fingerprint",
+]
+
+_logger = logging.getLogger(__name__)
+
+DINOMIX_PREFIX = "backbone.dino_model."
+OWN_FORMAT = "dinomix_ros.model"
+OWN_FORMAT_VERSION = 1
+# Seed of the (untrained) aggregator built next to a bare DINOv2 backbone: fixed so that the same backbone file
+# always gives the same model, the same fingerprint and maps that stay loadable.
+UNTRAINED_AGGREGATOR_SEED = 0
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used as DINO-Mix weights."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The weights file does not exist."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint needs globals outside the allow-list; loading it could run arbitrary code."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Keys or shapes in the file do not fit any DINO-Mix model."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What made a descriptor: architecture, exact weights and preprocessing.
+
+    Two models give interchangeable descriptors iff their fingerprint ids are equal. The runtime dtype (fp32/fp16/
+    bf16) is deliberately not part of it: it changes descriptors only at the 1e-4 cosine level.
+    """
+
+    architecture: str
+    weights_sha256: str
+    preprocessing: str
+    descriptor_dim: int
+
+    @property
+    def id(self) -> str:
+        text = f"{self.architecture}|{self.weights_sha256}|{self.preprocessing}|{self.descriptor_dim}"
+        return "dmx-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "architecture": self.architecture,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing,
+            "descriptor_dim": self.descriptor_dim,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelFingerprint:
+        try:
+            fp = cls(
+                architecture=str(data["architecture"]),
+                weights_sha256=str(data["weights_sha256"]),
+                preprocessing=str(data["preprocessing"]),
+                descriptor_dim=int(data["descriptor_dim"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"malformed fingerprint {data!r}: {exc}") from exc
+        if "id" in data and data["id"] != fp.id:
+            raise CheckpointError(f"fingerprint id {data['id']} does not match its fields (expected {fp.id})")
+        return fp
+
+
+@dataclass
+class LoadedModel:
+    """A ready model plus where it came from."""
+
+    model: DinoMix
+    fingerprint: ModelFingerprint
+    source_format: str  # "dinomix-lightning", "dinomix-state-dict", "dinov2-pretrain", OWN_FORMAT or "random"
+    source: Path | None
+    aggregator_trained: bool
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return self.model.spec
+
+    def describe(self) -> dict:
+        """JSON-able summary for logs, ``dinomix model info`` and diagnostics."""
+        return {
+            "architecture": self.spec.model_name,
+            "backbone": self.spec.name,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "descriptor_dim": self.model.descriptor_dim,
+            "source": str(self.source) if self.source else None,
+            "source_format": self.source_format,
+            "aggregator_trained": self.aggregator_trained,
+            "fingerprint": self.fingerprint.to_dict(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _allowed_globals() -> list:
+    """Globals that Lightning checkpoints pickle besides tensors; all are plain data containers."""
+    allowed: list = [argparse.Namespace, collections.Counter]
+    # Lightning's AttributeDict (hyper_parameters) is a plain dict subclass; the weights-only unpickler fills only
+    # dict-like classes it knows, so it is rebuilt as an OrderedDict (Lightning need not be installed).
+    for name in (
+        "lightning.fabric.utilities.data.AttributeDict",
+        "lightning_fabric.utilities.data.AttributeDict",
+        "pytorch_lightning.utilities.parsing.AttributeDict",
+    ):
+        allowed.append((collections.OrderedDict, name))
+    try:  # numpy scalars and dtypes appear in callback and scheduler states
+        import numpy as np
+
+        allowed += [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+        scalar = getattr(core.multiarray, "scalar", None)
+        if scalar is not None:
+            allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    except (ImportError, AttributeError):  # pragma: no cover - numpy is a hard dependency of torch here
+        pass
+    return allowed
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True`` and the allow-list; never falls back to full unpickling."""
+    kwargs: dict = {"map_location": "cpu", "weights_only": True}
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    try:
+        if safe_globals is None:  # torch < 2.5: no allow-list API; weights_only alone still refuses code
+            return torch.load(path, **kwargs)
+        with safe_globals(_allowed_globals()):
+            try:
+                return torch.load(path, mmap=True, **kwargs)
+            except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, **kwargs)
+    except pickle.UnpicklingError as exc:
+        blocked = _blocked_globals(path)
+        what = ", ".join(blocked) if blocked else _unpickler_reason(exc)
+        raise UnsafeCheckpointError(
+            f"{path} pickles Python objects that safe loading does not allow ({what}); loading it could run "
+            "arbitrary code, so it is refused. If you trust the file, extract its weights once in a trusted "
+            "environment: torch.save({'state_dict': torch.load(f, weights_only=False)['state_dict']}, out)"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupted?): {exc}") from exc
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            return " ".join(lines[i:i + 2])
+    return lines[0] if lines else type(exc).__name__
+
+
+def _blocked_globals(path: Path) -> list[str]:
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        allowed = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
+                   for name in (g[1] if isinstance(g, tuple) else g for g in _allowed_globals())}
+        return sorted(set(finder(path)) - allowed)
+    except Exception:  # noqa: BLE001 - best effort for the error message only
+        return []
+
+
+def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """Read a weights file into a flat state dict.
+
+    Returns:
+        (state_dict, kind, extra): kind is "safetensors", "lightning" or "state_dict"; extra holds the
+        safetensors metadata (own format) or the Lightning checkpoint's top-level keys.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        UnsafeCheckpointError: the pickle needs globals outside the allow-list.
+        CheckpointError: unreadable or not a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"weights file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            return load_file(str(path), device="cpu"), "safetensors", meta
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a state dict or a Lightning checkpoint")
+    if isinstance(obj.get("state_dict"), dict):
+        extra = {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, (str, int, float))}
+        state, kind = obj["state_dict"], "lightning"
+    else:
+        state, kind, extra = obj, "state_dict", {}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors; expected a state dict of tensors")
+    return dict(state), kind, extra
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # 8-byte little-endian header length followed by a JSON object.
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Interpreting state dicts
+
+
+def infer_variant(state_dict: dict[str, torch.Tensor], prefix: str = "") -> BackboneSpec:
+    """Find the backbone variant from tensor shapes: width from ``cls_token``, depth from the block indices."""
+    cls = state_dict.get(prefix + "cls_token")
+    if cls is None:
+        raise CheckpointMismatchError(f"no '{prefix}cls_token' tensor: not a DINOv2 / DINO-Mix state dict")
+    width = int(cls.shape[-1])
+    pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
+    ffn = "swiglu" if f"{prefix}blocks.0.mlp.w12.weight" in state_dict else "mlp"
+    for spec in VARIANTS.values():
+        if (spec.embed_dim, spec.depth, spec.ffn_layer) == (width, depth, ffn):
+            return spec
+    known = ", ".join(f"{s.name} (width {s.embed_dim}, {s.depth} blocks, {s.ffn_layer})" for s in VARIANTS.values())
+    raise CheckpointMismatchError(
+        f"no DINO-Mix backbone has width {width}, {depth} blocks and a {ffn} feed-forward; known: {known}"
+    )
+
+
+def _check_keys(expected: dict[str, torch.Tensor], provided: dict[str, torch.Tensor], path: Path | None,
+                allow_missing_prefix: str | None = None) -> None:
+    missing = sorted(k for k in expected if k not in provided
+                     and not (allow_missing_prefix and k.startswith(allow_missing_prefix)))
+    unexpected = sorted(k for k in provided if k not in expected)
+    shapes = sorted(f"{k}: file {tuple(provided[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in provided if k in expected and provided[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches {_few(shapes)}")
+    if problems:
+        where = f"{path}" if path else "state dict"
+        raise CheckpointMismatchError(f"{where} does not fit a DINO-Mix model: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return f"[{shown}{f', ... ({len(items) - n} more)' if len(items) > n else ''}]"
+
+
+def _init_untrained_aggregator(aggregator: nn.Module) -> None:
+    # MixVPR's own init (truncated normal std 0.02, zero bias, LayerNorm 1/0), seeded for reproducibility.
+    gen = torch.Generator().manual_seed(UNTRAINED_AGGREGATOR_SEED)
+    with torch.no_grad():
+        for module in aggregator.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_((torch.randn(module.weight.shape, generator=gen) * 0.02).clamp_(-0.04, 0.04))
+                module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def compute_fingerprint(model: DinoMix) -> ModelFingerprint:
+    """sha256 over every persistent tensor (float32, names sorted) + architecture + preprocessing."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}\n".encode())
+        digest.update(data.numpy().tobytes())
+    return ModelFingerprint(model.spec.model_name, digest.hexdigest(), PREPROCESSING_ID, model.descriptor_dim)
+
+
+def load_model(path: str | Path, *, expected_variant: str | None = None) -> LoadedModel:
+    """Load DINO-Mix weights from any supported file into a CPU float32 model in eval mode.
+
+    Args:
+        path: official DINO-Mix ``.ckpt``, DINOv2 ``*_pretrain.pth`` or a ``.safetensors`` file from save_model.
+        expected_variant: refuse a file of another backbone (e.g. "vitb14"); None accepts any.
+
+    Raises:
+        CheckpointNotFoundError, UnsafeCheckpointError, CheckpointMismatchError, CheckpointError.
+    """
+    path = Path(path)
+    state, kind, extra = read_weights_file(path)
+    if kind == "safetensors" and extra.get("format") != OWN_FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not one written by dinomix_ros (metadata {extra})")
+    if any(k.startswith(DINOMIX_PREFIX) for k in state):
+        aggregator_trained = True
+        source_format = {"lightning": "dinomix-lightning", "state_dict": "dinomix-state-dict"}.get(kind, OWN_FORMAT)
+    elif "cls_token" in state and "blocks.0.norm1.weight" in state:
+        if any(k.startswith("register_tokens") for k in state):
+            raise CheckpointMismatchError(f"{path} is a DINOv2 backbone with register tokens; DINO-Mix uses none")
+        aggregator_trained, source_format = False, "dinov2-pretrain"
+        state = {DINOMIX_PREFIX + k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}
+    else:
+        raise CheckpointMismatchError(
+            f"{path} has neither 'backbone.dino_model.*' keys (DINO-Mix) nor 'cls_token'/'blocks.*' keys (DINOv2); "
+            f"first keys: {_few(sorted(state), 5)}"
+        )
+    spec = infer_variant(state, DINOMIX_PREFIX)
+    if expected_variant is not None:
+        want = build_model(expected_variant, device="meta").spec
+        if want != spec:
+            raise CheckpointMismatchError(f"{path} holds a {spec.name} model, but {want.name} was asked for")
+
+    model = build_model(spec.name, device="meta")
+    _check_keys(model.state_dict(), state, path, allow_missing_prefix=None if aggregator_trained else "aggregator.")
+    model = model.to_empty(device="cpu")
+    if not aggregator_trained:
+        _init_untrained_aggregator(model.aggregator)
+    model.load_state_dict(state, strict=aggregator_trained)  # post-hook recomputes grid_pos_embed
+    model.eval().requires_grad_(False)
+    fingerprint = compute_fingerprint(model)
+    if kind == "safetensors":
+        stored = ModelFingerprint.from_dict(json.loads(extra.get("fingerprint", "{}")))
+        if stored.id != fingerprint.id:
+            raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file "
+                                  f"({fingerprint.id} vs {stored.id}): the file was modified or corrupted")
+        aggregator_trained = extra.get("aggregator_trained", "true") == "true"
+        source_format = extra.get("source_format", OWN_FORMAT)
+    if not aggregator_trained:
+        if source_format == "random":
+            message = f"{path} holds RANDOM weights (tests/demos): similarity scores are meaningless"
+        else:
+            message = (f"{path} is a DINOv2 backbone without a trained MixVPR aggregator: descriptors are NOT "
+                       "DINO-Mix descriptors and place recognition will be poor. Use an official DINO-Mix .ckpt.")
+        _logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    _logger.info("loaded %s from %s (%s, fingerprint %s)", spec.model_name, path, source_format, fingerprint.id)
+    return LoadedModel(model, fingerprint, source_format, path, aggregator_trained)
+
+
+def random_model(variant: str = "vits14", seed: int = 0) -> LoadedModel:
+    """A model with seeded random weights, for tests and demos (its descriptors carry no place information)."""
+    model = init_random_weights(build_model(variant), seed).eval().requires_grad_(False)
+    _logger.warning("using RANDOM weights (%s, seed %d): similarity scores are meaningless", model.spec.name, seed)
+    return LoadedModel(model, compute_fingerprint(model), "random", None, aggregator_trained=False)
+
+
+def save_model(loaded: LoadedModel, path: str | Path) -> Path:
+    """Write the model as ``.safetensors`` with its fingerprint (no pickle); atomic via a temporary file."""
+    from safetensors.torch import save_file
+
+    from dinomix_ros.fileutil import atomic_path
+
+    path = Path(path)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in loaded.model.state_dict().items()}
+    metadata = {
+        "format": OWN_FORMAT,
+        "version": str(OWN_FORMAT_VERSION),
+        "architecture": loaded.spec.model_name,
+        "source_format": loaded.source_format,
+        "aggregator_trained": "true" if loaded.aggregator_trained else "false",
+        "fingerprint": json.dumps(loaded.fingerprint.to_dict()),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return path
