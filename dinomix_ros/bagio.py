@@ -11,6 +11,7 @@ no orientation; fixes with status < 0, i.e. no fix, are dropped).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,15 +51,32 @@ class BagError(ValueError):
     """A bag, topic or message that cannot be used as asked."""
 
 
-def open_reader(path: str | Path):  # noqa: ANN201 - rosbags AnyReader (context manager)
-    """A rosbags AnyReader over one bag directory (or file), with the Kilted typestore for bags without types."""
-    from rosbags.highlevel import AnyReader
+@contextlib.contextmanager
+def open_reader(path: str | Path) -> Iterator:
+    """An open rosbags AnyReader over one bag directory (or file), with the Kilted typestore for bags without types.
+
+    Raises:
+        FileNotFoundError: no such bag.
+        BagError: a bag rosbags cannot open (corrupt metadata, unknown storage, a ROS 2 directory named *.bag).
+    """
+    from rosbags.highlevel import AnyReader, AnyReaderError
     from rosbags.typesys import Stores, get_typestore
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"bag {path} does not exist")
-    return AnyReader([path], default_typestore=get_typestore(Stores.ROS2_KILTED))
+    if path.is_dir() and path.suffix == ".bag":
+        raise BagError(f"{path} is a ROS 2 bag directory named *.bag, which the rosbags library reads as a ROS 1 bag "
+                       "file; rename the directory (e.g. without the .bag suffix)")
+    reader = AnyReader([path], default_typestore=get_typestore(Stores.ROS2_KILTED))
+    try:
+        reader.open()
+    except AnyReaderError as exc:
+        raise BagError(f"cannot read bag {path}: {exc}") from exc
+    try:
+        yield reader
+    finally:
+        reader.close()
 
 
 def bag_topics(path: str | Path) -> dict[str, tuple[str, int]]:

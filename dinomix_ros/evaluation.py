@@ -703,17 +703,6 @@ def _ranked_candidates(similarity: np.ndarray, num_candidates: np.ndarray, k: in
         ranked[np.arange(k_eff)[None, :] >= counts[:, None]] = -1
         out[start:start + len(sim), :k_eff] = ranked
     return out
-    masked = np.where(np.arange(cols)[None, :] < num_candidates[:, None], similarity, -np.inf)
-    if k_eff < cols:
-        top = np.argpartition(-masked, k_eff - 1, axis=1)[:, :k_eff]
-    else:
-        top = np.tile(np.arange(cols), (rows, 1))
-    top_sim = np.take_along_axis(masked, top, axis=1)
-    order = np.lexsort((top, -top_sim), axis=1)  # by similarity descending, then column ascending
-    ranked = np.take_along_axis(top, order, axis=1)
-    ranked[np.arange(k_eff)[None, :] >= num_candidates[:, None]] = -1
-    out[:, :k_eff] = ranked
-    return out
 
 
 def _evaluate_candidates(

@@ -1,13 +1,23 @@
-"""Shared fixtures: seeded data, the real third-party data folder, and a per-test ROS environment."""
+"""Shared fixtures: seeded data, the real third-party data folder, and the ROS environment of this process."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+# Before anything creates a DDS participant: no discovery traffic leaves this machine (ROS_LOCALHOST_ONLY is
+# ignored by this ROS 2 release), rclpy logs go to a temporary folder, and large images use shared memory.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="dinomix_test_roslog_"))
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_images.xml"))
 
 
 @pytest.fixture

@@ -1,0 +1,104 @@
+"""Replay a ROS 2 bag into the live graph without rosbag2 (which is not installable from PyPI): ``bag_replay``.
+
+Messages are published as their stored CDR bytes (``publisher.publish(raw_bytes)``; rosbags' CDR is byte-identical
+to rclpy's), with the bag's timing scaled by ``--rate`` (0: as fast as the subscribers acknowledge). Publishers are
+reliable with a deep queue, so best-effort and reliable subscribers both connect; before exiting the tool waits until
+every subscriber has acknowledged everything (``wait_for_all_acked``). On a machine with ROS 2 installed,
+``ros2 bag play`` does the same job.
+
+Example:
+    bag_replay test/data/t265_office_bag/ros2_mcap --topics /camera/fisheye1/image_raw --rate 1.0 \\
+        --remap /camera/fisheye1/image_raw:=/camera/image_raw --wait-for-subscribers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import rclpy
+from rclpy.duration import Duration
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.utilities import remove_ros_args
+
+from dinomix_ros.bagio import IMAGE_TYPES, open_reader
+
+__all__ = ["replay", "main"]
+
+
+def _msg_class(msgtype: str) -> type:
+    package, _, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float = 1.0,
+           remap: dict[str, str] | None = None, wait_for_subscribers: int = 0, timeout_s: float = 30.0) -> int:
+    """Publish the bag's messages; returns how many were published."""
+    remap = remap or {}
+    qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    with open_reader(bag) as reader:
+        conns = [c for c in reader.connections if not topics or c.topic in topics]
+        missing = set(topics or []) - {c.topic for c in conns}
+        if missing:
+            have = sorted({c.topic for c in reader.connections})
+            raise ValueError(f"topics {sorted(missing)} are not in {bag}; it has {have}")
+        pubs = {}
+        for conn in conns:
+            if conn.topic not in pubs:
+                pubs[conn.topic] = node.create_publisher(_msg_class(conn.msgtype), remap.get(conn.topic, conn.topic),
+                                                         qos)
+        deadline = time.monotonic() + timeout_s
+        if wait_for_subscribers:  # on the camera topics (all topics if the bag has none)
+            waited = [pubs[c.topic] for c in conns if c.msgtype in IMAGE_TYPES] or list(pubs.values())
+            while any(p.get_subscription_count() < wait_for_subscribers for p in waited):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"subscribers did not appear within {timeout_s} s on "
+                                       f"{[p.topic_name for p in waited if p.get_subscription_count() == 0]}")
+                time.sleep(0.05)
+            time.sleep(0.5)  # discovery settles after the match is visible
+        count, t0_bag, t0_wall = 0, None, time.monotonic()
+        for conn, stamp_ns, raw in reader.messages(connections=conns):
+            if rate > 0:
+                t0_bag = stamp_ns if t0_bag is None else t0_bag
+                delay = (stamp_ns - t0_bag) / 1e9 / rate - (time.monotonic() - t0_wall)
+                if delay > 0:
+                    time.sleep(delay)
+            pubs[conn.topic].publish(bytes(raw))
+            count += 1
+    for pub in pubs.values():
+        pub.wait_for_all_acked(Duration(seconds=max(1.0, deadline - time.monotonic())))
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    parser = argparse.ArgumentParser(prog="bag_replay", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bag", type=Path, help="ROS 2 bag directory (mcap or sqlite3)")
+    parser.add_argument("--topics", nargs="*", default=None, help="topics to replay (default: all)")
+    parser.add_argument("--rate", type=float, default=1.0, help="speed factor; 0 publishes as fast as possible")
+    parser.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="rename a topic")
+    parser.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
+                        help="wait until every camera topic (every topic, if none) has N subscribers")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for subscribers / acks")
+    args = parser.parse_args(remove_ros_args(argv)[1:])
+    remap = dict(item.split(":=", 1) for item in args.remap)
+    rclpy.init(args=argv)
+    try:
+        node = Node("bag_replay")
+        n = replay(node, args.bag, args.topics, args.rate, remap, args.wait_for_subscribers, args.timeout)
+        node.get_logger().info(f"replayed {n} messages from {args.bag}")
+        node.destroy_node()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
