@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	touch $@
 
 demo: setup
-	$(PY) -m dinomix_ros.demo $(ARGS)
+	$(PY) -m dinomix_ros.ros.demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)

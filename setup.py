@@ -25,6 +25,9 @@ setup(
     entry_points={
         "console_scripts": [
             "dinomix = dinomix_ros.cli:main",
+            "localize_node = dinomix_ros.ros.localizer_node:main",
+            "bag_replay = dinomix_ros.ros.replay:main",
+            "dinomix_demo = dinomix_ros.ros.demo:main",
         ],
     },
 )

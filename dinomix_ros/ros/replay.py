@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -26,13 +25,9 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 
 from dinomix_ros.bagio import IMAGE_TYPES, open_reader
+from dinomix_ros.ros.harness import msg_class
 
 __all__ = ["replay", "main"]
-
-
-def _msg_class(msgtype: str) -> type:
-    package, _, name = msgtype.split("/")
-    return getattr(importlib.import_module(f"{package}.msg"), name)
 
 
 def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float = 1.0,
@@ -49,7 +44,7 @@ def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float =
         pubs = {}
         for conn in conns:
             if conn.topic not in pubs:
-                pubs[conn.topic] = node.create_publisher(_msg_class(conn.msgtype), remap.get(conn.topic, conn.topic),
+                pubs[conn.topic] = node.create_publisher(msg_class(conn.msgtype), remap.get(conn.topic, conn.topic),
                                                          qos)
         deadline = time.monotonic() + timeout_s
         if wait_for_subscribers:  # on the camera topics (all topics if the bag has none)
