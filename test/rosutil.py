@@ -10,7 +10,8 @@ from pathlib import Path
 
 from dinomix_ros.ros.harness import NodeProcess, RosClient, diagnostic_values, msg_class, stamp_ns
 
-__all__ = ["NodeProcess", "RosClient", "diagnostic_values", "next_domain_id", "replay_bag", "stamp_ns"]
+__all__ = ["REPO_CONFIG", "NodeProcess", "RosClient", "diagnostic_values", "next_domain_id", "replay_bag",
+           "stamp_ns"]
 
 _domains = itertools.count(random.Random(os.getpid()).randrange(1, 60))
 
@@ -46,3 +47,6 @@ def replay_bag(client: RosClient, bag: Path, *, after_image: Callable[[str, int]
             else:
                 client.executor.spin_once(timeout_sec=0)
     return sent
+
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "localize.yaml"

@@ -1,0 +1,61 @@
+"""Parameters: loaded from --params-file, declared with descriptions, validated when changed at run time."""
+
+from __future__ import annotations
+
+import time
+
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters
+from rosutil import REPO_CONFIG, NodeProcess, RosClient, next_domain_id
+
+from dinomix_ros.ros.localizer_node import PARAMETERS
+
+NODE = "/dinomix_localizer"
+
+
+def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
+    overrides = tmp_path / "robot.yaml"
+    overrides.write_text(
+        "dinomix_localizer:\n  ros__parameters:\n    mode: self_map\n    model:\n      random_weights: true\n"
+        "    matching:\n      top_k: 7\n"
+        "    cameras:\n      topics: ['/front/image_raw', '/rear/image_raw/compressed']\n")
+    domain = next_domain_id()
+    node = NodeProcess.localizer(tmp_path, domain, extra_ros_args=["--params-file", str(overrides)],
+                                 params_file=REPO_CONFIG)
+    client = RosClient(domain)
+    try:
+        assert node.wait_for_log("active: cameras", timeout=60), node.log
+        names = list(PARAMETERS)
+        got = client.call(GetParameters, f"{NODE}/get_parameters", GetParameters.Request(names=names)).values
+        described = client.call(DescribeParameters, f"{NODE}/describe_parameters",
+                                DescribeParameters.Request(names=names)).descriptors
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not client.node.get_subscriptions_info_by_topic("/front/image_raw"):
+            client.spin_for(0.1)
+        front = client.node.get_subscriptions_info_by_topic("/front/image_raw")
+        rear = client.node.get_subscriptions_info_by_topic("/rear/image_raw/compressed")
+
+        def set_param(name: str, value: ParameterValue):
+            request = SetParameters.Request(parameters=[Parameter(name=name, value=value)])
+            return client.call(SetParameters, f"{NODE}/set_parameters", request).results[0]
+
+        ok = set_param("matching.min_similarity",
+                       ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.8))
+        bad_k = set_param("matching.top_k", ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=0))
+        bad_scope = set_param("output.loop_closure_scope",
+                              ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="sometimes"))
+    finally:
+        client.close()
+        assert node.stop() == 0, node.log[-3000:]
+    values = dict(zip(names, got))
+    assert values["mode"].string_value == "self_map"  # from the override file
+    assert values["matching.top_k"].integer_value == 7
+    assert list(values["cameras.topics"].string_array_value) == ["/front/image_raw", "/rear/image_raw/compressed"]
+    assert values["matching.min_similarity"].double_value == PARAMETERS["matching.min_similarity"][0]  # from yaml
+    for name, descriptor in zip(names, described):
+        assert descriptor.description == PARAMETERS[name][1], name
+    assert [e.topic_type for e in front] == ["sensor_msgs/msg/Image"]
+    assert [e.topic_type for e in rear] == ["sensor_msgs/msg/CompressedImage"]
+    assert ok.successful
+    assert not bad_k.successful and "top_k must be >= 1" in bad_k.reason
+    assert not bad_scope.successful and "session or all" in bad_scope.reason
