@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""End-to-end latency of the running node (prints one JSON object): image published -> pose prior received.
+
+A synthetic map of --map-size keyframes (random unit descriptors, random poses) is saved, ``localize_node`` is
+started on it in a subprocess with ``matching.min_similarity = -1`` (every query is accepted, so every image yields a
+pose prior), and --images camera frames of --resolution are published one at a time (bgr8 sensor_msgs/Image, shared
+memory transport). The latency includes DDS transport both ways, decoding, resize, the model, search, matching and
+message building.
+
+Examples:
+    .venv/bin/python bench/bench_node.py                                  # CPU here: ViT-S, 10k keyframes
+    python bench/bench_node.py --variant vitb14 --map-size 100000 --dtype bf16 --device cuda   # a GPU robot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="vits14", help="backbone (random weights)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model precision")
+    parser.add_argument("--map-size", type=int, default=10000, help="keyframes in the synthetic map")
+    parser.add_argument("--index", default="exact", choices=["exact", "hnsw", "ivfpq"], help="search index")
+    parser.add_argument("--images", type=int, default=50, help="timed images (after 5 warm-up images)")
+    parser.add_argument("--resolution", default="1280x720", help="camera resolution WxH")
+    args = parser.parse_args(argv)
+
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from sensor_msgs.msg import Image, PointCloud2
+
+    from dinomix_ros.bench import percentiles
+    from dinomix_ros.mapstore import KeyframeMap
+    from dinomix_ros.model import random_model
+    from dinomix_ros.ros.harness import NodeProcess, RosClient, diagnostic_values, stamp_ns
+
+    width, height = (int(v) for v in args.resolution.lower().split("x"))
+    work = Path(tempfile.mkdtemp(prefix="dinomix_bench_node_"))
+    rng = np.random.default_rng(0)
+    fingerprint = random_model(args.variant, seed=0).fingerprint.to_dict()
+    kmap = KeyframeMap.empty(fingerprint)
+    for start in range(0, args.map_size, 20000):
+        n = min(20000, args.map_size - start)
+        desc = rng.standard_normal((n, 4096)).astype(np.float32)
+        desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+        kmap.add(desc, stamps_ns=np.arange(start, start + n, dtype=np.int64) * 10**8, cameras="cam", frame_ids="map",
+                 positions=rng.uniform(-100, 100, (n, 3)))
+    map_path = kmap.save(work / "synthetic.dinomap")
+
+    domain = random.Random().randrange(150, 230)
+    node = NodeProcess.localizer(work, domain, {
+        "model.random_weights": True, "model.variant": args.variant, "model.device": args.device,
+        "model.dtype": args.dtype, "map.path": str(map_path), "map.index": args.index,
+        "matching.min_similarity": -1.0, "cameras.reliability": "reliable", "diagnostics.period_s": 0.5})
+    client = RosClient(domain, name="bench_node")
+    try:
+        priors = client.collect(PoseWithCovarianceStamped, "/dinomix_localizer/pose_prior")
+        matches = client.collect(PointCloud2, "/dinomix_localizer/matches")
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics")
+        camera = client.publisher(Image, "/camera/image_raw")
+        if not node.wait_for_log("active: cameras", timeout=600):
+            raise SystemExit(f"node did not start:\n{node.log[-3000:]}")
+        client.wait_for_subscribers(camera)
+        frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        to_prior, to_matches = [], []
+        for i in range(5 + args.images):
+            msg = Image(height=height, width=width, encoding="bgr8", is_bigendian=0, step=width * 3,
+                        data=frame.tobytes())
+            stamp = 10**18 + i * 10**8
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 10**9)
+            t0 = time.monotonic()
+            camera.publish(msg)
+            if not client.spin_until(lambda: any(stamp_ns(m) == stamp for _, m in priors)
+                                     and any(stamp_ns(m) == stamp for _, m in matches), 60):
+                raise SystemExit(f"no pose prior for image {i}:\n{node.log[-3000:]}")
+            if i >= 5:
+                to_prior.append(next(t for t, m in priors if stamp_ns(m) == stamp) - t0)
+                to_matches.append(next(t for t, m in matches if stamp_ns(m) == stamp) - t0)
+        client.spin_for(1.0)
+        internal = diagnostic_values(diagnostics[-1][1]) if diagnostics else {}
+    finally:
+        client.close()
+        node.stop()
+    import torch
+
+    print(json.dumps({
+        "benchmark": "dinomix_ros node end-to-end latency",
+        "variant": args.variant, "device": internal.get("device"), "dtype": args.dtype, "map_size": args.map_size,
+        "index": args.index, "resolution": f"{width}x{height}", "images": args.images,
+        "publish_to_pose_prior": percentiles(to_prior), "publish_to_matches": percentiles(to_matches),
+        "node_internal_latency_ms": {"p50": internal.get("latency_p50_ms"), "p95": internal.get("latency_p95_ms")},
+        "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
