@@ -165,6 +165,10 @@ def test_overload_drops_frames_keeps_memory_flat_and_latency_bounded(tmp_path) -
         client.close()
         assert node.stop() == 0, node.log[-3000:]
     processed, dropped = int(values["frames_processed"]), int(values["frames_dropped"])
-    assert processed < sent / 2 and dropped > sent / 3, values
-    assert float(values["latency_p95_ms"]) < 2000, values  # receive -> published, with no queue in between
+    received = int(values["frames_received"])
+    # best-effort transport may lose frames before the node sees them; what arrives is dropped, not queued
+    assert processed + dropped <= received <= min(sent, processed + dropped + 1), values
+    assert processed < sent / 2 and dropped > 0, values
+    # receive -> published is at most one frame's wait for the worker plus its own processing: no queue
+    assert float(values["latency_p95_ms"]) < 3 * float(values["processing_p95_ms"]), values
     assert max(rss[2:]) - rss[1] < 50, f"memory grew under load: {rss} MiB"
