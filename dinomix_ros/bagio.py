@@ -34,6 +34,7 @@ __all__ = [
     "read_gps_fixes",
     "iter_images",
     "open_reader",
+    "count_messages",
 ]
 
 _logger = logging.getLogger(__name__)

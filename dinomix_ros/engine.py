@@ -27,6 +27,7 @@ import torch
 
 from dinomix_ros.images import ImageDecodeError
 from dinomix_ros.model.checkpoint import LoadedModel, load_model, random_model
+from dinomix_ros.progress import progress_bar
 from dinomix_ros.preprocess import INPUT_SIZE, ImageInput, load_input, normalize, resize_to_input
 
 __all__ = ["DTYPES", "EncoderConfig", "Encoder", "resolve_device"]
@@ -194,7 +195,7 @@ class Encoder:
         n = len(images)
         out = np.full((n, self.descriptor_dim), np.nan, dtype=np.float32)
         bs = batch_size or self.config.batch_size
-        bar = _progress(n, desc, progress)
+        bar = progress_bar(n, desc, progress)
         with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="dinomix-prep") as pool:
             pending = self._submit_batch(pool, images, encoding, 0, bs)
             for start in range(0, n, bs):
@@ -256,22 +257,6 @@ class Encoder:
             self._graph_failed = True
             self._graph = None
             _logger.warning("CUDA graph capture failed, running eager: %s", exc)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202 - tqdm or a no-op
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 
 def _name(item: object) -> str:

@@ -24,7 +24,6 @@ import itertools
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -856,16 +855,11 @@ def _new_figure(width: float = 6.0, height: float = 4.5) -> Any:
 
 def _save_png(fig: Any, path: PathLike) -> Path:
     """Write the figure as PNG through a temporary file in the same folder, then os.replace (atomic)."""
+    from dinomix_ros.fileutil import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     _logger.debug("wrote %s", path)
     return path
 

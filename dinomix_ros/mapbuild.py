@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from dinomix_ros.bagio import (
+    count_messages,
     IMAGE_TYPES,
     POSE_TYPES,
     BagError,
@@ -61,6 +62,7 @@ from dinomix_ros.images import ImageDecodeError
 from dinomix_ros.imagefolder import geotag_images
 from dinomix_ros.mapstore import KeyframeMap, MapError
 from dinomix_ros.poses import KeyframeGate, KeyframeGateConfig, PoseTrack, yaw_to_quat
+from dinomix_ros.progress import progress_bar
 from dinomix_ros.search import KINDS, IndexConfigError, PlaceIndex, PlaceIndexError
 
 __all__ = [
@@ -480,7 +482,8 @@ class PosedImageStream:
 
     def __iter__(self) -> Iterator[PosedImage]:
         report = self.report
-        bar = _progress_bar(_count(self.bag, self.image_topics) if self._progress else 0, "images", self._progress)
+        total = count_messages(self.bag, self.image_topics) if self._progress else 0
+        bar = progress_bar(total, "map build", self._progress)
         try:
             for img in iter_images(self.bag, self.image_topics):
                 bar.update(1)
@@ -760,7 +763,7 @@ def build_map_from_folder(
 
     bs = batch_size or encoder.config.batch_size
     chunk = max(bs * 8, 64)  # images described per call: bounds the (chunk, D) float32 block in memory
-    bar = _progress_bar(n, "images", progress)
+    bar = progress_bar(n, "map build", progress)
     try:
         for start in range(0, n, chunk):
             rows = np.arange(start, min(start + chunk, n))
@@ -783,27 +786,3 @@ def build_map_from_folder(
     report.seconds = time.perf_counter() - t0
     logger.info("%s", report.summary())
     return kmap, report
-
-
-# ---------------------------------------------------------------------------------------------------- progress
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, unit: str, enabled: bool):  # noqa: ANN202 - tqdm or a no-op
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total or None, desc="map build", unit=unit.rstrip("s") or "it", dynamic_ncols=True)
-
-
-def _count(bag: str | Path, topics: Sequence[str]) -> int:
-    counts = bag_topics(bag)
-    return sum(counts[t][1] for t in topics if t in counts)
