@@ -98,9 +98,11 @@ def image_from_buffer(
         raise ImageDecodeError(
             f"image buffer holds {buf.size} bytes, {encoding} {width}x{height} with step {step} needs {needed}"
         )
-    rows = np.lib.stride_tricks.as_strided(buf, shape=(height, row_bytes), strides=(step, 1), writeable=False)
     stored = dtype.newbyteorder(">" if is_bigendian else "<") if dtype.itemsize > 1 else dtype
-    pixels = rows.view(stored)
+    # A strided view straight into the buffer (rows `step` bytes apart): works on numpy 1.21 (Humble) too, where
+    # viewing a non-contiguous uint8 array as uint16 is not allowed.
+    pixels = np.ndarray(shape=(height, width * channels), dtype=stored, buffer=buf, strides=(step, dtype.itemsize))
+    pixels.flags.writeable = False
     if not pixels.dtype.isnative:
         pixels = pixels.astype(dtype)  # swap into native byte order (a copy)
     shape = (height, width) if channels == 1 else (height, width, channels)

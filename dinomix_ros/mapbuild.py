@@ -1,8 +1,7 @@
 """Build keyframe maps offline: from ROS 2 bags (images + a pose topic) and from geotagged image folders.
 
-The live mapper node reuses the pieces: :class:`GpsTrack` (GNSS fixes -> map geotag columns at image stamps),
-:func:`index_for_map` (the search index of a map: its stored blob when fresh, else rebuilt) and the keyframe gate of
-:mod:`dinomix_ros.poses`.
+The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :func:`index_for_map` (the search index of a map: its
+stored blob when fresh, else rebuilt), :data:`NO_POSE_FRAME` and the keyframe gate of :mod:`dinomix_ros.poses`.
 
 Bags (:func:`build_map_from_bag`):
 
@@ -46,13 +45,13 @@ from typing import Any
 import numpy as np
 
 from dinomix_ros.bagio import (
-    count_messages,
     IMAGE_TYPES,
     POSE_TYPES,
     BagError,
     BagImage,
     GpsFixes,
     bag_topics,
+    count_messages,
     iter_images,
     read_gps_fixes,
     read_pose_track,

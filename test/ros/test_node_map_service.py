@@ -100,3 +100,33 @@ def test_record_save_reload_relocalize(tmp_path, first_pass_bag) -> None:
     for i, (_, stamp) in enumerate(second):
         expected = first_pass_bag.image_stamps_ns[i - i % 2] / 1e9
         assert pairs[round(stamp / 1e9, 6)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_self_map_mode_reports_loop_closures_on_the_second_lap(tmp_path) -> None:
+    """self_map: the node records its own run and matches each frame against its past (recent frames excluded)."""
+    rng = np.random.default_rng(9)
+    lap = photo_frames(5, size=(96, 72), step=5)
+    second = [np.clip(f + rng.normal(0, 4, f.shape), 0, 255).astype(np.uint8) for f in lap]
+    bag = write_camera_bag(tmp_path / "two_laps", storage="sqlite3", frames=lap + second, image_rate_hz=1.0,
+                           image_format="jpeg", image_topics=("/camera/image_raw/compressed",), pose_kind=None)
+    domain = next_domain_id()
+    node = NodeProcess.localizer(tmp_path, domain, params={
+        "model.random_weights": True, "mode": "self_map", "cameras.topics": ["/camera/image_raw/compressed"],
+        "recording.max_interval_s": 0.5, "matching.exclude_recent_s": 3.0, "matching.min_similarity": 0.9})
+    client = RosClient(domain)
+    try:
+        matches = client.collect(PointCloud2, f"{NODE}/matches")
+        loops = client.collect(Float64MultiArray, f"{NODE}/loop_closure")
+        sent = replay_bag(client, bag.path,
+                          after_image=lambda _t, s: lambda: any(stamp_ns(m) == s for _, m in matches))
+        client.spin_until(lambda: len(loops) >= 5, 10.0)
+    finally:
+        client.close()
+        assert node.stop() == 0, node.log[-3000:]
+    stamps = [s for _, s in sent]
+    # first lap: nothing older than 3 s is similar enough; second lap: each frame closes a loop with its first visit
+    expected = {round(stamps[5 + i] / 1e9, 6): stamps[i] / 1e9 for i in range(5)}
+    got = {round(m.data[0], 6): m.data[1] for _, m in loops}
+    assert got.keys() == expected.keys(), f"loop closures at {sorted(got)}, expected {sorted(expected)}"
+    for t_query, t_match in got.items():
+        assert t_match == pytest.approx(expected[t_query], abs=1e-6)
