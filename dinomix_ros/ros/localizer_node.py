@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import threading
 import time
 from collections import deque
@@ -690,6 +691,8 @@ def main(args: list[str] | None = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # Ctrl-C under `ros2 launch` arrives twice (terminal + launch): let the second one not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node._release()
             node.destroy_node()
