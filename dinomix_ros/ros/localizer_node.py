@@ -440,7 +440,8 @@ class LocalizerNode(LifecycleNode):
             self._counters["bad_images"] += 1
             self.get_logger().warning(f"{slot.topic}: bad image skipped: {exc}", throttle_duration_sec=5.0)
             return
-        pose = self._pose_at(stamp_ns)
+        needs_pose = self._recording or float(self._p("matching.gate_radius_m")) > 0
+        pose = self._pose_at(stamp_ns) if needs_pose else None
         with self._map_lock:
             if self.matcher is None:
                 return
@@ -469,14 +470,26 @@ class LocalizerNode(LifecycleNode):
             self._last_prior_ns = None
 
     def _pose_at(self, stamp_ns: int) -> tuple[str, np.ndarray, np.ndarray] | None:
-        """(frame, position, orientation) from the pose buffer at an image stamp, or None."""
+        """(frame, position, orientation) from the pose buffer at an image stamp, or None.
+
+        Only the poses within a few gaps of the stamp are used (scanning back from the newest), so the cost does not
+        grow with pose.buffer_s.
+        """
+        max_gap = float(self._p("pose.max_gap_s"))
+        window_ns = int(2 * max_gap * 1e9) + 1
+        near = []
         with self._frames:
-            if not self._poses:
-                return None
-            stamps, positions, orientations = zip(*self._poses)
+            for pose in reversed(self._poses):
+                if pose[0] < stamp_ns - window_ns:
+                    break
+                if pose[0] <= stamp_ns + window_ns:
+                    near.append(pose)
             frame = self._pose_frame
+        if not near:
+            return None
+        stamps, positions, orientations = zip(*near)
         track = PoseTrack(np.asarray(stamps, np.int64), np.asarray(positions), np.asarray(orientations), frame)
-        got = track.interpolate(np.asarray([stamp_ns], np.int64), float(self._p("pose.max_gap_s")))
+        got = track.interpolate(np.asarray([stamp_ns], np.int64), max_gap)
         if not got.valid[0]:
             return None
         return frame, got.positions[0], got.orientations[0]
