@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinomix_ros.geo import latlon_to_utm, latlon_to_utm_arrays
+from dinomix_ros.geo import latlon_to_utm, latlon_to_utm_arrays, utm_frame_id
 from dinomix_ros.images import decode_image_msg
 from dinomix_ros.poses import PoseTrack
 
@@ -171,7 +171,7 @@ def read_pose_track(path: str | Path, topic: str, *, utm_zone: int | None = None
         east, north = latlon_to_utm_arrays(fixes.lat, fixes.lon, first.zone, northern=first.northern)
         alt = np.where(np.isfinite(fixes.alt), fixes.alt, 0.0)
         return PoseTrack(fixes.stamps_ns, np.stack([east, north, alt], axis=1), None,
-                         frame_id=f"utm_{first.zone}{first.band}")
+                         frame_id=utm_frame_id(first.zone, first.band))
     stamps, positions, orientations, frames = [], [], [], set()
     warned: set = set()
     with open_reader(path) as reader:

@@ -28,7 +28,14 @@ import torch
 from dinomix_ros.images import ImageDecodeError
 from dinomix_ros.model.checkpoint import LoadedModel, load_model, random_model
 from dinomix_ros.progress import progress_bar
-from dinomix_ros.preprocess import INPUT_SIZE, ImageInput, load_input, normalize, resize_to_input
+from dinomix_ros.preprocess import (
+    INPUT_SIZE,
+    ImageInput,
+    load_input,
+    normalization_constants,
+    normalize,
+    resize_to_input,
+)
 
 __all__ = ["DTYPES", "EncoderConfig", "Encoder", "resolve_device"]
 
@@ -101,6 +108,7 @@ class Encoder:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             _logger.warning("fp16 on the CPU is slow and no more accurate than bf16; prefer fp32 on the CPU")
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self._norm = normalization_constants(self.device)  # made once: no host copies inside CUDA-graph capture
         self._lock = threading.Lock()
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_in: torch.Tensor | None = None
@@ -159,7 +167,8 @@ class Encoder:
         """Low-latency descriptor (D,) float32 of one image (CUDA-graph replay on CUDA when enabled)."""
         prepared = self.prepare(image, encoding)
         if self.device.type == "cuda" and self.config.cuda_graphs and not self._graph_failed:
-            with self._lock, torch.inference_mode():
+            # the graph belongs to self.device: make it current (cuda:1 on a multi-GPU robot)
+            with self._lock, torch.inference_mode(), torch.cuda.device(self.device):
                 if self._graph is None:
                     self._capture_graph()
                 if self._graph is not None:
@@ -228,7 +237,7 @@ class Encoder:
     def _forward_u8(self, batch_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 224, 224, 3) on the model's device -> float32 (B, D); caller holds the lock."""
         with self._precision_guard():
-            return self.model(normalize(batch_u8, self.dtype))
+            return self.model(normalize(batch_u8, self.dtype, self._norm))
 
     def _precision_guard(self) -> contextlib.AbstractContextManager:
         # cuDNN may run float32 convolutions in TF32 by default; the fp32 path must give fp32 results.

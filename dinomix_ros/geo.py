@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ __all__ = [
     "latlon_to_utm_arrays",
     "utm_to_latlon_arrays",
     "read_exif_gps",
+    "utm_frame_id",
+    "parse_utm_frame",
 ]
 
 logger = logging.getLogger(__name__)
@@ -434,3 +437,17 @@ def read_exif_gps(path: str | Path) -> GeoFix | None:
             if ref == 1:
                 alt = -alt
     return GeoFix(lat=lat, lon=lon, alt=alt)
+
+
+_UTM_FRAME_RE = re.compile(r"^utm_(\d{1,2})([C-HJ-NP-X])$")
+
+
+def utm_frame_id(zone: int, band: str) -> str:
+    """Frame id of positions given as UTM easting/northing/altitude: ``utm_<zone><band>``, e.g. ``utm_33U``."""
+    return f"utm_{int(zone)}{band}"
+
+
+def parse_utm_frame(frame_id: str) -> tuple[int, str] | None:
+    """(zone, band) of a frame id made by :func:`utm_frame_id`, or None for any other frame."""
+    m = _UTM_FRAME_RE.match(frame_id)
+    return (int(m.group(1)), m.group(2)) if m else None

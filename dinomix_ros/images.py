@@ -59,6 +59,7 @@ RAW_ENCODINGS: dict[str, tuple[int, np.dtype]] = {
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
+_EOI_SEARCH_BYTES = 4096
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -125,12 +126,16 @@ def decode_compressed(data: bytes | bytearray | memoryview | np.ndarray) -> tupl
         raise ImageDecodeError("compressed image is empty (0 bytes)")
     head = buf[:8].tobytes()
     if head.startswith(_JPEG_SOI):
-        # libjpeg may "decode" a truncated JPEG into a grey-filled image with only a warning: check the EOI marker.
-        if _JPEG_EOI not in buf[-64:].tobytes():
+        # libjpeg may "decode" a truncated JPEG into a grey-filled image with only a warning: check the EOI marker
+        # (near the end: MJPEG drivers may pad the buffer with zeros after it).
+        if _JPEG_EOI not in buf[-_EOI_SEARCH_BYTES:].tobytes():
             raise ImageDecodeError(f"JPEG data of {buf.size} bytes has no end-of-image marker: truncated")
     elif not head.startswith(_PNG_MAGIC):
         raise ImageDecodeError(f"compressed image is neither JPEG nor PNG (first bytes {head[:4].hex()})")
-    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"could not decode the {buf.size}-byte compressed image: {exc}") from exc
     if image is None or image.size == 0:
         raise ImageDecodeError(f"could not decode the {buf.size}-byte compressed image: corrupt data")
     return image, _native_encoding(image)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -56,7 +55,7 @@ from dinomix_ros.bagio import (
     read_gps_fixes,
     read_pose_track,
 )
-from dinomix_ros.geo import latlon_to_utm, latlon_to_utm_arrays, utm_band
+from dinomix_ros.geo import latlon_to_utm, latlon_to_utm_arrays, parse_utm_frame, utm_band, utm_frame_id
 from dinomix_ros.images import ImageDecodeError
 from dinomix_ros.imagefolder import geotag_images
 from dinomix_ros.mapstore import KeyframeMap, MapError
@@ -74,6 +73,7 @@ __all__ = [
     "GpsTrack",
     "PosedImage",
     "index_for_map",
+    "save_map",
     "new_map",
     "check_bag_config",
     "PosedImageStream",
@@ -89,7 +89,7 @@ INDEX_KIND_NAMES: dict[str, str] = {"exact": "faiss_flat_ip", "hnsw": "faiss_hns
 NO_POSE_FRAME = "none"
 NAVSATFIX_TYPE = "sensor_msgs/msg/NavSatFix"
 
-_UTM_FRAME_RE = re.compile(r"^utm_(\d{1,2})([C-HJ-NP-X])$")
+_IVF_TRAIN_SAMPLE = 65536  # rows IVF-PQ is trained on at most (k-means cost grows with it)
 _MAX_BAD_WARNINGS = 5  # undecodable images logged one by one; the rest only in the summary
 _NS_PER_S = 1_000_000_000
 
@@ -361,11 +361,22 @@ def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", 
                       f"{kmap.descriptor_dim}")
     t0 = time.perf_counter()
     index = PlaceIndex(kmap.descriptor_dim, kind, device, **params)
+    if kind == "ivfpq" and len(kmap) >= index.describe().get("train_threshold", len(kmap) + 1):
+        # train on the whole map (a strided sample), not on its first block only
+        stride = max(1, len(kmap) // _IVF_TRAIN_SAMPLE)
+        index.train(np.concatenate([block[::stride] for block in kmap.iter_descriptors_f32(block_rows=stride * 4096)]))
     for block in kmap.iter_descriptors_f32():
         index.add(block)
     logger.info("index: built a %s index over %d rows in %.2f s (%s)", kind, index.ntotal,
                 time.perf_counter() - t0, reason)
     return index
+
+
+def save_map(kmap: KeyframeMap, path: str | Path, index: PlaceIndex | None = None) -> Path:
+    """Save ``kmap`` atomically; an approximate index is stored with it (exact ones are rebuilt on load)."""
+    if index is not None and index.kind != "exact" and index.ntotal == len(kmap):
+        return kmap.save(path, index.to_bytes(), INDEX_KIND_NAMES[index.kind])
+    return kmap.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -397,7 +408,7 @@ def _map_utm_zone(kmap: KeyframeMap | None) -> tuple[int, str] | None:
     """(zone, band) of the map's ``utm_<zone><band>`` frame, if it has exactly one."""
     if kmap is None:
         return None
-    found = {(int(m.group(1)), m.group(2)) for f in kmap.frames if (m := _UTM_FRAME_RE.match(f))}
+    found = {parsed for f in kmap.frames if (parsed := parse_utm_frame(f))}
     return found.pop() if len(found) == 1 else None
 
 
@@ -623,8 +634,8 @@ def build_map_from_bag(
     gps = None
     if gps_topic:
         # With a NavSatFix pose topic the geotags use the zone of the pose frame, so positions and UTM agree.
-        utm_frame = _UTM_FRAME_RE.match(frame_id) if pose_is_gps else None
-        zone = int(utm_frame.group(1)) if utm_frame else None
+        utm_frame = parse_utm_frame(frame_id) if pose_is_gps else None
+        zone = utm_frame[0] if utm_frame else None
         gps = GpsTrack.from_fixes(read_gps_fixes(bag, gps_topic), utm_zone=zone)
     logger.info("building from %s: %d poses in frame %r from %s, %s; images %s (cameras %s)", bag, len(track),
                 frame_id, config.pose_topic, f"GPS geotags from {gps_topic} ({len(gps)} fixes)" if gps else
@@ -752,7 +763,7 @@ def build_map_from_folder(
             frames[i] = "map"
         elif t.utm is not None:
             pos[i] = (t.utm.easting, t.utm.northing, 0.0 if t.alt is None else t.alt)
-            frames[i] = f"utm_{t.utm.zone}{band}"
+            frames[i] = utm_frame_id(t.utm.zone, band)
     report = BuildReport(source=f"images:{folder}", images_seen=n)
     report.no_geotag = sum(f == NO_POSE_FRAME for f in frames)
     distinct = sorted(set(frames))

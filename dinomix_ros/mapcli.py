@@ -218,12 +218,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dinomix_ros.cli import make_encoder
     from dinomix_ros.imagefolder import list_images
     from dinomix_ros.mapbuild import (
-        INDEX_KIND_NAMES,
         BagMapConfig,
         build_map_from_bag,
         build_map_from_folder,
         check_bag_config,
         index_for_map,
+        save_map,
     )
     from dinomix_ros.mapstore import MANIFEST, KeyframeMap, MapNotFoundError
 
@@ -282,11 +282,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         {"time": _now_iso(), "model": fingerprint["id"], "report": report.to_dict(), "config": resolved})
     if args.random_weights:
         kmap.metadata["note"] = RANDOM_WEIGHTS_NOTE
-    if args.index != "exact":
-        index = index_for_map(kmap, args.index, "cpu")
-        kmap.save(out, index.to_bytes(), INDEX_KIND_NAMES[args.index])
-    else:
-        kmap.save(out)
+    save_map(kmap, out, index_for_map(kmap, args.index, "cpu") if args.index != "exact" else None)
     _logger.info("%s -> %s (%d keyframes)", report.summary(), out, len(kmap))
     result = {"map": str(out), **({"note": RANDOM_WEIGHTS_NOTE} if args.random_weights else {}),
               "keyframes": len(kmap), "frames": kmap.frames, "index": args.index, "report": report.to_dict()}
@@ -677,8 +673,10 @@ def _metric_positions(tags: list[Any], what: str, folder: Path) -> tuple[np.ndar
 
 
 def _utm_frame(tags: list[Any]) -> str:
+    from dinomix_ros.geo import utm_frame_id
+
     first = next(t.utm for t in tags if t.utm is not None)
-    return f"utm_{first.zone}{first.band}"
+    return utm_frame_id(first.zone, first.band)
 
 
 def _eval_bag(args: argparse.Namespace, encoder: Any) -> tuple[dict[str, Any], Any, Any]:

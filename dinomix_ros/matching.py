@@ -4,11 +4,13 @@ Rules, each of which can be switched off (0 or 1 disables it, see :class:`Matche
 
 * exclusion of recent keyframes, by time (``exclude_recent_s``) and by count (``exclude_recent_count``), so a robot
   looking for loop closures against its own past does not match the frames it just saw;
-* gating by a position hint (odometry or GPS in the map frame): only keyframes within ``gate_radius_m``;
+* gating by a position hint (odometry or GPS, with its frame): only keyframes of that frame within ``gate_radius_m``;
 * ``min_similarity`` on the best candidate (calibrate it with ``dinomix map eval``: the threshold for a target
   precision);
 * ``min_margin`` between the best candidate and the best *rival*, a candidate farther than
-  ``margin_neighbour_radius_m`` from it (neighbouring keyframes of the same place are not rivals);
+  ``margin_neighbour_radius_m`` from it (neighbouring keyframes of the same place are not rivals); rivals are looked
+  for among the best :data:`MARGIN_SEARCH_K` keyframes, not only the ``top_k`` reported, because a well-sampled map
+  fills the top few with neighbours of the best;
 * temporal consistency: accept only after ``consistency_count`` consecutive queries whose best matches lie within
   ``consistency_radius_m`` of each other (or within ``consistency_max_rows`` map rows when poses are unknown).
 
@@ -33,6 +35,7 @@ __all__ = ["MatcherConfig", "Candidate", "PosePrior", "MatchResult", "Matcher"]
 _logger = logging.getLogger(__name__)
 
 NS_PER_S = 1_000_000_000
+MARGIN_SEARCH_K = 32  # candidates searched for a rival when min_margin is on
 UNKNOWN_ROTATION_VARIANCE = math.pi**2  # orientation unknown (GPS-only maps): any heading
 
 
@@ -137,8 +140,12 @@ class Matcher:
         """Forget the consistency streak (after a map reload or a clock jump)."""
         self._last_best, self._last_stamp_ns, self._streak = None, None, 0
 
-    def allowed_mask(self, stamp_ns: int, position_hint: np.ndarray | None = None) -> np.ndarray | None:
-        """Which map rows may match a query at ``stamp_ns`` (None: all)."""
+    def allowed_mask(self, stamp_ns: int, position_hint: tuple[str, np.ndarray] | None = None) -> np.ndarray | None:
+        """Which map rows may match a query at ``stamp_ns`` (None: all).
+
+        ``position_hint`` is (frame_id, position): with ``gate_radius_m`` > 0 only keyframes of that frame within the
+        radius are allowed (positions in other frames cannot be compared).
+        """
         c, n = self.config, len(self.map)
         masks = []
         if c.exclude_recent_s > 0:
@@ -146,16 +153,18 @@ class Matcher:
         if c.exclude_recent_count > 0:
             masks.append(mask_exclude_last(n, c.exclude_recent_count))
         if c.gate_radius_m > 0 and position_hint is not None:
-            hint = np.asarray(position_hint, dtype=np.float64)
-            masks.append(mask_within_radius(self.map.positions[:, : hint.shape[0]], hint, c.gate_radius_m))
+            frame, position = position_hint
+            hint = np.asarray(position, dtype=np.float64)
+            masks.append(mask_within_radius(self.map.positions[:, : hint.shape[0]], hint, c.gate_radius_m)
+                         & (self.map.frame_ids == frame))
         return combine_masks(*masks)
 
-    def candidates(self, descriptor: np.ndarray, stamp_ns: int,
-                   position_hint: np.ndarray | None = None) -> list[Candidate]:
-        """Top-K allowed keyframes, best first."""
+    def candidates(self, descriptor: np.ndarray, stamp_ns: int, position_hint: tuple[str, np.ndarray] | None = None,
+                   k: int | None = None) -> list[Candidate]:
+        """The best ``k`` (default ``top_k``) allowed keyframes, best first."""
         if len(self.map) == 0 or self.index.ntotal == 0:
             return []
-        D, I = self.index.search(descriptor[None], self.config.top_k,
+        D, I = self.index.search(descriptor[None], k or self.config.top_k,
                                  allowed=self.allowed_mask(stamp_ns, position_hint))
         m, out = self.map, []
         for rank, (score, row) in enumerate(zip(D[0].tolist(), I[0].tolist())):
@@ -167,17 +176,26 @@ class Matcher:
         return out
 
     def query(self, descriptor: np.ndarray, stamp_ns: int, camera: str = "",
-              position_hint: np.ndarray | None = None) -> MatchResult:
-        """Match one descriptor and decide whether to accept the best candidate."""
+              position_hint: tuple[str, np.ndarray] | None = None) -> MatchResult:
+        """Match one descriptor and decide whether to accept the best candidate.
+
+        Args:
+            descriptor: (D,) unit descriptor of the query image.
+            stamp_ns: the query image's stamp (recency exclusion, consistency).
+            camera: name reported in the result.
+            position_hint: (frame_id, position) of the robot from its pose source, for gating.
+        """
         c = self.config
-        cands = self.candidates(descriptor, stamp_ns, position_hint)
+        searched = self.candidates(descriptor, stamp_ns, position_hint,
+                                   k=max(c.top_k, MARGIN_SEARCH_K) if c.min_margin > 0 else c.top_k)
+        cands = searched[: c.top_k]
         result = MatchResult(stamp_ns, camera, cands, accepted=False)
         if not cands:
             result.rejected_by.append("no_candidates")
             self.reset()
             return result
         best = cands[0]
-        result.margin = self._margin(cands)
+        result.margin = self._margin(searched)
         if best.similarity < c.min_similarity:
             result.rejected_by.append("min_similarity")
         if c.min_margin > 0 and result.margin < c.min_margin:
@@ -220,8 +238,9 @@ class Matcher:
         """Best keyframe pose; covariance = score term + spread of the supporting candidates.
 
         score term: sigma = sigma_* x (1 + score_sigma_gain x (1 - similarity)), on x, y, z and on the rotations;
-        spread: the similarity-weighted covariance of the positions (and yaws) of candidates in the best's frame that
-        pass min_similarity. Unknown orientation (GPS maps) gives identity with a rotation variance of pi^2.
+        spread: the similarity-weighted second moment, about the best keyframe, of the positions (and yaws) of the
+        candidates in the best's frame that pass min_similarity. Unknown orientation (GPS maps) gives identity with a
+        rotation variance of pi^2.
         """
         c, best = self.config, cands[0]
         inflate = 1.0 + c.score_sigma_gain * max(0.0, 1.0 - best.similarity)
@@ -229,19 +248,21 @@ class Matcher:
         cov[:3, :3] = np.eye(3) * (c.sigma_position_m * inflate) ** 2
         support = [x for x in cands if x.has_position and x.frame_id == best.frame_id
                    and x.similarity >= c.min_similarity] or [best]
-        if len(support) > 1:
-            w = np.array([x.similarity - c.min_similarity + 1e-3 for x in support])
-            w /= w.sum()
-            pos = np.stack([x.position for x in support])
-            d = pos - (w[:, None] * pos).sum(0)
-            cov[:3, :3] += (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+        # similarity weights of the supporting candidates; spreads are second moments about the PUBLISHED pose
+        # (the best keyframe), so a best keyframe at the edge of the support is not reported as more certain
+        w = np.array([x.similarity - c.min_similarity + 1e-3 for x in support])
+        w /= w.sum()
+        d = np.stack([x.position for x in support]) - best.position
+        cov[:3, :3] += (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
         orientation = best.orientation
         if np.isfinite(orientation).all():
             rot_var = (c.sigma_yaw_rad * inflate) ** 2
-            yaws = np.array([quat_to_yaw(x.orientation) for x in support if np.isfinite(x.orientation).all()])
-            if yaws.size > 1:  # circular spread around the best yaw
-                dyaw = np.angle(np.exp(1j * (yaws - quat_to_yaw(orientation))))
-                rot_var += float(np.mean(dyaw**2))
+            posed = [(wi, x) for wi, x in zip(w, support) if np.isfinite(x.orientation).all()]
+            if len(posed) > 1:  # circular, weighted spread about the best yaw
+                wy = np.array([wi for wi, _ in posed])
+                dyaw = np.angle(np.exp(1j * (np.array([quat_to_yaw(x.orientation) for _, x in posed])
+                                             - quat_to_yaw(orientation))))
+                rot_var += float((wy * dyaw**2).sum() / wy.sum())
             cov[3:, 3:] = np.eye(3) * rot_var
         else:
             orientation = yaw_to_quat(0.0)

@@ -33,6 +33,7 @@ __all__ = [
     "to_rgb8",
     "resize_to_input",
     "normalize",
+    "normalization_constants",
     "preprocess",
 ]
 
@@ -102,6 +103,8 @@ def _check_array(image: np.ndarray, encoding: str) -> np.ndarray:
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageDecodeError(f"image of shape {tuple(image.shape)} is empty")
+    if channels == 2 and image.shape[1] % 2:
+        raise ImageDecodeError(f"{encoding} packs pixel pairs: the width must be even, got {image.shape[1]}")
     return image
 
 
@@ -123,11 +126,14 @@ def _canonical(image: np.ndarray, encoding: str, range16: str) -> tuple[np.ndarr
 
     encoding = _GENERIC.get(encoding, encoding)
     image = _check_array(image, encoding)
-    if encoding.startswith("bayer_"):  # demosaic at full resolution, 16-bit kept for accuracy
-        code = getattr(cv2, _BAYER_CODES[encoding[6:10]])
-        return _to_8bit(cv2.cvtColor(np.ascontiguousarray(image), code), range16), "rgb"
-    if encoding in _YUV_CODES:
-        return cv2.cvtColor(np.ascontiguousarray(image), getattr(cv2, _YUV_CODES[encoding])), "rgb"
+    try:
+        if encoding.startswith("bayer_"):  # demosaic at full resolution, 16-bit kept for accuracy
+            code = getattr(cv2, _BAYER_CODES[encoding[6:10]])
+            return _to_8bit(cv2.cvtColor(np.ascontiguousarray(image), code), range16), "rgb"
+        if encoding in _YUV_CODES:
+            return cv2.cvtColor(np.ascontiguousarray(image), getattr(cv2, _YUV_CODES[encoding])), "rgb"
+    except cv2.error as exc:  # e.g. a Bayer image too small to demosaic
+        raise ImageDecodeError(f"OpenCV could not convert the {encoding} image {tuple(image.shape)}: {exc}") from exc
     image = _to_8bit(image, range16)
     if encoding.startswith("mono"):
         return image, "mono"
@@ -162,17 +168,26 @@ def resize_to_input(image: np.ndarray, encoding: str, *, range16: str = "full") 
     return np.ascontiguousarray(image[:, :, ::-1] if order == "bgr" else image)
 
 
-def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalization_constants(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) float32 tensors on ``device``."""
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32,
+              constants: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, 224, 224, 3) uint8 RGB on any device -> (B, 3, 224, 224) ImageNet-normalised ``dtype``.
 
-    Computed in float32 (ToTensor then Normalize, as torchvision does) and cast at the end.
+    Computed in float32 (ToTensor then Normalize, as torchvision does) and cast at the end. Pass ``constants``
+    (from :func:`normalization_constants`, on the batch's device) where no host-to-device copy may happen, e.g.
+    inside CUDA-graph capture.
     """
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
         raise ValueError(f"normalize expects (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) uint8, got {tuple(batch.shape)} "
                          f"{batch.dtype}")
     x = batch.permute(0, 3, 1, 2).float().div(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = constants if constants is not None else normalization_constants(x.device)
     return ((x - mean) / std).to(dtype).contiguous()
 
 

@@ -872,15 +872,18 @@ def _as_vector(x: np.ndarray, name: str, integer: bool) -> np.ndarray:
 
 
 def mask_exclude_recent(stamps_ns: np.ndarray, query_stamp_ns: int, window_s: float) -> np.ndarray:
-    """Allow keyframes at least ``window_s`` older than the query (loop closure skips the recent trajectory).
+    """Allow keyframes at least ``window_s`` away in time from the query (loop closure skips the recent trajectory).
+
+    Keyframes stamped slightly *after* the query (another camera of the rig, a map recorded later in sim time) are
+    as "recent" as those just before it, so the window is symmetric.
 
     Args:
         stamps_ns: (N,) integer keyframe stamps in nanoseconds.
         query_stamp_ns: Stamp of the query in nanoseconds.
-        window_s: Seconds before the query during which keyframes are excluded (>= 0).
+        window_s: Seconds around the query during which keyframes are excluded (>= 0).
 
     Returns:
-        (N,) bool: True where ``stamp <= query_stamp - window``.
+        (N,) bool: True where ``|stamp - query_stamp| >= window``.
 
     Raises:
         MaskError: For non-integer or non-1-D stamps, or a negative/non-finite window.
@@ -888,7 +891,7 @@ def mask_exclude_recent(stamps_ns: np.ndarray, query_stamp_ns: int, window_s: fl
     stamps = _as_vector(stamps_ns, "stamps_ns", integer=True)
     if not (isinstance(window_s, numbers.Real) and math.isfinite(window_s) and window_s >= 0):
         raise MaskError(f"window_s must be a finite number >= 0, found {window_s!r}.")
-    return stamps.astype(np.int64) <= int(query_stamp_ns) - int(round(window_s * 1e9))
+    return np.abs(stamps.astype(np.int64) - int(query_stamp_ns)) >= int(round(window_s * 1e9))
 
 
 def mask_exclude_last(n_total: int, count: int) -> np.ndarray:

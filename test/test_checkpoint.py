@@ -221,3 +221,20 @@ def test_variant_is_inferred_from_shapes_for_large_models(variant: str) -> None:
     assert infer_variant(state, PREFIX).name == variant
     dinov2_names = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     assert infer_variant(dinov2_names).name == variant
+
+
+def test_torch_without_safe_globals_context_still_loads_plain_lightning_files(tmp_path, reference, monkeypatch):
+    """torch 2.4 (JetPack 6) has only add_safe_globals: Namespace/numpy hyper-parameters load, pickles still don't."""
+    loaded, x, desc = reference
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": loaded.model.state_dict(), "hyper_parameters": {"args": argparse.Namespace(lr=0.1)},
+                "callbacks": {"kth_value": np.float64(0.5)}}, path)
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    again = load_model(path)
+    torch.testing.assert_close(_descriptors(again, x), desc, rtol=0, atol=0)
+    evil = tmp_path / "evil.ckpt"
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": loaded.model.state_dict(), "hyper_parameters": _Payload(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_model(evil)
+    assert not marker.exists()

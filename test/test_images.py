@@ -123,3 +123,10 @@ def test_rosbags_messages_from_the_real_t265_bag_decode(data_dir) -> None:
     image, encoding = decode_image_msg(decoded[0])
     assert encoding == "mono8" and image.shape == (800, 848) and image.dtype == np.uint8
     assert image.std() > 10  # a real picture, not a blank buffer
+
+
+def test_jpeg_padded_with_zeros_after_the_end_marker_decodes(data_dir) -> None:
+    """MJPEG drivers hand out fixed-size buffers: zeros after the end-of-image marker are not truncation."""
+    jpeg = (data_dir / "rtabmap_corridor" / "samples" / "4.jpg").read_bytes()
+    image, _ = decode_compressed(jpeg + bytes(2000))
+    np.testing.assert_array_equal(image, decode_compressed(jpeg)[0])

@@ -140,3 +140,8 @@ def test_other_inputs_are_refused_clearly() -> None:
         preprocess([])
     with pytest.raises(ValueError, match=r"normalize expects \(B, 224, 224, 3\) uint8"):
         normalize(torch.zeros(1, 224, 224, 3))
+
+
+def test_odd_width_packed_yuv_is_a_clear_error() -> None:
+    with pytest.raises(ImageDecodeError, match="width must be even, got 7"):
+        to_rgb8(np.zeros((4, 7, 2), np.uint8), "yuv422")

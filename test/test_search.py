@@ -548,6 +548,8 @@ def test_mask_exclude_recent():
     stamps = np.array([0, 5, 10, 15, 20], dtype=np.int64) * 10**9
     np.testing.assert_array_equal(mask_exclude_recent(stamps, 20 * 10**9, 10.0), [True, True, True, False, False])
     np.testing.assert_array_equal(mask_exclude_recent(stamps, 20 * 10**9, 0.0), [True] * 5)
+    # symmetric: keyframes just after the query (another camera, sim time) are recent too
+    np.testing.assert_array_equal(mask_exclude_recent(stamps, 12 * 10**9, 5.0), [True, True, False, False, True])
     big = np.array([1_700_000_000_000_000_001, 1_700_000_000_000_000_002], dtype=np.int64)  # ns precision kept
     np.testing.assert_array_equal(mask_exclude_recent(big, 1_700_000_000_000_000_002, 1e-9), [True, False])
     with pytest.raises(MaskError, match="must hold integers, found dtype float64"):

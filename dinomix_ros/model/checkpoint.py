@@ -164,8 +164,8 @@ def _allowed_globals() -> list:
         allowed += [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
         core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
         scalar = getattr(core.multiarray, "scalar", None)
-        if scalar is not None:
-            allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+        if scalar is not None:  # under its own name, and under numpy 1's / numpy 2's for files from either
+            allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     except (ImportError, AttributeError):  # pragma: no cover - numpy is a hard dependency of torch here
         pass
     return allowed
@@ -174,9 +174,15 @@ def _allowed_globals() -> list:
 def _torch_load(path: Path) -> object:
     """``torch.load`` with ``weights_only=True`` and the allow-list; never falls back to full unpickling."""
     kwargs: dict = {"map_location": "cpu", "weights_only": True}
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        if safe_globals is None:  # torch < 2.5: no allow-list API; weights_only alone still refuses code
+        if safe_globals is None:
+            # torch 2.4 has only the process-wide add_safe_globals, without renamed stand-ins (Lightning's
+            # AttributeDict stays refused: convert such files once with `dinomix model convert` on torch >= 2.5);
+            # older torch has no allow-list, and weights_only alone still refuses every non-tensor global.
+            add = getattr(torch.serialization, "add_safe_globals", None)
+            if add is not None:
+                add([g for g in _allowed_globals() if not isinstance(g, tuple)])
             return torch.load(path, **kwargs)
         with safe_globals(_allowed_globals()):
             try:
@@ -191,7 +197,8 @@ def _torch_load(path: Path) -> object:
         raise UnsafeCheckpointError(
             f"{path} pickles Python objects that safe loading does not allow ({what}); loading it could run "
             "arbitrary code, so it is refused. If you trust the file, extract its weights once in a trusted "
-            "environment: torch.save({'state_dict': torch.load(f, weights_only=False)['state_dict']}, out)"
+            "environment: torch.save({'state_dict': torch.load(f, weights_only=False)['state_dict']}, out), or "
+            "run `dinomix model convert` with torch >= 2.5"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupted?): {exc}") from exc

@@ -1,18 +1,19 @@
 """The localization node: cameras in; place matches, pose priors, loop closures, markers and diagnostics out.
 
 A managed (lifecycle) node. ``autostart`` (default true) configures and activates it at start-up; set it false to
-drive the transitions from a lifecycle manager (nav2's lifecycle_manager works). Transitions:
+drive the transitions from a lifecycle manager. Transitions:
 
-* configure: read and check every parameter, load the model (a missing or wrong checkpoint fails here, with the
-  reason in the log) and the map (refused if its model fingerprint differs), build the search index, create the
-  publishers and services. Returns FAILURE (the node stays unconfigured) on any error.
-* activate: subscribe to the cameras and the pose topic, start the worker thread.
-* deactivate: unsubscribe, stop the worker. cleanup / shutdown: release everything (one ``_release``).
+* configure: check every parameter, load the model (a missing or wrong checkpoint fails here, with the reason in the
+  log) and the map (refused if its model fingerprint differs), build the search index, create the publishers and
+  services. Returns FAILURE (the node stays unconfigured) on any error.
+* activate: subscribe to the cameras and the pose topic, start the worker thread. FAILURE (logged) on bad topics.
+* deactivate: unsubscribe, stop the worker. cleanup / shutdown / error: save unsaved keyframes when ``map.autosave``
+  is set, then release everything (one ``_release``).
 
 Threading: camera callbacks only store the newest message per camera (O(1), never block) and count what they
-replace as dropped; one worker thread decodes, describes (the encoder's low-latency path), matches and publishes.
-The map, its index and the matcher are guarded by one lock, which the map services take too. Topics, services and
-parameters are listed in the README and in config/localize.yaml.
+replace as dropped; pose callbacks append to a short buffer; one worker thread decodes, describes (the encoder's
+low-latency path), matches, records and publishes. The map, its index and the matcher are touched only under one
+lock, which the map services take too. Topics, services and parameters: README and config/localize.yaml.
 """
 
 from __future__ import annotations
@@ -35,26 +36,29 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from dinomix_ros.engine import Encoder, EncoderConfig
+from dinomix_ros.engine import DTYPES, Encoder, EncoderConfig
+from dinomix_ros.geo import parse_utm_frame, utm_to_latlon
 from dinomix_ros.images import ImageDecodeError, decode_image_msg
-from dinomix_ros.mapbuild import NO_POSE_FRAME, index_for_map
+from dinomix_ros.mapbuild import NO_POSE_FRAME, index_for_map, save_map
 from dinomix_ros.mapstore import KeyframeMap
 from dinomix_ros.matching import Matcher, MatcherConfig, MatchResult
 from dinomix_ros.model import load_model, random_model
-from dinomix_ros.poses import KeyframeGate, KeyframeGateConfig, PoseTrack
+from dinomix_ros.poses import KeyframeGate, KeyframeGateConfig, PoseTrack, PoseTrackError
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros.pose_sources import POSE_TYPES, pose_from_msg
+from dinomix_ros.search import KINDS
 
 __all__ = ["LocalizerNode", "PARAMETERS", "main"]
 
 # name -> (default, description). The one table of parameters: declared with these descriptions, documented in
-# config/localize.yaml and the README (test_params checks all three agree).
+# config/localize.yaml and the README (test_packaging checks the yaml against it).
 PARAMETERS: dict[str, tuple[object, str]] = {
     "autostart": (True, "configure and activate at start-up; false: wait for lifecycle transitions"),
     "mode": ("localize", "localize: match against the loaded map; self_map: record a map of this run and match "
@@ -73,6 +77,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "map.path": ("", "map directory loaded at configure and written by ~/save_map; empty: start with an empty map"),
     "map.create_if_missing": (False, "if map.path does not exist, start with an empty map (to be saved there) "
                                      "instead of failing configuration"),
+    "map.autosave": (True, "save keyframes recorded since the last save to map.path when the node shuts down or "
+                           "cleans up (so Ctrl-C does not lose a mapping run)"),
     "map.index": ("exact", "search index: exact, hnsw or ivfpq (approximate, for large maps)"),
     "map.search_device": ("auto", "where exact search runs: auto, cpu or cuda"),
     "map.storage_dtype": ("float16", "descriptor storage of new maps: float16 or float32"),
@@ -84,11 +90,13 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "cameras.depth": (1, "camera subscription queue depth (the node keeps only the newest frame anyway)"),
     "cameras.min_period_s": (0.0, "process at most one frame per camera per this many seconds (0: as fast as "
                                   "the model runs)"),
+    "cameras.range16": ("full", "how 16-bit images (mono16, bayer*16, rgb16) become 8-bit: full (0..65535) or "
+                                "minmax (stretch each image; for 12-bit or thermal cameras)"),
     # pose source
     "pose.topic": ("", "pose source for recording keyframes and for gating; empty: none"),
     "pose.type": ("odometry", "message type of pose.topic: " + ", ".join(POSE_TYPES)),
     "pose.max_gap_s": (0.2, "an image is paired with the pose source only if a pose lies within this many seconds "
-                            "of its stamp"),
+                            "of its stamp (raise it to ~1.0 for 1 Hz GNSS)"),
     "pose.buffer_s": (30.0, "how many seconds of poses to keep for pairing with image stamps"),
     # recording (map by service, self_map)
     "recording.autostart": (False, "start recording keyframes at activation (as ~/start_recording does)"),
@@ -98,11 +106,13 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "recording.max_interval_s": (0.0, "a new keyframe after this many seconds even without motion (0: off)"),
     # matching
     "matching.top_k": (5, "candidates returned per query"),
-    "matching.min_similarity": (0.5, "accept only if the best cosine similarity reaches this (calibrate with "
-                                     "`dinomix map eval`)"),
+    "matching.min_similarity": (0.5, "accept only if the best cosine similarity reaches this (-1: off; calibrate "
+                                     "with `dinomix map eval`)"),
+    "matching.use_map_calibration": (True, "when the map carries a calibrated threshold (`dinomix map eval "
+                                           "--calibrate`), use it as matching.min_similarity"),
     "matching.min_margin": (0.0, "accept only if best minus best rival similarity reaches this (0: off)"),
     "matching.margin_neighbour_radius_m": (5.0, "candidates this close to the best are the same place, not rivals"),
-    "matching.exclude_recent_s": (0.0, "ignore keyframes captured less than this many seconds before the query "
+    "matching.exclude_recent_s": (0.0, "ignore keyframes captured less than this many seconds from the query "
                                        "(loop closure against the robot's own past; 0: off)"),
     "matching.exclude_recent_count": (0, "ignore the newest N keyframes of the map (0: off)"),
     "matching.consistency_count": (1, "accept only after this many consecutive queries agree (1: off)"),
@@ -111,21 +121,59 @@ PARAMETERS: dict[str, tuple[object, str]] = {
                                          "apart or fewer"),
     "matching.consistency_max_gap_s": (5.0, "a consistency streak breaks after this many seconds without a query"),
     "matching.gate_radius_m": (0.0, "only keyframes within this radius of the pose source's position, when it is "
-                                    "in the map frame (0: off)"),
+                                    "in the keyframes' frame (0: off)"),
     "matching.sigma_position_m": (0.5, "pose-prior position std-dev at similarity 1"),
     "matching.sigma_yaw_rad": (0.15, "pose-prior rotation std-dev at similarity 1"),
     "matching.score_sigma_gain": (10.0, "std-devs grow by (1 + gain * (1 - similarity))"),
     # outputs
-    "output.pose_prior_min_period_s": (0.0, "publish ~/pose_prior at most once per this many seconds (e.g. 5 when "
-                                            "remapped to nav2's /initialpose; 0: every accepted match)"),
+    "output.pose_prior_min_period_s": (0.0, "publish ~/pose_prior at most once per this many seconds (e.g. 10 "
+                                            "when remapped to nav2's /initialpose; 0: every accepted match)"),
     "output.loop_closure_scope": ("session", "publish ~/loop_closure for matches to keyframes recorded in this run "
                                              "(session) or to any keyframe (all)"),
     "output.markers": (True, "publish ~/markers (RViz)"),
     "diagnostics.period_s": (1.0, "period of /diagnostics"),
 }
 
+# allowed values and ranges, checked at configure and when a parameter is set at run time
+_CHOICES: dict[str, tuple] = {
+    "mode": ("localize", "self_map"),
+    "model.dtype": tuple(DTYPES),
+    "map.index": KINDS,
+    "map.search_device": ("auto", "cpu", "cuda"),
+    "map.storage_dtype": ("float16", "float32"),
+    "cameras.reliability": ("best_effort", "reliable"),
+    "cameras.range16": ("full", "minmax"),
+    "pose.type": tuple(POSE_TYPES),
+    "output.loop_closure_scope": ("session", "all"),
+}
+_NON_NEGATIVE = ("cameras.min_period_s", "pose.max_gap_s", "recording.min_distance_m", "recording.min_rotation_deg",
+                 "recording.min_interval_s", "recording.max_interval_s", "output.pose_prior_min_period_s")
+_POSITIVE = ("cameras.depth", "pose.buffer_s", "diagnostics.period_s")
 _MATCHER_FIELDS = {f.name for f in fields(MatcherConfig)}
 _LATENCY_WINDOW = 200
+_TIME_JUMP_NS = 1_000_000_000
+
+
+def check_parameter(name: str, value: object) -> str | None:
+    """Why ``value`` is not acceptable for parameter ``name`` (None when it is)."""
+    if name in _CHOICES and value not in _CHOICES[name]:
+        return f"{name} must be one of {', '.join(map(str, _CHOICES[name]))}, got {value!r}"
+    if name in _NON_NEGATIVE and not value >= 0:
+        return f"{name} must be >= 0 (0 switches it off), got {value!r}"
+    if name in _POSITIVE and not value > 0:
+        return f"{name} must be > 0, got {value!r}"
+    if name in ("cameras.topics", "pose.topic"):
+        from rclpy.validate_topic_name import validate_topic_name
+
+        topics = value if name == "cameras.topics" else ([value] if value else [])
+        if name == "cameras.topics" and not topics:
+            return "cameras.topics is empty: give at least one image topic"
+        for topic in topics:
+            try:
+                validate_topic_name(topic)
+            except Exception as exc:  # noqa: BLE001 - rclpy's InvalidTopicNameException and friends
+                return f"{name}: {topic!r} is not a valid topic name ({exc})"
+    return None
 
 
 class _CameraSlot:
@@ -149,13 +197,16 @@ class LocalizerNode(LifecycleNode):
         for name, (default, description) in PARAMETERS.items():
             self.declare_parameter(name, default, ParameterDescriptor(description=description))
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._map_lock = threading.Lock()
-        self._frames = threading.Condition()
-        self._stop = threading.Event()
+        self._map_lock = threading.Lock()  # guards kmap, matcher (and its index), gates and recording state
+        self._frames = threading.Condition()  # guards the camera slots and the pose buffer
         self._worker: threading.Thread | None = None
+        self._worker_stop: threading.Event | None = None
         self.encoder: Encoder | None = None
         self.kmap: KeyframeMap | None = None
         self.matcher: Matcher | None = None
+        self._map_frames: set[str] = set()
+        self._map_utm_zone: int | None = None
+        self._saved_rows = 0
         self._slots: dict[str, _CameraSlot] = {}
         self._subscription_handles: list = []
         self._outputs: dict = {}
@@ -164,14 +215,15 @@ class LocalizerNode(LifecycleNode):
         self._poses: deque = deque()
         self._pose_frame = ""
         self._gates: dict[str, KeyframeGate] = {}
+        self._last_stamps: dict[str, int] = {}
         self._recording = False
         self._recorded_this_session = 0
+        self._no_pose_this_session = 0
         self._session_start_row = 0
-        self._counters = {"bad_images": 0, "no_pose": 0, "accepted": 0, "queries": 0}
+        self._counters = {"bad_images": 0, "no_pose": 0, "accepted": 0, "queries": 0, "record_errors": 0}
         self._latencies: deque = deque(maxlen=_LATENCY_WINDOW)
         self._last_best = math.nan
         self._last_prior_ns: int | None = None
-        self._last_stamp_ns: int | None = None
         self._diag_prev = (time.monotonic(), 0, 0)
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -189,18 +241,22 @@ class LocalizerNode(LifecycleNode):
         return MatcherConfig(**values)
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
-        """matching.* and output.* apply at once (validated); other changes apply at the next configure."""
-        overrides = {p.name.split(".", 1)[1]: p.value for p in params if p.name.startswith("matching.")}
-        if overrides and self.matcher is not None:
+        """Every change is validated (all or nothing); matching.*, output.* and cameras.min_period_s apply at once,
+        the others at the next configure."""
+        for p in params:
+            reason = check_parameter(p.name, p.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        overrides = {p.name.split(".", 1)[1]: p.value for p in params
+                     if p.name.startswith("matching.") and p.name.split(".", 1)[1] in _MATCHER_FIELDS}
+        if overrides:
             try:
                 config = self._matcher_config(overrides)
             except (TypeError, ValueError) as exc:
                 return SetParametersResult(successful=False, reason=str(exc))
             with self._map_lock:
-                self.matcher.config = config
-        for p in params:
-            if p.name == "output.loop_closure_scope" and p.value not in ("session", "all"):
-                return SetParametersResult(successful=False, reason="output.loop_closure_scope: session or all")
+                if self.matcher is not None:
+                    self.matcher.config = config
         return SetParametersResult(successful=True)
 
     # -------------------------------------------------------------------------------------------------------------
@@ -211,20 +267,15 @@ class LocalizerNode(LifecycleNode):
             self._configure()
         except Exception as exc:  # noqa: BLE001 - any failure leaves the node unconfigured, with the reason logged
             self.get_logger().error(f"configuration failed: {exc}")
-            self._release()
+            self._release(save=False)
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
-        mode = self._p("mode")
-        if mode not in ("localize", "self_map"):
-            raise ValueError(f"mode must be 'localize' or 'self_map', got {mode!r}")
-        if self._p("pose.type") not in POSE_TYPES:
-            raise ValueError(f"pose.type must be one of {POSE_TYPES}, got {self._p('pose.type')!r}")
-        if self._p("output.loop_closure_scope") not in ("session", "all"):
-            raise ValueError("output.loop_closure_scope must be 'session' or 'all'")
-        if not self._p("cameras.topics"):
-            raise ValueError("cameras.topics is empty: give at least one image topic")
+        for name in PARAMETERS:
+            reason = check_parameter(name, self._p(name))
+            if reason:
+                raise ValueError(reason)
         matcher_config = self._matcher_config()
         self._gate_config = KeyframeGateConfig(
             min_distance_m=self._p("recording.min_distance_m"),
@@ -234,7 +285,7 @@ class LocalizerNode(LifecycleNode):
         )
         # model: a checkpoint, or random weights only when asked for explicitly
         config = EncoderConfig(device=self._p("model.device"), dtype=self._p("model.dtype"),
-                               cuda_graphs=self._p("model.cuda_graphs"))
+                               cuda_graphs=self._p("model.cuda_graphs"), range16=self._p("cameras.range16"))
         if self._p("model.random_weights"):
             self.get_logger().warning("model.random_weights is set: RANDOM weights, similarity scores are meaningless")
             loaded = random_model(self._p("model.variant"), self._p("model.seed"))
@@ -246,14 +297,12 @@ class LocalizerNode(LifecycleNode):
             loaded = load_model(checkpoint)
         self.encoder = Encoder(loaded, config)
         self.encoder.warmup()
-        self.kmap = self._load_or_create_map(self._p("map.path"))
-        self._build_matcher(self.kmap, matcher_config)
-        self._session_start_row = len(self.kmap) if mode == "localize" else 0
-        self._recording = mode == "self_map" or bool(self._p("recording.autostart"))
+        self._install_map(self._load_or_create_map(self._p("map.path")), matcher_config)
+        self._recording = self._p("mode") == "self_map" or bool(self._p("recording.autostart"))
         info = self.encoder.describe_info()
         self.get_logger().info(
-            f"configured: mode {mode}, {info['architecture']} on {info['device']} ({info['dtype']}), fingerprint "
-            f"{info['fingerprint']['id']}, map {len(self.kmap)} keyframes, index {self._p('map.index')}")
+            f"configured: mode {self._p('mode')}, {info['architecture']} on {info['device']} ({info['dtype']}), "
+            f"fingerprint {info['fingerprint']['id']}, map {len(self.kmap)} keyframes, index {self._p('map.index')}")
         self._create_interfaces()
 
     def _load_or_create_map(self, path_text: str) -> KeyframeMap:
@@ -271,11 +320,26 @@ class LocalizerNode(LifecycleNode):
                                  metadata={"name": Path(path_text).name if path_text else "live",
                                            "source": f"live:{self.get_fully_qualified_name()}"})
 
-    def _build_matcher(self, kmap: KeyframeMap, config: MatcherConfig) -> None:
-        index = index_for_map(kmap, kind=self._p("map.index"), device=self._p("map.search_device"))
+    def _install_map(self, kmap: KeyframeMap, config: MatcherConfig, index=None) -> None:  # noqa: ANN001
+        """Make ``kmap`` the current map (index built here unless given); applies its calibration if asked."""
+        index = index if index is not None else index_for_map(kmap, kind=self._p("map.index"),
+                                                              device=self._p("map.search_device"))
+        calibrated = (kmap.metadata.get("calibration") or {}).get("min_similarity")
+        if self._p("matching.use_map_calibration") and isinstance(calibrated, (int, float)):
+            self.get_logger().info(f"using the map's calibrated matching.min_similarity {calibrated:.4f}")
+            self.set_parameters([Parameter("matching.min_similarity", value=float(calibrated))])
+            config = self._matcher_config({"min_similarity": float(calibrated)})
         with self._map_lock:
             self.kmap = kmap
             self.matcher = Matcher(kmap, index, config)
+            # rows before this are not "this session" (loop closures) and are on disk already
+            self._session_start_row = self._saved_rows = len(kmap)
+            self._map_frames = set(kmap.frames)
+            zones = kmap.utm_zones[kmap.utm_zones > 0]
+            self._map_utm_zone = int(zones[0]) if zones.size else None
+            self._gates = {}
+            self._last_stamps = {}
+            self._last_prior_ns = None
 
     def _create_interfaces(self) -> None:
         reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
@@ -298,28 +362,42 @@ class LocalizerNode(LifecycleNode):
         ]
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=max(1, int(self._p("cameras.depth"))),
-                         reliability=ReliabilityPolicy.BEST_EFFORT if self._p("cameras.reliability") == "best_effort"
-                         else ReliabilityPolicy.RELIABLE)
-        self._slots = {}
+        result = super().on_activate(state)  # publishers on before the worker can publish
+        if result != TransitionCallbackReturn.SUCCESS:
+            return result
+        try:
+            self._activate()
+        except Exception as exc:  # noqa: BLE001 - logged here (Humble's rclpy would swallow it), node stays inactive
+            self.get_logger().error(f"activation failed: {exc}")
+            self._stop_worker()
+            super().on_deactivate(state)
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def _activate(self) -> None:
+        best_effort = self._p("cameras.reliability") == "best_effort"
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(self._p("cameras.depth")),
+                         reliability=ReliabilityPolicy.BEST_EFFORT if best_effort else ReliabilityPolicy.RELIABLE)
+        with self._frames:
+            self._slots = {topic: _CameraSlot(topic) for topic in self._p("cameras.topics")}
+            self._poses.clear()
         subscribe = functools.partial(self.create_subscription, callback_group=self._cb_sensors)
-        for topic in self._p("cameras.topics"):
+        for topic in self._slots:
             msg_type = CompressedImage if topic.rstrip("/").endswith("/compressed") else Image
-            self._slots[topic] = _CameraSlot(topic)
             self._subscription_handles.append(subscribe(msg_type, topic, functools.partial(self._on_image, topic), qos))
         if self._p("pose.topic"):
             # best effort: connects to reliable and best-effort odometry/GNSS publishers alike
             pose_qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)
             self._subscription_handles.append(
                 subscribe(POSE_TYPES[self._p("pose.type")], self._p("pose.topic"), self._on_pose, pose_qos))
-        self._stop.clear()
-        self._worker = threading.Thread(target=self._work, name="dinomix-worker", daemon=True)
+        self._worker_stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="dinomix-worker",
+                                        daemon=True)
         self._worker.start()
         self._diag_timer = self.create_timer(float(self._p("diagnostics.period_s")), self._publish_diagnostics,
                                              callback_group=self._cb_timer)
         self.get_logger().info(f"active: cameras {list(self._slots)}"
                                + (f", pose source {self._p('pose.topic')}" if self._p("pose.topic") else ""))
-        return super().on_activate(state)
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
@@ -333,12 +411,20 @@ class LocalizerNode(LifecycleNode):
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
+    def on_error(self, state: State) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error in state {state.label}: releasing everything, back to unconfigured")
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
     def _stop_worker(self) -> None:
-        self._stop.set()
+        if self._worker_stop is not None:
+            self._worker_stop.set()  # this worker's own event: a late-exiting worker can never be revived
         with self._frames:
             self._frames.notify_all()
         if self._worker is not None:
-            self._worker.join(timeout=10.0)
+            self._worker.join(timeout=30.0)
+            if self._worker.is_alive():
+                self.get_logger().error("the worker thread did not stop within 30 s; it will exit after its frame")
             self._worker = None
         for sub in self._subscription_handles:
             self.destroy_subscription(sub)
@@ -347,9 +433,11 @@ class LocalizerNode(LifecycleNode):
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
 
-    def _release(self) -> None:
-        """Free everything configure/activate made (both cleanup and shutdown come here)."""
+    def _release(self, save: bool = True) -> None:
+        """Free everything configure/activate made (cleanup, shutdown, error and Ctrl-C come here)."""
         self._stop_worker()
+        if save:
+            self._autosave()
         for srv in self._service_handles:
             self.destroy_service(srv)
         self._service_handles = []
@@ -359,8 +447,21 @@ class LocalizerNode(LifecycleNode):
         with self._map_lock:
             self.matcher = None
             self.kmap = None
+            self._recording = False
         self.encoder = None
-        self._recording = False
+
+    def _autosave(self) -> None:
+        with self._map_lock:
+            unsaved = len(self.kmap) - self._saved_rows if self.kmap is not None else 0
+        if unsaved <= 0:
+            return
+        path = self._p("map.path")
+        if not (path and self._p("map.autosave")):
+            self.get_logger().warning(f"discarding {unsaved} unsaved keyframes (set map.path and map.autosave, or "
+                                      "call ~/save_map before shutting down)")
+            return
+        ok, message = self._save(path)
+        (self.get_logger().info if ok else self.get_logger().error)(f"autosave: {message}")
 
     # -------------------------------------------------------------------------------------------------------------
     # callbacks: never block
@@ -378,32 +479,27 @@ class LocalizerNode(LifecycleNode):
             self._frames.notify()
 
     def _on_pose(self, msg: object) -> None:
+        pose_type = self._p("pose.type")
         try:
-            stamp_ns, frame, position, orientation = pose_from_msg(msg, self._p("pose.type"), self._utm_zone())
+            # _map_utm_zone is an int read without the map lock on purpose: it only changes with the map
+            zone = self._map_utm_zone if pose_type == "navsatfix" else None
+            stamp_ns, frame, position, orientation = pose_from_msg(msg, pose_type, zone)
         except ValueError as exc:
             self.get_logger().warning(f"pose ignored: {exc}", throttle_duration_sec=5.0)
             return
         with self._frames:  # short critical section; the worker reads the buffer under the same lock
             self._poses.append((stamp_ns, position, orientation))
-            self._pose_frame = frame
+            self._pose_frame = frame or self._p("pose.topic")  # an empty header frame: name it after the topic
             horizon = stamp_ns - int(self._p("pose.buffer_s") * 1e9)
             while self._poses and self._poses[0][0] < horizon:
                 self._poses.popleft()
 
-    def _utm_zone(self) -> int | None:
-        kmap = self.kmap
-        if kmap is not None and len(kmap):
-            zones = kmap.utm_zones[kmap.utm_zones > 0]
-            if zones.size:
-                return int(zones[0])
-        return None
-
     # -------------------------------------------------------------------------------------------------------------
     # worker
 
-    def _next_frame(self) -> tuple[_CameraSlot, object, float] | None:
+    def _next_frame(self, stop: threading.Event) -> tuple[_CameraSlot, object, float] | None:
         with self._frames:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 now = time.monotonic()
                 period = float(self._p("cameras.min_period_s"))
                 ready = [s for s in self._slots.values()
@@ -417,9 +513,9 @@ class LocalizerNode(LifecycleNode):
                 self._frames.wait(timeout=0.05 if period > 0 else 0.5)
         return None
 
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            item = self._next_frame()
+    def _work(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            item = self._next_frame(stop)
             if item is None:
                 return
             slot, msg, received_at = item
@@ -445,27 +541,31 @@ class LocalizerNode(LifecycleNode):
         with self._map_lock:
             if self.matcher is None:
                 return
-            self._check_time_jump(stamp_ns)
-            hint = pose[1] if pose is not None and pose[0] in self.kmap.frames else None
+            self._check_time_jump(slot.topic, stamp_ns)
+            hint = (pose[0], pose[1]) if pose is not None and pose[0] in self._map_frames else None
             result = self.matcher.query(descriptor, stamp_ns, slot.topic, position_hint=hint)
-            if self._recording:
-                self._maybe_add_keyframe(slot.topic, msg, stamp_ns, descriptor, pose)
             session_row = result.best is not None and result.best.row >= self._session_start_row
+            if self._recording:
+                try:  # recording problems never cost the frame its localization outputs
+                    self._maybe_add_keyframe(slot.topic, stamp_ns, descriptor, pose)
+                except Exception as exc:  # noqa: BLE001 - logged and counted
+                    self._counters["record_errors"] += 1
+                    self.get_logger().error(f"{slot.topic}: keyframe not recorded: {exc}", throttle_duration_sec=5.0)
         slot.processed += 1
         self._publish(result, session_row)
         done = time.monotonic()
         self._latencies.append((done - received_at, done - started_at))
 
-    def _check_time_jump(self, stamp_ns: int) -> None:
-        """Image time going back by more than a second (a bag replayed again, a simulator reset) restarts the
-        keyframe gates, the consistency streak and the pose-prior rate limit. Caller holds the map lock."""
-        last = self._last_stamp_ns
-        self._last_stamp_ns = stamp_ns if last is None else max(last, stamp_ns)
-        if last is not None and stamp_ns < last - 1_000_000_000:
-            self.get_logger().info(f"image time jumped back by {(last - stamp_ns) / 1e9:.1f} s: resetting keyframe "
-                                   "gates and match consistency")
-            self._last_stamp_ns = stamp_ns
-            self._gates = {}
+    def _check_time_jump(self, camera: str, stamp_ns: int) -> None:
+        """A camera's time going back by more than a second (a bag replayed again, a simulator reset) restarts its
+        keyframe gate, the consistency streak and the pose-prior rate limit. Caller holds the map lock."""
+        last = self._last_stamps.get(camera)
+        self._last_stamps[camera] = stamp_ns if last is None else max(last, stamp_ns)
+        if last is not None and stamp_ns < last - _TIME_JUMP_NS:
+            self.get_logger().info(f"{camera}: image time jumped back by {(last - stamp_ns) / 1e9:.1f} s: resetting "
+                                   "its keyframe gate and match consistency", throttle_duration_sec=5.0)
+            self._last_stamps[camera] = stamp_ns
+            self._gates.pop(camera, None)
             self.matcher.reset()
             self._last_prior_ns = None
 
@@ -488,37 +588,44 @@ class LocalizerNode(LifecycleNode):
         if not near:
             return None
         stamps, positions, orientations = zip(*near)
-        track = PoseTrack(np.asarray(stamps, np.int64), np.asarray(positions), np.asarray(orientations), frame)
-        got = track.interpolate(np.asarray([stamp_ns], np.int64), max_gap)
+        try:
+            track = PoseTrack(np.asarray(stamps, np.int64), np.asarray(positions), np.asarray(orientations), frame)
+            got = track.interpolate(np.asarray([stamp_ns], np.int64), max_gap)
+        except PoseTrackError as exc:
+            self.get_logger().warning(f"poses near this image are unusable: {exc}", throttle_duration_sec=5.0)
+            return None
         if not got.valid[0]:
             return None
         return frame, got.positions[0], got.orientations[0]
 
-    def _maybe_add_keyframe(self, topic: str, msg: object, stamp_ns: int, descriptor: np.ndarray,
+    def _maybe_add_keyframe(self, topic: str, stamp_ns: int, descriptor: np.ndarray,
                             pose: tuple[str, np.ndarray, np.ndarray] | None) -> None:
-        """Caller holds the map lock."""
+        """Record the frame as a keyframe if its camera's gate accepts it. Caller holds the map lock."""
         if self._p("pose.topic") and pose is None:
             self._counters["no_pose"] += 1
+            self._no_pose_this_session += 1
             return
         gate = self._gates.setdefault(topic, KeyframeGate.from_config(self._gate_config))
-        position = pose[1] if pose else None
-        orientation = pose[2] if pose is not None and np.isfinite(pose[2]).all() else None
+        frame, position, orientation = pose if pose is not None else (NO_POSE_FRAME, None, None)
+        if orientation is not None and not np.isfinite(orientation).all():
+            orientation = None
         if not gate.accept(stamp_ns, position, orientation):
             return
-        frame = pose[0] if pose else NO_POSE_FRAME
-        gps, utm_zone, utm_band, utm = None, None, None, None
-        if pose is not None and frame.startswith("utm_"):
-            from dinomix_ros.geo import utm_to_latlon
-
-            zone, band = int(frame[4:-1]), frame[-1]
+        geotag: dict = {}
+        utm_frame = parse_utm_frame(frame)
+        if utm_frame is not None and position is not None:  # a NavSatFix pose source: geotag with lat/lon/UTM
+            zone, band = utm_frame
             lat, lon = utm_to_latlon(float(position[0]), float(position[1]), zone, band >= "N")
-            gps = np.array([[lat, lon, position[2]]])
-            utm_zone, utm_band, utm = zone, band, position[None, :2]
+            geotag = {"gps": np.array([[lat, lon, position[2]]]), "utm_zones": zone, "utm_bands": band,
+                      "utm": position[None, :2]}
         self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=topic, frame_ids=frame,
                       positions=None if position is None else position[None],
-                      orientations=None if orientation is None else orientation[None],
-                      gps=gps, utm_zones=utm_zone, utm_bands=utm_band, utm=utm, sources=f"live:{topic}")
+                      orientations=None if orientation is None else orientation[None], sources=f"live:{topic}",
+                      **geotag)
         self.matcher.index.add(descriptor[None])
+        self._map_frames.add(frame)
+        if utm_frame is not None and self._map_utm_zone is None:
+            self._map_utm_zone = utm_frame[0]
         self._recorded_this_session += 1
 
     def _publish(self, result: MatchResult, session_row: bool) -> None:
@@ -531,8 +638,9 @@ class LocalizerNode(LifecycleNode):
             return
         self._counters["accepted"] += 1
         min_period_ns = int(float(self._p("output.pose_prior_min_period_s")) * 1e9)
-        if result.prior is not None and (self._last_prior_ns is None
-                                         or result.stamp_ns - self._last_prior_ns >= min_period_ns):
+        since_last = None if self._last_prior_ns is None else result.stamp_ns - self._last_prior_ns
+        # rate limit only forward in time (after a reload or a replay, time may start over)
+        if result.prior is not None and (since_last is None or not 0 <= since_last < min_period_ns):
             self._outputs["pose_prior"].publish(conv.pose_prior_msg(result.prior, result.stamp_ns))
             self._last_prior_ns = result.stamp_ns
         if session_row or self._p("output.loop_closure_scope") == "all":
@@ -542,13 +650,13 @@ class LocalizerNode(LifecycleNode):
     # services: answer with counts, paths and errors
 
     def _srv_start_recording(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        if self.kmap is None:
-            response.success, response.message = False, "not configured"
-            return response
         with self._map_lock:
+            if self.kmap is None:
+                response.success, response.message = False, "not configured"
+                return response
             self._gates = {}
             self._recording = True
-            self._recorded_this_session = 0
+            self._recorded_this_session = self._no_pose_this_session = 0
             n = len(self.kmap)
         source = self._p("pose.topic") or "no pose source (keyframes without poses, time gating only)"
         response.success = True
@@ -561,34 +669,36 @@ class LocalizerNode(LifecycleNode):
             was = self._recording
             self._recording = False
             n = len(self.kmap) if self.kmap is not None else 0
+            unsaved = n - self._saved_rows
         response.success = True
         response.message = (f"stopped recording: {self._recorded_this_session} keyframes added "
-                            f"({self._counters['no_pose']} frames had no pose); map has {n}"
+                            f"({self._no_pose_this_session} frames had no pose); map has {n}, {unsaved} unsaved"
                             if was else f"was not recording; map has {n}")
         self.get_logger().info(response.message)
         return response
 
-    def _srv_save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        path = self._p("map.path")
-        if not path or self.kmap is None:
-            response.success = False
-            response.message = "map.path is empty: set it (ros2 param set ... map.path /path/to/map.dinomap)" \
-                if self.kmap is not None else "not configured"
-            return response
+    def _save(self, path: str) -> tuple[bool, str]:
+        """Save the current map (and an approximate index) to ``path``; (success, message)."""
         t0 = time.monotonic()
         try:
-            with self._map_lock:
-                index = self.matcher.index
-                blob = index.to_bytes() if index.kind != "exact" else None
-                self.kmap.save(path, index_blob=blob, index_kind=index.kind if blob is not None else None)
+            with self._map_lock:  # the map grows only under this lock: the save sees one consistent state
+                save_map(self.kmap, path, self.matcher.index)
                 n = len(self.kmap)
+                self._saved_rows = n
         except Exception as exc:  # noqa: BLE001 - reported to the caller; the previous map on disk is intact
-            response.success, response.message = False, f"save to {path} failed: {exc}"
-            self.get_logger().error(response.message)
-            return response
-        response.success = True
-        response.message = f"saved {n} keyframes to {path} in {time.monotonic() - t0:.2f} s"
-        self.get_logger().info(response.message)
+            return False, f"save to {path} failed: {exc}"
+        return True, f"saved {n} keyframes to {path} in {time.monotonic() - t0:.2f} s"
+
+    def _srv_save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        path = self._p("map.path")
+        if self.kmap is None:
+            response.success, response.message = False, "not configured"
+        elif not path:
+            response.success = False
+            response.message = "map.path is empty: set it (ros2 param set <node> map.path /path/to/map.dinomap)"
+        else:
+            response.success, response.message = self._save(path)
+        (self.get_logger().info if response.success else self.get_logger().error)(response.message)
         return response
 
     def _srv_load_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -596,22 +706,25 @@ class LocalizerNode(LifecycleNode):
         if self.encoder is None:
             response.success, response.message = False, "not configured"
             return response
+        with self._map_lock:
+            unsaved = len(self.kmap) - self._saved_rows if self.kmap is not None else 0
+        if unsaved > 0:
+            response.success = False
+            response.message = f"the current map has {unsaved} unsaved keyframes: call ~/save_map first"
+            return response
         if not path or not Path(path).exists():
             response.success, response.message = False, f"map.path {path!r} does not exist"
             return response
         try:  # load and index outside the lock: the camera pipeline keeps matching the old map meanwhile
             kmap = KeyframeMap.load(path, expected_fingerprint=self.encoder.fingerprint.to_dict())
             index = index_for_map(kmap, kind=self._p("map.index"), device=self._p("map.search_device"))
+            with self._map_lock:
+                config = self.matcher.config if self.matcher is not None else self._matcher_config()
+            self._install_map(kmap, config, index)
         except Exception as exc:  # noqa: BLE001 - the old map stays in use
             response.success, response.message = False, f"load of {path} failed, keeping the current map: {exc}"
             self.get_logger().error(response.message)
             return response
-        with self._map_lock:
-            config = self.matcher.config if self.matcher is not None else self._matcher_config()
-            self.kmap = kmap
-            self.matcher = Matcher(kmap, index, config)
-            self._session_start_row = len(kmap) if self._p("mode") == "localize" else 0
-            self._gates = {}
         response.success = True
         response.message = f"loaded {len(kmap)} keyframes from {path} (fingerprint {kmap.fingerprint['id']})"
         self.get_logger().info(response.message)
@@ -622,8 +735,10 @@ class LocalizerNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
-        received = sum(s.received for s in self._slots.values())
-        processed = sum(s.processed for s in self._slots.values())
+        with self._frames:
+            received = sum(s.received for s in self._slots.values())
+            processed = sum(s.processed for s in self._slots.values())
+            dropped = sum(s.dropped for s in self._slots.values())
         t_prev, rec_prev, proc_prev = self._diag_prev
         dt = max(now - t_prev, 1e-6)
         self._diag_prev = (now, received, processed)
@@ -634,7 +749,10 @@ class LocalizerNode(LifecycleNode):
             import torch
 
             gpu_mib = torch.cuda.memory_allocated(self.encoder.device) / 2**20
-        n_map = len(self.kmap) if self.kmap is not None else 0
+        with self._map_lock:
+            n_map = len(self.kmap) if self.kmap is not None else 0
+            unsaved = n_map - self._saved_rows
+            threshold = self.matcher.config.min_similarity if self.matcher is not None else math.nan
         values = {
             "mode": self._p("mode"),
             "recording": self._recording,
@@ -642,9 +760,10 @@ class LocalizerNode(LifecycleNode):
             "processed_rate_hz": (processed - proc_prev) / dt,
             "frames_received": received,
             "frames_processed": processed,
-            "frames_dropped": sum(s.dropped for s in self._slots.values()),
+            "frames_dropped": dropped,
             "bad_images": self._counters["bad_images"],
             "frames_without_pose": self._counters["no_pose"],
+            "keyframes_not_recorded_errors": self._counters["record_errors"],
             "queries": self._counters["queries"],
             "accepted_matches": self._counters["accepted"],
             "latency_p50_ms": float(np.percentile(lat_ms[:, 0], 50)) if lat_ms.size else math.nan,
@@ -653,6 +772,8 @@ class LocalizerNode(LifecycleNode):
             "processing_p95_ms": float(np.percentile(lat_ms[:, 1], 95)) if lat_ms.size else math.nan,
             "map_keyframes": n_map,
             "keyframes_recorded": self._recorded_this_session,
+            "keyframes_unsaved": unsaved,
+            "min_similarity": threshold,
             "device": info.get("device", ""),
             "gpu_memory_mib": gpu_mib,
             "last_best_score": self._last_best,
@@ -661,6 +782,8 @@ class LocalizerNode(LifecycleNode):
         level, message = 0, "ok"
         if self._counters["bad_images"]:
             level, message = 1, f"{self._counters['bad_images']} bad images skipped"
+        if self._counters["record_errors"]:
+            level, message = 1, f"{self._counters['record_errors']} keyframes could not be recorded"
         if n_map == 0 and self._p("mode") == "localize" and not self._recording:
             level, message = 1, "map is empty"
         stamp = self.get_clock().now().nanoseconds
@@ -686,7 +809,7 @@ class _RosLogHandler(logging.Handler):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``localize_node``: Ctrl-C (SIGINT) shuts down cleanly."""
+    """Entry point of ``localize_node``: Ctrl-C (SIGINT) shuts down cleanly (and autosaves, see map.autosave)."""
     rclpy.init(args=args)  # Humble's rclpy.init is not a context manager: init / try_shutdown by hand
     node = None
     try:

@@ -34,11 +34,12 @@ def first_pass_bag(tmp_path):
                             image_format="rgb8", pose_kind="odometry", pose_topic="/odom")
 
 
-def test_record_save_reload_relocalize(tmp_path, first_pass_bag) -> None:
+@pytest.mark.parametrize("index", ["exact", "hnsw"])
+def test_record_save_reload_relocalize(tmp_path, first_pass_bag, index: str) -> None:
     domain = next_domain_id()
     map_path = tmp_path / "maps" / "corridor.dinomap"
     node = NodeProcess.localizer(tmp_path, domain, params={
-        "model.random_weights": True, "map.path": str(map_path), "map.create_if_missing": True,
+        "model.random_weights": True, "map.path": str(map_path), "map.create_if_missing": True, "map.index": index,
         "pose.topic": "/odom", "pose.type": "odometry", "recording.min_distance_m": 0.3,
         "recording.min_rotation_deg": 0.0, "matching.min_similarity": 0.9, "output.loop_closure_scope": "all"})
     client = RosClient(domain)
@@ -69,6 +70,8 @@ def test_record_save_reload_relocalize(tmp_path, first_pass_bag) -> None:
 
         reloaded = client.call(Trigger, f"{NODE}/load_map")
         assert reloaded.success and "loaded 6 keyframes" in reloaded.message, reloaded.message
+        if index == "hnsw":  # the approximate index was saved with the map and is reused, not rebuilt
+            assert node.wait_for_log("using the stored faiss_hnsw_ip index of the map (6 rows)", timeout=5), node.log
         for received in (matches, priors, loops):
             received.clear()
         second = replay_bag(client, first_pass_bag.path, after_image=answered)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters
 from rosutil import REPO_CONFIG, NodeProcess, RosClient, next_domain_id
@@ -58,4 +60,26 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
     assert [e.topic_type for e in rear] == ["sensor_msgs/msg/CompressedImage"]
     assert ok.successful
     assert not bad_k.successful and "top_k must be >= 1" in bad_k.reason
-    assert not bad_scope.successful and "session or all" in bad_scope.reason
+    assert not bad_scope.successful and "must be one of session, all, got 'sometimes'" in bad_scope.reason
+
+
+def test_map_calibration_sets_min_similarity(tmp_path) -> None:
+    from dinomix_ros.engine import Encoder, EncoderConfig
+    from dinomix_ros.mapstore import KeyframeMap
+
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    kmap = KeyframeMap.empty(encoder.fingerprint.to_dict(), metadata={"calibration": {"min_similarity": 0.8125}})
+    kmap.add(encoder.describe([np.zeros((32, 32, 3), np.uint8)], "rgb8"), stamps_ns=[1], cameras="c", frame_ids="map")
+    map_path = kmap.save(tmp_path / "calibrated.dinomap")
+    domain = next_domain_id()
+    node = NodeProcess.localizer(tmp_path, domain, params={"model.random_weights": True, "map.path": str(map_path)})
+    client = RosClient(domain)
+    try:
+        assert node.wait_for_log("active: cameras", timeout=60), node.log
+        got = client.call(GetParameters, f"{NODE}/get_parameters",
+                          GetParameters.Request(names=["matching.min_similarity"])).values[0]
+    finally:
+        client.close()
+        assert node.stop() == 0, node.log[-3000:]
+    assert got.double_value == 0.8125
+    assert "using the map's calibrated matching.min_similarity 0.8125" in node.log

@@ -172,3 +172,41 @@ def test_overload_drops_frames_keeps_memory_flat_and_latency_bounded(tmp_path) -
     # receive -> published is at most one frame's wait for the worker plus its own processing: no queue
     assert float(values["latency_p95_ms"]) < 3 * float(values["processing_p95_ms"]), values
     assert max(rss[2:]) - rss[1] < 50, f"memory grew under load: {rss} MiB"
+
+
+def test_bad_poses_are_dropped_and_ctrl_c_autosaves_the_recording(tmp_path) -> None:
+    """A position-only pose source (zero quaternions) and a NaN position must not stop recording; SIGINT saves."""
+    from nav_msgs.msg import Odometry
+
+    from dinomix_ros.mapstore import KeyframeMap
+
+    domain = next_domain_id()
+    map_path = tmp_path / "run.dinomap"
+    node = NodeProcess.localizer(tmp_path, domain, params={
+        "model.random_weights": True, "map.path": str(map_path), "map.create_if_missing": True,
+        "recording.autostart": True, "recording.min_distance_m": 0.5, "recording.min_rotation_deg": 0.0,
+        "pose.topic": "/odom", "pose.type": "odometry", "pose.max_gap_s": 0.5})
+    client = RosClient(domain)
+    try:
+        matches = client.collect(PointCloud2, f"{NODE}/matches")
+        raw, odom = client.publisher(Image, RAW), client.publisher(Odometry, "/odom", depth=100)
+        client.wait_for_subscribers(raw)
+        for i in range(5):  # 1 m apart; poses without orientation, and one with a NaN position in between
+            for t, x in ((i * 1.0 - 0.05, i - 0.05), (i * 1.0 - 0.02, float("nan")), (i * 1.0 + 0.05, i + 0.05)):
+                msg = Odometry()
+                msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int((100 + t) * 1e9), 10**9)
+                msg.header.frame_id = "map"
+                msg.pose.pose.position.x = x
+                msg.pose.pose.orientation.w = 0.0  # all-zero quaternion: a position-only source, "unknown"
+                odom.publish(msg)
+            client.spin_for(0.2)
+            raw.publish(_image(100 + i))
+            assert client.spin_until(lambda i=i: any(m.header.stamp.sec == 100 + i for _, m in matches), 20.0)
+    finally:
+        client.close()
+        assert node.stop() == 0, node.log[-3000:]
+    assert "pose ignored: pose with a non-finite position" in node.log
+    assert "autosave: saved 5 keyframes" in node.log, node.log[-2000:]
+    kmap = KeyframeMap.load(map_path)
+    np.testing.assert_allclose(kmap.positions[:, 0], np.arange(5), atol=0.06)
+    assert np.isnan(kmap.orientations).all() and set(kmap.frame_ids) == {"map"}
