@@ -38,12 +38,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="inference precision")
     group.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     group.add_argument("--workers", type=int, default=2, help="image decode/resize threads")
+    group.add_argument("--range16", default="full", choices=["full", "minmax"],
+                       help="16-bit images to 8-bit: full range, or stretched per image (12-bit/thermal cameras)")
 
 
 def make_encoder(args: argparse.Namespace):  # noqa: ANN201 - Encoder (imported lazily: torch is slow to import)
     from dinomix_ros.engine import Encoder, EncoderConfig
 
-    config = EncoderConfig(device=args.device, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers)
+    config = EncoderConfig(device=args.device, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+                           range16=args.range16)
     if args.random_weights:
         return Encoder.from_random(args.variant, args.seed, config)
     return Encoder.from_checkpoint(args.checkpoint, config)

@@ -1,7 +1,7 @@
 """Replay a ROS 2 bag into the live graph without rosbag2 (which is not installable from PyPI): ``bag_replay``.
 
 Messages are published as their stored CDR bytes (``publisher.publish(raw_bytes)``; rosbags' CDR is byte-identical
-to rclpy's), with the bag's timing scaled by ``--rate`` (0: as fast as the subscribers acknowledge). Publishers are
+to rclpy's), with the bag's timing scaled by ``--rate`` (0: no pauses, as fast as the tool can publish). Publishers are
 reliable with a deep queue, so best-effort and reliable subscribers both connect; before exiting the tool waits until
 every subscriber has acknowledged everything (``wait_for_all_acked``). On a machine with ROS 2 installed,
 ``ros2 bag play`` does the same job.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bag", type=Path, help="ROS 2 bag directory (mcap or sqlite3)")
     parser.add_argument("--topics", nargs="*", default=None, help="topics to replay (default: all)")
-    parser.add_argument("--rate", type=float, default=1.0, help="speed factor; 0 publishes as fast as possible")
+    parser.add_argument("--rate", type=float, default=1.0, help="speed factor; 0: no pauses, as fast as possible")
     parser.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="rename a topic")
     parser.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
                         help="wait until every camera topic (every topic, if none) has N subscribers")
