@@ -833,7 +833,9 @@ def _calibrate(path: Path, fingerprint: dict[str, Any], report: dict[str, Any], 
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    from dinomix_ros.mapstore import utc_now_iso
+
+    return utc_now_iso()
 
 
 def _clean(value: Any) -> Any:

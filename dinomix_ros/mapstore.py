@@ -266,7 +266,7 @@ class KeyframeMap:
             raise MapError(f"metadata must be a dict, got {type(metadata).__name__}")
         _check_json(metadata, "metadata", MapError)
         return cls(fingerprint, descriptor_dim=descriptor_dim, storage_dtype=dtype_name, metadata=metadata,
-                   created=_now_iso())
+                   created=utc_now_iso())
 
     def add(
         self,
@@ -702,7 +702,7 @@ class KeyframeMap:
                 kf_rec = {"file": name, "rows": self._count, "bytes": size, "sha256": sha}
                 index_rec = self._index_for_save(directory, gen, known if ours else None, created)
                 _fsync_dir(directory)  # the new names are durable before a manifest references them
-                now = _now_iso()
+                now = utc_now_iso()
                 manifest = {
                     "format": FORMAT,
                     "version": FORMAT_VERSION,
@@ -1355,7 +1355,8 @@ def _parse_csv(data: bytes, name: str, count: int) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------- validation
 
 
-def _now_iso() -> str:
+def utc_now_iso() -> str:
+    """Now as ISO 8601 UTC with milliseconds (the map files' timestamps)."""
     # "+00:00" rather than "Z": datetime.fromisoformat() on Python 3.10 does not parse "Z".
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

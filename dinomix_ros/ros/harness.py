@@ -198,7 +198,9 @@ def msg_class(msgtype: str) -> type:
 
 def stamp_ns(msg: object) -> int:
     """Header stamp in nanoseconds."""
-    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+    from dinomix_ros.ros.conversions import time_to_ns
+
+    return time_to_ns(msg.header.stamp)
 
 
 def diagnostic_values(msg: object) -> dict[str, str]:

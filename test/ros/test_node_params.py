@@ -7,8 +7,9 @@ import time
 import numpy as np
 
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters
-from rosutil import REPO_CONFIG, NodeProcess, RosClient, next_domain_id
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters, SetParametersAtomically
+from rosutil import REPO_CONFIG, NodeProcess, RosClient, diagnostic_values, next_domain_id
 
 from dinomix_ros.ros.localizer_node import PARAMETERS
 
@@ -19,6 +20,7 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
     overrides = tmp_path / "robot.yaml"
     overrides.write_text(
         "dinomix_localizer:\n  ros__parameters:\n    mode: self_map\n    model:\n      random_weights: true\n"
+        "    diagnostics:\n      period_s: 0.2\n"
         "    matching:\n      top_k: 7\n"
         "    cameras:\n      topics: ['/front/image_raw', '/rear/image_raw/compressed']\n")
     domain = next_domain_id()
@@ -26,6 +28,7 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
                                  params_file=REPO_CONFIG)
     client = RosClient(domain)
     try:
+        diagnostics = client.collect(DiagnosticArray, "/diagnostics")
         assert node.wait_for_log("active: cameras", timeout=60), node.log
         names = list(PARAMETERS)
         got = client.call(GetParameters, f"{NODE}/get_parameters", GetParameters.Request(names=names)).values
@@ -46,6 +49,15 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
         bad_k = set_param("matching.top_k", ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=0))
         bad_scope = set_param("output.loop_closure_scope",
                               ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="sometimes"))
+        batch = SetParametersAtomically.Request(parameters=[  # one bad value: nothing of the batch applies
+            Parameter(name="matching.min_similarity",
+                      value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.3)),
+            Parameter(name="cameras.reliability",
+                      value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="reliabel"))])
+        atomic = client.call(SetParametersAtomically, f"{NODE}/set_parameters_atomically", batch).result
+        since = time.monotonic()
+        assert client.spin_until(lambda: any(t > since for t, _ in diagnostics), 10.0)
+        in_use = diagnostic_values(diagnostics[-1][1])["min_similarity"]
     finally:
         client.close()
         assert node.stop() == 0, node.log[-3000:]
@@ -61,6 +73,8 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
     assert ok.successful
     assert not bad_k.successful and "top_k must be >= 1" in bad_k.reason
     assert not bad_scope.successful and "must be one of session, all, got 'sometimes'" in bad_scope.reason
+    assert not atomic.successful and "cameras.reliability must be one of" in atomic.reason
+    assert float(in_use) == 0.8  # the matcher uses the accepted change, not the refused batch
 
 
 def test_map_calibration_sets_min_similarity(tmp_path) -> None:
