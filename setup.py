@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
-            "dinomix = dinomix_ros.cli:main",
+            "dinomix = dinomix_ros.cli.main:main",
             "localize_node = dinomix_ros.ros.localizer_node:main",
             "bag_replay = dinomix_ros.ros.replay:main",
             "dinomix_demo = dinomix_ros.ros.demo:main",

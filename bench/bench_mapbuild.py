@@ -4,8 +4,8 @@
 Three numbers, all images per second on the chosen device:
 
 * ``model_only``: ``Encoder.describe_prepared`` on already resized 224x224 images (the ceiling);
-* ``folder``: :func:`dinomix_ros.mapbuild.build_map_from_folder` on the folder (JPEG decode, resize, describe, add);
-* ``bag``: :func:`dinomix_ros.mapbuild.build_map_from_bag` on a temporary ROS 2 bag holding the same JPEGs as
+* ``folder``: :func:`dinomix_ros.maps.build.build_map_from_folder` on the folder (JPEG decode, resize, describe, add);
+* ``bag``: :func:`dinomix_ros.maps.build.build_map_from_bag` on a temporary ROS 2 bag holding the same JPEGs as
   ``sensor_msgs/CompressedImage`` (the original bytes) plus ``nav_msgs/Odometry`` at 50 Hz along a line with
   0.6 m between frames, so the 0.5 m gate keeps every frame (bag reading, pose interpolation, gating, decode,
   resize, describe, add).
@@ -52,9 +52,9 @@ from bagfactory import (  # noqa: E402
     write_bag,
 )
 
-from dinomix_ros.engine import Encoder, EncoderConfig  # noqa: E402
-from dinomix_ros.imagefolder import list_images  # noqa: E402
-from dinomix_ros.mapbuild import BagMapConfig, build_map_from_bag, build_map_from_folder  # noqa: E402
+from dinomix_ros.model.encoder import Encoder, EncoderConfig  # noqa: E402
+from dinomix_ros.maps.sources.imagefolder import list_images  # noqa: E402
+from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag, build_map_from_folder  # noqa: E402
 
 LOG = logging.getLogger("bench_mapbuild")
 

@@ -8,7 +8,7 @@ Examples:
 
 import sys
 
-from dinomix_ros.cli import main
+from dinomix_ros.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

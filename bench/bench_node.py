@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     from geometry_msgs.msg import PoseWithCovarianceStamped
     from sensor_msgs.msg import Image, PointCloud2
 
-    from dinomix_ros.bench import percentiles
-    from dinomix_ros.mapstore import KeyframeMap
+    from dinomix_ros.model.benchmark import percentiles
+    from dinomix_ros.maps.keyframes import KeyframeMap
     from dinomix_ros.model import random_model
-    from dinomix_ros.ros.harness import NodeProcess, RosClient, diagnostic_values, stamp_ns
+    from dinomix_ros.ros.conversions import diagnostic_values, time_to_ns
+    from dinomix_ros.ros.session import NodeProcess, RosClient
 
     width, height = (int(v) for v in args.resolution.lower().split("x"))
     work = Path(tempfile.mkdtemp(prefix="dinomix_bench_node_"))
@@ -81,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 10**9)
             t0 = time.monotonic()
             camera.publish(msg)
-            if not client.spin_until(lambda: any(stamp_ns(m) == stamp for _, m in priors)
-                                     and any(stamp_ns(m) == stamp for _, m in matches), 60):
+            if not client.spin_until(lambda: any(time_to_ns(m.header.stamp) == stamp for _, m in priors)
+                                     and any(time_to_ns(m.header.stamp) == stamp for _, m in matches), 60):
                 raise SystemExit(f"no pose prior for image {i}:\n{node.log[-3000:]}")
             if i >= 5:
-                to_prior.append(next(t for t, m in priors if stamp_ns(m) == stamp) - t0)
-                to_matches.append(next(t for t, m in matches if stamp_ns(m) == stamp) - t0)
+                to_prior.append(next(t for t, m in priors if time_to_ns(m.header.stamp) == stamp) - t0)
+                to_matches.append(next(t for t, m in matches if time_to_ns(m.header.stamp) == stamp) - t0)
         client.spin_for(1.0)
         internal = diagnostic_values(diagnostics[-1][1]) if diagnostics else {}
     finally:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark dinomix_ros.search.PlaceIndex: build time, batch-1 latency, batched throughput and recall@1.
+"""Benchmark dinomix_ros.maps.index.PlaceIndex: build time, batch-1 latency, batched throughput and recall@1.
 
 Prints ONE JSON object on stdout (progress goes to stderr). Data are random unit vectors; the queries are noisy copies
 of random database rows (``q = normalize(x + noise * g / sqrt(dim))``, g ~ N(0, I)), so every query has one clear true
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 try:
-    from dinomix_ros.search import PlaceIndex
+    from dinomix_ros.maps.index import PlaceIndex
 except ImportError:  # run from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dinomix_ros.search import PlaceIndex
+    from dinomix_ros.maps.index import PlaceIndex
 
 LOG = logging.getLogger("bench_search")
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     t_total = time.perf_counter()
     env = environment()
     cuda = env["cuda"]
-    out: dict[str, Any] = {"bench": "dinomix_ros.search.PlaceIndex", "args": vars(args).copy(), "env": env,
+    out: dict[str, Any] = {"bench": "dinomix_ros.maps.index.PlaceIndex", "args": vars(args).copy(), "env": env,
                            "results": [], "skipped": [], "notes": []}
     configs = list(args.configs)
     if "exact-torch" in configs and not cuda and not args.torch_cpu:

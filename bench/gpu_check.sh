@@ -28,7 +28,7 @@ timeout 240 python3 -m pytest -q -rs -p no:cacheprovider test/test_engine.py tes
   -k "cuda" 2>&1 | tee "$OUT/cuda_tests.log"
 
 # 2. model: batch-1 latency (CUDA graphs) and batch-256 throughput, ViT-S and ViT-B, fp32/fp16/bf16
-timeout 180 python3 -m dinomix_ros.cli bench --device cuda --variants vits14,vitb14 --dtypes fp32,fp16,bf16 \
+timeout 180 python3 -m dinomix_ros.cli.main.main bench --device cuda --variants vits14,vitb14 --dtypes fp32,fp16,bf16 \
   --batch 256 --iters 200 --warmup 20 > "$OUT/bench_model.json" 2> "$OUT/bench_model.log"
 tail -c 2000 "$OUT/bench_model.json"
 

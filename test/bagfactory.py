@@ -34,8 +34,8 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from dinomix_ros.geo import UTMCoord, latlon_to_utm, utm_to_latlon_arrays
-from dinomix_ros.imagefolder import list_images
+from dinomix_ros.maps.sources.geo import UTMCoord, latlon_to_utm, utm_to_latlon_arrays
+from dinomix_ros.maps.sources.imagefolder import list_images
 
 __all__ = [
     "TYPESTORE",

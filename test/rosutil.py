@@ -1,4 +1,5 @@
-"""Node-test helpers on top of :mod:`dinomix_ros.ros.harness`: a domain id per test and paced bag replay."""
+"""Node-test helpers on top of :mod:`dinomix_ros.ros.session`: a domain id per test, paced bag replay, stamps and
+memory of node processes."""
 
 from __future__ import annotations
 
@@ -8,12 +9,26 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from dinomix_ros.ros.harness import NodeProcess, RosClient, diagnostic_values, msg_class, stamp_ns
+from dinomix_ros.ros.conversions import diagnostic_values, msg_class, time_to_ns
+from dinomix_ros.ros.session import NodeProcess, RosClient
 
 __all__ = ["REPO_CONFIG", "NodeProcess", "RosClient", "diagnostic_values", "next_domain_id", "replay_bag",
-           "stamp_ns"]
+           "rss_mib", "stamp_ns"]
 
 _domains = itertools.count(random.Random(os.getpid()).randrange(1, 60))
+
+
+def stamp_ns(msg: object) -> int:
+    """Header stamp in nanoseconds."""
+    return time_to_ns(msg.header.stamp)
+
+
+def rss_mib(process: NodeProcess) -> float:
+    """Resident memory of a node process in MiB (Linux)."""
+    for line in Path(f"/proc/{process.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {process.proc.pid}")
 
 
 def next_domain_id() -> int:
@@ -29,7 +44,7 @@ def replay_bag(client: RosClient, bag: Path, *, after_image: Callable[[str, int]
     "the node published matches for this stamp"), so no frame is dropped by a busy node. Returns the images
     published as (topic, stamp_ns).
     """
-    from dinomix_ros.bagio import IMAGE_TYPES, open_reader
+    from dinomix_ros.maps.sources.bags import IMAGE_TYPES, open_reader
 
     sent: list[tuple[str, int]] = []
     with open_reader(bag) as reader:

@@ -212,7 +212,7 @@ class DinoVisionTransformer(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"DINO-Mix takes (B, 3, {self.input_size}, {self.input_size}) inputs, got {tuple(x.shape)}; "
-                "resize whole images with dinomix_ros.preprocess first"
+                "resize whole images with dinomix_ros.imaging.preprocess first"
             )
         x = self.patch_embed(x)  # (B, 256, C)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.grid_pos_embed

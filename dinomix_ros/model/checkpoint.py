@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dinomix_ros.model.dinomix import VARIANTS, BackboneSpec, DinoMix, build_model, init_random_weights
-from dinomix_ros.preprocess import PREPROCESSING_ID
+from dinomix_ros.imaging.preprocess import PREPROCESSING_ID
 
 __all__ = [
     "CheckpointError",
@@ -414,7 +414,7 @@ def save_model(loaded: LoadedModel, path: str | Path) -> Path:
     """Write the model as ``.safetensors`` with its fingerprint (no pickle); atomic via a temporary file."""
     from safetensors.torch import save_file
 
-    from dinomix_ros.fileutil import atomic_path
+    from dinomix_ros.util.files import atomic_path
 
     path = Path(path)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in loaded.model.state_dict().items()}

@@ -10,7 +10,7 @@ from torch import nn
 
 from dinomix_ros.model.aggregator import MixVPR
 from dinomix_ros.model.backbone import PATCH_SIZE, DinoVisionTransformer
-from dinomix_ros.preprocess import INPUT_SIZE  # the only input size DINO-Mix was trained and is evaluated at
+from dinomix_ros.imaging.preprocess import INPUT_SIZE  # the only input size DINO-Mix was trained and is evaluated at
 
 __all__ = [
     "BackboneSpec",

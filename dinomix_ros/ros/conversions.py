@@ -25,6 +25,7 @@ cloud (width 0) means no candidate. :func:`matches_to_array` decodes it into a n
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -35,7 +36,7 @@ from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from dinomix_ros.matching import MatchResult, PosePrior
+from dinomix_ros.localization.matching import MatchResult, PosePrior
 
 __all__ = [
     "MATCH_DTYPE",
@@ -48,6 +49,8 @@ __all__ = [
     "loop_closure_msg",
     "markers_msg",
     "diagnostics_msg",
+    "diagnostic_values",
+    "msg_class",
 ]
 
 _TYPES = {PointField.INT32: "<i4", PointField.UINT32: "<u4", PointField.FLOAT32: "<f4", PointField.FLOAT64: "<f8",
@@ -175,3 +178,14 @@ def diagnostics_msg(stamp_ns: int, name: str, hardware_id: str, level: int, mess
     status = DiagnosticStatus(level=bytes([level]), name=name, message=message, hardware_id=hardware_id,
                               values=[KeyValue(key=k, value=fmt(v)) for k, v in values.items()])
     return DiagnosticArray(header=Header(stamp=ns_to_time(stamp_ns)), status=[status])
+
+
+def diagnostic_values(msg: DiagnosticArray) -> dict[str, str]:
+    """Key/values of the first status of a DiagnosticArray (what :func:`diagnostics_msg` wrote)."""
+    return {kv.key: kv.value for kv in msg.status[0].values}
+
+
+def msg_class(msgtype: str) -> type:
+    """rclpy message class of a type name like ``sensor_msgs/msg/Image``."""
+    package, _, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)

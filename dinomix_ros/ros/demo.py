@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dinomix_ros.evaluation import load_loop_closure_ground_truth, plot_pr_curve, precision_recall_curve
-from dinomix_ros.fileutil import atomic_path
-from dinomix_ros.imagefolder import list_images
+from dinomix_ros.evaluation.metrics import load_loop_closure_ground_truth, plot_pr_curve, precision_recall_curve
+from dinomix_ros.util.files import atomic_path
+from dinomix_ros.maps.sources.imagefolder import list_images
 
 DATA = Path(__file__).resolve().parents[2] / "test" / "data" / "rtabmap_corridor"
 NODE = "/dinomix_localizer"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     random_weights = args.checkpoint is None
     banner(random_weights)
 
-    from dinomix_ros.ros.harness import NodeProcess, RosClient  # rclpy imports after the environment is set
+    from dinomix_ros.ros.session import NodeProcess, RosClient  # rclpy imports after the environment is set
 
     domain = int(os.environ.get("ROS_DOMAIN_ID") or random.Random().randrange(101, 200))
     map_path = out / "corridor.dinomap"
@@ -97,8 +97,7 @@ def run(client, node, images: list[Path], gt: np.ndarray, args: argparse.Namespa
     from sensor_msgs.msg import Image, PointCloud2
     from std_srvs.srv import Trigger
 
-    from dinomix_ros.ros.conversions import matches_to_array
-    from dinomix_ros.ros.harness import stamp_ns
+    from dinomix_ros.ros.conversions import matches_to_array, time_to_ns
 
     matches = client.collect(PointCloud2, f"{NODE}/matches")
     camera = client.publisher(Image, CAMERA)
@@ -115,7 +114,7 @@ def run(client, node, images: list[Path], gt: np.ndarray, args: argparse.Namespa
         camera.publish(msg)
 
         def answer() -> tuple[float, object] | None:
-            return next(((t, m) for t, m in matches if stamp_ns(m) == stamp), None)
+            return next(((t, m) for t, m in matches if time_to_ns(m.header.stamp) == stamp), None)
 
         if not client.spin_until(lambda: answer() is not None, args.timeout):
             raise SystemExit(f"no matches for image {images[i].name} within {args.timeout} s")

@@ -15,7 +15,7 @@ from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import NavSatFix
 
-from dinomix_ros.geo import latlon_to_utm, utm_frame_id
+from dinomix_ros.maps.sources.geo import latlon_to_utm, utm_frame_id
 from dinomix_ros.ros.conversions import time_to_ns
 
 __all__ = ["POSE_TYPES", "pose_from_msg"]

@@ -24,8 +24,8 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 
-from dinomix_ros.bagio import IMAGE_TYPES, open_reader
-from dinomix_ros.ros.harness import msg_class
+from dinomix_ros.maps.sources.bags import IMAGE_TYPES, open_reader
+from dinomix_ros.ros.conversions import msg_class
 
 __all__ = ["replay", "main"]
 

@@ -10,9 +10,9 @@ from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id, r
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64MultiArray
 
-from dinomix_ros.engine import Encoder, EncoderConfig
-from dinomix_ros.mapbuild import BagMapConfig, build_map_from_bag
-from dinomix_ros.poses import KeyframeGateConfig
+from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag
+from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.ros.conversions import matches_to_array
 
 NODE = "/dinomix_localizer"

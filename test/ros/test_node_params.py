@@ -78,8 +78,8 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
 
 
 def test_map_calibration_sets_min_similarity(tmp_path) -> None:
-    from dinomix_ros.engine import Encoder, EncoderConfig
-    from dinomix_ros.mapstore import KeyframeMap
+    from dinomix_ros.model.encoder import Encoder, EncoderConfig
+    from dinomix_ros.maps.keyframes import KeyframeMap
 
     encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict(), metadata={"calibration": {"min_similarity": 0.8125}})

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.srv import GetState
-from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id, stamp_ns
+from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id, rss_mib, stamp_ns
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 
-from dinomix_ros.engine import Encoder, EncoderConfig
-from dinomix_ros.mapstore import KeyframeMap
+from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.keyframes import KeyframeMap
 
 NODE = "/dinomix_localizer"
 RAW, COMPRESSED = "/camera/image_raw", "/camera/image_raw/compressed"
@@ -155,7 +155,7 @@ def test_overload_drops_frames_keeps_memory_flat_and_latency_bounded(tmp_path) -
             sent += 1
             client.spin_for(1 / 60)
             if sent % 60 == 0:
-                rss.append(node.rss_mib())
+                rss.append(rss_mib(node))
         last = 1000 + sent - 1
         assert client.spin_until(lambda: any(m.header.stamp.sec == last for _, m in matches), 10.0), \
             "the newest frame was not processed soon after the burst: frames are queueing"
@@ -178,7 +178,7 @@ def test_bad_poses_are_dropped_and_ctrl_c_autosaves_the_recording(tmp_path) -> N
     """A position-only pose source (zero quaternions) and a NaN position must not stop recording; SIGINT saves."""
     from nav_msgs.msg import Odometry
 
-    from dinomix_ros.mapstore import KeyframeMap
+    from dinomix_ros.maps.keyframes import KeyframeMap
 
     domain = next_domain_id()
     map_path = tmp_path / "run.dinomap"

@@ -1,0 +1,1 @@
+"""The ``dinomix`` command line: argparse over library calls (``dinomix --help``)."""

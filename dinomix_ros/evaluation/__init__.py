@@ -1,0 +1,1 @@
+"""Evaluation: Recall@N, precision/recall and calibration of the similarity threshold, with plots kept apart."""

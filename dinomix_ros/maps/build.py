@@ -1,0 +1,799 @@
+"""Build keyframe maps offline: from ROS 2 bags (images + a pose topic) and from geotagged image folders.
+
+The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :func:`index_for_map` (the search index of a map: its
+stored blob when fresh, else rebuilt), :data:`NO_POSE_FRAME` and the keyframe gate of
+:mod:`dinomix_ros.maps.sources.poses`.
+
+Bags (:func:`build_map_from_bag`):
+
+* The pose track is read first (whole topic, :func:`~dinomix_ros.maps.sources.bags.read_pose_track`), then image
+  messages are streamed in bag order. Each image's header stamp is paired with the pose interpolated at that stamp;
+  an image with no pose within ``max_pose_gap_s`` is refused and counted (``no_pose``).
+* One :class:`~dinomix_ros.maps.sources.poses.KeyframeGate` per camera decides the keyframes. Only keyframes are
+  decoded and resized; worker threads resize while one model thread describes the previous batch, and at most two
+  batches are in flight, so memory stays bounded whatever the bag size.
+* An undecodable keyframe image is counted (``bad``), logged, and the gate is rolled back to its state before that
+  frame, so the next good frame can take its place.
+* Keyframes get the pose track's frame (``header.frame_id`` of the pose messages, ``utm_<zone><band>`` for a
+  NavSatFix pose topic), the camera name (default: the topic), source ``bag:<topic>@<stamp_ns>``, and GPS/UTM geotags
+  interpolated from ``gps_topic`` when one is given (a NavSatFix pose topic is also used as the GPS topic by default).
+
+Image folders (:func:`build_map_from_folder`): one keyframe per image, in natural file order.
+
+* Stamps are all 0 ("unknown capture time"): folder images carry no trustworthy clock, and made-up stamps such as
+  ``index * 1 s`` would look like real time to the live node's recency filters. The row order is the file order.
+* x/y[/yaw] geotags (CSV): position ``(x, y, 0)``, orientation the yaw about +z when given, frame ``"map"``.
+* UTM/GPS geotags (file names, CSV, EXIF): position ``(easting, northing, altitude or 0)``, no orientation, frame
+  ``utm_<zone><band>`` (one zone and band label for the whole build, see :func:`build_map_from_folder`), plus the
+  gps and utm columns.
+* No geotag: no position, frame :data:`NO_POSE_FRAME` (``"none"``; the map format needs a non-empty frame id). Such a
+  map still works for retrieval; it just cannot give a pose prior.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinomix_ros.maps.sources.bags import (
+    IMAGE_TYPES,
+    POSE_TYPES,
+    BagError,
+    BagImage,
+    GpsFixes,
+    bag_topics,
+    count_messages,
+    iter_images,
+    read_gps_fixes,
+    read_pose_track,
+)
+from dinomix_ros.maps.sources.geo import latlon_to_utm, latlon_to_utm_arrays, parse_utm_frame, utm_band, utm_frame_id
+from dinomix_ros.imaging.decode import ImageDecodeError
+from dinomix_ros.maps.sources.imagefolder import geotag_images
+from dinomix_ros.maps.keyframes import KeyframeMap, MapError
+from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PoseTrack, yaw_to_quat
+from dinomix_ros.util.progress import progress_bar
+from dinomix_ros.maps.index import KINDS, IndexConfigError, PlaceIndex, PlaceIndexError
+
+__all__ = [
+    "INDEX_KIND_NAMES",
+    "NO_POSE_FRAME",
+    "NAVSATFIX_TYPE",
+    "MapBuildError",
+    "BagMapConfig",
+    "BuildReport",
+    "GpsTrack",
+    "PosedImage",
+    "index_for_map",
+    "save_map",
+    "new_map",
+    "check_bag_config",
+    "PosedImageStream",
+    "build_map_from_bag",
+    "build_map_from_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Map ``index_kind`` label of each :class:`~dinomix_ros.maps.index.PlaceIndex` kind (stored in the map's manifest).
+INDEX_KIND_NAMES: dict[str, str] = {"exact": "faiss_flat_ip", "hnsw": "faiss_hnsw_ip", "ivfpq": "faiss_ivfpq_ip"}
+#: Frame id of keyframes without any pose (the map format requires a non-empty frame id).
+NO_POSE_FRAME = "none"
+NAVSATFIX_TYPE = "sensor_msgs/msg/NavSatFix"
+
+_IVF_TRAIN_SAMPLE = 65536  # rows IVF-PQ is trained on at most (k-means cost grows with it)
+_MAX_BAD_WARNINGS = 5  # undecodable images logged one by one; the rest only in the summary
+_NS_PER_S = 1_000_000_000
+
+
+class MapBuildError(ValueError):
+    """A build that cannot run as configured (bad config, nothing usable in the source)."""
+
+
+# ---------------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class BagMapConfig:
+    """How to turn a bag into keyframes.
+
+    Attributes:
+        image_topics: sensor_msgs/Image or CompressedImage topics, one per camera (a list is accepted).
+        pose_topic: nav_msgs/Odometry, geometry_msgs/PoseStamped, PoseWithCovarianceStamped or sensor_msgs/NavSatFix
+            topic giving the camera/robot position (NavSatFix: UTM, frame ``utm_<zone><band>``, no orientation).
+        gps_topic: optional NavSatFix topic used only to geotag keyframes (lat/lon/alt and UTM, interpolated at the
+            image stamps). None with a NavSatFix ``pose_topic`` uses the pose topic; "" switches geotags off.
+        max_pose_gap_s: an image is refused (counted as ``no_pose``) unless poses lie within this many seconds of its
+            stamp (see :meth:`~dinomix_ros.maps.sources.poses.PoseTrack.interpolate`).
+        max_gps_gap_s: a keyframe gets a GPS geotag only when fixes lie within this many seconds of its stamp (GNSS
+            runs at 1-10 Hz, slower than odometry).
+        gate: keyframe gate thresholds, applied per camera (defaults 0.5 m / 15 deg).
+        camera_names: camera name per image topic, in the same order; empty = the topic names.
+        batch_size: keyframes per forward pass.
+
+    Raises:
+        MapBuildError: empty or duplicate topics, names not matching the topics, a negative gap or batch size < 1.
+    """
+
+    image_topics: tuple[str, ...]
+    pose_topic: str
+    gps_topic: str | None = None
+    max_pose_gap_s: float = 0.2
+    max_gps_gap_s: float = 1.0
+    gate: KeyframeGateConfig = field(default_factory=KeyframeGateConfig)
+    camera_names: tuple[str, ...] = ()
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        topics = (self.image_topics,) if isinstance(self.image_topics, str) else tuple(self.image_topics)
+        object.__setattr__(self, "image_topics", topics)
+        object.__setattr__(self, "camera_names", tuple(self.camera_names))
+        if not topics or not all(isinstance(t, str) and t for t in topics):
+            raise MapBuildError(f"image_topics is {list(topics)!r}; expected one or more topic names "
+                                "(list them with `dinomix map topics BAG`)")
+        if len(set(topics)) != len(topics):
+            raise MapBuildError(f"image_topics {list(topics)} name a topic twice; expected each camera once")
+        if not isinstance(self.pose_topic, str) or not self.pose_topic:
+            raise MapBuildError(f"pose_topic is {self.pose_topic!r}; expected an Odometry, PoseStamped, "
+                                "PoseWithCovarianceStamped or NavSatFix topic")
+        if self.camera_names and len(self.camera_names) != len(topics):
+            raise MapBuildError(f"{len(self.camera_names)} camera names {list(self.camera_names)} for {len(topics)} "
+                                f"image topics {list(topics)}; expected one name per topic, or none (topic names)")
+        if self.camera_names and not all(isinstance(c, str) and c for c in self.camera_names):
+            raise MapBuildError(f"camera_names {list(self.camera_names)} holds an empty name; expected non-empty text")
+        if len(set(self.cameras)) != len(topics):
+            raise MapBuildError(f"camera names {list(self.cameras)} are not unique; expected one name per camera")
+        for name in ("max_pose_gap_s", "max_gps_gap_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise MapBuildError(f"{name} is {value!r}; expected seconds >= 0 (inf allowed)")
+        if not isinstance(self.gate, KeyframeGateConfig):
+            raise MapBuildError(f"gate is a {type(self.gate).__name__}; expected a KeyframeGateConfig")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise MapBuildError(f"batch_size is {self.batch_size!r}; expected an integer >= 1")
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        """Camera name of each image topic."""
+        return self.camera_names or self.image_topics
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (for logs and map metadata)."""
+        return {
+            "image_topics": list(self.image_topics),
+            "cameras": list(self.cameras),
+            "pose_topic": self.pose_topic,
+            "gps_topic": self.gps_topic,
+            "max_pose_gap_s": self.max_pose_gap_s,
+            "max_gps_gap_s": self.max_gps_gap_s,
+            "gate": {k: getattr(self.gate, k)
+                     for k in ("min_distance_m", "min_rotation_deg", "min_interval_s", "max_interval_s")},
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass
+class BuildReport:
+    """What a build did. Every image seen ends in exactly one of ``no_pose``, ``not_keyframes``, ``bad``, ``added``.
+
+    Attributes:
+        source: what was read, e.g. ``bag:/data/run1`` or ``images:/data/lund``.
+        images_seen: image messages (bag) or files (folder) read.
+        no_pose: images refused because no pose lay within ``max_pose_gap_s`` of their stamp (bags only).
+        not_keyframes: images the keyframe gate rejected (bags only).
+        bad: images that could not be decoded (skipped with a warning).
+        added: keyframes added to the map.
+        no_geotag: added keyframes without a GPS geotag (bag with a GPS topic) or without any position (folder).
+        per_camera: keyframes added per camera name.
+        frame_id: frame of the keyframes' poses: the pose track's (bag), or the folder images' frames,
+            comma-separated when there are several.
+        seconds: wall time of the build.
+    """
+
+    source: str
+    images_seen: int = 0
+    no_pose: int = 0
+    not_keyframes: int = 0
+    bad: int = 0
+    added: int = 0
+    no_geotag: int = 0
+    per_camera: dict[str, int] = field(default_factory=dict)
+    frame_id: str = ""
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Images seen per second of build time."""
+        return self.images_seen / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def keyframes_per_s(self) -> float:
+        """Keyframes added per second of build time."""
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One log line."""
+        return (f"{self.source}: {self.images_seen} images -> {self.added} keyframes ({self.no_pose} without pose, "
+                f"{self.not_keyframes} not keyframes, {self.bad} bad, {self.no_geotag} without geotag) in "
+                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, with the rates."""
+        return {
+            "source": self.source,
+            "images_seen": self.images_seen,
+            "no_pose": self.no_pose,
+            "not_keyframes": self.not_keyframes,
+            "bad": self.bad,
+            "added": self.added,
+            "no_geotag": self.no_geotag,
+            "per_camera": dict(self.per_camera),
+            "frame_id": self.frame_id,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 3),
+            "keyframes_per_s": round(self.keyframes_per_s, 3),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- GPS geotags
+
+
+class GpsTrack:
+    """GNSS fixes to keyframe geotags (the ``gps``/``utm_*`` columns of :meth:`KeyframeMap.add`) at image stamps.
+
+    Latitude and longitude are interpolated linearly between the fixes that bracket a stamp (exact to well below a
+    millimetre over the metres between two fixes), altitude likewise over the fixes that have one. UTM uses one zone
+    for the whole track (the first fix's, or ``utm_zone``) so that distances stay consistent; the band letter is each
+    position's own.
+
+    Args:
+        stamps_ns: (N,) int64 fix stamps.
+        lat: (N,) degrees.
+        lon: (N,) degrees.
+        alt: (N,) metres, NaN where unknown; None = all unknown.
+        utm_zone: force this UTM zone (1..60).
+
+    Raises:
+        PoseTrackError: empty, non-integer stamps or non-finite coordinates.
+    """
+
+    def __init__(self, stamps_ns: np.ndarray, lat: np.ndarray, lon: np.ndarray, alt: np.ndarray | None = None,
+                 utm_zone: int | None = None) -> None:
+        lat = np.asarray(lat, dtype=np.float64)
+        lon = np.asarray(lon, dtype=np.float64)
+        self._latlon = PoseTrack(stamps_ns, np.stack([lat, lon], axis=1), None, frame_id="wgs84")
+        alt = np.full(lat.shape, np.nan) if alt is None else np.asarray(alt, dtype=np.float64)
+        known = np.isfinite(alt)
+        stamps = np.asarray(stamps_ns)
+        self._alt = (PoseTrack(stamps[known], np.stack([alt[known], np.zeros(int(known.sum()))], axis=1), None)
+                     if known.any() else None)
+        first = latlon_to_utm(float(lat[0]), float(lon[0]), zone=utm_zone)
+        self.zone = first.zone
+        self.northern = first.northern
+
+    @classmethod
+    def from_fixes(cls, fixes: GpsFixes, utm_zone: int | None = None) -> GpsTrack:
+        """A track over :func:`~dinomix_ros.maps.sources.bags.read_gps_fixes` output."""
+        return cls(fixes.stamps_ns, fixes.lat, fixes.lon, fixes.alt, utm_zone)
+
+    def __len__(self) -> int:
+        return len(self._latlon)
+
+    def geotag(self, stamps_ns: np.ndarray, max_gap_s: float) -> dict[str, Any]:
+        """Geotag columns for :meth:`KeyframeMap.add` at the given stamps.
+
+        Args:
+            stamps_ns: (M,) int64 stamps.
+            max_gap_s: largest time between a stamp and the fixes used (see :meth:`PoseTrack.interpolate`).
+
+        Returns:
+            ``{"gps": (M, 3), "utm_zones": (M,) int, "utm_bands": list[str], "utm": (M, 2), "valid": (M,) bool}``;
+            rows without a fix within ``max_gap_s`` are NaN / 0 / "".
+        """
+        ll = self._latlon.interpolate(stamps_ns, max_gap_s)
+        m = ll.valid.shape[0]
+        gps = np.full((m, 3), np.nan)
+        gps[:, :2] = ll.positions[:, :2]
+        if self._alt is not None:
+            alt = self._alt.interpolate(stamps_ns, max_gap_s)
+            gps[:, 2] = np.where(alt.valid & ll.valid, alt.positions[:, 0], np.nan)
+        utm = np.full((m, 2), np.nan)
+        zones = np.zeros(m, dtype=np.int64)
+        bands = [""] * m
+        if ll.valid.any():
+            east, north = latlon_to_utm_arrays(gps[ll.valid, 0], gps[ll.valid, 1], self.zone, northern=self.northern)
+            utm[ll.valid] = np.stack([east, north], axis=1)
+            zones[ll.valid] = self.zone
+            for i in np.flatnonzero(ll.valid):
+                bands[i] = utm_band(float(gps[i, 0]))
+        return {"gps": gps, "utm_zones": zones, "utm_bands": bands, "utm": utm, "valid": ll.valid}
+
+
+# ---------------------------------------------------------------------------------------------------- search index
+
+
+def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", **params: Any) -> PlaceIndex:
+    """The search index over every keyframe of ``kmap``.
+
+    The map's stored index blob is used when it is fresh (built over all current rows), labelled with this kind
+    (:data:`INDEX_KIND_NAMES`) and loads with the same row count; otherwise the index is built from
+    :meth:`KeyframeMap.iter_descriptors_f32` in blocks (no concatenated float32 copy of the map). The log says which.
+
+    Args:
+        kmap: the map.
+        kind: "exact", "hnsw" or "ivfpq" (see :class:`~dinomix_ros.maps.index.PlaceIndex`).
+        device: "auto", "cpu" or "cuda" (hnsw and ivfpq run on the CPU).
+        **params: further :class:`~dinomix_ros.maps.index.PlaceIndex` arguments (e.g. ``hnsw_ef_search``).
+
+    Returns:
+        The index; row i is map row i.
+
+    Raises:
+        IndexConfigError: an unknown kind or device, or a kind the device cannot run.
+    """
+    if kind not in KINDS:
+        raise IndexConfigError(f"index kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
+    blob, stored = kmap.index_blob, kmap.index_kind
+    if blob is None:
+        reason = "the map has no fresh stored index"
+    elif stored != INDEX_KIND_NAMES[kind]:
+        reason = f"the stored index is {stored!r}, not {INDEX_KIND_NAMES[kind]!r}"
+    else:
+        try:
+            index = PlaceIndex.from_bytes(blob, device, kind=kind, **params)
+        except IndexConfigError:
+            raise
+        except PlaceIndexError as exc:
+            reason = f"the stored index could not be read ({exc})"
+        else:
+            if index.ntotal == len(kmap) and index.dim == kmap.descriptor_dim:
+                logger.info("index: using the stored %s index of the map (%d rows)", stored, index.ntotal)
+                return index
+            reason = (f"the stored index holds {index.ntotal} rows of dim {index.dim}, the map {len(kmap)} of dim "
+                      f"{kmap.descriptor_dim}")
+    t0 = time.perf_counter()
+    index = PlaceIndex(kmap.descriptor_dim, kind, device, **params)
+    if kind == "ivfpq" and len(kmap) >= index.describe().get("train_threshold", len(kmap) + 1):
+        # train on the whole map (a strided sample), not on its first block only
+        stride = max(1, len(kmap) // _IVF_TRAIN_SAMPLE)
+        index.train(np.concatenate([block[::stride] for block in kmap.iter_descriptors_f32(block_rows=stride * 4096)]))
+    for block in kmap.iter_descriptors_f32():
+        index.add(block)
+    logger.info("index: built a %s index over %d rows in %.2f s (%s)", kind, index.ntotal,
+                time.perf_counter() - t0, reason)
+    return index
+
+
+def save_map(kmap: KeyframeMap, path: str | Path, index: PlaceIndex | None = None) -> Path:
+    """Save ``kmap`` atomically; an approximate index is stored with it (exact ones are rebuilt on load)."""
+    if index is not None and index.kind != "exact" and index.ntotal == len(kmap):
+        return kmap.save(path, index.to_bytes(), INDEX_KIND_NAMES[index.kind])
+    return kmap.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def new_map(encoder: Any, storage_dtype: str = "float16", metadata: dict[str, Any] | None = None) -> KeyframeMap:
+    """An empty map for ``encoder``'s descriptors (its fingerprint and dimension).
+
+    Args:
+        encoder: a :class:`~dinomix_ros.model.encoder.Encoder`.
+        storage_dtype: "float16" or "float32".
+        metadata: free-form JSON-able metadata (name, notes).
+    """
+    return KeyframeMap.empty(encoder.fingerprint.to_dict(), storage_dtype=storage_dtype, metadata=metadata)
+
+
+def _target_map(encoder: Any, kmap: KeyframeMap | None) -> KeyframeMap:
+    if kmap is None:
+        return new_map(encoder)
+    # A MapMismatchError here names both models: appending descriptors of another model would corrupt the map.
+    kmap.check_compatible(encoder.fingerprint.to_dict())
+    if kmap.descriptor_dim != encoder.descriptor_dim:
+        raise MapError(f"the map holds {kmap.descriptor_dim}-d descriptors but the encoder makes "
+                       f"{encoder.descriptor_dim}-d ones; use the model that built the map")
+    return kmap
+
+
+def _map_utm_zone(kmap: KeyframeMap | None) -> tuple[int, str] | None:
+    """(zone, band) of the map's ``utm_<zone><band>`` frame, if it has exactly one."""
+    if kmap is None:
+        return None
+    found = {parsed for f in kmap.frames if (parsed := parse_utm_frame(f))}
+    return found.pop() if len(found) == 1 else None
+
+
+def check_bag_config(bag: str | Path, config: BagMapConfig) -> dict[str, tuple[str, int]]:
+    """Check that the bag has the configured topics with usable types, before anything expensive runs.
+
+    Returns:
+        The bag's topics (topic -> (type, count)).
+
+    Raises:
+        FileNotFoundError: no bag at ``bag``.
+        BagError: a topic is missing or has the wrong type, or the bag cannot be read.
+    """
+    topics = bag_topics(bag)
+
+    def need(topic: str, allowed: Sequence[str], role: str) -> None:
+        if topic not in topics:
+            raise BagError(f"{role} topic {topic} is not in the bag {bag}; it has: "
+                           f"{', '.join(sorted(topics)) or 'no topics'} (see `dinomix map topics {bag}`)")
+        if topics[topic][0] not in allowed:
+            raise BagError(f"{role} topic {topic} carries {topics[topic][0]}; expected one of {', '.join(allowed)}")
+
+    for topic in config.image_topics:
+        need(topic, IMAGE_TYPES, "image")
+    need(config.pose_topic, POSE_TYPES, "pose")
+    if config.gps_topic:
+        need(config.gps_topic, (NAVSATFIX_TYPE,), "GPS")
+    return topics
+
+
+@dataclass(frozen=True)
+class PosedImage:
+    """An image message with the pose interpolated at its stamp."""
+
+    image: BagImage
+    camera: str
+    position: np.ndarray  # (3,) metres in the pose track's frame
+    orientation: np.ndarray  # (4,) x y z w, NaN when the pose source has none
+
+
+class PosedImageStream:
+    """A bag's images with their interpolated poses, optionally through one keyframe gate per camera.
+
+    Iterating streams the image messages in bag order. Images without a pose within ``max_pose_gap_s`` are skipped
+    (counted in ``report.no_pose``), as are frames the gate rejects (``report.not_keyframes``). When the caller
+    cannot use a yielded keyframe (e.g. it does not decode), :meth:`reject_last` rolls that camera's gate back to its
+    state before the frame, so the next frame is judged against the last keyframe actually kept.
+
+    Args:
+        bag: the bag.
+        image_topics: image topics.
+        track: the pose track (e.g. :func:`~dinomix_ros.maps.sources.bags.read_pose_track`).
+        max_pose_gap_s: see :meth:`PoseTrack.interpolate`.
+        cameras: camera name per topic (default: the topic names).
+        gate: keyframe gate thresholds; None yields every image that has a pose.
+        report: counts are added to it (``images_seen``, ``no_pose``, ``not_keyframes``); default: a new one.
+        progress: show a progress bar over the image messages.
+    """
+
+    def __init__(
+        self,
+        bag: str | Path,
+        image_topics: Sequence[str],
+        track: PoseTrack,
+        max_pose_gap_s: float,
+        *,
+        cameras: Sequence[str] | None = None,
+        gate: KeyframeGateConfig | None = None,
+        report: BuildReport | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.bag = bag
+        self.image_topics = tuple(image_topics)
+        self.track = track
+        self.max_pose_gap_s = max_pose_gap_s
+        self.report = report if report is not None else BuildReport(source=f"bag:{bag}")
+        self._names = dict(zip(self.image_topics, cameras or self.image_topics))
+        self._gates = {t: KeyframeGate.from_config(gate) for t in self.image_topics} if gate is not None else {}
+        self._before: tuple[str, KeyframeGate] | None = None
+        self._progress = progress
+
+    def __iter__(self) -> Iterator[PosedImage]:
+        report = self.report
+        total = count_messages(self.bag, self.image_topics) if self._progress else 0
+        bar = progress_bar(total, "map build", self._progress)
+        try:
+            for img in iter_images(self.bag, self.image_topics):
+                bar.update(1)
+                report.images_seen += 1
+                self._before = None
+                pose = self.track.interpolate(np.array([img.stamp_ns], dtype=np.int64), self.max_pose_gap_s)
+                if not pose.valid[0]:
+                    report.no_pose += 1
+                    logger.debug("%s@%d: no pose within %.3f s (nearest %.3f s away)", img.topic, img.stamp_ns,
+                                 self.max_pose_gap_s, float(pose.gap_s[0]))
+                    continue
+                position, orientation = pose.positions[0], pose.orientations[0]
+                if self._gates:
+                    gate = self._gates[img.topic]
+                    before = copy.copy(gate)  # only scalars and arrays that accept() replaces, never mutates
+                    if not gate.accept(img.stamp_ns, position, orientation):
+                        report.not_keyframes += 1
+                        continue
+                    self._before = (img.topic, before)
+                yield PosedImage(img, self._names[img.topic], position, orientation)
+        finally:
+            bar.close()
+
+    def reject_last(self) -> None:
+        """Undo the gate decision of the image yielded last (no-op without a gate)."""
+        if self._before is not None:
+            topic, before = self._before
+            self._gates[topic] = before
+            self._before = None
+
+
+# ---------------------------------------------------------------------------------------------------- bag builder
+
+
+@dataclass
+class _Row:
+    stamp_ns: int
+    camera: str
+    position: np.ndarray
+    orientation: np.ndarray
+    source: str
+
+
+class _Describer:
+    """Resize in worker threads, describe in one model thread, add to the map in order on the caller's thread.
+
+    At most two batches are in flight (one being described, one being filled), which bounds memory.
+    """
+
+    def __init__(self, encoder: Any, batch_size: int, add: Any, on_bad: Any) -> None:
+        self._encoder = encoder
+        self._batch_size = batch_size
+        self._add = add  # (descriptors (B, D), rows) -> None, called in order
+        self._on_bad = on_bad  # (row, exception) -> None
+        self._prep = ThreadPoolExecutor(max_workers=encoder.config.workers, thread_name_prefix="mapbuild-prep")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapbuild-model")
+        self._batch: list[tuple[Future, _Row]] = []
+        self._inflight: deque[Future] = deque()
+
+    def submit(self, image: np.ndarray, encoding: str, row: _Row) -> None:
+        self._batch.append((self._prep.submit(self._encoder.prepare, image, encoding), row))
+        if len(self._batch) >= self._batch_size:
+            self._launch()
+
+    def _launch(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._inflight.append(self._model.submit(self._describe, batch))
+        while len(self._inflight) > 1:
+            self._collect(self._inflight.popleft())
+
+    def _describe(self, batch: list[tuple[Future, _Row]]) -> tuple[np.ndarray | None, list[_Row], list]:
+        arrays, rows, bad = [], [], []
+        for fut, row in batch:
+            try:
+                arrays.append(fut.result())
+                rows.append(row)
+            except ImageDecodeError as exc:
+                bad.append((row, exc))
+        desc = self._encoder.describe_prepared(np.stack(arrays)) if arrays else None
+        return desc, rows, bad
+
+    def _collect(self, fut: Future) -> None:
+        desc, rows, bad = fut.result()
+        for row, exc in bad:
+            self._on_bad(row, exc)
+        if desc is not None:
+            self._add(desc, rows)
+
+    def finish(self) -> None:
+        """Describe what is left and wait for every batch."""
+        self._launch()
+        while self._inflight:
+            self._collect(self._inflight.popleft())
+
+    def close(self) -> None:
+        self._prep.shutdown(wait=True, cancel_futures=True)
+        self._model.shutdown(wait=True, cancel_futures=True)
+
+
+def build_map_from_bag(
+    bag: str | Path,
+    encoder: Any,
+    config: BagMapConfig,
+    kmap: KeyframeMap | None = None,
+    progress: bool = True,
+) -> tuple[KeyframeMap, BuildReport]:
+    """Keyframes of a ROS 2 bag: gated by pose, described with ``encoder``, added to a map.
+
+    Args:
+        bag: bag directory (mcap or sqlite3 storage).
+        encoder: a :class:`~dinomix_ros.model.encoder.Encoder`.
+        config: topics, pose gap, gate and batching.
+        kmap: a map to append to (it must have been built with the same model); None creates a float16 map.
+        progress: show a progress bar over the image messages.
+
+    Returns:
+        The map (``kmap`` itself when given) and the build report.
+
+    Raises:
+        FileNotFoundError: no bag.
+        BagError: missing topics, wrong types, an unreadable bag or a pose topic without poses.
+        MapMismatchError: ``kmap`` was built by another model (checked before anything is read).
+    """
+    t0 = time.perf_counter()
+    kmap = _target_map(encoder, kmap)
+    topics = check_bag_config(bag, config)
+    track = read_pose_track(bag, config.pose_topic)
+    frame_id = track.frame_id
+    if not frame_id:
+        frame_id = config.pose_topic
+        logger.warning("pose topic %s has an empty header.frame_id; keyframes use the frame id %r instead",
+                       config.pose_topic, frame_id)
+    pose_is_gps = topics[config.pose_topic][0] == NAVSATFIX_TYPE
+    gps_topic = config.gps_topic
+    if gps_topic is None and pose_is_gps:
+        gps_topic = config.pose_topic  # a NavSatFix pose topic geotags the keyframes too
+    gps = None
+    if gps_topic:
+        # With a NavSatFix pose topic the geotags use the zone of the pose frame, so positions and UTM agree.
+        utm_frame = parse_utm_frame(frame_id) if pose_is_gps else None
+        zone = utm_frame[0] if utm_frame else None
+        gps = GpsTrack.from_fixes(read_gps_fixes(bag, gps_topic), utm_zone=zone)
+    logger.info("building from %s: %d poses in frame %r from %s, %s; images %s (cameras %s)", bag, len(track),
+                frame_id, config.pose_topic, f"GPS geotags from {gps_topic} ({len(gps)} fixes)" if gps else
+                "no GPS geotags", list(config.image_topics), list(config.cameras))
+    report = BuildReport(source=f"bag:{bag}", frame_id=frame_id)
+    bad_logged = [0]
+
+    def add(desc: np.ndarray, rows: list[_Row]) -> None:
+        stamps = np.array([r.stamp_ns for r in rows], dtype=np.int64)
+        geo: dict[str, Any] = {}
+        if gps is not None:
+            tags = gps.geotag(stamps, config.max_gps_gap_s)
+            report.no_geotag += int((~tags.pop("valid")).sum())
+            geo = tags
+        kmap.add(desc, stamps_ns=stamps, cameras=[r.camera for r in rows], frame_ids=frame_id,
+                 positions=np.stack([r.position for r in rows]), orientations=np.stack([r.orientation for r in rows]),
+                 sources=[r.source for r in rows], **geo)
+        report.added += len(rows)
+        for r in rows:
+            report.per_camera[r.camera] = report.per_camera.get(r.camera, 0) + 1
+
+    def on_bad(row: _Row, exc: Exception) -> None:
+        report.bad += 1
+        if bad_logged[0] < _MAX_BAD_WARNINGS:
+            logger.warning("skipping undecodable image %s: %s", row.source, exc)
+        bad_logged[0] += 1
+
+    describer = _Describer(encoder, config.batch_size, add, on_bad)
+    stream = PosedImageStream(bag, config.image_topics, track, config.max_pose_gap_s, cameras=config.cameras,
+                              gate=config.gate, report=report, progress=progress)
+    try:
+        for posed in stream:
+            img = posed.image
+            row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation,
+                       f"bag:{img.topic}@{img.stamp_ns}")
+            try:
+                # Decoded here, not in a worker, so that a bad frame can still give its gate slot back.
+                array, encoding = img.decode()
+            except ImageDecodeError as exc:
+                on_bad(row, exc)
+                stream.reject_last()
+                continue
+            describer.submit(array, encoding, row)
+        describer.finish()
+    finally:
+        describer.close()
+    report.seconds = time.perf_counter() - t0
+    if report.bad > _MAX_BAD_WARNINGS:
+        logger.warning("%d undecodable images were skipped in all (the first %d are logged above)", report.bad,
+                       _MAX_BAD_WARNINGS)
+    if report.images_seen and report.no_pose == report.images_seen:
+        logger.warning("no image of %s had a pose within %.3f s: check that %s covers the images' time span and that "
+                       "both use the same clock (header stamps)", bag, config.max_pose_gap_s, config.pose_topic)
+    logger.info("%s", report.summary())
+    return kmap, report
+
+
+# ---------------------------------------------------------------------------------------------------- folder builder
+
+
+def build_map_from_folder(
+    folder: str | Path,
+    encoder: Any,
+    geotag_source: str = "auto",
+    csv_path: str | Path | None = None,
+    kmap: KeyframeMap | None = None,
+    camera: str = "images",
+    progress: bool = True,
+    *,
+    recursive: bool = False,
+    batch_size: int | None = None,
+) -> tuple[KeyframeMap, BuildReport]:
+    """One keyframe per image of a folder (natural file order), geotagged from file names, a CSV or EXIF.
+
+    See the module docstring for the poses, frames and stamps each kind of geotag gives. UTM positions use one zone
+    for the whole build (the existing map's ``utm_<zone><band>`` frame when appending, else the most common zone of
+    the images) and one frame label: that of the map, else the band of the first geotagged image.
+
+    Args:
+        folder: the image folder.
+        encoder: a :class:`~dinomix_ros.model.encoder.Encoder`.
+        geotag_source: "auto", "filename", "csv", "exif" or "none" (see
+            :func:`~dinomix_ros.maps.sources.imagefolder.geotag_images`).
+        csv_path: geotag CSV for "csv"/"auto" (default: the only ``*.csv`` in the folder).
+        kmap: a map to append to (same model); None creates a float16 map.
+        camera: camera name of the keyframes.
+        progress: show a progress bar.
+        recursive: include sub-folders.
+        batch_size: images per forward pass (default: the encoder's).
+
+    Returns:
+        The map (``kmap`` itself when given) and the build report.
+
+    Raises:
+        ImageFolderError: (a FileNotFoundError) no folder or no images.
+        GeotagFormatError / GeotagCSVError / ExifGPSError: malformed geotags.
+        MapMismatchError: ``kmap`` was built by another model.
+    """
+    t0 = time.perf_counter()
+    kmap = _target_map(encoder, kmap)
+    if not isinstance(camera, str) or not camera:
+        raise MapBuildError(f"camera is {camera!r}; expected a non-empty name such as 'images'")
+    known_utm = _map_utm_zone(kmap)
+    tags = geotag_images(folder, geotag_source, csv_path, recursive=recursive,
+                         utm_zone=known_utm[0] if known_utm else None)
+    band = known_utm[1] if known_utm else next((t.utm.band for t in tags if t.utm is not None), "")
+    n = len(tags)
+    pos = np.full((n, 3), np.nan)
+    ori = np.full((n, 4), np.nan)
+    gps = np.full((n, 3), np.nan)
+    utm = np.full((n, 2), np.nan)
+    zones = np.zeros(n, dtype=np.int64)
+    bands = [""] * n
+    frames = [NO_POSE_FRAME] * n
+    for i, t in enumerate(tags):
+        if t.lat is not None and t.lon is not None:
+            gps[i] = (t.lat, t.lon, np.nan if t.alt is None else t.alt)
+        if t.utm is not None:
+            utm[i] = (t.utm.easting, t.utm.northing)
+            zones[i], bands[i] = t.utm.zone, t.utm.band
+        if t.x is not None and t.y is not None:
+            pos[i] = (t.x, t.y, 0.0)
+            if t.yaw is not None:
+                ori[i] = yaw_to_quat(t.yaw)
+            frames[i] = "map"
+        elif t.utm is not None:
+            pos[i] = (t.utm.easting, t.utm.northing, 0.0 if t.alt is None else t.alt)
+            frames[i] = utm_frame_id(t.utm.zone, band)
+    report = BuildReport(source=f"images:{folder}", images_seen=n)
+    report.no_geotag = sum(f == NO_POSE_FRAME for f in frames)
+    distinct = sorted(set(frames))
+    report.frame_id = distinct[0] if len(distinct) == 1 else ",".join(distinct)
+    logger.info("building from %s: %d images, frames %s, %d without a position", folder, n, distinct,
+                report.no_geotag)
+
+    bs = batch_size or encoder.config.batch_size
+    chunk = max(bs * 8, 64)  # images described per call: bounds the (chunk, D) float32 block in memory
+    bar = progress_bar(n, "map build", progress)
+    try:
+        for start in range(0, n, chunk):
+            rows = np.arange(start, min(start + chunk, n))
+            desc = encoder.describe([tags[i].path for i in rows], batch_size=bs, skip_errors=True)
+            ok = np.isfinite(desc).all(axis=1)
+            report.bad += int((~ok).sum())
+            report.no_geotag -= sum(frames[i] == NO_POSE_FRAME for i in rows[~ok])
+            rows = rows[ok]
+            if rows.size:
+                kmap.add(desc[ok], stamps_ns=np.zeros(rows.size, dtype=np.int64), cameras=camera,
+                         frame_ids=[frames[i] for i in rows], positions=pos[rows], orientations=ori[rows],
+                         gps=gps[rows], utm_zones=zones[rows], utm_bands=[bands[i] for i in rows], utm=utm[rows],
+                         sources=[str(tags[i].path) for i in rows])
+                report.added += int(rows.size)
+            bar.update(int(ok.size))
+    finally:
+        bar.close()
+    if report.added:
+        report.per_camera[camera] = report.added
+    report.seconds = time.perf_counter() - t0
+    logger.info("%s", report.summary())
+    return kmap, report

@@ -1,0 +1,276 @@
+"""Inference engine: images in, (N, 4096) float32 DINO-Mix descriptors out, on CUDA or CPU.
+
+* ``device="auto"`` picks CUDA when PyTorch sees a GPU, else the CPU, and says which in the log.
+* ``dtype`` fp32 / fp16 / bf16 sets the weights and activations; the final L2 normalisation is always float32.
+* :meth:`Encoder.describe` batches many images (map building): worker threads decode and resize the next batch
+  while the model runs on the current one; rows come back in input order.
+* :meth:`Encoder.describe_one` is the low-latency path of the live node. On CUDA it replays a CUDA graph captured
+  once for batch 1 (normalisation included), which removes the kernel-launch overhead that bounds eager batch-1
+  inference; if capture fails it logs why and stays eager.
+* One lock serialises the model, so a node may call the encoder from a worker thread while a service thread builds
+  maps with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinomix_ros.imaging.decode import ImageDecodeError
+from dinomix_ros.model.checkpoint import LoadedModel, load_model, random_model
+from dinomix_ros.util.progress import progress_bar
+from dinomix_ros.imaging.preprocess import (
+    INPUT_SIZE,
+    ImageInput,
+    load_input,
+    normalization_constants,
+    normalize,
+    resize_to_input,
+)
+
+__all__ = ["DTYPES", "EncoderConfig", "Encoder", "resolve_device"]
+
+_logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA if available else CPU; "cuda" without a GPU is an error that says so."""
+    if device == "auto":
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        where = torch.cuda.get_device_name(chosen) if chosen.type == "cuda" else "no CUDA device visible"
+        _logger.info("device auto -> %s (%s)", chosen, where)
+        return chosen
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use device 'auto' or 'cpu'")
+    if chosen.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return chosen
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How to run the model.
+
+    Attributes:
+        device: "auto", "cpu" or "cuda[:N]".
+        dtype: "fp32", "fp16" or "bf16" (weights and activations; descriptors are always float32).
+        batch_size: images per forward pass in :meth:`Encoder.describe`.
+        cuda_graphs: capture the batch-1 path as a CUDA graph (CUDA only).
+        workers: threads that decode and resize images for :meth:`Encoder.describe`.
+        range16: how 16-bit images become 8-bit: "full" (0..65535) or "minmax" (per image).
+    """
+
+    device: str = "auto"
+    dtype: str = "fp32"
+    batch_size: int = 32
+    cuda_graphs: bool = True
+    workers: int = 2
+    range16: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError(f"batch_size and workers must be >= 1, got {self.batch_size} and {self.workers}")
+        if self.range16 not in ("full", "minmax"):
+            raise ValueError(f"range16 must be 'full' or 'minmax', got {self.range16!r}")
+
+
+class Encoder:
+    """DINO-Mix descriptors for images.
+
+    Args:
+        loaded: a model from :func:`~dinomix_ros.model.load_model` or :func:`~dinomix_ros.model.random_model`.
+        config: device, dtype, batching.
+    """
+
+    def __init__(self, loaded: LoadedModel, config: EncoderConfig | None = None) -> None:
+        self.config = config or EncoderConfig()
+        self.loaded = loaded
+        self.device = resolve_device(self.config.device)
+        self.dtype = DTYPES[self.config.dtype]
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            _logger.warning("fp16 on the CPU is slow and no more accurate than bf16; prefer fp32 on the CPU")
+        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self._norm = normalization_constants(self.device)  # made once: no host copies inside CUDA-graph capture
+        self._lock = threading.Lock()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_in: torch.Tensor | None = None
+        self._graph_out: torch.Tensor | None = None
+        self._graph_host: torch.Tensor | None = None
+        self._graph_failed = False
+        _logger.info("encoder: %s on %s in %s (fingerprint %s)", loaded.spec.model_name, self.device,
+                     self.config.dtype, loaded.fingerprint.id)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EncoderConfig | None = None) -> Encoder:
+        return cls(load_model(path), config)
+
+    @classmethod
+    def from_random(cls, variant: str = "vits14", seed: int = 0, config: EncoderConfig | None = None) -> Encoder:
+        """Seeded random weights (tests, demos): descriptors carry no place information."""
+        return cls(random_model(variant, seed), config)
+
+    @property
+    def fingerprint(self):  # noqa: ANN201 - ModelFingerprint
+        return self.loaded.fingerprint
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.model.descriptor_dim
+
+    def describe_info(self) -> dict:
+        """JSON-able summary (for logs, diagnostics and benchmark output)."""
+        info = self.loaded.describe()
+        info.update(device=str(self.device), dtype=self.config.dtype, cuda_graph=self._graph is not None,
+                    device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
+        return info
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def prepare(self, image: ImageInput, encoding: str | None = None) -> np.ndarray:
+        """Decode (bytes, paths) and resize one image to (224, 224, 3) uint8 RGB; thread-safe, model-free."""
+        return resize_to_input(*load_input(image, encoding), range16=self.config.range16)
+
+    @torch.inference_mode()
+    def describe_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, 224, 224, 3) uint8 RGB -> (B, D) float32 descriptors, in one forward pass."""
+        batch_t = torch.as_tensor(batch)
+        if batch_t.ndim == 3:
+            batch_t = batch_t[None]
+        if batch_t.dtype != torch.uint8 or batch_t.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
+            raise ValueError(f"describe_prepared takes (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) uint8 RGB, got "
+                             f"{tuple(batch_t.shape)} {batch_t.dtype}; use prepare() first")
+        with self._lock:
+            if self.device.type == "cuda":
+                batch_t = batch_t.pin_memory().to(self.device, non_blocking=True)
+            out = self._forward_u8(batch_t)
+            return out.cpu().numpy()
+
+    def describe_one(self, image: ImageInput, encoding: str | None = None) -> np.ndarray:
+        """Low-latency descriptor (D,) float32 of one image (CUDA-graph replay on CUDA when enabled)."""
+        prepared = self.prepare(image, encoding)
+        if self.device.type == "cuda" and self.config.cuda_graphs and not self._graph_failed:
+            # the graph belongs to self.device: make it current (cuda:1 on a multi-GPU robot)
+            with self._lock, torch.inference_mode(), torch.cuda.device(self.device):
+                if self._graph is None:
+                    self._capture_graph()
+                if self._graph is not None:
+                    self._graph_host.copy_(torch.from_numpy(prepared))
+                    self._graph_in.copy_(self._graph_host, non_blocking=True)
+                    self._graph.replay()
+                    return self._graph_out.cpu().numpy()[0]
+        return self.describe_prepared(prepared)[0]
+
+    def describe(
+        self,
+        images: Sequence[ImageInput],
+        encoding: str | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        skip_errors: bool = False,
+        desc: str = "describe",
+    ) -> np.ndarray:
+        """(N, D) float32 descriptors of many images, in input order.
+
+        Args:
+            images: arrays, encoded bytes or file paths.
+            encoding: encoding of array inputs (see :func:`~dinomix_ros.imaging.preprocess.load_input`).
+            batch_size: images per forward pass (default: config.batch_size).
+            progress: show a progress bar.
+            skip_errors: on an undecodable image log a warning and return a NaN row instead of raising.
+            desc: progress-bar label.
+
+        Raises:
+            ImageDecodeError / FileNotFoundError: a bad input (message names its index), unless skip_errors.
+        """
+        n = len(images)
+        out = np.full((n, self.descriptor_dim), np.nan, dtype=np.float32)
+        bs = batch_size or self.config.batch_size
+        bar = progress_bar(n, desc, progress)
+        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="dinomix-prep") as pool:
+            pending = self._submit_batch(pool, images, encoding, 0, bs)
+            for start in range(0, n, bs):
+                futures = pending
+                pending = self._submit_batch(pool, images, encoding, start + bs, bs)  # overlap next batch's prep
+                rows, arrays = [], []
+                for i, fut in enumerate(futures, start):
+                    try:
+                        arrays.append(fut.result())
+                        rows.append(i)
+                    except (ImageDecodeError, FileNotFoundError) as exc:
+                        if not skip_errors:
+                            raise type(exc)(f"image {i} ({_name(images[i])}): {exc}") from exc
+                        _logger.warning("skipping image %d (%s): %s", i, _name(images[i]), exc)
+                if arrays:
+                    out[rows] = self.describe_prepared(np.stack(arrays))
+                bar.update(len(futures))
+        bar.close()
+        return out
+
+    def _submit_batch(self, pool: ThreadPoolExecutor, images: Sequence[ImageInput], encoding: str | None,
+                      start: int, bs: int) -> list[Future]:
+        return [pool.submit(self.prepare, images[i], encoding) for i in range(start, min(start + bs, len(images)))]
+
+    def warmup(self) -> None:
+        """Run the model once (and capture the CUDA graph) so the first real image is not slow."""
+        self.describe_one(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8), "rgb8")
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _forward_u8(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 224, 224, 3) on the model's device -> float32 (B, D); caller holds the lock."""
+        with self._precision_guard():
+            return self.model(normalize(batch_u8, self.dtype, self._norm))
+
+    def _precision_guard(self) -> contextlib.AbstractContextManager:
+        # cuDNN may run float32 convolutions in TF32 by default; the fp32 path must give fp32 results.
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def _capture_graph(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            static_in = torch.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8, device=self.device)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # warm up kernels and allocator outside the graph
+                    self._forward_u8(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward_u8(static_in)
+            self._graph, self._graph_in, self._graph_out = graph, static_in, static_out
+            self._graph_host = torch.empty_like(static_in, device="cpu").pin_memory()
+            _logger.info("captured the batch-1 CUDA graph in %.2f s", time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eager
+            self._graph_failed = True
+            self._graph = None
+            _logger.warning("CUDA graph capture failed, running eager: %s", exc)
+
+
+def _name(item: object) -> str:
+    if isinstance(item, (str, Path)):
+        return str(item)
+    if isinstance(item, np.ndarray):
+        return f"array {tuple(item.shape)} {item.dtype}"
+    return type(item).__name__
