@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder of JPEG images (all of them are used)")
     p.add_argument("--variant", default="vits14", help="backbone (vits14, vitb14, vitl14, vitg14)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="inference precision")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="inference precision")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="decode/resize threads")
     p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"], help="storage plugin of the bag")

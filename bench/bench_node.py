@@ -9,7 +9,7 @@ message building.
 
 Examples:
     .venv/bin/python bench/bench_node.py                                  # CPU here: ViT-S, 10k keyframes
-    python bench/bench_node.py --variant vitb14 --map-size 100000 --dtype bf16 --device cuda   # a GPU robot
+    python bench/bench_node.py --variant vitb14 --map-size 100000 --dtype bfloat16 --device cuda   # a GPU robot
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="vits14", help="backbone (random weights)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model precision")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="model precision")
     parser.add_argument("--map-size", type=int, default=10000, help="keyframes in the synthetic map")
     parser.add_argument("--index", default="exact", choices=["exact", "hnsw", "ivfpq"], help="search index")
     parser.add_argument("--images", type=int, default=50, help="timed images (after 5 warm-up images)")

@@ -23,12 +23,12 @@ export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.csv"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/env.txt"
 
-# 1. CUDA tests: CPU-vs-GPU descriptors per dtype, CUDA-graph replay == eager, torch fp16 search backend
+# 1. CUDA tests: CPU-vs-GPU descriptors per dtype, CUDA-graph replay == eager, torch float16 search backend
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider test/test_engine.py test/test_search.py \
   -k "cuda" 2>&1 | tee "$OUT/cuda_tests.log"
 
-# 2. model: batch-1 latency (CUDA graphs) and batch-256 throughput, ViT-S and ViT-B, fp32/fp16/bf16
-timeout 180 python3 -m dinomix_ros.cli.main.main bench --device cuda --variants vits14,vitb14 --dtypes fp32,fp16,bf16 \
+# 2. model: batch-1 latency (CUDA graphs) and batch-256 throughput, ViT-S and ViT-B, float32/float16/bfloat16
+timeout 180 python3 -m dinomix_ros.cli.main bench --device cuda --variants vits14,vitb14 --dtypes float32,float16,bfloat16 \
   --batch 256 --iters 200 --warmup 20 > "$OUT/bench_model.json" 2> "$OUT/bench_model.log"
 tail -c 2000 "$OUT/bench_model.json"
 

@@ -42,7 +42,7 @@ def declare_arguments(default_params: str) -> list:
         DeclareLaunchArgument("map_path", default_value="", description="map directory (map.path)"),
         DeclareLaunchArgument("checkpoint", default_value="", description="DINO-Mix weights (model.checkpoint)"),
         DeclareLaunchArgument("device", default_value="", description="auto, cpu or cuda (model.device)"),
-        DeclareLaunchArgument("dtype", default_value="", description="fp32, fp16 or bf16 (model.dtype)"),
+        DeclareLaunchArgument("dtype", default_value="", description="float32, float16 or bfloat16 (model.dtype)"),
         DeclareLaunchArgument("mode", default_value="", description="localize or self_map (mode)"),
         DeclareLaunchArgument("pose_topic", default_value="", description="pose source topic (pose.topic)"),
         DeclareLaunchArgument("pose_type", default_value="",

@@ -35,7 +35,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="backbone for --random-weights (vits14, vitb14, vitl14, vitg14)")
     group.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="inference precision")
+    group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="inference precision")
     group.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     group.add_argument("--workers", type=int, default=2, help="image decode/resize threads")
     group.add_argument("--range16", default="full", choices=["full", "minmax"],
@@ -45,11 +46,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def make_encoder(args: argparse.Namespace):  # noqa: ANN201 - Encoder (imported lazily: torch is slow to import)
     from dinomix_ros.model.encoder import Encoder, EncoderConfig
 
-    config = EncoderConfig(device=args.device, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
-                           range16=args.range16)
+    from dinomix_ros.imaging.preprocess import ImageConfig
+
+    config = EncoderConfig(device=args.device, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers)
+    image = ImageConfig(range16=args.range16)
     if args.random_weights:
-        return Encoder.from_random(args.variant, args.seed, config)
-    return Encoder.from_checkpoint(args.checkpoint, config)
+        return Encoder.from_random(args.variant, args.seed, config, image)
+    return Encoder.from_checkpoint(args.checkpoint, config, image)
 
 
 def expand_images(inputs: list[Path]) -> list[Path]:
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="model latency/throughput benchmark, printed as JSON", formatter_class=_Formatter)
     p.add_argument("--variants", default="vits14,vitb14", help="comma-separated backbones")
-    p.add_argument("--dtypes", default="fp32", help="comma-separated dtypes (fp32,fp16,bf16)")
+    p.add_argument("--dtypes", default="float32", help="comma-separated dtypes (float32,float16,bfloat16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--batch", type=int, default=32, help="throughput batch size (256 is typical on a GPU)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")

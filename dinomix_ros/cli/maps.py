@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from dinomix_ros.maps.sources.imagefolder import GEOTAG_SOURCES
-from dinomix_ros.maps.sources.poses import KeyframeGateConfig
+from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 
 __all__ = ["add_map_parser", "RANDOM_WEIGHTS_NOTE", "RECALL_NS"]
 
@@ -236,9 +236,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ValueError(f"--bag needs --image-topic (once per camera) and --pose-topic; list the topics with "
                              f"`dinomix map topics {args.bag}`")
         config = BagMapConfig(image_topics=tuple(args.image_topics), pose_topic=args.pose_topic,
-                              gps_topic=args.gps_topic, max_pose_gap_s=args.max_pose_gap_s,
+                              gps_topic=args.gps_topic, pairing=PosePairingConfig(max_gap_s=args.max_pose_gap_s),
                               max_gps_gap_s=args.max_gps_gap_s, gate=_gate_config(args),
-                              camera_names=tuple(args.cameras or ()), batch_size=args.batch_size)
+                              camera_names=tuple(args.cameras or ()))
         check_bag_config(args.bag, config)  # before the model loads: a wrong topic fails in a second
         resolved: dict[str, Any] = {"bag": str(args.bag), **config.to_dict()}
     else:
@@ -687,7 +687,7 @@ def _eval_bag(args: argparse.Namespace, encoder: Any) -> tuple[dict[str, Any], A
     from dinomix_ros.maps.keyframes import KeyframeMap
 
     config = BagMapConfig(image_topics=tuple(args.image_topics), pose_topic=args.pose_topic, gps_topic="",
-                          max_pose_gap_s=args.max_pose_gap_s, gate=_gate_config(args), batch_size=args.batch_size)
+                          pairing=PosePairingConfig(max_gap_s=args.max_pose_gap_s), gate=_gate_config(args))
     check_bag_config(args.bag, config)
     kmap = KeyframeMap.load(args.map, expected_fingerprint=encoder.fingerprint.to_dict())
     if len(kmap) == 0:
@@ -703,7 +703,7 @@ def _eval_bag(args: argparse.Namespace, encoder: Any) -> tuple[dict[str, Any], A
     kind = _index_kind(kmap)
     index = index_for_map(kmap, kind, _index_device(args.device, kind))
     counts = BuildReport(source=f"bag:{args.bag}", frame_id=frame)
-    stream = PosedImageStream(args.bag, config.image_topics, track, config.max_pose_gap_s,
+    stream = PosedImageStream(args.bag, config.image_topics, track, config.pairing.max_gap_s,
                               gate=config.gate if args.gate_queries else None, report=counts,
                               progress=not args.quiet)
     k = max(RECALL_NS)
@@ -727,7 +727,7 @@ def _eval_bag(args: argparse.Namespace, encoder: Any) -> tuple[dict[str, Any], A
         batch.append(prepared)
         xy.append(posed.position[:2])
         meta.append((posed.image.topic, posed.image.stamp_ns))
-        if len(batch) >= config.batch_size:
+        if len(batch) >= encoder.config.batch_size:
             flush()
     flush()
     D = np.concatenate(Ds) if Ds else np.zeros((0, k), np.float32)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import ClassVar, Union
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from dinomix_ros.imaging.decode import RAW_ENCODINGS, ImageDecodeError, UnsupportedEncodingError, decode_compressed
 from dinomix_ros.imaging.decode import read_image_file
+from dinomix_ros.settings import check, setting
 
 __all__ = [
     "INPUT_SIZE",
@@ -35,6 +37,8 @@ __all__ = [
     "normalize",
     "normalization_constants",
     "preprocess",
+    "ImageConfig",
+    "RANGE16_MODES",
 ]
 
 INPUT_SIZE = 224
@@ -45,6 +49,22 @@ PREPROCESSING_ID = (
     f"rgb8;resize={INPUT_SIZE}x{INPUT_SIZE},bilinear,antialias,uint8;scale=1/255;"
     f"mean={','.join(map(str, MEAN))};std={','.join(map(str, STD))}"
 )
+
+RANGE16_MODES = ("full", "minmax")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How camera images become model input (node parameters ``cameras.*``, CLI flags ``--range16``)."""
+
+    SETTINGS_GROUP: ClassVar[str] = "cameras"
+
+    range16: str = setting("full", "how 16-bit images (mono16, bayer*16, rgb16) become 8-bit: full (0..65535) or "
+                                   "minmax (stretch each image; for 12-bit or thermal cameras)", choices=RANGE16_MODES)
+
+    def __post_init__(self) -> None:
+        check(self)
+
 
 ImageInput = Union[np.ndarray, bytes, bytearray, memoryview, str, Path]
 
@@ -117,7 +137,7 @@ def _to_8bit(image: np.ndarray, range16: str) -> np.ndarray:
         lo, hi = int(image.min()), int(image.max())
         scaled = (image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1))
         return np.rint(scaled).astype(np.uint8)
-    raise ValueError(f"range16 must be 'full' or 'minmax', got {range16!r}")
+    raise ValueError(f"range16 must be one of {', '.join(RANGE16_MODES)}, got {range16!r}")
 
 
 def _canonical(image: np.ndarray, encoding: str, range16: str) -> tuple[np.ndarray, str]:

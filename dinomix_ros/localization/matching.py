@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.poses import quat_to_yaw, yaw_to_quat
+from dinomix_ros.settings import check, setting
 from dinomix_ros.maps.index import PlaceIndex, combine_masks, mask_exclude_last, mask_exclude_recent, mask_within_radius
 
 __all__ = ["MatcherConfig", "Candidate", "PosePrior", "MatchResult", "Matcher"]
@@ -41,37 +43,38 @@ UNKNOWN_ROTATION_VARIANCE = math.pi**2  # orientation unknown (GPS-only maps): a
 
 @dataclass(frozen=True)
 class MatcherConfig:
-    """Matching rules and the pose-prior uncertainty model; the node declares the same names as parameters."""
+    """Matching rules and the pose-prior uncertainty model (node parameters ``matching.*``; they apply at once when
+    set at run time)."""
 
-    top_k: int = 5
-    min_similarity: float = 0.5
-    min_margin: float = 0.0
-    margin_neighbour_radius_m: float = 5.0
-    exclude_recent_s: float = 0.0
-    exclude_recent_count: int = 0
-    consistency_count: int = 1
-    consistency_radius_m: float = 5.0
-    consistency_max_rows: int = 5
-    consistency_max_gap_s: float = 5.0
-    gate_radius_m: float = 0.0
-    sigma_position_m: float = 0.5
-    sigma_yaw_rad: float = 0.15
-    score_sigma_gain: float = 10.0
+    SETTINGS_GROUP: ClassVar[str] = "matching"
+
+    top_k: int = setting(5, "candidates returned per query", min=1, max=1000)
+    min_similarity: float = setting(0.5, "accept only if the best cosine similarity reaches this (-1: off; calibrate "
+                                         "with `dinomix map eval`)", min=-1.0, max=1.0)
+    use_map_calibration: bool = setting(True, "when the map carries a calibrated threshold (`dinomix map eval "
+                                              "--calibrate`), use it as matching.min_similarity")
+    min_margin: float = setting(0.0, "accept only if best minus best rival similarity reaches this (0: off)",
+                                min=0.0, max=2.0)
+    margin_neighbour_radius_m: float = setting(5.0, "candidates this close to the best are the same place, not "
+                                                    "rivals", min=0.0, max=1e4)
+    exclude_recent_s: float = setting(0.0, "ignore keyframes captured less than this many seconds from the query "
+                                           "(loop closure against the robot's own past; 0: off)", min=0.0, max=1e7)
+    exclude_recent_count: int = setting(0, "ignore the newest N keyframes of the map (0: off)", min=0, max=10**7)
+    consistency_count: int = setting(1, "accept only after this many consecutive queries agree (1: off)",
+                                     min=1, max=100)
+    consistency_radius_m: float = setting(5.0, "consecutive best matches agree when this close", min=0.0, max=1e4)
+    consistency_max_rows: int = setting(5, "without poses: consecutive best matches agree when this many map rows "
+                                           "apart or fewer", min=0, max=10**7)
+    consistency_max_gap_s: float = setting(5.0, "a consistency streak breaks after this many seconds without a query",
+                                           min=0.0, max=3600.0)
+    gate_radius_m: float = setting(0.0, "only keyframes within this radius of the pose source's position, when it is "
+                                        "in the keyframes' frame (0: off)", min=0.0, max=1e5)
+    sigma_position_m: float = setting(0.5, "pose-prior position std-dev at similarity 1", positive=True, max=1e4)
+    sigma_yaw_rad: float = setting(0.15, "pose-prior rotation std-dev at similarity 1", positive=True, max=10.0)
+    score_sigma_gain: float = setting(10.0, "std-devs grow by (1 + gain * (1 - similarity))", min=0.0, max=1e4)
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not -1.0 <= self.min_similarity <= 1.0:
-            raise ValueError(f"min_similarity is a cosine similarity in [-1, 1], got {self.min_similarity}")
-        if self.consistency_count < 1:
-            raise ValueError(f"consistency_count must be >= 1 (1 switches the rule off), got {self.consistency_count}")
-        for name in ("min_margin", "margin_neighbour_radius_m", "exclude_recent_s", "exclude_recent_count",
-                     "consistency_radius_m", "consistency_max_rows", "consistency_max_gap_s", "gate_radius_m",
-                     "score_sigma_gain"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 switches it off), got {getattr(self, name)}")
-        if self.sigma_position_m <= 0 or self.sigma_yaw_rad <= 0:
-            raise ValueError("sigma_position_m and sigma_yaw_rad must be > 0: a pose prior never has zero covariance")
+        check(self)
 
 
 @dataclass(frozen=True)

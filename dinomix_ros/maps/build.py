@@ -8,7 +8,7 @@ Bags (:func:`build_map_from_bag`):
 
 * The pose track is read first (whole topic, :func:`~dinomix_ros.maps.sources.bags.read_pose_track`), then image
   messages are streamed in bag order. Each image's header stamp is paired with the pose interpolated at that stamp;
-  an image with no pose within ``max_pose_gap_s`` is refused and counted (``no_pose``).
+  an image with no pose within ``pairing.max_gap_s`` is refused and counted (``no_pose``).
 * One :class:`~dinomix_ros.maps.sources.poses.KeyframeGate` per camera decides the keyframes. Only keyframes are
   decoded and resized; worker threads resize while one model thread describes the previous batch, and at most two
   batches are in flight, so memory stays bounded whatever the bag size.
@@ -33,6 +33,7 @@ Image folders (:func:`build_map_from_folder`): one keyframe per image, in natura
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -60,7 +61,8 @@ from dinomix_ros.maps.sources.geo import latlon_to_utm, latlon_to_utm_arrays, pa
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.maps.sources.imagefolder import geotag_images
 from dinomix_ros.maps.keyframes import KeyframeMap, MapError
-from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PoseTrack, yaw_to_quat
+from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PosePairingConfig, PoseTrack, yaw_to_quat
+from dinomix_ros.settings import check, setting
 from dinomix_ros.util.progress import progress_bar
 from dinomix_ros.maps.index import KINDS, IndexConfigError, PlaceIndex, PlaceIndexError
 
@@ -112,26 +114,26 @@ class BagMapConfig:
             topic giving the camera/robot position (NavSatFix: UTM, frame ``utm_<zone><band>``, no orientation).
         gps_topic: optional NavSatFix topic used only to geotag keyframes (lat/lon/alt and UTM, interpolated at the
             image stamps). None with a NavSatFix ``pose_topic`` uses the pose topic; "" switches geotags off.
-        max_pose_gap_s: an image is refused (counted as ``no_pose``) unless poses lie within this many seconds of its
-            stamp (see :meth:`~dinomix_ros.maps.sources.poses.PoseTrack.interpolate`).
+        pairing: ``pairing.max_gap_s``: an image is refused (counted as ``no_pose``) unless poses lie within this
+            many seconds of its stamp (see :meth:`~dinomix_ros.maps.sources.poses.PoseTrack.interpolate`).
         max_gps_gap_s: a keyframe gets a GPS geotag only when fixes lie within this many seconds of its stamp (GNSS
             runs at 1-10 Hz, slower than odometry).
         gate: keyframe gate thresholds, applied per camera (defaults 0.5 m / 15 deg).
         camera_names: camera name per image topic, in the same order; empty = the topic names.
-        batch_size: keyframes per forward pass.
 
     Raises:
-        MapBuildError: empty or duplicate topics, names not matching the topics, a negative gap or batch size < 1.
+        MapBuildError: empty or duplicate topics, names not matching the topics, a wrong type of sub-config.
+        SettingError: ``max_gps_gap_s`` out of range.
     """
 
     image_topics: tuple[str, ...]
     pose_topic: str
     gps_topic: str | None = None
-    max_pose_gap_s: float = 0.2
-    max_gps_gap_s: float = 1.0
+    pairing: PosePairingConfig = field(default_factory=PosePairingConfig)
+    max_gps_gap_s: float = setting(1.0, "a keyframe gets a GPS geotag only when fixes lie within this many seconds "
+                                        "of its stamp", min=0.0, max=60.0)
     gate: KeyframeGateConfig = field(default_factory=KeyframeGateConfig)
     camera_names: tuple[str, ...] = ()
-    batch_size: int = 32
 
     def __post_init__(self) -> None:
         topics = (self.image_topics,) if isinstance(self.image_topics, str) else tuple(self.image_topics)
@@ -152,14 +154,11 @@ class BagMapConfig:
             raise MapBuildError(f"camera_names {list(self.camera_names)} holds an empty name; expected non-empty text")
         if len(set(self.cameras)) != len(topics):
             raise MapBuildError(f"camera names {list(self.cameras)} are not unique; expected one name per camera")
-        for name in ("max_pose_gap_s", "max_gps_gap_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise MapBuildError(f"{name} is {value!r}; expected seconds >= 0 (inf allowed)")
+        check(self)
         if not isinstance(self.gate, KeyframeGateConfig):
             raise MapBuildError(f"gate is a {type(self.gate).__name__}; expected a KeyframeGateConfig")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise MapBuildError(f"batch_size is {self.batch_size!r}; expected an integer >= 1")
+        if not isinstance(self.pairing, PosePairingConfig):
+            raise MapBuildError(f"pairing is a {type(self.pairing).__name__}; expected a PosePairingConfig")
 
     @property
     def cameras(self) -> tuple[str, ...]:
@@ -173,11 +172,9 @@ class BagMapConfig:
             "cameras": list(self.cameras),
             "pose_topic": self.pose_topic,
             "gps_topic": self.gps_topic,
-            "max_pose_gap_s": self.max_pose_gap_s,
+            "max_pose_gap_s": self.pairing.max_gap_s,
             "max_gps_gap_s": self.max_gps_gap_s,
-            "gate": {k: getattr(self.gate, k)
-                     for k in ("min_distance_m", "min_rotation_deg", "min_interval_s", "max_interval_s")},
-            "batch_size": self.batch_size,
+            "gate": dataclasses.asdict(self.gate),
         }
 
 
@@ -188,7 +185,7 @@ class BuildReport:
     Attributes:
         source: what was read, e.g. ``bag:/data/run1`` or ``images:/data/lund``.
         images_seen: image messages (bag) or files (folder) read.
-        no_pose: images refused because no pose lay within ``max_pose_gap_s`` of their stamp (bags only).
+        no_pose: images refused because no pose lay within ``pairing.max_gap_s`` of their stamp (bags only).
         not_keyframes: images the keyframe gate rejected (bags only).
         bad: images that could not be decoded (skipped with a warning).
         added: keyframes added to the map.
@@ -664,8 +661,8 @@ def build_map_from_bag(
             logger.warning("skipping undecodable image %s: %s", row.source, exc)
         bad_logged[0] += 1
 
-    describer = _Describer(encoder, config.batch_size, add, on_bad)
-    stream = PosedImageStream(bag, config.image_topics, track, config.max_pose_gap_s, cameras=config.cameras,
+    describer = _Describer(encoder, encoder.config.batch_size, add, on_bad)
+    stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s, cameras=config.cameras,
                               gate=config.gate, report=report, progress=progress)
     try:
         for posed in stream:
@@ -689,7 +686,7 @@ def build_map_from_bag(
                        _MAX_BAD_WARNINGS)
     if report.images_seen and report.no_pose == report.images_seen:
         logger.warning("no image of %s had a pose within %.3f s: check that %s covers the images' time span and that "
-                       "both use the same clock (header stamps)", bag, config.max_pose_gap_s, config.pose_topic)
+                       "both use the same clock (header stamps)", bag, config.pairing.max_gap_s, config.pose_topic)
     logger.info("%s", report.summary())
     return kmap, report
 

@@ -28,13 +28,17 @@ import logging
 import math
 import numbers
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 import torch
 
+from dinomix_ros.settings import check, setting
+
 __all__ = [
+    "IndexConfig",
     "KINDS",
     "BACKENDS",
     "DEVICES",
@@ -68,6 +72,22 @@ FLOAT16_MAX = 65504.0
 _TORCH_BLOCK_ELEMENTS = 1 << 26  # bound on the (queries x rows) score block and the re-scoring gather
 _ADD_CHUNK = 65536  # rows converted to float32 at a time by add()
 _STRUCTURAL_PARAMS = frozenset({"hnsw_m", "hnsw_ef_construction", "ivf_nlist", "pq_m", "refine"})
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which search index a map gets and where it runs (node parameters ``map.index``, ``map.search_device``; CLI
+    ``--index``, ``--search-device``)."""
+
+    SETTINGS_GROUP: ClassVar[str] = "map"
+
+    index: str = setting("exact", "search index: exact, hnsw or ivfpq (approximate, for large maps)", choices=KINDS,
+                         reconfigure=True)
+    search_device: str = setting("auto", "where exact search runs: auto, cpu or cuda", choices=DEVICES,
+                                 reconfigure=True)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 class PlaceIndexError(ValueError):

@@ -56,11 +56,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 
 from dinomix_ros import __version__
+from dinomix_ros.settings import check, setting
 
 __all__ = [
     "FORMAT",
@@ -69,6 +70,7 @@ __all__ = [
     "NORM_TOLERANCE",
     "Keyframe",
     "KeyframeMap",
+    "StorageConfig",
     "KeyframeNotFoundError",
     "MapConflictError",
     "MapError",
@@ -100,6 +102,21 @@ CSV_COLUMNS = (
 )
 
 _STORAGE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How new maps store descriptors (node parameter ``map.storage_dtype``, CLI ``--storage-dtype``)."""
+
+    SETTINGS_GROUP: ClassVar[str] = "map"
+
+    storage_dtype: str = setting("float16", "descriptor storage of new maps: float16 (half the size) or float32",
+                                 choices=tuple(_STORAGE_DTYPES), reconfigure=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 _FINGERPRINT_KEYS = {"id": str, "architecture": str, "weights_sha256": str, "preprocessing": str, "descriptor_dim": int}
 _UTM_BANDS = "CDEFGHJKLMNPQRSTUVWX"
 _GEN_FILE_RE = re.compile(

@@ -54,7 +54,7 @@ def bench_model(
 
     Returns:
         {"environment": {...}, "results": [{"variant", "dtype", "latency_224": {p50_ms...},
-        "latency_720p_bgr8": {...}, "throughput": {"batch", "images_per_s"}, "cosine_to_fp32": {min, mean}}]}
+        "latency_720p_bgr8": {...}, "throughput": {"batch", "images_per_s"}, "cosine_to_float32": {min, mean}}]}
     """
     rng = np.random.default_rng(0)
     frame_224 = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
@@ -64,7 +64,7 @@ def bench_model(
     throughput_iters = throughput_iters or max(2, iters // 4)
     results = []
     env: dict = {}
-    dtypes = sorted(dtypes, key=lambda d: d != "fp32")  # fp32 first: the reference for cosine_to_fp32
+    dtypes = sorted(dtypes, key=lambda d: d != "float32")  # float32 first: the reference for cosine_to_float32
     for variant in variants:
         reference = None
         for dtype in dtypes:
@@ -76,7 +76,7 @@ def bench_model(
             lat_720 = _time(lambda: encoder.describe_one(frame_720p, "bgr8"), iters, warmup)
             thr = _time(lambda: encoder.describe_prepared(batch_u8), throughput_iters, 1)
             desc = encoder.describe_prepared(check_u8)
-            if dtype == "fp32":
+            if dtype == "float32":
                 reference = desc
             entry = {
                 "variant": encoder.loaded.spec.name,
@@ -88,9 +88,9 @@ def bench_model(
                 "throughput": {"batch": batch, "images_per_s": round(batch / float(np.median(thr)), 1),
                                "batch_ms_p50": round(float(np.median(thr)) * 1e3, 2)},
             }
-            if reference is not None and dtype != "fp32":
+            if reference is not None and dtype != "float32":
                 cos = (reference * desc).sum(1)
-                entry["cosine_to_fp32"] = {"min": float(cos.min()), "mean": float(cos.mean())}
+                entry["cosine_to_float32"] = {"min": float(cos.min()), "mean": float(cos.mean())}
             if encoder.device.type == "cuda":
                 entry["gpu_max_memory_mib"] = round(torch.cuda.max_memory_allocated(encoder.device) / 2**20, 1)
             results.append(entry)

@@ -24,12 +24,14 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from dinomix_ros.model.dinomix import VARIANTS, BackboneSpec, DinoMix, build_model, init_random_weights
 from dinomix_ros.imaging.preprocess import PREPROCESSING_ID
+from dinomix_ros.settings import SettingError, check, setting
 
 __all__ = [
     "CheckpointError",
@@ -38,6 +40,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ModelFingerprint",
     "LoadedModel",
+    "ModelSource",
     "load_model",
     "random_model",
     "save_model",
@@ -76,8 +79,8 @@ class CheckpointMismatchError(CheckpointError):
 class ModelFingerprint:
     """What made a descriptor: architecture, exact weights and preprocessing.
 
-    Two models give interchangeable descriptors iff their fingerprint ids are equal. The runtime dtype (fp32/fp16/
-    bf16) is deliberately not part of it: it changes descriptors only at the 1e-4 cosine level.
+    Two models give interchangeable descriptors iff their fingerprint ids are equal. The runtime dtype (float32/
+    float16/bfloat16) is deliberately not part of it: it changes descriptors only at the 1e-4 cosine level.
     """
 
     architecture: str
@@ -408,6 +411,41 @@ def random_model(variant: str = "vits14", seed: int = 0) -> LoadedModel:
     model = init_random_weights(build_model(variant), seed).eval().requires_grad_(False)
     _logger.warning("using RANDOM weights (%s, seed %d): similarity scores are meaningless", model.spec.name, seed)
     return LoadedModel(model, compute_fingerprint(model), "random", None, aggregator_trained=False)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from (node parameters ``model.*``, CLI flags ``--checkpoint``, ``--random-weights``)."""
+
+    SETTINGS_GROUP: ClassVar[str] = "model"
+
+    checkpoint: str = setting("", "DINO-Mix .ckpt, DINOv2 *_pretrain.pth or .safetensors weights (required unless "
+                                  "model.random_weights)", reconfigure=True)
+    random_weights: bool = setting(False, "seeded random weights instead of a checkpoint: tests and demos only, "
+                                          "scores are meaningless", reconfigure=True)
+    variant: str = setting("vits14", "backbone of the random weights",
+                           choices=tuple(v.removeprefix("dinov2_") for v in VARIANTS), reconfigure=True)
+    seed: int = setting(0, "seed of the random weights", min=0, max=2**31 - 1, reconfigure=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.random_weights and self.checkpoint:
+            raise SettingError("model.checkpoint", "model.checkpoint and model.random_weights are both set: choose "
+                                                   "one")
+
+    def load(self) -> LoadedModel:
+        """The model this source names.
+
+        Raises:
+            SettingError: neither a checkpoint nor random weights.
+            CheckpointError / CheckpointNotFoundError: a bad or missing weights file.
+        """
+        if self.random_weights:
+            return random_model(self.variant, self.seed)
+        if not self.checkpoint:
+            raise SettingError("model.checkpoint", "model.checkpoint is empty: set it to a DINO-Mix .ckpt (or set "
+                                                   "model.random_weights:=true for tests and demos)")
+        return load_model(self.checkpoint)
 
 
 def save_model(loaded: LoadedModel, path: str | Path) -> Path:

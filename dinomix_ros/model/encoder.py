@@ -1,7 +1,7 @@
 """Inference engine: images in, (N, 4096) float32 DINO-Mix descriptors out, on CUDA or CPU.
 
 * ``device="auto"`` picks CUDA when PyTorch sees a GPU, else the CPU, and says which in the log.
-* ``dtype`` fp32 / fp16 / bf16 sets the weights and activations; the final L2 normalisation is always float32.
+* ``dtype`` float32 / float16 / bfloat16 sets the weights and activations; the final L2 normalisation is always float32.
 * :meth:`Encoder.describe` batches many images (map building): worker threads decode and resize the next batch
   while the model runs on the current one; rows come back in input order.
 * :meth:`Encoder.describe_one` is the low-latency path of the live node. On CUDA it replays a CUDA graph captured
@@ -15,21 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.model.checkpoint import LoadedModel, load_model, random_model
+from dinomix_ros.settings import SettingError, check, setting
+from dinomix_ros.util.dtypes import FLOAT_DTYPES, torch_dtype
 from dinomix_ros.util.progress import progress_bar
 from dinomix_ros.imaging.preprocess import (
     INPUT_SIZE,
+    ImageConfig,
     ImageInput,
     load_input,
     normalization_constants,
@@ -37,11 +42,11 @@ from dinomix_ros.imaging.preprocess import (
     resize_to_input,
 )
 
-__all__ = ["DTYPES", "EncoderConfig", "Encoder", "resolve_device"]
+__all__ = ["EncoderConfig", "Encoder", "resolve_device"]
 
 _logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,31 +70,23 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """How to run the model.
+    """How to run the model (node parameters ``model.*``, CLI flags ``--device``, ``--dtype``, ...)."""
 
-    Attributes:
-        device: "auto", "cpu" or "cuda[:N]".
-        dtype: "fp32", "fp16" or "bf16" (weights and activations; descriptors are always float32).
-        batch_size: images per forward pass in :meth:`Encoder.describe`.
-        cuda_graphs: capture the batch-1 path as a CUDA graph (CUDA only).
-        workers: threads that decode and resize images for :meth:`Encoder.describe`.
-        range16: how 16-bit images become 8-bit: "full" (0..65535) or "minmax" (per image).
-    """
+    SETTINGS_GROUP: ClassVar[str] = "model"
 
-    device: str = "auto"
-    dtype: str = "fp32"
-    batch_size: int = 32
-    cuda_graphs: bool = True
-    workers: int = 2
-    range16: str = "full"
+    device: str = setting("auto", "auto (CUDA if available, else CPU), cpu or cuda[:N]", nonempty=True,
+                          reconfigure=True)
+    dtype: str = setting("float32", "inference precision of weights and activations (descriptors are always "
+                                    "float32)", choices=FLOAT_DTYPES, reconfigure=True)
+    cuda_graphs: bool = setting(True, "replay a captured CUDA graph for each image (CUDA only; lower latency)",
+                                reconfigure=True)
+    batch_size: int = setting(32, "images per forward pass when describing many images", min=1, max=4096)
+    workers: int = setting(2, "threads that decode and resize images for batched describing", min=1, max=64)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise ValueError(f"batch_size and workers must be >= 1, got {self.batch_size} and {self.workers}")
-        if self.range16 not in ("full", "minmax"):
-            raise ValueError(f"range16 must be 'full' or 'minmax', got {self.range16!r}")
+        check(self)
+        if not _DEVICE_RE.match(self.device):
+            raise SettingError("model.device", f"model.device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
 class Encoder:
@@ -98,15 +95,18 @@ class Encoder:
     Args:
         loaded: a model from :func:`~dinomix_ros.model.load_model` or :func:`~dinomix_ros.model.random_model`.
         config: device, dtype, batching.
+        image: how images become model input (16-bit range).
     """
 
-    def __init__(self, loaded: LoadedModel, config: EncoderConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: EncoderConfig | None = None,
+                 image: ImageConfig | None = None) -> None:
         self.config = config or EncoderConfig()
+        self.image = image or ImageConfig()
         self.loaded = loaded
         self.device = resolve_device(self.config.device)
-        self.dtype = DTYPES[self.config.dtype]
+        self.dtype = torch_dtype(self.config.dtype)
         if self.device.type == "cpu" and self.dtype == torch.float16:
-            _logger.warning("fp16 on the CPU is slow and no more accurate than bf16; prefer fp32 on the CPU")
+            _logger.warning("float16 on the CPU is slow and no more accurate than bfloat16; prefer float32 on the CPU")
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._norm = normalization_constants(self.device)  # made once: no host copies inside CUDA-graph capture
         self._lock = threading.Lock()
@@ -120,13 +120,15 @@ class Encoder:
 
     # ---------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: EncoderConfig | None = None) -> Encoder:
-        return cls(load_model(path), config)
+    def from_checkpoint(cls, path: str | Path, config: EncoderConfig | None = None,
+                        image: ImageConfig | None = None) -> Encoder:
+        return cls(load_model(path), config, image)
 
     @classmethod
-    def from_random(cls, variant: str = "vits14", seed: int = 0, config: EncoderConfig | None = None) -> Encoder:
+    def from_random(cls, variant: str = "vits14", seed: int = 0, config: EncoderConfig | None = None,
+                    image: ImageConfig | None = None) -> Encoder:
         """Seeded random weights (tests, demos): descriptors carry no place information."""
-        return cls(random_model(variant, seed), config)
+        return cls(random_model(variant, seed), config, image)
 
     @property
     def fingerprint(self):  # noqa: ANN201 - ModelFingerprint
@@ -146,7 +148,7 @@ class Encoder:
     # ---------------------------------------------------------------------------------------------------------------
     def prepare(self, image: ImageInput, encoding: str | None = None) -> np.ndarray:
         """Decode (bytes, paths) and resize one image to (224, 224, 3) uint8 RGB; thread-safe, model-free."""
-        return resize_to_input(*load_input(image, encoding), range16=self.config.range16)
+        return resize_to_input(*load_input(image, encoding), range16=self.image.range16)
 
     @torch.inference_mode()
     def describe_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

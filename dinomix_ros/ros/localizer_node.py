@@ -43,7 +43,9 @@ from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from dinomix_ros.model.encoder import DTYPES, Encoder, EncoderConfig
+from dinomix_ros.imaging.preprocess import ImageConfig
+from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.util.dtypes import FLOAT_DTYPES
 from dinomix_ros.maps.sources.geo import parse_utm_frame, utm_to_latlon
 from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
 from dinomix_ros.maps.build import NO_POSE_FRAME, index_for_map, save_map
@@ -71,7 +73,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "model.variant": ("vits14", "backbone for model.random_weights: vits14, vitb14, vitl14 or vitg14"),
     "model.seed": (0, "seed for model.random_weights"),
     "model.device": ("auto", "auto (CUDA if available, else CPU), cpu or cuda[:N]"),
-    "model.dtype": ("fp32", "inference precision: fp32, fp16 or bf16 (descriptors are always float32)"),
+    "model.dtype": ("float32", "inference precision: float32, float16 or bfloat16 (descriptors are always float32)"),
     "model.cuda_graphs": (True, "replay a captured CUDA graph for each image (CUDA only; lower latency)"),
     # map
     "map.path": ("", "map directory loaded at configure and written by ~/save_map; empty: start with an empty map"),
@@ -137,7 +139,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
 # allowed values and ranges, checked at configure and when a parameter is set at run time
 _CHOICES: dict[str, tuple] = {
     "mode": ("localize", "self_map"),
-    "model.dtype": tuple(DTYPES),
+    "model.dtype": FLOAT_DTYPES,
     "map.index": KINDS,
     "map.search_device": ("auto", "cpu", "cuda"),
     "map.storage_dtype": ("float16", "float32"),
@@ -285,7 +287,7 @@ class LocalizerNode(LifecycleNode):
         )
         # model: a checkpoint, or random weights only when asked for explicitly
         config = EncoderConfig(device=self._p("model.device"), dtype=self._p("model.dtype"),
-                               cuda_graphs=self._p("model.cuda_graphs"), range16=self._p("cameras.range16"))
+                               cuda_graphs=self._p("model.cuda_graphs"))
         if self._p("model.random_weights"):
             self.get_logger().warning("model.random_weights is set: RANDOM weights, similarity scores are meaningless")
             loaded = random_model(self._p("model.variant"), self._p("model.seed"))
@@ -295,7 +297,7 @@ class LocalizerNode(LifecycleNode):
                 raise ValueError("model.checkpoint is empty: set it to a DINO-Mix .ckpt (or set "
                                  "model.random_weights:=true for tests and demos)")
             loaded = load_model(checkpoint)
-        self.encoder = Encoder(loaded, config)
+        self.encoder = Encoder(loaded, config, ImageConfig(range16=self._p("cameras.range16")))
         self.encoder.warmup()
         self._install_map(self._load_or_create_map(self._p("map.path")), matcher_config)
         self._recording = self._p("mode") == "self_map" or bool(self._p("recording.autostart"))

@@ -65,7 +65,7 @@ def test_model_info_and_convert(tmp_path: Path, capsys) -> None:
 
 
 def test_bench_prints_json(capsys) -> None:
-    assert main(["bench", "--variants", "vits14", "--dtypes", "fp32", "--device", "cpu", "--batch", "2",
+    assert main(["bench", "--variants", "vits14", "--dtypes", "float32", "--device", "cpu", "--batch", "2",
                  "--iters", "2", "--warmup", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     entry = result["results"][0]

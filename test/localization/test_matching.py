@@ -148,5 +148,5 @@ def test_empty_map_and_bad_config() -> None:
         MatcherConfig(top_k=0)
     with pytest.raises(ValueError, match="min_margin must be >= 0"):
         MatcherConfig(min_margin=-0.1)
-    with pytest.raises(ValueError, match="never has zero covariance"):
+    with pytest.raises(ValueError, match="sigma_position_m must be > 0"):
         MatcherConfig(sigma_position_m=0.0)

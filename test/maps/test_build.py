@@ -214,8 +214,8 @@ def test_config_and_topic_checks(tmp_path: Path) -> None:
         BagMapConfig(image_topics=[], pose_topic="/odom")
     with pytest.raises(MapBuildError, match=r"name a topic twice"):
         BagMapConfig(image_topics=["/cam", "/cam"], pose_topic="/odom")
-    with pytest.raises(MapBuildError, match=r"max_pose_gap_s is -1; expected seconds >= 0"):
-        BagMapConfig(image_topics="/cam", pose_topic="/odom", max_pose_gap_s=-1)
+    with pytest.raises(ValueError, match=r"max_gps_gap_s must be >= 0, got -1"):
+        BagMapConfig(image_topics="/cam", pose_topic="/odom", max_gps_gap_s=-1)
     bag = write_camera_bag(tmp_path / "bag", frames=photo_frames(2), gps_topic="/fix")
     ok = BagMapConfig(image_topics="/camera/image_raw", pose_topic="/odom", gps_topic="/fix")
     assert check_bag_config(bag.path, ok)["/odom"] == ("nav_msgs/msg/Odometry", len(bag.pose_stamps_ns))

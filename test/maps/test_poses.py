@@ -208,7 +208,7 @@ def test_track_sorts_dedups_and_accepts_nan_orientations():
     stamps = np.array([30, 10, 20, 20, 40], dtype=np.int64)
     pos = np.array([[3.0, 0], [1.0, 0], [2.0, 0], [2.5, 0], [4.0, 0]])  # (N, 2): z = 0
     ori = np.array([[0, 0, 0, 1.0], [0, 0, 0, 2.0], [np.nan] * 4, [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
-    track = PoseTrack.from_arrays(stamps, pos, ori, frame_id="map")
+    track = PoseTrack(stamps, pos, ori, frame_id="map")
     np.testing.assert_array_equal(track.stamps_ns, [10, 20, 30, 40])
     np.testing.assert_array_equal(track.positions[:, 0], [1.0, 2.5, 3.0, 4.0])  # the last of the two 20s
     np.testing.assert_array_equal(track.positions[:, 2], 0.0)
@@ -269,7 +269,8 @@ def test_gate_distance_rule_on_and_off():
     assert _run(KeyframeGate(0.5, 0.0), STAMPS, LINE) == list(range(0, 25, 2))
     assert _run(KeyframeGate(0.6, 0.0), STAMPS, LINE) == list(range(0, 25, 3))
     assert _run(KeyframeGate(0.0, 0.0), STAMPS, LINE) == [0]
-    assert _run(KeyframeGate(-1.0, 0.0), STAMPS, LINE) == [0]
+    with pytest.raises(ValueError, match=r"recording.min_distance_m must be >= 0, got -1.0"):
+        KeyframeGate(-1.0, 0.0)
 
 
 def test_gate_rotation_rule_on_and_off():
@@ -324,9 +325,9 @@ def test_gate_config_and_errors():
     assert KeyframeGateConfig().min_distance_m == 0.5 and KeyframeGateConfig().min_rotation_deg == 15.0
     cfg = KeyframeGateConfig(1.0, 30.0, 0.1, 5.0)
     assert KeyframeGate.from_config(cfg).config == cfg
-    with pytest.raises(ValueError, match=r"min_distance_m is nan; expected a finite number"):
+    with pytest.raises(ValueError, match=r"recording.min_distance_m must be a finite number, got nan"):
         KeyframeGate(min_distance_m=float("nan"))
-    with pytest.raises(ValueError, match=r"max_interval_s is '1'; expected a number"):
+    with pytest.raises(ValueError, match=r"recording.max_interval_s must be a float, got '1'"):
         KeyframeGate(max_interval_s="1")
     gate = KeyframeGate()
     with pytest.raises(ValueError, match=r"stamp_ns is 1.5 \(float\); expected integer nanoseconds"):

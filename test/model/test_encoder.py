@@ -70,7 +70,7 @@ def test_bad_images_raise_with_their_index_or_become_nan_rows(encoder: Encoder, 
 def test_bf16_on_cpu_stays_close_to_fp32(corridor: list[Path]) -> None:
     loaded = random_model("vits14", seed=5)
     fp32 = Encoder(loaded, EncoderConfig(device="cpu")).describe(corridor[:4])
-    bf16 = Encoder(random_model("vits14", seed=5), EncoderConfig(device="cpu", dtype="bf16")).describe(corridor[:4])
+    bf16 = Encoder(random_model("vits14", seed=5), EncoderConfig(device="cpu", dtype="bfloat16")).describe(corridor[:4])
     cosine = (fp32 * bf16).sum(1)
     assert bf16.dtype == np.float32 and cosine.min() > 0.999, cosine
 
@@ -99,8 +99,10 @@ def test_concurrent_callers_get_the_serial_results(encoder: Encoder, corridor: l
 def test_config_and_device_errors() -> None:
     with pytest.raises(ValueError, match="dtype must be one of"):
         EncoderConfig(dtype="fp8")
-    with pytest.raises(ValueError, match="batch_size and workers must be >= 1"):
+    with pytest.raises(ValueError, match="model.batch_size must be >= 1, got 0"):
         EncoderConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"model.device must be auto, cpu or cuda\[:N\], got 'tpu'"):
+        EncoderConfig(device="tpu")
     with pytest.raises(ValueError, match="must be 'auto', 'cpu' or 'cuda"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
@@ -113,12 +115,12 @@ def test_config_and_device_errors() -> None:
 
 def test_describe_info_reports_device_and_fingerprint(encoder: Encoder) -> None:
     info = encoder.describe_info()
-    assert info["device"] == "cpu" and info["dtype"] == "fp32" and info["cuda_graph"] is False
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["cuda_graph"] is False
     assert info["fingerprint"]["id"] == encoder.fingerprint.id and info["architecture"] == "dinomix_vits14"
 
 
 @cuda
-@pytest.mark.parametrize("dtype, min_cosine", [("fp32", 0.999999), ("fp16", 0.99999), ("bf16", 0.9999)])
+@pytest.mark.parametrize("dtype, min_cosine", [("float32", 0.999999), ("float16", 0.99999), ("bfloat16", 0.9999)])
 def test_cuda_matches_cpu_fp32(corridor: list[Path], dtype: str, min_cosine: float) -> None:
     cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu")).describe(corridor)
     gpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda", dtype=dtype)).describe(corridor)
@@ -126,10 +128,10 @@ def test_cuda_matches_cpu_fp32(corridor: list[Path], dtype: str, min_cosine: flo
 
 
 @cuda
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_cuda_graph_replay_equals_eager(corridor: list[Path], dtype: str) -> None:
     enc = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda", dtype=dtype, cuda_graphs=True))
     eager = enc.describe(corridor)
     graphed = np.stack([enc.describe_one(p) for p in corridor])
     assert enc.describe_info()["cuda_graph"] is True
-    np.testing.assert_allclose(graphed, eager, atol=2e-3 if dtype != "fp32" else 1e-5)
+    np.testing.assert_allclose(graphed, eager, atol=2e-3 if dtype != "float32" else 1e-5)

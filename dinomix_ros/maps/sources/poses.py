@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+
+from dinomix_ros.settings import check, setting
 
 __all__ = [
     "PoseTrackError",
@@ -23,6 +26,7 @@ __all__ = [
     "InterpolatedPoses",
     "PoseTrack",
     "KeyframeGateConfig",
+    "PosePairingConfig",
     "KeyframeGate",
     "select_keyframes",
 ]
@@ -240,17 +244,6 @@ class PoseTrack:
             arr.setflags(write=False)
         self.frame_id = str(frame_id)
 
-    @classmethod
-    def from_arrays(
-        cls,
-        stamps_ns: np.ndarray,
-        positions: np.ndarray,
-        orientations: np.ndarray | None = None,
-        frame_id: str = "",
-    ) -> PoseTrack:
-        """Build a track from arrays; same arguments and checks as the constructor."""
-        return cls(stamps_ns, positions, orientations, frame_id)
-
     @property
     def stamps_ns(self) -> np.ndarray:
         """(N,) int64 nanoseconds, strictly increasing (read-only)."""
@@ -343,27 +336,37 @@ class PoseTrack:
 
 @dataclass(frozen=True)
 class KeyframeGateConfig:
-    """Keyframe gate thresholds; a value <= 0 switches that rule off.
+    """Keyframe gate thresholds (node parameters ``recording.*``, CLI flags ``--min-distance-m``, ...); 0 switches a
+    rule off. See :class:`KeyframeGate` for how they combine."""
 
-    Attributes:
-        min_distance_m: accept when moved at least this far from the last keyframe with a position.
-        min_rotation_deg: accept when rotated at least this much from the last keyframe with an orientation.
-        min_interval_s: never accept sooner than this after the last keyframe (rate limit).
-        max_interval_s: accept when this much time has passed since the last keyframe, even without motion.
-    """
+    SETTINGS_GROUP: ClassVar[str] = "recording"
 
-    min_distance_m: float = 0.5
-    min_rotation_deg: float = 15.0
-    min_interval_s: float = 0.0
-    max_interval_s: float = 0.0
+    min_distance_m: float = setting(0.5, "a new keyframe after moving this far (0: rule off)", min=0.0, max=1e4)
+    min_rotation_deg: float = setting(15.0, "a new keyframe after turning this much (0: rule off)", min=0.0,
+                                      max=360.0)
+    min_interval_s: float = setting(0.0, "at least this many seconds between keyframes of one camera (0: off)",
+                                    min=0.0, max=86400.0)
+    max_interval_s: float = setting(0.0, "a new keyframe after this many seconds even without motion (0: off)",
+                                    min=0.0, max=86400.0)
 
     def __post_init__(self) -> None:
-        for name in ("min_distance_m", "min_rotation_deg", "min_interval_s", "max_interval_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ValueError(f"{name} is {value!r}; expected a number (<= 0 switches the rule off)")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} is {value}; expected a finite number (<= 0 switches the rule off)")
+        check(self)
+
+
+@dataclass(frozen=True)
+class PosePairingConfig:
+    """How images are paired with the poses of a pose source (node parameters ``pose.*``, CLI ``--pose-max-gap-s``)."""
+
+    SETTINGS_GROUP: ClassVar[str] = "pose"
+    FLAG_PREFIX: ClassVar[str] = "pose-"
+
+    max_gap_s: float = setting(0.2, "an image is paired with the pose source only if a pose lies within this many "
+                                    "seconds of its stamp (raise it to ~1.0 for 1 Hz GNSS)", min=0.0, max=60.0)
+    buffer_s: float = setting(30.0, "how many seconds of poses to keep for pairing with live image stamps",
+                              positive=True, max=3600.0)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 class KeyframeGate:
