@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import math
 import numbers
+import textwrap
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ __all__ = [
 
 #: Supported field types and how they are spelled in messages and tables.
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "string", tuple: "list of strings"}
+_TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", tuple: "a list of strings"}
 
 
 class SettingError(ValueError):
@@ -79,17 +81,25 @@ class Spec:
     reconfigure: bool = False
 
     def limits_text(self) -> str:
-        """The limits in words, e.g. ``0 .. 3600`` or ``one of a, b``; empty when there are none."""
+        """The limits in words, e.g. ``[0 .. 3600]``, ``> 0`` or ``one of a, b``; empty when there are none."""
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
-        low = "> 0" if self.positive else (None if self.min is None else f">= {self.min:g}")
-        if low is not None and self.max is not None:
-            return f"{'(0' if self.positive else f'[{self.min:g}'} .. {self.max:g}]"
-        if low is not None:
-            return low
+        if self.positive:
+            return f"(0 .. {_num(self.max)}]" if self.max is not None else "> 0"
+        if self.min is not None and self.max is not None:
+            return f"[{_num(self.min)} .. {_num(self.max)}]"
+        if self.min is not None:
+            return f">= {_num(self.min)}"
         if self.max is not None:
-            return f"<= {self.max:g}"
+            return f"<= {_num(self.max)}"
         return ""
+
+
+def _num(value: float) -> str:
+    """A limit as people write it: 2147483647, 0.5, 1e+07."""
+    if float(value).is_integer() and abs(value) < 1e12:
+        return str(int(value))
+    return f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -208,7 +218,7 @@ def problem(entry: Entry, value: Any) -> str | None:
     else:
         ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     if not ok:
-        return f"{name} must be a {_TYPE_NAMES[kind]}, got {value!r}"
+        return f"{name} must be {_TYPE_WORDS[kind]}, got {value!r}"
     if kind is float and not math.isfinite(value):
         return f"{name} must be a finite number, got {value!r}"
     if kind in (int, float):
@@ -308,8 +318,8 @@ def _yaml_value(value: Any) -> str:
     return str(value)
 
 
-def render_yaml(entries_by_name: dict[str, Entry], node_name: str, header: str) -> str:
-    """A ROS 2 parameters file with every setting at its default, each preceded by its description as a comment."""
+def render_yaml(entries_by_name: dict[str, Entry], node_name: str, header: str, width: int = 118) -> str:
+    """A ROS 2 parameters file with every setting at its default, each preceded by its description and limits."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     lines += [f"{node_name}:", "  ros__parameters:"]
     open_groups: list[str] = []
@@ -323,11 +333,14 @@ def render_yaml(entries_by_name: dict[str, Entry], node_name: str, header: str) 
             lines.append("    " + "  " * len(open_groups) + f"{group}:")
             open_groups.append(group)
         indent = "    " + "  " * len(open_groups)
+        comment = entry.spec.description
         limits = entry.spec.limits_text()
-        comment = entry.spec.description + (f" [{limits}]" if limits else "")
+        if limits:
+            comment += f"; {limits}"
         if entry.spec.reconfigure:
             comment += " (read at configure)"
-        lines.append(f"{indent}# {comment}")
+        lines += textwrap.wrap(comment, width=width, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}#   ",
+                               break_on_hyphens=False)
         lines.append(f"{indent}{leaf}: {_yaml_value(entry.default)}")
     return "\n".join(lines) + "\n"
 

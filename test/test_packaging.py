@@ -14,9 +14,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import yaml
-
-from dinomix_ros.ros.localizer_node import PARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dinomix_ros"
@@ -78,23 +75,6 @@ def test_flake8_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "flake8", "dinomix_ros", "test", "bench", "launch", "setup.py"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_localize_yaml_documents_every_parameter_with_its_default() -> None:
-    tree = yaml.safe_load((REPO / "config" / "localize.yaml").read_text())["/**"]["ros__parameters"]
-
-    def flatten(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in d.items():
-            out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    assert flatten(tree) == {name: default for name, (default, _) in PARAMETERS.items()}
-    # every description, word for word, in the comments (wrapped over lines)
-    comments = " ".join(line.strip().lstrip("#").strip() for line in (REPO / "config" / "localize.yaml").read_text()
-                        .splitlines() if line.strip().startswith("#"))
-    for name, (_, description) in PARAMETERS.items():
-        assert " ".join(description.split()) in comments, f"{name}: its description is not in config/localize.yaml"
 
 
 @pytest.fixture(scope="module")

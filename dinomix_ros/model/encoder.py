@@ -138,6 +138,12 @@ class Encoder:
     def descriptor_dim(self) -> int:
         return self.model.descriptor_dim
 
+    def gpu_memory_mib(self) -> float:
+        """GPU memory allocated by torch on the encoder's device in MiB (NaN on the CPU)."""
+        if self.device.type != "cuda":
+            return float("nan")
+        return torch.cuda.memory_allocated(self.device) / 2**20
+
     def describe_info(self) -> dict:
         """JSON-able summary (for logs, diagnostics and benchmark output)."""
         info = self.loaded.describe()

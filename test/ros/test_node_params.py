@@ -11,7 +11,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters, SetParametersAtomically
 from rosutil import REPO_CONFIG, NodeProcess, RosClient, diagnostic_values, next_domain_id
 
-from dinomix_ros.ros.localizer_node import PARAMETERS
+from dinomix_ros.ros.parameters import PARAMETERS
 
 NODE = "/dinomix_localizer"
 
@@ -52,9 +52,14 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
         batch = SetParametersAtomically.Request(parameters=[  # one bad value: nothing of the batch applies
             Parameter(name="matching.min_similarity",
                       value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.3)),
-            Parameter(name="cameras.reliability",
-                      value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="reliabel"))])
+            Parameter(name="output.loop_closure_scope",
+                      value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="sesion"))])
         atomic = client.call(SetParametersAtomically, f"{NODE}/set_parameters_atomically", batch).result
+        read_only = set_param("model.dtype",
+                              ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="bfloat16"))
+        nan = set_param("pose.buffer_s", ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float("nan")))
+        inf = set_param("cameras.min_period_s",
+                        ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float("inf")))
         since = time.monotonic()
         assert client.spin_until(lambda: any(t > since for t, _ in diagnostics), 10.0)
         in_use = diagnostic_values(diagnostics[-1][1])["min_similarity"]
@@ -65,15 +70,19 @@ def test_params_file_descriptions_and_runtime_changes(tmp_path) -> None:
     assert values["mode"].string_value == "self_map"  # from the override file
     assert values["matching.top_k"].integer_value == 7
     assert list(values["cameras.topics"].string_array_value) == ["/front/image_raw", "/rear/image_raw/compressed"]
-    assert values["matching.min_similarity"].double_value == PARAMETERS["matching.min_similarity"][0]  # from yaml
+    assert values["matching.min_similarity"].double_value == PARAMETERS["matching.min_similarity"].default  # yaml
     for name, descriptor in zip(names, described):
-        assert descriptor.description == PARAMETERS[name][1], name
+        assert descriptor.description == PARAMETERS[name].spec.description, name
+        assert descriptor.read_only == PARAMETERS[name].spec.reconfigure, name
     assert [e.topic_type for e in front] == ["sensor_msgs/msg/Image"]
     assert [e.topic_type for e in rear] == ["sensor_msgs/msg/CompressedImage"]
     assert ok.successful
-    assert not bad_k.successful and "top_k must be >= 1" in bad_k.reason
+    assert not bad_k.successful and "matching.top_k out of range" in bad_k.reason  # the declared IntegerRange
     assert not bad_scope.successful and "must be one of session, all, got 'sometimes'" in bad_scope.reason
-    assert not atomic.successful and "cameras.reliability must be one of" in atomic.reason
+    assert not atomic.successful and "output.loop_closure_scope must be one of" in atomic.reason
+    assert not read_only.successful and "read-only" in read_only.reason
+    assert not nan.successful and "pose.buffer_s" in nan.reason
+    assert not inf.successful and "cameras.min_period_s" in inf.reason
     assert float(in_use) == 0.8  # the matcher uses the accepted change, not the refused batch
 
 

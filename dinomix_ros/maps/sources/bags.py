@@ -4,9 +4,9 @@ ROS-free: messages are rosbags dataclasses with the same field names as rclpy me
 through :func:`dinomix_ros.imaging.decode.decode_image_msg` like the live node. Stamps are the messages' header stamps
 (capture time) in int64 nanoseconds; a zero header stamp falls back to the bag's receive time with a warning.
 
-Pose sources: ``nav_msgs/Odometry``, ``geometry_msgs/PoseStamped``, ``geometry_msgs/PoseWithCovarianceStamped``
-(positions in their header frame) and ``sensor_msgs/NavSatFix`` (projected to UTM, frame ``utm_<zone><band>``,
-no orientation; fixes with status < 0, i.e. no fix, are dropped).
+Pose sources (``nav_msgs/Odometry``, ``geometry_msgs/PoseStamped``, ``geometry_msgs/PoseWithCovarianceStamped``,
+``sensor_msgs/NavSatFix``) are parsed by :mod:`dinomix_ros.maps.sources.posemsg`, the parser the live node uses:
+messages without a usable pose (no GNSS fix, non-finite or absurd positions) are dropped and counted.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dinomix_ros.maps.sources.geo import latlon_to_utm, latlon_to_utm_arrays, utm_frame_id
 from dinomix_ros.imaging.decode import decode_image_msg
+from dinomix_ros.maps.sources.geo import parse_utm_frame
+from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, PoseSample, kind_of_msgtype, pose_from_msg
 from dinomix_ros.maps.sources.poses import PoseTrack
+from dinomix_ros.util.stamps import header_stamp_ns
 
 __all__ = [
     "IMAGE_TYPES",
     "POSE_TYPES",
+    "NAVSATFIX_TYPE",
     "BagError",
     "BagImage",
     "GpsFixes",
@@ -40,12 +43,8 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-POSE_TYPES = (
-    "nav_msgs/msg/Odometry",
-    "geometry_msgs/msg/PoseStamped",
-    "geometry_msgs/msg/PoseWithCovarianceStamped",
-    "sensor_msgs/msg/NavSatFix",
-)
+POSE_TYPES = tuple(POSE_KINDS.values())
+NAVSATFIX_TYPE = POSE_KINDS["navsatfix"]
 
 
 class BagError(ValueError):
@@ -103,8 +102,7 @@ def _connections(reader, topics: Sequence[str], allowed: Sequence[str]) -> list:
 
 
 def _stamp_ns(msg: object, receive_ns: int, warned: set, topic: str) -> int:
-    stamp = msg.header.stamp  # type: ignore[attr-defined]
-    ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+    ns = header_stamp_ns(msg)
     if ns == 0:
         if topic not in warned:
             warned.add(topic)
@@ -126,33 +124,52 @@ class GpsFixes:
         return int(self.stamps_ns.shape[0])
 
 
-def read_gps_fixes(path: str | Path, topic: str) -> GpsFixes:
-    """All valid fixes (status >= 0, finite lat/lon) of a NavSatFix topic, in stamp order."""
-    stamps, lat, lon, alt = [], [], [], []
+def _pose_samples(path: str | Path, topic: str, allowed: Sequence[str],
+                  utm_zone: int | None = None) -> tuple[str, list[PoseSample]]:
+    """(kind, samples) of a pose topic, parsed by :func:`~dinomix_ros.maps.sources.posemsg.pose_from_msg`; refused
+    messages are counted in the log. NavSatFix samples are all projected in the zone of the first usable fix (or
+    ``utm_zone``), so distances stay consistent."""
+    samples: list[PoseSample] = []
+    refused: list[str] = []
     warned: set = set()
-    dropped = 0
     with open_reader(path) as reader:
-        conns = _connections(reader, [topic], ("sensor_msgs/msg/NavSatFix",))
+        conns = _connections(reader, [topic], allowed)
+        kind = kind_of_msgtype(conns[0].msgtype)
+        zone = utm_zone
         for conn, receive_ns, raw in reader.messages(connections=conns):
             msg = reader.deserialize(raw, conn.msgtype)
-            if msg.status.status < 0 or not (np.isfinite(msg.latitude) and np.isfinite(msg.longitude)):
-                dropped += 1
+            try:
+                sample = pose_from_msg(msg, kind, utm_zone=zone, fallback_stamp_ns=_stamp_ns(msg, receive_ns, warned,
+                                                                                             topic))
+            except PoseMessageError as exc:
+                refused.append(str(exc))
                 continue
-            stamps.append(_stamp_ns(msg, receive_ns, warned, topic))
-            lat.append(msg.latitude)
-            lon.append(msg.longitude)
-            alt.append(msg.altitude)
-    if dropped:
-        _logger.info("%s: dropped %d fixes without a fix (status < 0 or NaN)", topic, dropped)
-    if not stamps:
-        raise BagError(f"{topic} has no valid GNSS fix (all {dropped} had status < 0 or NaN coordinates)")
-    order = np.argsort(np.asarray(stamps, np.int64), kind="stable")
-    arr = [np.asarray(v)[order] for v in (stamps, lat, lon, alt)]
-    return GpsFixes(arr[0].astype(np.int64), arr[1].astype(float), arr[2].astype(float), arr[3].astype(float))
+            if kind == "navsatfix" and zone is None:
+                zone = parse_utm_frame(sample.frame_id)[0]
+            samples.append(sample)
+    if refused:
+        _logger.info("%s: dropped %d of %d messages without a usable pose (first: %s)", topic, len(refused),
+                     len(refused) + len(samples), refused[0])
+    if not samples:
+        raise BagError(f"{topic} has no usable pose ({len(refused)} messages, all refused"
+                       + (f"; first: {refused[0]})" if refused else ")"))
+    return kind, samples
+
+
+def read_gps_fixes(path: str | Path, topic: str) -> GpsFixes:
+    """All valid fixes (status >= 0, finite lat/lon) of a NavSatFix topic, in stamp order."""
+    _, samples = _pose_samples(path, topic, (NAVSATFIX_TYPE,))
+    order = np.argsort(np.asarray([s.stamp_ns for s in samples], np.int64), kind="stable")
+    gps = np.stack([samples[i].gps for i in order])
+    stamps = np.asarray([samples[i].stamp_ns for i in order], np.int64)
+    return GpsFixes(stamps, gps[:, 0].copy(), gps[:, 1].copy(), gps[:, 2].copy())
 
 
 def read_pose_track(path: str | Path, topic: str, *, utm_zone: int | None = None) -> PoseTrack:
-    """Every pose of ``topic`` as a :class:`~dinomix_ros.maps.sources.poses.PoseTrack` in the message frame.
+    """Every usable pose of ``topic`` as a :class:`~dinomix_ros.maps.sources.poses.PoseTrack` in the message frame.
+
+    Messages are parsed like the live node parses them (:func:`~dinomix_ros.maps.sources.posemsg.pose_from_msg`):
+    an all-zero quaternion means "orientation unknown", a message without a usable position is dropped and counted.
 
     Args:
         path: bag directory or file.
@@ -160,35 +177,19 @@ def read_pose_track(path: str | Path, topic: str, *, utm_zone: int | None = None
         utm_zone: for NavSatFix, force this UTM zone (default: the zone of the first fix).
 
     Raises:
-        BagError: missing topic, wrong type, no poses, or poses in several frames.
+        BagError: missing topic, wrong type, no usable pose, or poses in several frames.
         FileNotFoundError: missing bag.
     """
-    with open_reader(path) as reader:
-        msgtype = {c.topic: c.msgtype for c in reader.connections}.get(topic)
-    if msgtype == "sensor_msgs/msg/NavSatFix":
-        fixes = read_gps_fixes(path, topic)
-        first = latlon_to_utm(float(fixes.lat[0]), float(fixes.lon[0]), zone=utm_zone)
-        east, north = latlon_to_utm_arrays(fixes.lat, fixes.lon, first.zone, northern=first.northern)
-        alt = np.where(np.isfinite(fixes.alt), fixes.alt, 0.0)
-        return PoseTrack(fixes.stamps_ns, np.stack([east, north, alt], axis=1), None,
-                         frame_id=utm_frame_id(first.zone, first.band))
-    stamps, positions, orientations, frames = [], [], [], set()
-    warned: set = set()
-    with open_reader(path) as reader:
-        conns = _connections(reader, [topic], POSE_TYPES)
-        for conn, receive_ns, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, conn.msgtype)
-            pose = msg.pose.pose if conn.msgtype != "geometry_msgs/msg/PoseStamped" else msg.pose
-            stamps.append(_stamp_ns(msg, receive_ns, warned, topic))
-            positions.append((pose.position.x, pose.position.y, pose.position.z))
-            orientations.append((pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w))
-            frames.add(msg.header.frame_id)
-    if not stamps:
-        raise BagError(f"{topic} has no messages")
-    if len(frames) > 1:
-        raise BagError(f"{topic} has poses in several frames {sorted(frames)}; expected one map frame")
-    return PoseTrack(np.asarray(stamps, np.int64), np.asarray(positions), np.asarray(orientations),
-                     frame_id=frames.pop())
+    kind, samples = _pose_samples(path, topic, POSE_TYPES, utm_zone)
+    if kind == "navsatfix":
+        frame = samples[0].frame_id  # one label for the track: the first fix's zone and band
+    else:
+        frames = {s.frame_id for s in samples}
+        if len(frames) > 1:
+            raise BagError(f"{topic} has poses in several frames {sorted(frames)}; expected one map frame")
+        frame = frames.pop()
+    return PoseTrack(np.asarray([s.stamp_ns for s in samples], np.int64), np.stack([s.position for s in samples]),
+                     np.stack([s.orientation for s in samples]), frame_id=frame)
 
 
 @dataclass

@@ -1,0 +1,376 @@
+"""The live map: what a robot does with each described camera frame, without ROS.
+
+:class:`LiveMap` owns the keyframe map, its search index and the matcher, and keeps map and index in step (index row
+``i`` is map row ``i``, always). For each frame (:meth:`LiveMap.process`) it
+
+1. restarts the camera's keyframe gate, the match-consistency streak and the pose-prior rate limit when the camera's
+   time jumps back by more than :data:`TIME_JUMP_S` (a bag replayed again, a simulator reset);
+2. matches the descriptor against the map (gated by the robot's pose when ``matching.gate_radius_m`` is on);
+3. records the frame as a keyframe while recording, if the camera's gate accepts it: with the pose source's pose
+   and frame, geotagged when that frame is UTM (a NavSatFix source); without a pose source, with no pose;
+4. decides what to publish: the pose prior (rate-limited forward in time by ``output.pose_prior_min_period_s``)
+   and the loop closure (only to keyframes of this run with ``output.loop_closure_scope: session``).
+
+It counts what the node reports: keyframes recorded this session, frames without a pose, keyframes not yet saved.
+:meth:`LiveMap.save` writes the map atomically; a failed save loses nothing (every keyframe stays in memory and the
+next save writes it). Thread-safe: one lock around the map, the index, the matcher and the counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dinomix_ros.localization.matching import Matcher, MatcherConfig, MatchResult
+from dinomix_ros.maps.build import index_for_map, save_map
+from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
+from dinomix_ros.maps.index import IndexConfig, PlaceIndex
+from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.sources.geo import parse_utm_frame
+from dinomix_ros.maps.sources.posemsg import PoseSample
+from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig
+from dinomix_ros.settings import check, setting
+from dinomix_ros.util.stamps import NS_PER_S, seconds_to_ns
+
+__all__ = ["TIME_JUMP_S", "OutputConfig", "FrameOutcome", "SaveResult", "LiveMap", "open_map"]
+
+_logger = logging.getLogger(__name__)
+
+#: A camera whose stamps go back by more than this many seconds restarts its gate and the match state.
+TIME_JUMP_S = 1.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Which matches become pose priors and loop closures (node parameters ``output.*``; they apply at once)."""
+
+    SETTINGS_GROUP: ClassVar[str] = "output"
+
+    pose_prior_min_period_s: float = setting(0.0, "publish ~/pose_prior at most once per this many seconds (e.g. 10 "
+                                                  "when remapped to nav2's /initialpose; 0: every accepted match)",
+                                             min=0.0, max=86400.0)
+    loop_closure_scope: str = setting("session", "publish ~/loop_closure for matches to keyframes recorded in this "
+                                                 "run (session) or to any keyframe (all)", choices=("session", "all"))
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True)
+class FrameOutcome:
+    """What one frame gave: the match result and what to publish.
+
+    Attributes:
+        result: candidates, accept/reject decision and pose prior.
+        publish_prior: publish ``result.prior`` (accepted, has a prior, outside the rate limit).
+        publish_loop_closure: publish ``[t_query, t_match]`` (accepted and within the loop-closure scope).
+        recorded: the frame was added to the map as a keyframe.
+        time_jump_s: seconds the camera's time went back (the match state was restarted), else None.
+        record_error: why the frame could not be recorded (it still got its match outputs), else None.
+    """
+
+    result: MatchResult
+    publish_prior: bool = False
+    publish_loop_closure: bool = False
+    recorded: bool = False
+    time_jump_s: float | None = None
+    record_error: str | None = None
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """A successful save: where, how many keyframes, how long."""
+
+    path: Path
+    keyframes: int
+    seconds: float
+
+
+def open_map(path: str, fingerprint: dict[str, Any], *, storage_dtype: str = "float16", create: bool = False,
+             metadata: dict[str, Any] | None = None) -> KeyframeMap:
+    """The map at ``path`` (built by the model with ``fingerprint``), or a new empty one.
+
+    Args:
+        path: map directory; "" starts an empty map that is not tied to a directory yet.
+        fingerprint: the model in use: a map of another model is refused.
+        storage_dtype: descriptor storage of a new map.
+        create: start an empty map when ``path`` does not exist (else that is an error).
+        metadata: metadata of a new map (name, source).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist and ``create`` is false.
+        MapError: the map cannot be loaded (damaged, newer format, another model).
+    """
+    if path and Path(path).exists():
+        kmap = KeyframeMap.load(path, expected_fingerprint=fingerprint)
+        _logger.info("loaded map %s: %d keyframes, frames %s", path, len(kmap), kmap.frames)
+        return kmap
+    if path and not create:
+        raise FileNotFoundError(f"map.path {path} does not exist; build one (`dinomix map build`, or the "
+                                "~/start_recording service) or set map.create_if_missing:=true")
+    return KeyframeMap.empty(fingerprint, storage_dtype=storage_dtype, metadata=metadata)
+
+
+class LiveMap:
+    """A keyframe map being matched against and recorded into while the robot runs (see the module docstring).
+
+    Args:
+        kmap: the map (loaded, or empty for a new one).
+        index_config: the kind of search index and where it runs.
+        matcher: matching rules (``use_map_calibration`` makes a map's calibrated threshold the min similarity).
+        gate: keyframe gate thresholds, one gate per camera.
+        output: pose-prior rate limit and loop-closure scope.
+        has_pose_source: a pose source is configured: then frames without a pose near their stamp are not recorded
+            (counted); without one, keyframes are recorded without a pose (frame ``none``).
+        index: the index of ``kmap`` when the caller built it already (e.g. outside a lock); else built here.
+    """
+
+    def __init__(self, kmap: KeyframeMap, *, index_config: IndexConfig | None = None,
+                 matcher: MatcherConfig | None = None, gate: KeyframeGateConfig | None = None,
+                 output: OutputConfig | None = None, has_pose_source: bool = False,
+                 index: PlaceIndex | None = None) -> None:
+        self.index_config = index_config or IndexConfig()
+        self._matcher_config = matcher or MatcherConfig()
+        self.gate_config = gate or KeyframeGateConfig()
+        self.output = output or OutputConfig()
+        self.has_pose_source = has_pose_source
+        self._lock = threading.RLock()
+        self.recording = False
+        self._gates: dict[str, KeyframeGate] = {}
+        self._last_stamps: dict[str, int] = {}
+        self._last_prior_ns: int | None = None
+        self.last_best_similarity = math.nan
+        self.counters = {"keyframes_recorded": 0, "frames_without_pose": 0, "frames_without_pose_total": 0,
+                         "record_errors": 0, "queries": 0, "accepted": 0}
+        self._install(kmap, index)
+
+    # ------------------------------------------------------------------------------------------------ the map
+
+    def _install(self, kmap: KeyframeMap, index: PlaceIndex | None) -> float | None:
+        if index is None:
+            index = index_for_map(kmap, kind=self.index_config.index, device=self.index_config.search_device)
+        if index.ntotal != len(kmap):
+            raise ValueError(f"the index holds {index.ntotal} rows but the map {len(kmap)}: build it from this map")
+        calibrated = self.map_calibration(kmap)
+        config = self._matcher_config
+        if calibrated is not None and config.use_map_calibration:
+            config = dataclasses.replace(config, min_similarity=calibrated)
+        with self._lock:
+            self.kmap = kmap
+            self.index = index
+            self._matcher_config = config
+            self.matcher = Matcher(kmap, index, config)
+            self._saved_rows = self._session_start_row = len(kmap)  # rows before: on disk, not "this session"
+            self._frames = set(kmap.frames)
+            zones = kmap.utm_zones[kmap.utm_zones > 0]
+            self._utm_zone = int(zones[0]) if zones.size else None
+            self._gates = {}
+            self._last_stamps = {}
+            self._last_prior_ns = None
+        return calibrated if config.use_map_calibration else None
+
+    @staticmethod
+    def map_calibration(kmap: KeyframeMap) -> float | None:
+        """The calibrated min similarity a map carries (``dinomix map eval --calibrate``), if valid."""
+        value = (kmap.metadata.get("calibration") or {}).get("min_similarity")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and -1.0 <= value <= 1.0:
+            return float(value)
+        if value is not None:
+            _logger.warning("the map's calibration.min_similarity %r is not a similarity in [-1, 1]: ignored", value)
+        return None
+
+    def replace_map(self, kmap: KeyframeMap, index: PlaceIndex | None = None) -> float | None:
+        """Make ``kmap`` the current map (after ``~/load_map``); returns the calibrated threshold now in use, if any.
+
+        Raises:
+            ValueError: unsaved keyframes would be lost (save first), or the index does not fit the map.
+        """
+        with self._lock:
+            if self.unsaved > 0:
+                raise ValueError(f"the current map has {self.unsaved} unsaved keyframes: save it first")
+        return self._install(kmap, index)
+
+    @property
+    def utm_zone(self) -> int | None:
+        """The map's UTM zone (GNSS poses are projected into it), None when it has no UTM geotags yet."""
+        return self._utm_zone
+
+    @property
+    def matcher_config(self) -> MatcherConfig:
+        return self._matcher_config
+
+    def set_matcher_config(self, config: MatcherConfig) -> None:
+        """New matching rules, in force from the next frame (the consistency streak carries on)."""
+        with self._lock:
+            self._matcher_config = config
+            self.matcher.config = config
+
+    def set_output_config(self, config: OutputConfig) -> None:
+        with self._lock:
+            self.output = config
+
+    def set_gate_config(self, config: KeyframeGateConfig) -> None:
+        """New keyframe gate thresholds; the gates restart (the next frame of each camera is a keyframe)."""
+        with self._lock:
+            self.gate_config = config
+            self._gates = {}
+
+    @property
+    def needs_pose(self) -> bool:
+        """Whether :meth:`process` uses a pose: while recording, or when matching is gated by position."""
+        return self.recording or self._matcher_config.gate_radius_m > 0
+
+    # ------------------------------------------------------------------------------------------------ recording
+
+    def start_recording(self) -> None:
+        """Record keyframes from the next frame on (each camera's gate restarts; session counts reset)."""
+        with self._lock:
+            self._gates = {}
+            self.recording = True
+            self.counters["keyframes_recorded"] = self.counters["frames_without_pose"] = 0
+
+    def stop_recording(self) -> bool:
+        """Stop recording; returns whether it was recording."""
+        with self._lock:
+            was, self.recording = self.recording, False
+            return was
+
+    @property
+    def unsaved(self) -> int:
+        """Keyframes recorded since the map was loaded or last saved."""
+        with self._lock:
+            return len(self.kmap) - self._saved_rows
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.kmap)
+
+    # ------------------------------------------------------------------------------------------------ frames
+
+    def process(self, camera: str, stamp_ns: int, descriptor: np.ndarray,
+                pose: PoseSample | None = None) -> FrameOutcome:
+        """Match one described frame, record it when recording, and decide its outputs.
+
+        Args:
+            camera: the camera (its topic).
+            stamp_ns: the image stamp.
+            descriptor: (D,) unit descriptor.
+            pose: the pose source's pose at ``stamp_ns`` (see :attr:`needs_pose`), None when there is none.
+        """
+        with self._lock:
+            jump = self._check_time_jump(camera, stamp_ns)
+            hint = (pose.frame_id, pose.position) if pose is not None and pose.frame_id in self._frames else None
+            result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint)
+            session_row = result.best is not None and result.best.row >= self._session_start_row
+            recorded, error = False, None
+            if self.recording:
+                try:  # a recording problem never costs the frame its localization outputs
+                    recorded = self._maybe_record(camera, stamp_ns, descriptor, pose)
+                except Exception as exc:  # reported in the outcome and counted; the map is unchanged
+                    self.counters["record_errors"] += 1
+                    error = f"{type(exc).__name__}: {exc}"
+            self.counters["queries"] += 1
+            self.last_best_similarity = result.best.similarity if result.best is not None else math.nan
+            prior = loop = False
+            if result.accepted:
+                self.counters["accepted"] += 1
+                prior = result.prior is not None and self._prior_due(stamp_ns)
+                loop = session_row or self.output.loop_closure_scope == "all"
+            return FrameOutcome(result, prior, loop, recorded, jump, error)
+
+    def _check_time_jump(self, camera: str, stamp_ns: int) -> float | None:
+        last = self._last_stamps.get(camera)
+        self._last_stamps[camera] = stamp_ns if last is None else max(last, stamp_ns)
+        if last is None or stamp_ns >= last - seconds_to_ns(TIME_JUMP_S):
+            return None
+        self._last_stamps[camera] = stamp_ns
+        self._gates.pop(camera, None)
+        self.matcher.reset()
+        self._last_prior_ns = None
+        return (last - stamp_ns) / NS_PER_S
+
+    def _prior_due(self, stamp_ns: int) -> bool:
+        """Rate limit, forward in time only (after a reload or a replay, time may start over)."""
+        min_period_ns = seconds_to_ns(self.output.pose_prior_min_period_s)
+        last = self._last_prior_ns
+        if last is not None and 0 <= stamp_ns - last < min_period_ns:
+            return False
+        self._last_prior_ns = stamp_ns
+        return True
+
+    def _maybe_record(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None) -> bool:
+        if self.has_pose_source and pose is None:
+            self.counters["frames_without_pose"] += 1
+            self.counters["frames_without_pose_total"] += 1
+            return False
+        gate = self._gates.get(camera)
+        if gate is None:
+            gate = self._gates[camera] = KeyframeGate.from_config(self.gate_config)
+        position = orientation = None
+        if pose is not None:
+            position = pose.position
+            orientation = pose.orientation if pose.has_orientation else None
+        if not gate.accept(stamp_ns, position, orientation):
+            return False
+        self._add_keyframe(camera, stamp_ns, descriptor, pose)
+        return True
+
+    def _add_keyframe(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None) -> None:
+        """Append one keyframe to the map and its index, which stay in step (caller holds the lock)."""
+        frame = pose.frame_id if pose is not None else NO_POSE_FRAME
+        columns: dict[str, Any] = {}
+        utm_frame = parse_utm_frame(frame)
+        if pose is not None and pose.gps is not None and utm_frame is not None:
+            columns = geotag_columns(pose.gps[None], zone=utm_frame[0])
+        self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=camera, frame_ids=frame,
+                      positions=None if pose is None else pose.position[None],
+                      orientations=None if pose is None or not pose.has_orientation else pose.orientation[None],
+                      sources=f"live:{camera}", **columns)
+        try:
+            self.index.add(descriptor[None].astype(np.float32))
+        except Exception as exc:  # the map took the row: rebuild the index from it, never diverge
+            _logger.error("index add failed (%s): rebuilding the index from the map's %d rows", exc, len(self.kmap))
+            self.index = index_for_map(self.kmap, kind=self.index_config.index,
+                                       device=self.index_config.search_device)
+            self.matcher.index = self.index
+        self._frames.add(frame)
+        if utm_frame is not None and self._utm_zone is None:
+            self._utm_zone = utm_frame[0]
+        self.counters["keyframes_recorded"] += 1
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    def save(self, path: str | Path) -> SaveResult:
+        """Save the map atomically to ``path`` (with its approximate index, if any).
+
+        On failure (disk full, permissions, another writer changed the map on disk) the exception propagates, the
+        map on disk is the previous one, and every keyframe stays in memory: a later save writes it.
+        """
+        t0 = time.monotonic()
+        with self._lock:  # the map grows only under this lock: the save sees one consistent state
+            save_map(self.kmap, path, self.index)
+            self._saved_rows = n = len(self.kmap)
+        return SaveResult(Path(path), n, time.monotonic() - t0)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and state for diagnostics."""
+        with self._lock:
+            return {
+                "recording": self.recording,
+                "map_keyframes": len(self.kmap),
+                "keyframes_unsaved": len(self.kmap) - self._saved_rows,
+                "keyframes_recorded": self.counters["keyframes_recorded"],
+                "frames_without_pose": self.counters["frames_without_pose_total"],
+                "keyframes_not_recorded_errors": self.counters["record_errors"],
+                "queries": self.counters["queries"],
+                "accepted_matches": self.counters["accepted"],
+                "min_similarity": self._matcher_config.min_similarity if self.matcher is not None else math.nan,
+            }
