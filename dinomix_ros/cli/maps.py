@@ -225,7 +225,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         index_for_map,
         save_map,
     )
-    from dinomix_ros.maps.keyframes import MANIFEST, KeyframeMap, MapNotFoundError
+    from dinomix_ros.maps.keyframes import KeyframeMap, MapNotFoundError
+    from dinomix_ros.maps.manifest import MANIFEST
 
     config = None
     if args.bag is not None:
@@ -301,7 +302,7 @@ def _default_name(out: Path) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``dinomix map info``: the manifest, summarised."""
-    from dinomix_ros.maps.keyframes import read_manifest
+    from dinomix_ros.maps.manifest import read_manifest
 
     m = read_manifest(args.map)
     files = m["files"]
@@ -468,7 +469,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``dinomix map eval``: one of three setups, a report folder, optional calibration of a map."""
     from dinomix_ros.cli.main import make_encoder
     from dinomix_ros.util.files import atomic_path
-    from dinomix_ros.maps.keyframes import MapMismatchError, read_manifest
+    from dinomix_ros.maps.keyframes import MapMismatchError
+    from dinomix_ros.maps.manifest import read_manifest
 
     setup = "folders" if args.database is not None else "bag" if args.map is not None else "loop_closure"
     _check_eval_args(args, setup)
@@ -569,7 +571,7 @@ def _check_eval_inputs(args: argparse.Namespace, setup: str) -> None:
         list_images(args.queries)
     elif setup == "bag":
         from dinomix_ros.maps.build import BagMapConfig, check_bag_config
-        from dinomix_ros.maps.keyframes import read_manifest
+        from dinomix_ros.maps.manifest import read_manifest
 
         read_manifest(args.map)
         check_bag_config(args.bag, BagMapConfig(image_topics=tuple(args.image_topics), pose_topic=args.pose_topic))

@@ -19,7 +19,8 @@ from PIL import Image
 
 from dinomix_ros.cli.main import main
 from dinomix_ros.evaluation.metrics import load_loop_closure_ground_truth
-from dinomix_ros.maps.keyframes import KeyframeMap, read_manifest
+from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.manifest import read_manifest
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 MODEL = ["--random-weights", "--device", "cpu", "--batch-size", "4", "--quiet"]

@@ -28,7 +28,8 @@ from dinomix_ros.maps.build import (
     check_bag_config,
     index_for_map,
 )
-from dinomix_ros.maps.keyframes import KeyframeMap, MapMismatchError, read_manifest
+from dinomix_ros.maps.keyframes import KeyframeMap, MapMismatchError
+from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, quat_angle, select_keyframes, yaw_to_quat
 from dinomix_ros.maps.index import PlaceIndex
 

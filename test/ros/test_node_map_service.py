@@ -11,7 +11,8 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
-from dinomix_ros.maps.keyframes import KeyframeMap, read_manifest
+from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.ros.conversions import matches_to_array
 
 NODE = "/dinomix_localizer"

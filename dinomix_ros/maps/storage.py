@@ -1,0 +1,549 @@
+"""On-disk storage of keyframe maps: atomic generations in a map directory, append-only chunks, verified loading.
+
+This is the engine behind :meth:`KeyframeMap.save <dinomix_ros.maps.keyframes.KeyframeMap.save>` and
+:meth:`KeyframeMap.load <dinomix_ros.maps.keyframes.KeyframeMap.load>` (call those; they document the arguments and
+errors). A map is a directory a person can inspect with standard tools (see ``maps/README.md``)::
+
+    office.dinomap/
+      manifest.json                  format, version, generation, counts, fingerprint, metadata, and every file's
+                                     row count, byte size and sha256 (the single commit point; :mod:`.manifest`)
+      keyframes.g000003.csv          one row per keyframe (ids, stamps, camera, frame, pose, GPS, UTM, source;
+                                     :mod:`.keyframe_csv`)
+      descriptors.g000001.npy        (rows, D) little-endian float16/float32, C order; append-only chunks, one per
+      descriptors.g000003.npy        save that added rows, named by the generation that wrote it
+      index.g000003.faiss            optional search index blob (always rebuildable from the descriptors)
+      .lock                          advisory lock file (fcntl.flock) taken by writers
+
+Atomicity: a save writes every new file under a temporary name (``.tmp-*``) in the map directory, fsyncs it and
+renames it to a name that no committed manifest references (names carry a generation number larger than any in the
+directory), fsyncs the directory, then writes ``manifest.json`` the same way: the ``os.replace`` onto
+``manifest.json`` is the commit point. Only after the directory is fsynced again are files that the new manifest no
+longer references deleted. A crash at any moment therefore leaves either the old or the new manifest, and every file
+that manifest references is complete; leftovers are unreferenced and are removed by the next successful save. Every
+file is written through :func:`dinomix_ros.util.files.atomic_path`, hashed while it is written.
+
+Concurrency: writers take an exclusive ``fcntl.flock`` on ``<map>/.lock`` (Linux/POSIX, local file systems; flock is
+not reliable on NFS) for the whole save, so two processes never interleave. A writer also refuses to append when the
+map on disk changed since it loaded or last saved it (:class:`MapConflictError`) instead of silently dropping the
+other writer's rows. Readers take no lock: a reader whose files vanish under it because a writer committed a newer
+generation re-reads the manifest and retries.
+
+What an object knows is committed: each :class:`KeyframeMap` carries, in its ``_storage_state`` attribute (owned by
+this module, opaque to the table), a ``{realpath of map directory: _DiskState}`` dict recording the generation, row
+count, chunk records and index record it last loaded or committed there. A save appends only when that record matches
+the manifest on disk; it is updated at the commit point, so a save that fails after committing still appends next time.
+
+Nothing here uses pickle: the manifest is JSON, keyframes are CSV, descriptor chunks are parsed with
+:mod:`numpy.lib.format` header readers (float dtypes only) and memory-mapped from the already verified file
+descriptor, and the index is raw bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dinomix_ros.maps.errors import MapConflictError, MapError, MapFormatError, MapLockedError, MapNotFoundError
+from dinomix_ros.maps.keyframe_csv import parse_csv, write_csv
+from dinomix_ros.maps.keyframes import KeyframeMap, utc_now_iso
+from dinomix_ros.maps.manifest import (
+    MANIFEST, corrupted, generation_file, generation_of, listed_files, manifest_bytes, new_manifest, read_manifest,
+)
+from dinomix_ros.maps.validation import STORAGE_DTYPES, check_fingerprint, check_json, check_same_model
+from dinomix_ros.util.files import TMP_PREFIX, atomic_path, fsync_dir
+
+__all__ = ["LOCK_FILE", "load_map", "save_map"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+_IO_BLOCK = 8 << 20
+_LOAD_ATTEMPTS = 5
+
+
+@dataclass
+class _DiskState:
+    """What an object knows is committed at one map directory (used to append and to detect other writers)."""
+
+    generation: int
+    rows: int
+    chunks: list[dict[str, Any]]
+    index: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _SavePlan:
+    """What one save writes: its generation, and the committed state it appends to (if any)."""
+
+    generation: int
+    base: _DiskState | None  # what this object committed at the directory, when the save may build on it
+    append: bool  # keep base's chunks and write only the rows added since
+
+    @property
+    def start(self) -> int:
+        """First row the new descriptor chunk holds."""
+        return self.base.rows if self.append and self.base is not None else 0
+
+
+class _VanishedFileError(Exception):
+    """A file named by the manifest disappeared while loading (internal: triggers a retry)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _known(kmap: KeyframeMap, key: str) -> _DiskState | None:
+    """What ``kmap`` knows is committed at the map directory whose real path is ``key``."""
+    states = kmap._storage_state
+    return None if states is None else states.get(key)
+
+
+def _remember(kmap: KeyframeMap, key: str, state: _DiskState) -> None:
+    """Record that ``state`` is committed at ``key`` (right after the commit point, or after loading it)."""
+    if kmap._storage_state is None:
+        kmap._storage_state = {}
+    kmap._storage_state[key] = state
+
+
+# ---------------------------------------------------------------------- save
+
+
+def save_map(
+    kmap: KeyframeMap,
+    path: str | os.PathLike[str],
+    index_blob: np.ndarray | bytes | None = None,
+    index_kind: str | None = None,
+    *,
+    overwrite: bool = False,
+    compact: bool = False,
+    lock_timeout_s: float = 30.0,
+) -> Path:
+    """Save ``kmap`` atomically to the map directory ``path``; see :meth:`KeyframeMap.save` for the arguments."""
+    t0 = time.monotonic()
+    _check_savable(kmap, index_blob, index_kind)
+    directory = _map_directory(path)
+    key = os.path.realpath(directory)
+    with _DirLock(directory, lock_timeout_s):
+        plan = _plan_save(kmap, directory, key, overwrite=overwrite, compact=compact)
+        manifest = _commit_generation(kmap, directory, key, plan)
+        removed = _remove_unreferenced(directory, _referenced(manifest))
+        if removed:
+            fsync_dir(directory)
+    files = manifest["files"]
+    logger.info("saved map %s: generation %d, %d keyframes (%s), %d chunk(s), index %s, %d file(s) removed, "
+                "%.3f s", directory, plan.generation, len(kmap),
+                f"+{len(kmap) - plan.start} appended" if plan.append else "full write", len(files["descriptors"]),
+                files["index"]["file"] if files["index"] else "none", removed, time.monotonic() - t0)
+    return directory
+
+
+def _check_savable(kmap: KeyframeMap, index_blob: np.ndarray | bytes | None, index_kind: str | None) -> None:
+    """Refuse a fingerprint or metadata changed into something unsavable; attach ``index_blob`` if given."""
+    check_fingerprint(kmap.fingerprint, "fingerprint", MapError)
+    if kmap.fingerprint["descriptor_dim"] != kmap.descriptor_dim:
+        raise MapError(f"fingerprint['descriptor_dim'] is {kmap.fingerprint['descriptor_dim']} but the map holds "
+                       f"{kmap.descriptor_dim}-d descriptors; restore the fingerprint the map was created with")
+    if not isinstance(kmap.metadata, dict):
+        raise MapError(f"metadata must be a dict, got {type(kmap.metadata).__name__}")
+    check_json(kmap.metadata, "metadata", MapError)
+    if index_blob is not None:
+        if index_kind is None:
+            raise MapError("index_blob given without index_kind; pass e.g. index_kind='faiss_flat_ip'")
+        kmap.set_index(index_blob, index_kind)
+    elif index_kind is not None:
+        raise MapError("index_kind given without index_blob")
+
+
+def _map_directory(path: str | os.PathLike[str]) -> Path:
+    """The map directory at ``path``, created (durably) if missing."""
+    directory = Path(path)
+    if not directory.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fsync_dir(directory.parent)
+    elif not directory.is_dir():
+        raise MapError(f"{directory} exists and is not a directory; a map is saved as a directory "
+                       "(e.g. maps/office.dinomap)")
+    return directory
+
+
+def _plan_save(kmap: KeyframeMap, directory: Path, key: str, *, overwrite: bool, compact: bool) -> _SavePlan:
+    """Check that ``kmap`` may be saved into ``directory`` (the caller holds the lock) and choose the generation."""
+    disk, disk_gen = _existing_manifest(directory, overwrite)
+    known = _known(kmap, key)
+    ours = disk is not None and not overwrite  # checked below: this object wrote what is committed
+    if ours:
+        if known is None:
+            raise MapError(
+                f"{directory} already holds a map ({disk['count']} keyframes, generation "
+                f"{disk['generation']}, model {disk['fingerprint'].get('id')}) that this object did not load; "
+                "load it and add to it, choose a new path, or pass overwrite=True to replace it"
+            )
+        if disk["generation"] != known.generation or disk["files"]["descriptors"] != known.chunks:
+            raise MapConflictError(
+                f"{directory} changed on disk since this object loaded or saved it (generation "
+                f"{disk['generation']} on disk, {known.generation} expected): another process saved it. "
+                "Load it again and re-add your keyframes, or pass overwrite=True to replace it"
+            )
+        check_same_model(disk["fingerprint"], kmap.fingerprint, f"the map at {directory}")
+    # Above every generation in the directory, leftovers included, so no name is ever reused.
+    generation = max(disk_gen, _max_file_generation(directory)) + 1
+    if disk is not None:
+        # Leftovers of a crashed save are unreferenced by the committed manifest: safe to delete under the lock.
+        _remove_unreferenced(directory, _referenced(disk))
+    return _SavePlan(generation, known if ours else None, ours and not compact)
+
+
+def _commit_generation(kmap: KeyframeMap, directory: Path, key: str, plan: _SavePlan) -> dict[str, Any]:
+    """Write the new files, then commit them by replacing manifest.json; return the committed manifest."""
+    gen = plan.generation
+    created: list[Path] = []
+    committed = False
+    try:
+        chunks = list(plan.base.chunks) if plan.append and plan.base is not None else []
+        if len(kmap) > plan.start:
+            chunks.append(_write_chunk(kmap, directory, gen, plan.start, created))
+        name = generation_file("keyframes", gen, "csv")
+        sha, size = _write_file(directory, name, lambda w: write_csv(w, kmap), created)
+        kf_rec = {"file": name, "rows": len(kmap), "bytes": size, "sha256": sha}
+        index_rec = _index_for_save(kmap, directory, gen, plan.base, created)
+        fsync_dir(directory)  # the new names are durable before a manifest references them
+        manifest = new_manifest(kmap, gen, utc_now_iso(), kf_rec, chunks, index_rec)
+        data = manifest_bytes(manifest)
+        _write_file(directory, MANIFEST, lambda w: w.write(data), None)
+        committed = True  # os.replace onto manifest.json happened: this is the commit point
+        _remember(kmap, key, _DiskState(generation=gen, rows=len(kmap), chunks=chunks, index=index_rec))
+        fsync_dir(directory)
+    except BaseException:
+        if not committed:
+            for p in created:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+        raise
+    return manifest
+
+
+def _write_chunk(kmap: KeyframeMap, directory: Path, gen: int, start: int, created: list[Path]) -> dict[str, Any]:
+    """Write rows [start, len(kmap)) as descriptors.g<gen>.npy; return its manifest record."""
+    rows = len(kmap) - start
+    dim = kmap.descriptor_dim
+    dtype = STORAGE_DTYPES[kmap.storage_dtype]
+    name = generation_file("descriptors", gen, "npy")
+
+    def write(w: _HashingWriter) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, dim)}
+        np.lib.format.write_array_header_1_0(w, header)
+        for part in kmap._stored_blocks(start, max(1, _IO_BLOCK // (dim * dtype.itemsize))):
+            w.write(memoryview(part).cast("B"))
+
+    sha, size = _write_file(directory, name, write, created)
+    return {"file": name, "rows": rows, "bytes": size, "sha256": sha}
+
+
+def _index_for_save(kmap: KeyframeMap, directory: Path, gen: int, base: _DiskState | None,
+                    created: list[Path]) -> dict[str, Any] | None:
+    """Manifest record of the index to commit: reuse the committed file, write the attached blob, or none."""
+    attached = kmap._attached_index()
+    count = len(kmap)
+    if attached is not None and attached.rows == count:
+        if base is not None and base.index is not None and base.index["sha256"] == attached.sha256 \
+                and base.index["rows"] == count and base.index["kind"] == attached.kind:
+            return base.index
+        name = generation_file("index", gen, "faiss" if attached.kind.lower().startswith("faiss") else "bin")
+        sha, size = _write_file(directory, name, lambda w: w.write(memoryview(attached.blob).cast("B")), created)
+        return {"file": name, "kind": attached.kind, "rows": count, "bytes": size, "sha256": sha}
+    if base is not None and base.index is not None and base.index["rows"] == count:
+        return base.index  # committed index still covers every row (e.g. loaded with load_index=False)
+    if attached is not None:
+        built_for = attached.rows
+    elif base is not None and base.index is not None:
+        built_for = base.index["rows"]
+    else:
+        return None
+    logger.info("index stale (built for %d rows, map has %d): not saved, will be rebuilt", built_for, count)
+    kmap._drop_index()
+    return None
+
+
+def _existing_manifest(directory: Path, overwrite: bool) -> tuple[dict[str, Any] | None, int]:
+    """Return (committed manifest or None, its generation or 0) for a save into ``directory``."""
+    try:
+        disk = read_manifest(directory)
+    except MapNotFoundError:
+        return None, 0
+    except MapFormatError as exc:
+        if not overwrite:
+            raise MapFormatError(f"cannot save into {directory}: its existing map is unreadable here ({exc}). "
+                                 "Pass overwrite=True to replace it, or choose a new path") from None
+        try:
+            gen = json.loads((directory / MANIFEST).read_text("utf-8")).get("generation", 0)
+        except (OSError, ValueError, AttributeError):
+            gen = 0
+        return None, gen if type(gen) is int else 0
+    return disk, disk["generation"]
+
+
+def _referenced(manifest: dict[str, Any]) -> set[str]:
+    """Every name in the map directory that a save must keep while ``manifest`` is committed."""
+    return {MANIFEST, LOCK_FILE, *listed_files(manifest)}
+
+
+def _max_file_generation(directory: Path) -> int:
+    """The largest generation in any file name in ``directory`` (0 if none)."""
+    return max((g for g in map(generation_of, os.listdir(directory)) if g is not None), default=0)
+
+
+def _remove_unreferenced(directory: Path, referenced: set[str]) -> int:
+    """Delete temp files and generation files that ``referenced`` does not name (caller holds the lock)."""
+    removed = 0
+    for name in os.listdir(directory):
+        if name in referenced or not (name.startswith(TMP_PREFIX) or generation_of(name) is not None):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+            removed += 1
+            logger.debug("map %s: removed unreferenced %s", directory, name)
+    return removed
+
+
+class _HashingWriter:
+    """Binary writer that hashes and counts what passes through it."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha.update(data)
+        n = self._f.write(data)
+        self.size += n
+        return n
+
+
+def _write_file(directory: Path, name: str, fill: Callable[[_HashingWriter], None],
+                created: list[Path] | None) -> tuple[str, int]:
+    """Write ``directory/name`` atomically through ``fill``; return (sha256 hex, size) of what was written.
+
+    The rename is not yet durable: the caller fsyncs the directory once for all the files of a generation.
+    """
+    with atomic_path(directory / name, sync_dir=False) as tmp, open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        fill(w)
+    if created is not None:
+        created.append(directory / name)
+    return w.sha.hexdigest(), w.size
+
+
+class _DirLock:
+    """Exclusive advisory lock on <map>/.lock (released by the kernel if the process dies)."""
+
+    def __init__(self, directory: Path, timeout_s: float) -> None:
+        self._path = directory / LOCK_FILE
+        self._timeout_s = timeout_s
+        self._fd = -1
+
+    def __enter__(self) -> _DirLock:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise MapLockedError(
+                        f"{self._path} is locked by another process saving this map (waited {self._timeout_s:g} s); "
+                        "wait for it to finish, or raise lock_timeout_s"
+                    ) from None
+                time.sleep(0.02)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+# ---------------------------------------------------------------------- load
+
+
+def load_map(
+    path: str | os.PathLike[str],
+    *,
+    expected_fingerprint: dict[str, Any] | None = None,
+    mmap: bool = True,
+    verify: bool = True,
+    load_index: bool = True,
+    map_type: type[KeyframeMap] = KeyframeMap,
+) -> KeyframeMap:
+    """Load and verify the map directory ``path`` as a ``map_type``; see :meth:`KeyframeMap.load` for the rest."""
+    directory = Path(path)
+    for _ in range(_LOAD_ATTEMPTS):
+        manifest = read_manifest(directory)
+        if expected_fingerprint is not None:
+            check_same_model(manifest["fingerprint"], expected_fingerprint, f"the map at {directory}")
+        try:
+            return _from_manifest(map_type, directory, manifest, mmap=mmap, verify=verify, load_index=load_index)
+        except _VanishedFileError as exc:
+            try:
+                now = read_manifest(directory)["generation"]
+            except MapError:
+                now = None
+            if now == manifest["generation"]:
+                raise MapFormatError(
+                    f"{directory / exc.name} is listed in manifest.json but missing: the map is damaged "
+                    "(a file was deleted). Restore the directory from a backup or rebuild the map"
+                ) from None
+            logger.info("map %s changed while loading (generation %d -> %s); retrying",
+                        directory, manifest["generation"], now)
+    raise MapFormatError(f"{directory} changed {_LOAD_ATTEMPTS} times while loading; another process is saving "
+                         "it continuously. Try again, or load a copy")
+
+
+def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[str, Any], *, mmap: bool,
+                   verify: bool, load_index: bool) -> KeyframeMap:
+    """Read and verify the files ``manifest`` names (raises :class:`_VanishedFileError` if one is gone)."""
+    t0 = time.monotonic()
+    count = manifest["count"]
+    dim = manifest["descriptor_dim"]
+    dtype = STORAGE_DTYPES[manifest["descriptor_dtype"]]
+    files = manifest["files"]
+    kf_rec, index_rec = files["keyframes"], files["index"]
+    if index_rec is not None and index_rec["rows"] != count:
+        logger.warning("map %s: index %s was built for %d rows but the map has %d: index stale, will be rebuilt",
+                       directory, index_rec["file"], index_rec["rows"], count)
+        index_rec = None
+    with contextlib.ExitStack() as stack:
+        # Open every referenced file before reading any: an open file survives a concurrent save deleting it,
+        # so a writer can only race this reader during these few open() calls (then load() retries).
+        kf_file = _open_referenced(directory, kf_rec, stack)
+        chunk_files = [_open_referenced(directory, rec, stack) for rec in files["descriptors"]]
+        index_file = None
+        if index_rec is not None and load_index:
+            try:
+                index_file = _open_referenced(directory, index_rec, stack)
+            except _VanishedFileError:
+                logger.warning("map %s: index %s is missing: index stale, will be rebuilt", directory,
+                               index_rec["file"])
+                index_rec = None
+        cols = parse_csv(_read_verified(kf_file, kf_rec, verify=True), kf_rec["file"], count)
+        _check_table_matches(manifest, cols, kf_rec["file"])
+        segments = [_open_chunk(f, rec, dim, dtype, mmap=mmap, verify=verify)
+                    for f, rec in zip(chunk_files, files["descriptors"])]
+        blob = None
+        if index_file is not None:
+            try:
+                blob = _read_verified(index_file, index_rec, verify=verify)
+            except MapFormatError as exc:
+                logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
+                index_rec = None
+    obj = map_type(manifest["fingerprint"], descriptor_dim=dim, storage_dtype=manifest["descriptor_dtype"],
+                   metadata=manifest["metadata"], created=manifest["created"], next_id=manifest["next_id"],
+                   columns=cols, segments=segments)
+    if blob is not None:
+        obj._attach_verified_index(np.frombuffer(blob, dtype=np.uint8), index_rec["kind"], index_rec["sha256"])
+    _remember(obj, os.path.realpath(directory), _DiskState(
+        generation=manifest["generation"], rows=count, chunks=files["descriptors"], index=index_rec))
+    logger.info("loaded map %s: generation %d, %d keyframes x %d %s in %d chunk(s), index %s, %.3f s",
+                directory, manifest["generation"], count, dim, manifest["descriptor_dtype"], len(segments),
+                obj.index_kind, time.monotonic() - t0)
+    return obj
+
+
+def _check_table_matches(manifest: dict[str, Any], cols: dict[str, np.ndarray], name: str) -> None:
+    """Refuse a keyframe table whose ids, frames or cameras contradict the manifest."""
+    ids = cols["ids"]
+    if manifest["count"] and ids[-1] >= manifest["next_id"]:
+        raise MapFormatError(f"{name}: largest id {ids[-1]} is not below the manifest's next_id "
+                             f"{manifest['next_id']}; the files are inconsistent (edited by hand?)")
+    for key, col in (("frames", "frame_ids"), ("cameras", "cameras")):
+        found = sorted(set(cols[col].tolist()))
+        if found != sorted(manifest[key]):
+            raise MapFormatError(f"manifest.json lists {key} {manifest[key]} but {name} has "
+                                 f"{found}; the files are inconsistent (edited by hand?)")
+
+
+def _open_referenced(directory: Path, rec: dict[str, Any], stack: contextlib.ExitStack) -> io.BufferedReader:
+    """Open a file the manifest names, kept open by ``stack``; a missing file raises :class:`_VanishedFileError`."""
+    try:
+        f = open(directory / rec["file"], "rb")
+    except FileNotFoundError:
+        raise _VanishedFileError(rec["file"]) from None
+    return stack.enter_context(f)
+
+
+def _read_verified(f: io.BufferedReader, rec: dict[str, Any], *, verify: bool) -> bytes:
+    """Read a whole file named by a manifest record, checking its size and (optionally) sha256."""
+    data = f.read()
+    if len(data) != rec["bytes"]:
+        raise corrupted(rec["file"], f"{len(data)} bytes, manifest says {rec['bytes']}")
+    if verify:
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != rec["sha256"]:
+            raise corrupted(rec["file"], f"sha256 {sha[:12]}..., manifest says {rec['sha256'][:12]}...")
+    return data
+
+
+def _sha256_of(f: io.BufferedReader) -> str:
+    """Hash an open file from its current position to the end, in blocks."""
+    h = hashlib.sha256()
+    buf = bytearray(_IO_BLOCK)
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(view)
+        if not n:
+            return h.hexdigest()
+        h.update(view[:n])
+
+
+def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.dtype, *, mmap: bool,
+                verify: bool) -> np.ndarray:
+    """Read or map one open descriptor chunk; checks size, sha256, .npy header, dtype and shape against the manifest."""
+    name = rec["file"]
+    size = os.fstat(f.fileno()).st_size
+    if size != rec["bytes"]:
+        raise corrupted(name, f"{size} bytes, manifest says {rec['bytes']}")
+    if verify:
+        sha = _sha256_of(f)
+        if sha != rec["sha256"]:
+            raise corrupted(name, f"sha256 {sha[:12]}..., manifest says {rec['sha256'][:12]}...")
+        f.seek(0)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, found = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, found = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except ValueError as exc:
+        raise corrupted(name, f"not a valid .npy file: {exc}") from None
+    if found != dtype or fortran or shape != (rec["rows"], dim):
+        raise MapFormatError(
+            f"{name} holds a {'Fortran-order ' if fortran else ''}{found} array of shape {shape}, expected "
+            f"{dtype} ({rec['rows']}, {dim}) as the manifest says; the files are inconsistent (mixed maps?)"
+        )
+    offset = f.tell()
+    if offset + rec["rows"] * dim * dtype.itemsize != size:
+        raise corrupted(name, f"{size} bytes cannot hold a ({rec['rows']}, {dim}) {dtype} array")
+    if mmap:
+        # Map the already opened and verified file (np.load would reopen it by name, maybe another file by then).
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(rec["rows"], dim))
+    arr = np.empty((rec["rows"], dim), dtype=dtype)
+    if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+        raise corrupted(name, "short read")
+    arr.flags.writeable = False
+    return arr

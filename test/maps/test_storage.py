@@ -1,0 +1,640 @@
+"""Tests for dinomix_ros.maps.storage (KeyframeMap.save / load): round trips, append-only chunks, verification on
+load, index freshness, crash safety, concurrency, hostile files.
+
+The kill test runs this file's ``kill_block`` in a child process (imported from the test directory), so the child
+and the parent agree on every row without sharing state.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from mapfactory import DIM, STAMP0, assert_same_map, fingerprint, full_map, unit
+
+from dinomix_ros.maps.keyframe_csv import CSV_COLUMNS
+from dinomix_ros.maps.keyframes import (
+    KeyframeMap,
+    MapConflictError,
+    MapError,
+    MapFormatError,
+    MapLockedError,
+    MapMismatchError,
+    MapNotFoundError,
+)
+from dinomix_ros.maps import storage
+from dinomix_ros.maps.manifest import read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_DIR = Path(__file__).resolve().parent
+
+
+def manifest_of(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text("utf-8"))
+
+
+def rewrite_manifest(path: Path, manifest: dict) -> None:
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2), "utf-8")
+
+
+def refresh_record(path: Path, rec: dict) -> None:
+    """Make a manifest record match its (tampered) file, so that only deeper checks can catch the damage."""
+    data = (path / rec["file"]).read_bytes()
+    rec["bytes"], rec["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "float32"])
+def test_round_trip_every_field(tmp_path: Path, rng: np.random.Generator, storage_dtype: str) -> None:
+    m, desc = full_map(rng, storage_dtype=storage_dtype)
+    m.save(tmp_path / "office.dinomap", b"\x00index bytes\xff", "faiss_flat_ip")
+    loaded = KeyframeMap.load(tmp_path / "office.dinomap")
+    assert_same_map(m, loaded)
+    assert loaded.stamps_ns[0] == STAMP0 and loaded.stamps_ns.dtype == np.int64
+    assert loaded.created == m.created
+    if storage_dtype == "float32":
+        assert np.array_equal(loaded.descriptors, desc)
+    else:
+        assert loaded.descriptors.dtype == np.float16
+        np.testing.assert_allclose(loaded.descriptors_f32(), desc, atol=1e-3)
+    assert loaded.index_blob.tobytes() == b"\x00index bytes\xff" and loaded.index_kind == "faiss_flat_ip"
+    assert loaded.keyframe(1) == m.keyframe(1)  # row 1 has no NaN, so tuple equality is meaningful
+    kf = loaded.keyframe(7)
+    assert (kf.utm, kf.utm_zone, kf.utm_band, kf.camera) == (None, 0, "", "caméra_arrière")
+    assert loaded.keyframe(2).position is None and loaded.keyframe(4).orientation is None
+    assert loaded.keyframe(5).gps is None and np.isnan(loaded.keyframe(6).gps[2])
+    assert loaded.frames == ["map", "odom", "utm"]
+    assert isinstance(loaded.descriptors, np.memmap)  # single chunk: zero-copy memory map
+
+
+def test_keyframe_csv_is_plain_and_exact(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    man = read_manifest(tmp_path / "m")
+    with open(tmp_path / "m" / man["files"]["keyframes"]["file"], newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == len(m) + 1
+    row = dict(zip(rows[0], rows[3]))  # keyframe 2: unknown position
+    assert (row["x"], row["y"], row["z"]) == ("", "", "")
+    assert int(row["stamp_ns"]) == STAMP0 + 2 * 33_333_333
+    assert float(rows[2][4]) == m.positions[1, 0]
+    assert rows[4][4:7] == ["-0.0", "5e-324", "1.7976931348623157e+308"]
+    assert man["count"] == 12 and man["descriptor_dtype"] == "float16" and man["frames"] == ["map", "odom", "utm"]
+
+
+def test_empty_map_round_trip(tmp_path: Path) -> None:
+    m = KeyframeMap.empty(fingerprint(), storage_dtype="float32")
+    m.save(tmp_path / "e")
+    loaded = KeyframeMap.load(tmp_path / "e")
+    assert len(loaded) == 0 and loaded.descriptors.shape == (0, DIM) and loaded.index_blob is None
+    assert read_manifest(tmp_path / "e")["files"]["descriptors"] == []
+
+
+def test_faiss_index_blob_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
+    faiss = pytest.importorskip("faiss")
+    m, _ = full_map(rng)
+    index = faiss.IndexFlatIP(DIM)
+    index.add(m.descriptors_f32())
+    m.save(tmp_path / "m", faiss.serialize_index(index), "faiss_flat_ip")
+    assert (tmp_path / "m" / read_manifest(tmp_path / "m")["files"]["index"]["file"]).suffix == ".faiss"
+    loaded = KeyframeMap.load(tmp_path / "m")
+    xq = m.descriptors_f32()[:3]
+    _, expected = index.search(xq, 4)
+    _, found = faiss.deserialize_index(loaded.index_blob).search(xq, 4)
+    assert np.array_equal(found, expected) and found[:, 0].tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------- append-only chunks
+
+
+def test_append_writes_one_chunk_and_leaves_old_chunks_untouched(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path)
+    old = read_manifest(path)
+    old_chunk = path / old["files"]["descriptors"][0]["file"]
+    before = (os.stat(old_chunk).st_ino, os.stat(old_chunk).st_mtime_ns, sha(old_chunk))
+
+    loaded = KeyframeMap.load(path)
+    new_ids = loaded.add(unit(rng, 3), stamps_ns=[1, 2, 3], cameras="rear", frame_ids="odom")
+    assert new_ids.tolist() == [12, 13, 14]
+    loaded.save(path)
+    new = read_manifest(path)
+    assert new["files"]["descriptors"][:1] == old["files"]["descriptors"]
+    assert len(new["files"]["descriptors"]) == 2 and new["files"]["descriptors"][1]["rows"] == 3
+    assert (os.stat(old_chunk).st_ino, os.stat(old_chunk).st_mtime_ns, sha(old_chunk)) == before
+    assert sorted(p.name for p in path.glob("*.npy")) == ["descriptors.g000001.npy", "descriptors.g000002.npy"]
+    assert not (path / old["files"]["keyframes"]["file"]).exists()  # replaced table deleted after the commit
+    assert new["generation"] == 2 and new["count"] == 15 and new["created"] == old["created"]
+    assert_same_map(loaded, KeyframeMap.load(path))
+
+    loaded.metadata["notes"] = "metadata-only save"
+    loaded.save(path)  # nothing added: no new chunk
+    assert read_manifest(path)["files"]["descriptors"] == new["files"]["descriptors"]
+    assert KeyframeMap.load(path).metadata["notes"] == "metadata-only save"
+
+
+def test_save_elsewhere_writes_everything_and_existing_maps_need_overwrite(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "a")
+    m.add(unit(rng, 2), stamps_ns=[5, 6], cameras="front", frame_ids="map")
+    m.save(tmp_path / "a")
+    loaded = KeyframeMap.load(tmp_path / "a")
+    loaded.save(tmp_path / "b")
+    assert [c["rows"] for c in read_manifest(tmp_path / "b")["files"]["descriptors"]] == [14]
+    assert_same_map(loaded, KeyframeMap.load(tmp_path / "b"))
+
+    other, _ = full_map(np.random.default_rng(7), n=9)
+    with pytest.raises(MapError, match=r"already holds a map \(14 keyframes.*overwrite=True"):
+        other.save(tmp_path / "a")
+    other.save(tmp_path / "a", overwrite=True)
+    assert_same_map(other, KeyframeMap.load(tmp_path / "a"))
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.npy")) == ["descriptors.g000003.npy"]
+
+
+def test_compact_rewrites_one_chunk(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path, b"idx", "bin_test")
+    for k in range(2):
+        m.add(unit(rng, 2), stamps_ns=[k, k + 1], cameras="front", frame_ids="map")
+        m.save(path)
+    assert len(read_manifest(path)["files"]["descriptors"]) == 3
+    m.save(path, compact=True)
+    man = read_manifest(path)
+    assert [c["rows"] for c in man["files"]["descriptors"]] == [16]
+    assert sorted(p.name for p in path.glob("*.npy")) == [man["files"]["descriptors"][0]["file"]]
+    loaded = KeyframeMap.load(path)
+    assert_same_map(m, loaded)
+    assert np.array_equal(np.concatenate(list(m.iter_descriptors_f32(block_rows=5))), loaded.descriptors_f32())
+
+
+# ---------------------------------------------------------------------- refusals on load
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    other = fingerprint("dmx-ffffffffffffffff")
+    other["architecture"] = "dinomix_vitl14"
+    both = r"dmx-1a2b3c4d5e6f7a8b \(dinomix_vitb14\).*dmx-ffffffffffffffff \(dinomix_vitl14\)"
+    with pytest.raises(MapMismatchError, match=both):
+        KeyframeMap.load(tmp_path / "m", expected_fingerprint=other)
+    with pytest.raises(MapMismatchError, match="dmx-ffffffffffffffff"):
+        m.check_compatible(other)
+    m.check_compatible(fingerprint())
+    assert len(KeyframeMap.load(tmp_path / "m", expected_fingerprint=fingerprint())) == 12
+
+    loaded = KeyframeMap.load(tmp_path / "m")
+    loaded.fingerprint = other
+    with pytest.raises(MapMismatchError, match="built with model dmx-1a2b3c4d5e6f7a8b"):
+        loaded.save(tmp_path / "m")
+
+
+def test_flipped_byte_in_chunk_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    chunk = tmp_path / "m" / "descriptors.g000001.npy"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(MapFormatError, match=r"descriptors\.g000001\.npy is corrupted or truncated \(sha256"):
+        KeyframeMap.load(tmp_path / "m")
+    # The documented cost of verify=False: sizes and headers only, so a flipped data byte goes unnoticed.
+    assert len(KeyframeMap.load(tmp_path / "m", verify=False)) == 12
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_truncated_chunk_is_refused(tmp_path: Path, rng: np.random.Generator, verify: bool) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    chunk = tmp_path / "m" / "descriptors.g000001.npy"
+    os.truncate(chunk, chunk.stat().st_size - 10)
+    short = r"descriptors\.g000001\.npy is corrupted or truncated \(\d+ bytes, manifest says"
+    with pytest.raises(MapFormatError, match=short):
+        KeyframeMap.load(tmp_path / "m", verify=verify)
+    man = manifest_of(tmp_path / "m")  # a manifest that agrees with the short file: the .npy header still tells
+    refresh_record(tmp_path / "m", man["files"]["descriptors"][0])
+    rewrite_manifest(tmp_path / "m", man)
+    with pytest.raises(MapFormatError, match=r"cannot hold a \(12, 64\) float16 array"):
+        KeyframeMap.load(tmp_path / "m", verify=verify)
+
+
+def test_chunk_with_wrong_shape_or_dtype_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    np.save(tmp_path / "m" / "descriptors.g000001.npy", np.zeros((12, DIM), dtype=np.float32), allow_pickle=False)
+    man = manifest_of(tmp_path / "m")
+    refresh_record(tmp_path / "m", man["files"]["descriptors"][0])
+    rewrite_manifest(tmp_path / "m", man)
+    with pytest.raises(MapFormatError, match=r"holds a float32 array of shape \(12, 64\), expected float16"):
+        KeyframeMap.load(tmp_path / "m")
+
+
+def test_missing_csv_rows_are_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    table = tmp_path / "m" / "keyframes.g000001.csv"
+    lines = table.read_text("utf-8").splitlines(keepends=True)
+    table.write_text("".join(lines[:-1]), "utf-8")
+    with pytest.raises(MapFormatError, match=r"keyframes\.g000001\.csv is corrupted or truncated"):
+        KeyframeMap.load(tmp_path / "m")
+    man = manifest_of(tmp_path / "m")
+    refresh_record(tmp_path / "m", man["files"]["keyframes"])
+    rewrite_manifest(tmp_path / "m", man)
+    with pytest.raises(MapFormatError, match=r"has 11 keyframe rows but manifest.json says 12"):
+        KeyframeMap.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("column, value, match", [
+    ("utm_zone", "61", r"line 3: utm_zone 61 outside 1\.\.60"),
+    ("x", "nan", r"line 3, column x: 'nan' is not a finite number \(unknown values are empty cells\)"),
+    ("qw", "1.0.0", r"line 3, column qw: '1\.0\.0' is not a finite number"),
+    ("stamp_ns", "1.7e18", r"line 3, column stamp_ns: '1\.7e18' is not an integer"),
+    ("id", "0", r"line 3: id 0 after 0; ids must be strictly increasing"),
+    ("frame_id", "", r"line 3: frame_ids is empty"),
+])
+def test_edited_csv_values_are_refused(tmp_path: Path, rng: np.random.Generator, column: str, value: str,
+                                       match: str) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    table = tmp_path / "m" / "keyframes.g000001.csv"
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    rows[2][CSV_COLUMNS.index(column)] = value  # keyframe 1, file line 3
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    man = manifest_of(tmp_path / "m")
+    refresh_record(tmp_path / "m", man["files"]["keyframes"])
+    rewrite_manifest(tmp_path / "m", man)
+    with pytest.raises(MapFormatError, match=r"keyframes\.g000001\.csv " + match):
+        KeyframeMap.load(tmp_path / "m")
+
+
+def test_newer_version_and_foreign_manifests_are_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    writer = KeyframeMap.load(tmp_path / "m")
+    man = manifest_of(tmp_path / "m")
+    rewrite_manifest(tmp_path / "m", {**man, "version": 2})
+    with pytest.raises(MapFormatError, match=r"written by a newer dinomix_ros \(map format version 2"):
+        KeyframeMap.load(tmp_path / "m")
+    with pytest.raises(MapFormatError, match="newer dinomix_ros"):
+        read_manifest(tmp_path / "m")
+    with pytest.raises(MapFormatError, match="unreadable here.*overwrite=True"):
+        writer.save(tmp_path / "m")
+    rewrite_manifest(tmp_path / "m", {**man, "format": "something.else"})
+    with pytest.raises(MapFormatError, match="not a dinomix_ros map"):
+        KeyframeMap.load(tmp_path / "m")
+    bad = json.loads(json.dumps(man))
+    bad["files"]["descriptors"][0]["file"] = "../../etc/descriptors.g000001.npy"
+    rewrite_manifest(tmp_path / "m", bad)
+    with pytest.raises(MapFormatError, match="expected a plain file name"):
+        KeyframeMap.load(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").write_text('{"format": ', "utf-8")
+    with pytest.raises(MapFormatError, match="not valid UTF-8 JSON"):
+        KeyframeMap.load(tmp_path / "m")
+
+
+def test_missing_map_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(MapNotFoundError, match="directory does not exist"):
+        KeyframeMap.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        KeyframeMap.load(tmp_path / "empty")
+
+
+def test_missing_chunk_file_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    (tmp_path / "m" / "descriptors.g000001.npy").unlink()
+    with pytest.raises(MapFormatError, match=r"descriptors\.g000001\.npy is listed in manifest.json but missing"):
+        KeyframeMap.load(tmp_path / "m")
+
+
+# ---------------------------------------------------------------------- search index freshness
+
+
+def test_index_kept_when_fresh_and_dropped_when_stale(tmp_path: Path, rng: np.random.Generator,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.storage")
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path, np.arange(50, dtype=np.uint8), "faiss_test")
+    index_file = path / read_manifest(path)["files"]["index"]["file"]
+
+    loaded = KeyframeMap.load(path)
+    assert loaded.index_blob.tolist() == list(range(50))
+    loaded.metadata["touched"] = True
+    loaded.save(path)  # no rows added: the committed index still covers every row and is not rewritten
+    assert read_manifest(path)["files"]["index"]["file"] == index_file.name and index_file.exists()
+
+    lazy = KeyframeMap.load(path, load_index=False)
+    assert lazy.index_blob is None
+    lazy.save(path)
+    assert KeyframeMap.load(path).index_kind == "faiss_test"
+
+    loaded = KeyframeMap.load(path)
+    loaded.add(unit(rng, 1), stamps_ns=[1], cameras="front", frame_ids="map")
+    assert loaded.index_blob is None and loaded.index_kind is None  # stale at once in memory
+    caplog.clear()
+    loaded.save(path)
+    assert "index stale (built for 12 rows, map has 13)" in caplog.text
+    assert read_manifest(path)["files"]["index"] is None and not index_file.exists()
+    assert KeyframeMap.load(path).index_blob is None
+
+    loaded.save(path, b"fresh", "faiss_test")
+    assert KeyframeMap.load(path).index_blob.tobytes() == b"fresh"
+
+
+def test_stale_or_corrupted_index_on_disk_is_ignored(tmp_path: Path, rng: np.random.Generator,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.storage")
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path, b"0123456789", "faiss_test")
+    man = manifest_of(path)
+    index_file = path / man["files"]["index"]["file"]
+    index_file.write_bytes(b"0123456780")
+    loaded = KeyframeMap.load(path)
+    assert loaded.index_blob is None and len(loaded) == 12
+    assert "corrupted or truncated" in caplog.text and "index stale, will be rebuilt" in caplog.text
+
+    index_file.write_bytes(b"0123456789")
+    man["files"]["index"]["rows"] = 11
+    rewrite_manifest(path, man)
+    caplog.clear()
+    assert KeyframeMap.load(path).index_blob is None
+    assert "built for 11 rows but the map has 12: index stale" in caplog.text
+
+
+# ---------------------------------------------------------------------- crash safety
+
+KILL_ROWS = 128
+KILL_DIM = 512
+
+CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_storage import KILL_ROWS, kill_block
+from dinomix_ros.maps.keyframes import KeyframeMap
+
+path = sys.argv[1]
+m = KeyframeMap.load(path)
+k = len(m) // KILL_ROWS
+print("ready", flush=True)
+while True:
+    desc, fields = kill_block(k)
+    m.add(desc, **fields)
+    k += 1
+    m.metadata["blocks"] = k
+    m.save(path, compact=sys.argv[3] == "compact")
+"""
+
+
+def kill_block(k: int) -> tuple[np.ndarray, dict]:
+    """Rows of block ``k`` of the kill test; a pure function of ``k`` so any committed state can be recomputed."""
+    rng = np.random.default_rng([1338, k])
+    desc = unit(rng, KILL_ROWS, KILL_DIM)
+    stamps = STAMP0 + k * KILL_ROWS + np.arange(KILL_ROWS, dtype=np.int64)
+    return desc, {"stamps_ns": stamps, "cameras": "cam_ø", "frame_ids": "map",
+                  "positions": rng.standard_normal((KILL_ROWS, 3)), "sources": [f"bag:/cam@{s}" for s in stamps]}
+
+
+def leftovers(path: Path) -> list[str]:
+    """Files a save in progress leaves behind: temp files, or generation files the manifest does not reference."""
+    files = read_manifest(path)["files"]
+    referenced = {files["keyframes"]["file"], *(c["file"] for c in files["descriptors"])}
+    return sorted(n for n in os.listdir(path) if n.startswith(".tmp-")
+                  or (n.endswith((".npy", ".csv")) and n not in referenced))
+
+
+def assert_committed_prefix(m: KeyframeMap, blocks: dict) -> int:
+    """The map must equal blocks 0..k-1 exactly for some k (old or new state, never a mix); returns k."""
+    assert len(m) % KILL_ROWS == 0
+    k = len(m) // KILL_ROWS
+    assert m.metadata["blocks"] == k
+    for b in range(k):
+        blocks.setdefault(b, kill_block(b))
+    rows = slice(0, len(m))
+    assert np.array_equal(m.ids, np.arange(len(m)))
+    assert np.array_equal(m.descriptors, np.concatenate([blocks[b][0] for b in range(k)]).astype(np.float16))
+    assert np.array_equal(m.stamps_ns, np.concatenate([blocks[b][1]["stamps_ns"] for b in range(k)])[rows])
+    assert np.array_equal(m.positions, np.concatenate([blocks[b][1]["positions"] for b in range(k)]))
+    assert m.sources.tolist() == [s for b in range(k) for s in blocks[b][1]["sources"]]
+    return k
+
+
+def test_sigkill_during_save_leaves_old_or_new_map(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "kill.dinomap"
+    m = KeyframeMap.empty(fingerprint(dim=KILL_DIM), metadata={"blocks": 0})
+    for k in range(2):
+        desc, fields = kill_block(k)
+        m.add(desc, **fields)
+    m.metadata["blocks"] = 2
+    m.save(path)
+    blocks: dict = {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    committed, mid_save = 2, []
+    for delay in rng.uniform(0.0, 0.25, size=10):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(TEST_DIR), "append"], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert child.stdout.readline() == b"ready\n", child.stderr.read().decode()
+            time.sleep(delay)
+        finally:
+            child.kill()  # SIGKILL: no cleanup handlers, no flush, the flock dies with the process
+            _, err = child.communicate(timeout=30)
+        assert child.returncode == -signal.SIGKILL, err.decode()  # it was still saving, not crashed
+        if leftovers(path):
+            mid_save.append(leftovers(path))
+        k = assert_committed_prefix(KeyframeMap.load(path), blocks)
+        assert k >= committed  # a committed save is never lost
+        committed = k
+    assert committed > 2, "the child never completed a save; the test proves nothing"
+    assert mid_save, "no kill landed inside save(); rerun or lengthen the saves"
+    final = KeyframeMap.load(path)
+    final.save(path, compact=True)  # a normal save removes whatever the kills left behind
+    assert leftovers(path) == []
+    assert_committed_prefix(KeyframeMap.load(path), blocks)
+
+
+def test_readers_see_whole_generations_while_a_writer_saves(tmp_path: Path) -> None:
+    """Readers take no lock; a reader whose files are replaced under it re-reads the manifest and retries."""
+    path = tmp_path / "busy.dinomap"
+    m = KeyframeMap.empty(fingerprint(dim=KILL_DIM), metadata={"blocks": 1})
+    desc, fields = kill_block(0)
+    m.add(desc, **fields)
+    m.save(path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    writer = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(TEST_DIR), "compact"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    blocks: dict = {}
+    seen = set()
+    try:
+        assert writer.stdout.readline() == b"ready\n", writer.stderr.read().decode()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            seen.add(assert_committed_prefix(KeyframeMap.load(path, mmap=False), blocks))
+    finally:
+        writer.kill()
+        _, err = writer.communicate(timeout=30)
+    assert writer.returncode == -signal.SIGKILL, err.decode()
+    assert len(seen) >= 3, f"the writer committed too few generations during the reads ({sorted(seen)})"
+
+
+def test_orphans_of_a_crashed_save_load_fine_and_are_cleaned(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path)
+    junk = [".tmp-descriptors.g000002.npy.0a1b2c", ".tmp-manifest.json.3d4e5f", "descriptors.g000002.npy",
+            "keyframes.g000002.csv", "index.g000002.faiss"]
+    for name in junk:
+        (path / name).write_bytes(b"partial write")
+    (path / "notes.txt").write_text("operator notes", "utf-8")
+    loaded = KeyframeMap.load(path)
+    assert_same_map(m, loaded)
+    loaded.add(unit(rng, 1), stamps_ns=[1], cameras="front", frame_ids="map")
+    loaded.save(path)
+    man = read_manifest(path)
+    assert man["generation"] == 3  # above every generation in the directory, so no name is reused
+    assert sorted(os.listdir(path)) == sorted([".lock", "manifest.json", "notes.txt", "keyframes.g000003.csv",
+                                               "descriptors.g000001.npy", "descriptors.g000003.npy"])
+    assert_same_map(loaded, KeyframeMap.load(path))
+
+    first = tmp_path / "interrupted_first_save"
+    first.mkdir()
+    (first / ".tmp-descriptors.g000001.npy.aaaaaa").write_bytes(b"partial")
+    with pytest.raises(MapNotFoundError, match="first save was interrupted"):
+        KeyframeMap.load(first)
+    m.save(first)
+    assert not (first / ".tmp-descriptors.g000001.npy.aaaaaa").exists()
+
+
+# ---------------------------------------------------------------------- concurrency
+
+
+def test_second_writer_is_refused_instead_of_losing_rows(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path)
+    a, b = KeyframeMap.load(path), KeyframeMap.load(path)
+    a.add(unit(rng, 1), stamps_ns=[1], cameras="front", frame_ids="map")
+    a.save(path)
+    b.add(unit(rng, 2), stamps_ns=[1, 2], cameras="front", frame_ids="map")
+    with pytest.raises(MapConflictError, match=r"generation 2 on disk, 1 expected"):
+        b.save(path)
+    assert len(KeyframeMap.load(path)) == 13
+
+
+def test_save_waits_for_the_lock_and_times_out(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path)
+    with open(path / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: conflicts like another process would
+        t0 = time.monotonic()
+        with pytest.raises(MapLockedError, match="locked by another process"):
+            m.save(path, lock_timeout_s=0.2)
+        assert 0.2 <= time.monotonic() - t0 < 5
+    m.save(path, lock_timeout_s=0.2)
+    assert read_manifest(path)["generation"] == 2
+
+
+# ---------------------------------------------------------------------- write failures (dinomix_ros.util.files)
+
+
+def failing_directory_fsync(code: int, call: int | None = None) -> Callable[[int], None]:
+    """An os.fsync that fails with ``code`` on the ``call``-th fsync of a directory (every one if None)."""
+    real = os.fsync
+    seen = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            seen.append(fd)
+            if call is None or len(seen) == call:
+                raise OSError(code, f"{os.strerror(code)} (injected)")
+        real(fd)
+
+    return fsync
+
+
+def test_failed_write_leaves_the_previous_map_and_no_temp_files(tmp_path: Path, rng: np.random.Generator,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path)
+    before, manifest = sorted(os.listdir(path)), manifest_of(path)
+    m.add(unit(rng, 2), stamps_ns=[1, 2], cameras="front", frame_ids="map")
+
+    def half_written(w: object, kmap: KeyframeMap) -> None:
+        w.write(b"id,stamp_ns\n")
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    monkeypatch.setattr(storage, "write_csv", half_written)
+    with pytest.raises(OSError, match="No space left on device"):
+        m.save(path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == before  # no .tmp-* file, and the chunk written before the CSV is gone too
+    assert manifest_of(path) == manifest
+    m.save(path)  # the object is still in step with the disk: this appends
+    assert [c["rows"] for c in read_manifest(path)["files"]["descriptors"]] == [12, 2]
+    assert_same_map(m, KeyframeMap.load(path))
+
+
+def test_directory_fsync_failure_fails_the_save_before_and_after_the_commit(tmp_path: Path, rng: np.random.Generator,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m"
+    m, _ = full_map(rng)
+    m.save(path)
+    before, manifest = sorted(os.listdir(path)), manifest_of(path)
+    m.add(unit(rng, 2), stamps_ns=[1, 2], cameras="front", frame_ids="map")
+    monkeypatch.setattr(os, "fsync", failing_directory_fsync(errno.EIO, call=1))  # before the manifest names files
+    with pytest.raises(OSError) as caught:
+        m.save(path)
+    assert caught.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == before and manifest_of(path) == manifest  # not committed, nothing left over
+
+    # Right after the commit: the new generation is in place but not known to be durable, so the save still fails...
+    monkeypatch.setattr(os, "fsync", failing_directory_fsync(errno.EIO, call=2))
+    with pytest.raises(OSError):
+        m.save(path)
+    monkeypatch.undo()
+    assert (read_manifest(path)["generation"], read_manifest(path)["count"]) == (2, 14)
+    # ...and the object knows what was committed: the next save appends instead of reporting a conflict.
+    m.add(unit(rng, 1), stamps_ns=[3], cameras="front", frame_ids="map")
+    m.save(path)
+    assert [c["rows"] for c in read_manifest(path)["files"]["descriptors"]] == [12, 2, 1]
+    assert_same_map(m, KeyframeMap.load(path))
+
+    # A file system that cannot fsync directories (EINVAL) is not an error.
+    monkeypatch.setattr(os, "fsync", failing_directory_fsync(errno.EINVAL))
+    m.add(unit(rng, 1), stamps_ns=[4], cameras="front", frame_ids="map")
+    m.save(tmp_path / "new_map")
+    m.save(path, compact=True)
+    monkeypatch.undo()
+    assert_same_map(m, KeyframeMap.load(tmp_path / "new_map"))
+    assert_same_map(m, KeyframeMap.load(path))
