@@ -3,7 +3,7 @@
 
 Examples:
     .venv/bin/python bench/bench_model.py                                    # CPU here: ViT-S and ViT-B, float32
-    python bench/bench_model.py --device cuda --dtypes float32,float16,bfloat16 --batch 256   # a GPU
+    python bench/bench_model.py --device cuda --dtypes float32,float16,bfloat16 --batch-size 256   # a GPU
 """
 
 import sys

@@ -1,1 +1,7 @@
-"""The ``dinomix`` command line: argparse over library calls (``dinomix --help``)."""
+"""The ``dinomix`` command line: argparse over library calls (``dinomix --help``).
+
+:mod:`~dinomix_ros.cli.main` builds the parser and is the one error boundary; each command module
+(:mod:`~dinomix_ros.cli.describe`, :mod:`~dinomix_ros.cli.model`, :mod:`~dinomix_ros.cli.bench`,
+:mod:`~dinomix_ros.cli.maps`, :mod:`~dinomix_ros.cli.evaluate`) registers its subcommands; what they share is in
+:mod:`~dinomix_ros.cli.common`.
+"""

@@ -1,1 +1,12 @@
-"""Evaluation: Recall@N, precision/recall and calibration of the similarity threshold, with plots kept apart."""
+"""Evaluation: how good a map is, and which similarity threshold the live node should use.
+
+* :mod:`~dinomix_ros.evaluation.retrieval`: geometric positives within a radius, Recall@N;
+* :mod:`~dinomix_ros.evaluation.curves`: precision/recall of the best match, thresholds for a target precision;
+* :mod:`~dinomix_ros.evaluation.loops`: RTAB-Map ground truth, loop closure and relocalization;
+* :mod:`~dinomix_ros.evaluation.plots`: the PNG plots (matplotlib, imported lazily);
+* :mod:`~dinomix_ros.evaluation.runs`: the three setups of ``dinomix map eval`` as library calls;
+* :mod:`~dinomix_ros.evaluation.reports` and :mod:`~dinomix_ros.evaluation.calibration`: the run folder, and the
+  calibrated threshold stored in a map.
+
+Input checks and the error every function raises for bad input: :mod:`~dinomix_ros.evaluation.inputs`.
+"""

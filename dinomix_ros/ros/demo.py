@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dinomix_ros.evaluation.metrics import load_loop_closure_ground_truth, plot_pr_curve, precision_recall_curve
+from dinomix_ros.evaluation.curves import precision_recall_curve
+from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
+from dinomix_ros.evaluation.plots import plot_pr_curve
 from dinomix_ros.util.files import atomic_path
 from dinomix_ros.maps.sources.imagefolder import list_images
 

@@ -1,4 +1,5 @@
-"""``dinomix map {build,info,topics,query,eval}`` run in-process through dinomix_ros.cli.main, with random weights.
+"""``dinomix map {build,info,topics,query}`` (and a bag build evaluated and calibrated by ``map eval``) run in-process
+through dinomix_ros.cli.main, with random weights.
 
 Seeded random weights make every score meaningless, so the checks are about plumbing: JSON on stdout, files
 written, counts, an image finding itself, calibration stored in the map, and errors ending with exit code 2.
@@ -6,47 +7,20 @@ written, counts, an image finding itself, calibration stored in the map, and err
 
 from __future__ import annotations
 
-import csv
 import json
-import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from bagfactory import Motion, photo_frames, write_camera_bag
-from PIL import Image
+from cliutil import MODEL, run, run_error, run_json
 
-from dinomix_ros.cli.main import main
-from dinomix_ros.evaluation.metrics import load_loop_closure_ground_truth
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-MODEL = ["--random-weights", "--device", "cpu", "--batch-size", "4", "--quiet"]
 
-
-def run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().out
-
-
-def run_json(capsys: pytest.CaptureFixture, *argv: str | Path) -> dict:
-    code, out = run(capsys, *argv)
-    assert code == 0, out
-    return json.loads(out)
-
-
-@pytest.fixture(scope="module")
-def corridor(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corridor")
-    for i in (1, 9, 17, 25):
-        shutil.copy(DATA / "rtabmap_corridor" / "samples" / f"{i}.jpg", folder / f"{i}.jpg")
-    return folder
-
-
-def test_build_info_query_from_a_folder(tmp_path: Path, corridor: Path, capsys: pytest.CaptureFixture) -> None:
+def test_build_info_query_from_a_folder(tmp_path: Path, corridor_subset: Path, capsys: pytest.CaptureFixture) -> None:
+    corridor = corridor_subset
     out = tmp_path / "corridor.dinomap"
     built = run_json(capsys, "map", "build", out, "--images", corridor, "--geotags", "none", "--camera", "front",
                      *MODEL)
@@ -117,68 +91,14 @@ def test_bag_topics_build_append_eval_and_calibrate(tmp_path: Path, capsys: pyte
     assert len(meta["builds"]) == 2 and "calibration" in meta  # an append keeps the metadata
 
 
-def test_eval_on_utm_named_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    database, queries = tmp_path / "database", tmp_path / "queries"
-    database.mkdir()
-    queries.mkdir()
-    with open(DATA / "lund_gps" / "gps_from_exif.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:8]
-    for i, row in enumerate(rows):  # images 01..08: even numbers are the database, odd the queries
-        name = f"@{row['utm_east']}@{row['utm_north']}@{row['utm_zone']}@{row['utm_letter']}@{row['lat']}@" \
-               f"{row['lon']}@@@@@@@@{row['image'][:2]}@.jpg"
-        shutil.copy(DATA / "lund_gps" / "images" / row["image"], (database if i % 2 else queries) / name)
-    summary = run_json(capsys, "map", "eval", "--database", database, "--queries", queries, "--out", tmp_path / "ev",
-                       *MODEL)
-    assert summary["setup"] == "folders" and summary["num_database"] == 4 and summary["num_queries"] == 4
-    assert set(summary["recall"]["recalls"]) == {"1", "5", "10", "20"}
-    assert summary["recall"]["recalls"]["5"] == 1.0  # 4 database images: the top 5 holds all of them
-    report = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert report["frame"] == "utm_33U" and report["radius_m"] == 25.0
-    east = {r["image"][:2]: float(r["utm_east"]) for r in rows}
-    north = {r["image"][:2]: float(r["utm_north"]) for r in rows}
-    for q in report["queries_detail"]:
-        a, b = q["image"].split("@")[-2], q["best"].split("@")[-2]
-        assert q["distance_m"] == pytest.approx(np.hypot(east[a] - east[b], north[a] - north[b]), abs=1e-6)
-        assert q["correct"] == (q["distance_m"] <= 25.0)
-    assert len(report["pr_curve"]["thresholds"]) >= 1 and report["note"].startswith("random weights")
-    assert (tmp_path / "ev" / "recall.png").is_file() and (tmp_path / "ev" / "pr.png").is_file()
-
-
-def test_eval_loop_closure_on_a_corridor_subset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # Images 1-6 (first pass) and 41-46 (their revisit) with the matching 12 x 12 block of the ground truth.
-    numbers = [1, 2, 3, 4, 5, 6, 41, 42, 43, 44, 45, 46]
-    folder = tmp_path / "seq"
-    folder.mkdir()
-    for k, n in enumerate(numbers):
-        shutil.copy(DATA / "rtabmap_corridor" / "samples" / f"{n}.jpg", folder / f"{k:02d}.jpg")
-    gt = load_loop_closure_ground_truth(DATA / "rtabmap_corridor" / "samples_GT.bmp")
-    sub = gt[np.ix_([n - 1 for n in numbers], [n - 1 for n in numbers])]
-    assert sub[6:, :6].any(axis=1).all() and not sub[:6].any()  # every revisit frame closes a loop
-    Image.fromarray(sub.astype(np.uint8) * 255, mode="L").save(tmp_path / "gt.bmp")
-    summary = run_json(capsys, "map", "eval", "--images", folder, "--loop-gt", tmp_path / "gt.bmp",
-                       "--exclude-recent", "2", "--out", tmp_path / "ev", *MODEL)
-    assert summary["setup"] == "loop_closure" and set(summary["recall"]["recalls"]) == {"1", "5", "10"}
-    assert summary["recall"]["num_queries"] == 6  # frames 6..11 have a true loop among their candidates
-    report = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert (report["num_frames"], report["first_pass_end"], report["exclude_recent"]) == (12, 6, 2)
-    assert report["num_queries"] == 9  # frames 3..11 have at least one candidate (j < i - 2)
-    assert [f["best"] is None for f in report["frames_detail"]] == [True] * 3 + [False] * 9
-    for name in ("recall.png", "pr.png", "similarity.png"):
-        assert (tmp_path / "ev" / name).stat().st_size > 1000
-
-
-def test_errors_exit_2_with_a_clear_message(tmp_path: Path, corridor: Path, capsys: pytest.CaptureFixture,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_map_errors_exit_2_with_a_clear_message(tmp_path: Path, corridor_subset: Path, capsys: pytest.CaptureFixture,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    corridor = corridor_subset
     bag = write_camera_bag(tmp_path / "bag", frames=photo_frames(2))
     out = tmp_path / "m.dinomap"
 
     def error(*argv: str | Path) -> str:
-        caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="dinomix"):
-            code, stdout = run(capsys, *argv)
-        assert code == 2 and stdout == ""
-        (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-        return record.getMessage()
+        return run_error(capsys, caplog, *argv)
 
     assert "image topic /cam/missing is not in the bag" in error(
         "map", "build", out, "--bag", bag.path, "--image-topic", "/cam/missing", "--pose-topic", "/odom", *MODEL)
@@ -190,14 +110,19 @@ def test_errors_exit_2_with_a_clear_message(tmp_path: Path, corridor: Path, caps
     assert "--append: there is no map at" in error("map", "build", out, "--images", corridor, "--append", *MODEL)
     assert "--csv does not apply to --bag" in error(
         "map", "build", out, "--bag", bag.path, "--csv", "x.csv", "--image-topic", "/camera/image_raw", *MODEL)
-    assert "--images needs --loop-gt" in error("map", "eval", "--images", corridor, *MODEL)
-    assert not out.exists() and not list(tmp_path.glob("runs"))
+    # A value a setting refuses is reported with the flag's name, before the model loads.
+    assert error("map", "build", out, "--bag", bag.path, "--image-topic", "/camera/image_raw", "--pose-topic", "/odom",
+                 "--pose-max-gap-s", "61", *MODEL) == "--pose-max-gap-s must be <= 60, got 61.0"
+    assert error("map", "build", out, "--bag", bag.path, "--image-topic", "/camera/image_raw", "--pose-topic", "/odom",
+                 "--min-distance-m", "-1", *MODEL) == "--min-distance-m must be >= 0, got -1.0"
+    assert not out.exists()
 
-    run_json(capsys, "map", "build", out, "--images", corridor, "--geotags", "none", *MODEL)
+    run_json(capsys, "map", "build", out, "--images", corridor, "--geotags", "none", "--storage-dtype", "float32",
+             *MODEL)
+    assert read_manifest(out)["descriptor_dtype"] == "float32"
     message = error("map", "query", out, corridor / "1.jpg", "--random-weights", "--seed", "1", "--device", "cpu")
     assert "was built with model dmx-" in message and "descriptors of different models are not comparable" in message
+    assert error("map", "query", out, corridor / "1.jpg", "--top-k", "0", *MODEL) == "--top-k must be >= 1, got 0"
     assert f"{out} already holds a map; pass --append" in error(
         "map", "build", out, "--images", corridor, *MODEL)
     assert "no map at" in error("map", "info", tmp_path / "nothing.dinomap")
-    assert "holds 4 images" in error("map", "eval", "--images", corridor, "--loop-gt",
-                                     DATA / "rtabmap_corridor" / "samples_GT.bmp", "--out", tmp_path / "ev", *MODEL)

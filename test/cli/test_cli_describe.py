@@ -1,4 +1,4 @@
-"""The `dinomix` command line: describe, model info/convert, bench (in-process through main())."""
+"""``dinomix describe`` (in-process through main()): descriptors in input order, a JSON sidecar, errors exit 2."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from cliutil import run_error
 
 from dinomix_ros.cli.main import main
-from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.model import random_model
+from dinomix_ros.model.encoder import Encoder, EncoderConfig
 
 
 @pytest.fixture
@@ -49,26 +49,9 @@ def test_describe_errors_exit_2_with_a_message(tmp_path: Path, corridor: Path, c
         main(["describe", str(corridor / "1.jpg"), "--out", str(tmp_path / "x.npy")])
 
 
-def test_model_info_and_convert(tmp_path: Path, capsys) -> None:
-    loaded = random_model("vits14", seed=3)
-    ckpt = tmp_path / "dinov2_vits14_mix.ckpt"
-    torch.save({"state_dict": loaded.model.state_dict(), "epoch": 1}, ckpt)
-    assert main(["model", "info", str(ckpt)]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["architecture"] == "dinomix_vits14" and info["source_format"] == "dinomix-lightning"
-    assert info["fingerprint"]["id"] == loaded.fingerprint.id and info["parameters"] > 20_000_000
-    converted = tmp_path / "model.safetensors"
-    assert main(["model", "convert", str(ckpt), str(converted)]) == 0
-    capsys.readouterr()
-    assert main(["model", "info", str(converted)]) == 0
-    assert json.loads(capsys.readouterr().out)["fingerprint"]["id"] == loaded.fingerprint.id
-
-
-def test_bench_prints_json(capsys) -> None:
-    assert main(["bench", "--variants", "vits14", "--dtypes", "float32", "--device", "cpu", "--batch", "2",
-                 "--iters", "2", "--warmup", "1"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    entry = result["results"][0]
-    assert result["environment"]["torch"] == torch.__version__
-    assert entry["variant"] == "dinov2_vits14" and entry["latency_224"]["n"] == 2
-    assert entry["throughput"]["images_per_s"] > 0
+def test_describe_refuses_a_setting_out_of_range_with_the_flag_name(
+        corridor: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    message = run_error(capsys, caplog, "describe", corridor / "1.jpg", "--out", tmp_path / "x.npy",
+                        "--random-weights", "--batch-size", "0")
+    assert message == "--batch-size must be >= 1, got 0"
+    assert not (tmp_path / "x.npy").exists()

@@ -1,0 +1,89 @@
+"""``dinomix map eval`` run in-process through dinomix_ros.cli.main, with random weights: the folder and loop-closure
+setups end to end (the bag setup and calibration: test_cli_maps.py) and the flag checks that refuse a run before
+the model loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cliutil import DATA, MODEL, run_error, run_json
+from PIL import Image
+
+from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
+
+
+def test_eval_on_utm_named_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    database, queries = tmp_path / "database", tmp_path / "queries"
+    database.mkdir()
+    queries.mkdir()
+    with open(DATA / "lund_gps" / "gps_from_exif.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:8]
+    for i, row in enumerate(rows):  # images 01..08: even numbers are the database, odd the queries
+        name = f"@{row['utm_east']}@{row['utm_north']}@{row['utm_zone']}@{row['utm_letter']}@{row['lat']}@" \
+               f"{row['lon']}@@@@@@@@{row['image'][:2]}@.jpg"
+        shutil.copy(DATA / "lund_gps" / "images" / row["image"], (database if i % 2 else queries) / name)
+    summary = run_json(capsys, "map", "eval", "--database", database, "--queries", queries, "--out", tmp_path / "ev",
+                       *MODEL)
+    assert summary["setup"] == "folders" and summary["num_database"] == 4 and summary["num_queries"] == 4
+    assert set(summary["recall"]["recalls"]) == {"1", "5", "10", "20"}
+    assert summary["recall"]["recalls"]["5"] == 1.0  # 4 database images: the top 5 holds all of them
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["frame"] == "utm_33U" and report["radius_m"] == 25.0
+    east = {r["image"][:2]: float(r["utm_east"]) for r in rows}
+    north = {r["image"][:2]: float(r["utm_north"]) for r in rows}
+    for q in report["queries_detail"]:
+        a, b = q["image"].split("@")[-2], q["best"].split("@")[-2]
+        assert q["distance_m"] == pytest.approx(np.hypot(east[a] - east[b], north[a] - north[b]), abs=1e-6)
+        assert q["correct"] == (q["distance_m"] <= 25.0)
+    assert len(report["pr_curve"]["thresholds"]) >= 1 and report["note"].startswith("random weights")
+    assert (tmp_path / "ev" / "recall.png").is_file() and (tmp_path / "ev" / "pr.png").is_file()
+
+
+def test_eval_loop_closure_on_a_corridor_subset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Images 1-6 (first pass) and 41-46 (their revisit) with the matching 12 x 12 block of the ground truth.
+    numbers = [1, 2, 3, 4, 5, 6, 41, 42, 43, 44, 45, 46]
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for k, n in enumerate(numbers):
+        shutil.copy(DATA / "rtabmap_corridor" / "samples" / f"{n}.jpg", folder / f"{k:02d}.jpg")
+    gt = load_loop_closure_ground_truth(DATA / "rtabmap_corridor" / "samples_GT.bmp")
+    sub = gt[np.ix_([n - 1 for n in numbers], [n - 1 for n in numbers])]
+    assert sub[6:, :6].any(axis=1).all() and not sub[:6].any()  # every revisit frame closes a loop
+    Image.fromarray(sub.astype(np.uint8) * 255, mode="L").save(tmp_path / "gt.bmp")
+    summary = run_json(capsys, "map", "eval", "--images", folder, "--loop-gt", tmp_path / "gt.bmp",
+                       "--exclude-recent-count", "2", "--out", tmp_path / "ev", *MODEL)
+    assert summary["setup"] == "loop_closure" and set(summary["recall"]["recalls"]) == {"1", "5", "10"}
+    assert summary["recall"]["num_queries"] == 6  # frames 6..11 have a true loop among their candidates
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert (report["num_frames"], report["first_pass_end"], report["exclude_recent"]) == (12, 6, 2)
+    assert report["num_queries"] == 9  # frames 3..11 have at least one candidate (j < i - 2)
+    assert [f["best"] is None for f in report["frames_detail"]] == [True] * 3 + [False] * 9
+    for name in ("recall.png", "pr.png", "similarity.png"):
+        assert (tmp_path / "ev" / name).stat().st_size > 1000
+
+
+def test_eval_errors_exit_2_with_a_clear_message(tmp_path: Path, corridor_subset: Path,
+                                                 capsys: pytest.CaptureFixture,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    corridor = corridor_subset
+    gt = DATA / "rtabmap_corridor" / "samples_GT.bmp"
+
+    def error(*argv: str | Path) -> str:
+        return run_error(capsys, caplog, *argv)
+
+    assert "--images needs --loop-gt" in error("map", "eval", "--images", corridor, *MODEL)
+    assert "--queries does not apply to --images/--loop-gt (setup c)" in error(
+        "map", "eval", "--images", corridor, "--loop-gt", gt, "--queries", corridor, *MODEL)
+    assert error("map", "eval", "--images", corridor, "--loop-gt", gt, "--exclude-recent-count", "-1", *MODEL) == \
+        "--exclude-recent-count must be >= 0, got -1"
+    assert "--target-precision is 1.5" in error("map", "eval", "--images", corridor, "--loop-gt", gt,
+                                                "--target-precision", "1.5", *MODEL)
+    assert "holds 4 images" in error("map", "eval", "--images", corridor, "--loop-gt", gt, "--out", tmp_path / "ev",
+                                     *MODEL)
+    assert not list(tmp_path.iterdir())  # a refused run writes nothing
