@@ -222,9 +222,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         build_map_from_bag,
         build_map_from_folder,
         check_bag_config,
-        index_for_map,
-        save_map,
     )
+    from dinomix_ros.maps.index import index_for_map, save_map
     from dinomix_ros.maps.keyframes import MANIFEST, KeyframeMap, MapNotFoundError
 
     config = None
@@ -390,7 +389,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     """``dinomix map query``: top-k keyframes per image."""
     from dinomix_ros.cli.main import expand_images, make_encoder
-    from dinomix_ros.maps.build import index_for_map
+    from dinomix_ros.maps.index import index_for_map
     from dinomix_ros.maps.keyframes import KeyframeMap
 
     if args.top_k < 1:
@@ -427,7 +426,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _index_kind(kmap: Any) -> str:
-    from dinomix_ros.maps.build import INDEX_KIND_NAMES
+    from dinomix_ros.maps.index import INDEX_KIND_NAMES
 
     stored = {v: k for k, v in INDEX_KIND_NAMES.items()}.get(kmap.index_kind or "")
     return stored or "exact"
@@ -683,7 +682,8 @@ def _eval_bag(args: argparse.Namespace, encoder: Any) -> tuple[dict[str, Any], A
     from dinomix_ros.maps.sources.bags import read_pose_track
     from dinomix_ros.evaluation.metrics import positives_within
     from dinomix_ros.imaging.decode import ImageDecodeError
-    from dinomix_ros.maps.build import BagMapConfig, BuildReport, PosedImageStream, check_bag_config, index_for_map
+    from dinomix_ros.maps.build import BagMapConfig, BuildReport, PosedImageStream, check_bag_config
+    from dinomix_ros.maps.index import index_for_map
     from dinomix_ros.maps.keyframes import KeyframeMap
 
     config = BagMapConfig(image_topics=tuple(args.image_topics), pose_topic=args.pose_topic, gps_topic="",

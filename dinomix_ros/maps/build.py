@@ -1,8 +1,8 @@
 """Build keyframe maps offline: from ROS 2 bags (images + a pose topic) and from geotagged image folders.
 
-The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :func:`index_for_map` (the search index of a map: its
-stored blob when fresh, else rebuilt), :data:`NO_POSE_FRAME` and the keyframe gate of
-:mod:`dinomix_ros.maps.sources.poses`.
+The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :data:`NO_POSE_FRAME` and the keyframe gate of
+:mod:`dinomix_ros.maps.sources.poses`. The search index of a map (:func:`~dinomix_ros.maps.index.index_for_map`,
+:func:`~dinomix_ros.maps.index.save_map`) lives in :mod:`dinomix_ros.maps.index`.
 
 Bags (:func:`build_map_from_bag`):
 
@@ -64,10 +64,8 @@ from dinomix_ros.maps.keyframes import KeyframeMap, MapError
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PosePairingConfig, PoseTrack, yaw_to_quat
 from dinomix_ros.settings import check, setting
 from dinomix_ros.util.progress import progress_bar
-from dinomix_ros.maps.index import KINDS, IndexConfigError, PlaceIndex, PlaceIndexError
 
 __all__ = [
-    "INDEX_KIND_NAMES",
     "NO_POSE_FRAME",
     "NAVSATFIX_TYPE",
     "MapBuildError",
@@ -75,8 +73,6 @@ __all__ = [
     "BuildReport",
     "GpsTrack",
     "PosedImage",
-    "index_for_map",
-    "save_map",
     "new_map",
     "check_bag_config",
     "PosedImageStream",
@@ -86,13 +82,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Map ``index_kind`` label of each :class:`~dinomix_ros.maps.index.PlaceIndex` kind (stored in the map's manifest).
-INDEX_KIND_NAMES: dict[str, str] = {"exact": "faiss_flat_ip", "hnsw": "faiss_hnsw_ip", "ivfpq": "faiss_ivfpq_ip"}
 #: Frame id of keyframes without any pose (the map format requires a non-empty frame id).
 NO_POSE_FRAME = "none"
 NAVSATFIX_TYPE = "sensor_msgs/msg/NavSatFix"
 
-_IVF_TRAIN_SAMPLE = 65536  # rows IVF-PQ is trained on at most (k-means cost grows with it)
 _MAX_BAD_WARNINGS = 5  # undecodable images logged one by one; the rest only in the summary
 _NS_PER_S = 1_000_000_000
 
@@ -313,68 +306,6 @@ class GpsTrack:
             for i in np.flatnonzero(ll.valid):
                 bands[i] = utm_band(float(gps[i, 0]))
         return {"gps": gps, "utm_zones": zones, "utm_bands": bands, "utm": utm, "valid": ll.valid}
-
-
-# ---------------------------------------------------------------------------------------------------- search index
-
-
-def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", **params: Any) -> PlaceIndex:
-    """The search index over every keyframe of ``kmap``.
-
-    The map's stored index blob is used when it is fresh (built over all current rows), labelled with this kind
-    (:data:`INDEX_KIND_NAMES`) and loads with the same row count; otherwise the index is built from
-    :meth:`KeyframeMap.iter_descriptors_f32` in blocks (no concatenated float32 copy of the map). The log says which.
-
-    Args:
-        kmap: the map.
-        kind: "exact", "hnsw" or "ivfpq" (see :class:`~dinomix_ros.maps.index.PlaceIndex`).
-        device: "auto", "cpu" or "cuda" (hnsw and ivfpq run on the CPU).
-        **params: further :class:`~dinomix_ros.maps.index.PlaceIndex` arguments (e.g. ``hnsw_ef_search``).
-
-    Returns:
-        The index; row i is map row i.
-
-    Raises:
-        IndexConfigError: an unknown kind or device, or a kind the device cannot run.
-    """
-    if kind not in KINDS:
-        raise IndexConfigError(f"index kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
-    blob, stored = kmap.index_blob, kmap.index_kind
-    if blob is None:
-        reason = "the map has no fresh stored index"
-    elif stored != INDEX_KIND_NAMES[kind]:
-        reason = f"the stored index is {stored!r}, not {INDEX_KIND_NAMES[kind]!r}"
-    else:
-        try:
-            index = PlaceIndex.from_bytes(blob, device, kind=kind, **params)
-        except IndexConfigError:
-            raise
-        except PlaceIndexError as exc:
-            reason = f"the stored index could not be read ({exc})"
-        else:
-            if index.ntotal == len(kmap) and index.dim == kmap.descriptor_dim:
-                logger.info("index: using the stored %s index of the map (%d rows)", stored, index.ntotal)
-                return index
-            reason = (f"the stored index holds {index.ntotal} rows of dim {index.dim}, the map {len(kmap)} of dim "
-                      f"{kmap.descriptor_dim}")
-    t0 = time.perf_counter()
-    index = PlaceIndex(kmap.descriptor_dim, kind, device, **params)
-    if kind == "ivfpq" and len(kmap) >= index.describe().get("train_threshold", len(kmap) + 1):
-        # train on the whole map (a strided sample), not on its first block only
-        stride = max(1, len(kmap) // _IVF_TRAIN_SAMPLE)
-        index.train(np.concatenate([block[::stride] for block in kmap.iter_descriptors_f32(block_rows=stride * 4096)]))
-    for block in kmap.iter_descriptors_f32():
-        index.add(block)
-    logger.info("index: built a %s index over %d rows in %.2f s (%s)", kind, index.ntotal,
-                time.perf_counter() - t0, reason)
-    return index
-
-
-def save_map(kmap: KeyframeMap, path: str | Path, index: PlaceIndex | None = None) -> Path:
-    """Save ``kmap`` atomically; an approximate index is stored with it (exact ones are rebuilt on load)."""
-    if index is not None and index.kind != "exact" and index.ntotal == len(kmap):
-        return kmap.save(path, index.to_bytes(), INDEX_KIND_NAMES[index.kind])
-    return kmap.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -48,14 +48,14 @@ from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.util.dtypes import FLOAT_DTYPES
 from dinomix_ros.maps.sources.geo import parse_utm_frame, utm_to_latlon
 from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
-from dinomix_ros.maps.build import NO_POSE_FRAME, index_for_map, save_map
+from dinomix_ros.maps.build import NO_POSE_FRAME
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.localization.matching import Matcher, MatcherConfig, MatchResult
 from dinomix_ros.model import load_model, random_model
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PoseTrack, PoseTrackError
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros.pose_sources import POSE_TYPES, pose_from_msg
-from dinomix_ros.maps.index import KINDS
+from dinomix_ros.maps.index import KINDS, index_for_map, save_map
 
 __all__ = ["LocalizerNode", "PARAMETERS", "main"]
 
