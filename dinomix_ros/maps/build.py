@@ -10,8 +10,9 @@ Bags (:func:`build_map_from_bag`):
   messages are streamed in bag order. Each image's header stamp is paired with the pose interpolated at that stamp;
   an image with no pose within ``pairing.max_gap_s`` is refused and counted (``no_pose``).
 * One :class:`~dinomix_ros.maps.sources.poses.KeyframeGate` per camera decides the keyframes. Only keyframes are
-  decoded and resized; worker threads resize while one model thread describes the previous batch, and at most two
-  batches are in flight, so memory stays bounded whatever the bag size.
+  decoded (on the calling thread) and described, through the encoder's batch pipeline
+  (:meth:`~dinomix_ros.model.encoder.Encoder.describe_stream`: resizing overlaps the model, at most two batches are
+  in flight), so memory stays bounded whatever the bag size.
 * An undecodable keyframe image is counted (``bad``), logged, and the gate is rolled back to its state before that
   frame, so the next good frame can take its place.
 * Keyframes get the pose track's frame (``header.frame_id`` of the pose messages, ``utm_<zone><band>`` for a
@@ -36,9 +37,8 @@ import copy
 import dataclasses
 import logging
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,61 +466,23 @@ class _Row:
     source: str
 
 
-class _Describer:
-    """Resize in worker threads, describe in one model thread, add to the map in order on the caller's thread.
+def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Exception], None]
+                       ) -> Iterator[tuple[np.ndarray, str, _Row]]:
+    """The stream's keyframes as (image, encoding, row) items for :meth:`Encoder.describe_stream`.
 
-    At most two batches are in flight (one being described, one being filled), which bounds memory.
+    Images are decoded here, on the thread that pulls the items (the caller of describe_stream), not in a worker: an
+    undecodable frame is reported to ``on_bad`` and gives its gate slot back before the next frame is judged.
     """
-
-    def __init__(self, encoder: Any, batch_size: int, add: Any, on_bad: Any) -> None:
-        self._encoder = encoder
-        self._batch_size = batch_size
-        self._add = add  # (descriptors (B, D), rows) -> None, called in order
-        self._on_bad = on_bad  # (row, exception) -> None
-        self._prep = ThreadPoolExecutor(max_workers=encoder.config.workers, thread_name_prefix="mapbuild-prep")
-        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapbuild-model")
-        self._batch: list[tuple[Future, _Row]] = []
-        self._inflight: deque[Future] = deque()
-
-    def submit(self, image: np.ndarray, encoding: str, row: _Row) -> None:
-        self._batch.append((self._prep.submit(self._encoder.prepare, image, encoding), row))
-        if len(self._batch) >= self._batch_size:
-            self._launch()
-
-    def _launch(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            self._inflight.append(self._model.submit(self._describe, batch))
-        while len(self._inflight) > 1:
-            self._collect(self._inflight.popleft())
-
-    def _describe(self, batch: list[tuple[Future, _Row]]) -> tuple[np.ndarray | None, list[_Row], list]:
-        arrays, rows, bad = [], [], []
-        for fut, row in batch:
-            try:
-                arrays.append(fut.result())
-                rows.append(row)
-            except ImageDecodeError as exc:
-                bad.append((row, exc))
-        desc = self._encoder.describe_prepared(np.stack(arrays)) if arrays else None
-        return desc, rows, bad
-
-    def _collect(self, fut: Future) -> None:
-        desc, rows, bad = fut.result()
-        for row, exc in bad:
-            self._on_bad(row, exc)
-        if desc is not None:
-            self._add(desc, rows)
-
-    def finish(self) -> None:
-        """Describe what is left and wait for every batch."""
-        self._launch()
-        while self._inflight:
-            self._collect(self._inflight.popleft())
-
-    def close(self) -> None:
-        self._prep.shutdown(wait=True, cancel_futures=True)
-        self._model.shutdown(wait=True, cancel_futures=True)
+    for posed in stream:
+        img = posed.image
+        row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation, f"bag:{img.topic}@{img.stamp_ns}")
+        try:
+            array, encoding = img.decode()
+        except ImageDecodeError as exc:
+            on_bad(row, exc)
+            stream.reject_last()
+            continue
+        yield array, encoding, row
 
 
 def build_map_from_bag(
@@ -572,6 +534,7 @@ def build_map_from_bag(
     report = BuildReport(source=f"bag:{bag}", frame_id=frame_id)
     bad_logged = [0]
 
+    # Over 80 lines on purpose: add() and on_bad() close over this build's map, report and GPS track.
     def add(desc: np.ndarray, rows: list[_Row]) -> None:
         stamps = np.array([r.stamp_ns for r in rows], dtype=np.int64)
         geo: dict[str, Any] = {}
@@ -592,25 +555,15 @@ def build_map_from_bag(
             logger.warning("skipping undecodable image %s: %s", row.source, exc)
         bad_logged[0] += 1
 
-    describer = _Describer(encoder, encoder.config.batch_size, add, on_bad)
     stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s, cameras=config.cameras,
                               gate=config.gate, report=report, progress=progress)
-    try:
-        for posed in stream:
-            img = posed.image
-            row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation,
-                       f"bag:{img.topic}@{img.stamp_ns}")
-            try:
-                # Decoded here, not in a worker, so that a bad frame can still give its gate slot back.
-                array, encoding = img.decode()
-            except ImageDecodeError as exc:
+    items = _decoded_keyframes(stream, on_bad)
+    with closing(items), closing(encoder.describe_stream(items)) as batches:
+        for batch in batches:
+            for row, exc in batch.failed:
                 on_bad(row, exc)
-                stream.reject_last()
-                continue
-            describer.submit(array, encoding, row)
-        describer.finish()
-    finally:
-        describer.close()
+            if batch.tags:
+                add(batch.descriptors, batch.tags)
     report.seconds = time.perf_counter() - t0
     if report.bad > _MAX_BAD_WARNINGS:
         logger.warning("%d undecodable images were skipped in all (the first %d are logged above)", report.bad,
