@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Map-build throughput (prints ONE JSON object): a JPEG folder and a bag of the same images, with random weights.
 
-Three numbers, all images per second on the chosen device:
+Four numbers, all images per second on the chosen device:
 
 * ``model_only``: ``Encoder.describe_prepared`` on already resized 224x224 images (the ceiling);
+* ``pipeline``: ``Encoder.describe_stream`` on the JPEG files (decode and resize in worker threads, overlapped with
+  the model; no map);
 * ``folder``: :func:`dinomix_ros.maps.build.build_map_from_folder` on the folder (JPEG decode, resize, describe, add);
 * ``bag``: :func:`dinomix_ros.maps.build.build_map_from_bag` on a temporary ROS 2 bag holding the same JPEGs as
   ``sensor_msgs/CompressedImage`` (the original bytes) plus ``nav_msgs/Odometry`` at 50 Hz along a line with
@@ -106,14 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         encoder.describe_prepared(prepared[start:start + args.batch_size])
     model_s = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    described = sum(len(batch.tags) for batch in encoder.describe_stream((p, None, p) for p in jpegs))
+    pipeline_s = time.perf_counter() - t0
+
     _, folder = build_map_from_folder(args.images, encoder, geotag_source="none", progress=False,
                                       batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="bench_mapbuild_") as tmp:
         t0 = time.perf_counter()
         write_jpeg_bag(Path(tmp) / "bag", jpegs, args.storage)
         write_s = time.perf_counter() - t0
-        config = BagMapConfig(image_topics=("/camera/image/compressed",), pose_topic="/odom",
-                              batch_size=args.batch_size)
+        # batches of --batch-size: the encoder's config
+        config = BagMapConfig(image_topics=("/camera/image/compressed",), pose_topic="/odom")
         _, bag = build_map_from_bag(Path(tmp) / "bag", encoder, config, progress=False)
 
     info = encoder.describe_info()
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(jpegs),
         "image_size": _size(jpegs[0]),
         "model_only": {"seconds": round(model_s, 3), "images_per_s": round(len(jpegs) / model_s, 2)},
+        "pipeline": {"seconds": round(pipeline_s, 3), "images_per_s": round(len(jpegs) / pipeline_s, 2),
+                     "described": described},
         "folder": {"seconds": round(folder.seconds, 3), "images_per_s": round(folder.images_per_s, 2),
                    "added": folder.added},
         "bag": {"storage": args.storage, "write_seconds": round(write_s, 3),

@@ -156,7 +156,6 @@ def environment() -> dict[str, Any]:
         "numpy": np.__version__,
         "faiss": faiss.__version__,
         "faiss_compile_options": faiss.get_compile_options(),
-        "faiss_gpus": faiss.get_num_gpus(),
         "faiss_omp_threads": faiss.omp_get_max_threads(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

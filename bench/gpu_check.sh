@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/env.txt"
 
 # 1. CUDA tests: CPU-vs-GPU descriptors per dtype, CUDA-graph replay == eager, torch float16 search backend
-timeout 240 python3 -m pytest -q -rs -p no:cacheprovider test/test_engine.py test/test_search.py \
+timeout 240 python3 -m pytest -q -rs -p no:cacheprovider test/model/test_encoder.py test/maps/test_index.py \
   -k "cuda" 2>&1 | tee "$OUT/cuda_tests.log"
 
 # 2. model: batch-1 latency (CUDA graphs) and batch-256 throughput, ViT-S and ViT-B, float32/float16/bfloat16

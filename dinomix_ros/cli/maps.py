@@ -113,7 +113,8 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """``dinomix map build``: every input is checked before the model loads; the map is saved atomically."""
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE
-    from dinomix_ros.maps.build import build_map_from_bag, build_map_from_folder, index_for_map, save_map
+    from dinomix_ros.maps.build import build_map_from_bag, build_map_from_folder
+    from dinomix_ros.maps.index import index_for_map, save_map
     from dinomix_ros.maps.index import IndexConfig
     from dinomix_ros.maps.keyframes import StorageConfig, utc_now_iso
 
@@ -292,7 +293,7 @@ def _add_topics_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_topics(args: argparse.Namespace) -> int:
     """``dinomix map topics``: what each topic can be used for."""
-    from dinomix_ros.maps.build import NAVSATFIX_TYPE
+    from dinomix_ros.maps.sources.bags import NAVSATFIX_TYPE
     from dinomix_ros.maps.sources.bags import IMAGE_TYPES, POSE_TYPES, bag_topics
 
     rows = []
@@ -338,7 +339,7 @@ def run_query(args: argparse.Namespace) -> int:
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE, json_ready
     from dinomix_ros.evaluation.runs import stored_index_kind
     from dinomix_ros.localization.matching import MatcherConfig
-    from dinomix_ros.maps.build import index_for_map
+    from dinomix_ros.maps.index import index_for_map
     from dinomix_ros.maps.keyframes import KeyframeMap
 
     top_k = from_flags(MatcherConfig, args, fields=("top_k",)).top_k

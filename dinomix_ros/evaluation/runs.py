@@ -255,7 +255,8 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
         ValueError: an empty map, a map without keyframes in the pose topic's frame, or no query to evaluate.
         BagError: a missing topic or one of the wrong type.
     """
-    from dinomix_ros.maps.build import BuildReport, PosedImageStream, check_bag_config, index_for_map
+    from dinomix_ros.maps.build import BuildReport, PosedImageStream, check_bag_config
+    from dinomix_ros.maps.index import index_for_map
     from dinomix_ros.maps.keyframes import KeyframeMap
     from dinomix_ros.maps.sources.bags import read_pose_track
 
@@ -357,7 +358,7 @@ def _search_stream(encoder: Any, index: PlaceIndex, stream: PosedImageStream, co
 def stored_index_kind(kmap: KeyframeMap) -> str:
     """The :class:`~dinomix_ros.maps.index.PlaceIndex` kind of the index stored with ``kmap``; ``exact`` if none."""
     # Inverts maps.build.INDEX_KIND_NAMES (the manifest's label of each kind).
-    from dinomix_ros.maps.build import INDEX_KIND_NAMES
+    from dinomix_ros.maps.index import INDEX_KIND_NAMES
 
     stored = {v: k for k, v in INDEX_KIND_NAMES.items()}.get(kmap.index_kind or "")
     return stored or "exact"

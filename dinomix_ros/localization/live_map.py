@@ -30,9 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dinomix_ros.localization.matching import Matcher, MatcherConfig, MatchResult
-from dinomix_ros.maps.build import index_for_map, save_map
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
-from dinomix_ros.maps.index import IndexConfig, PlaceIndex
+from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.posemsg import PoseSample

@@ -30,7 +30,8 @@ import numpy as np
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.poses import quat_to_yaw, yaw_to_quat
 from dinomix_ros.settings import check, setting
-from dinomix_ros.maps.index import PlaceIndex, combine_masks, mask_exclude_last, mask_exclude_recent, mask_within_radius
+from dinomix_ros.maps.index import PlaceIndex
+from dinomix_ros.maps.masks import combine_masks, mask_exclude_last, mask_exclude_recent, mask_within_radius
 
 __all__ = ["MatcherConfig", "Candidate", "PosePrior", "MatchResult", "Matcher"]
 

@@ -1,8 +1,8 @@
 """Build keyframe maps offline: from ROS 2 bags (images + a pose topic) and from geotagged image folders.
 
-The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :func:`index_for_map` (the search index of a map: its
-stored blob when fresh, else rebuilt), :data:`NO_POSE_FRAME` and the keyframe gate of
-:mod:`dinomix_ros.maps.sources.poses`.
+The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :data:`NO_POSE_FRAME` and the keyframe gate of
+:mod:`dinomix_ros.maps.sources.poses`. The search index of a map (:func:`~dinomix_ros.maps.index.index_for_map`,
+:func:`~dinomix_ros.maps.index.save_map`) lives in :mod:`dinomix_ros.maps.index`.
 
 Bags (:func:`build_map_from_bag`):
 
@@ -10,8 +10,9 @@ Bags (:func:`build_map_from_bag`):
   messages are streamed in bag order. Each image's header stamp is paired with the pose interpolated at that stamp;
   an image with no pose within ``pairing.max_gap_s`` is refused and counted (``no_pose``).
 * One :class:`~dinomix_ros.maps.sources.poses.KeyframeGate` per camera decides the keyframes. Only keyframes are
-  decoded and resized; worker threads resize while one model thread describes the previous batch, and at most two
-  batches are in flight, so memory stays bounded whatever the bag size.
+  decoded (on the calling thread) and described, through the encoder's batch pipeline
+  (:meth:`~dinomix_ros.model.encoder.Encoder.describe_stream`: resizing overlaps the model, at most two batches are
+  in flight), so memory stays bounded whatever the bag size.
 * An undecodable keyframe image is counted (``bad``), logged, and the gate is rolled back to its state before that
   frame, so the next good frame can take its place.
 * Keyframes get the pose track's frame (``header.frame_id`` of the pose messages, ``utm_<zone><band>`` for a
@@ -36,47 +37,40 @@ import copy
 import dataclasses
 import logging
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dinomix_ros.imaging.decode import ImageDecodeError
+from dinomix_ros.maps.geotags import NO_POSE_FRAME, GpsTrack, geotag_columns
+from dinomix_ros.maps.keyframes import KeyframeMap, MapError
 from dinomix_ros.maps.sources.bags import (
     IMAGE_TYPES,
+    NAVSATFIX_TYPE,
     POSE_TYPES,
     BagError,
     BagImage,
-    GpsFixes,
     bag_topics,
     count_messages,
     iter_images,
     read_gps_fixes,
     read_pose_track,
 )
-from dinomix_ros.maps.sources.geo import latlon_to_utm, latlon_to_utm_arrays, parse_utm_frame, utm_band, utm_frame_id
-from dinomix_ros.imaging.decode import ImageDecodeError
+from dinomix_ros.maps.sources.geo import parse_utm_frame, utm_frame_id
 from dinomix_ros.maps.sources.imagefolder import geotag_images
-from dinomix_ros.maps.keyframes import KeyframeMap, MapError
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PosePairingConfig, PoseTrack, yaw_to_quat
 from dinomix_ros.settings import check, setting
 from dinomix_ros.util.progress import progress_bar
-from dinomix_ros.maps.index import KINDS, IndexConfigError, PlaceIndex, PlaceIndexError
 
 __all__ = [
-    "INDEX_KIND_NAMES",
-    "NO_POSE_FRAME",
-    "NAVSATFIX_TYPE",
     "MapBuildError",
     "BagMapConfig",
     "BuildReport",
-    "GpsTrack",
     "PosedImage",
-    "index_for_map",
-    "save_map",
     "new_map",
     "check_bag_config",
     "PosedImageStream",
@@ -86,13 +80,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Map ``index_kind`` label of each :class:`~dinomix_ros.maps.index.PlaceIndex` kind (stored in the map's manifest).
-INDEX_KIND_NAMES: dict[str, str] = {"exact": "faiss_flat_ip", "hnsw": "faiss_hnsw_ip", "ivfpq": "faiss_ivfpq_ip"}
-#: Frame id of keyframes without any pose (the map format requires a non-empty frame id).
-NO_POSE_FRAME = "none"
-NAVSATFIX_TYPE = "sensor_msgs/msg/NavSatFix"
-
-_IVF_TRAIN_SAMPLE = 65536  # rows IVF-PQ is trained on at most (k-means cost grows with it)
 _MAX_BAD_WARNINGS = 5  # undecodable images logged one by one; the rest only in the summary
 _NS_PER_S = 1_000_000_000
 
@@ -242,139 +229,6 @@ class BuildReport:
 
 
 # ---------------------------------------------------------------------------------------------------- GPS geotags
-
-
-class GpsTrack:
-    """GNSS fixes to keyframe geotags (the ``gps``/``utm_*`` columns of :meth:`KeyframeMap.add`) at image stamps.
-
-    Latitude and longitude are interpolated linearly between the fixes that bracket a stamp (exact to well below a
-    millimetre over the metres between two fixes), altitude likewise over the fixes that have one. UTM uses one zone
-    for the whole track (the first fix's, or ``utm_zone``) so that distances stay consistent; the band letter is each
-    position's own.
-
-    Args:
-        stamps_ns: (N,) int64 fix stamps.
-        lat: (N,) degrees.
-        lon: (N,) degrees.
-        alt: (N,) metres, NaN where unknown; None = all unknown.
-        utm_zone: force this UTM zone (1..60).
-
-    Raises:
-        PoseTrackError: empty, non-integer stamps or non-finite coordinates.
-    """
-
-    def __init__(self, stamps_ns: np.ndarray, lat: np.ndarray, lon: np.ndarray, alt: np.ndarray | None = None,
-                 utm_zone: int | None = None) -> None:
-        lat = np.asarray(lat, dtype=np.float64)
-        lon = np.asarray(lon, dtype=np.float64)
-        self._latlon = PoseTrack(stamps_ns, np.stack([lat, lon], axis=1), None, frame_id="wgs84")
-        alt = np.full(lat.shape, np.nan) if alt is None else np.asarray(alt, dtype=np.float64)
-        known = np.isfinite(alt)
-        stamps = np.asarray(stamps_ns)
-        self._alt = (PoseTrack(stamps[known], np.stack([alt[known], np.zeros(int(known.sum()))], axis=1), None)
-                     if known.any() else None)
-        first = latlon_to_utm(float(lat[0]), float(lon[0]), zone=utm_zone)
-        self.zone = first.zone
-        self.northern = first.northern
-
-    @classmethod
-    def from_fixes(cls, fixes: GpsFixes, utm_zone: int | None = None) -> GpsTrack:
-        """A track over :func:`~dinomix_ros.maps.sources.bags.read_gps_fixes` output."""
-        return cls(fixes.stamps_ns, fixes.lat, fixes.lon, fixes.alt, utm_zone)
-
-    def __len__(self) -> int:
-        return len(self._latlon)
-
-    def geotag(self, stamps_ns: np.ndarray, max_gap_s: float) -> dict[str, Any]:
-        """Geotag columns for :meth:`KeyframeMap.add` at the given stamps.
-
-        Args:
-            stamps_ns: (M,) int64 stamps.
-            max_gap_s: largest time between a stamp and the fixes used (see :meth:`PoseTrack.interpolate`).
-
-        Returns:
-            ``{"gps": (M, 3), "utm_zones": (M,) int, "utm_bands": list[str], "utm": (M, 2), "valid": (M,) bool}``;
-            rows without a fix within ``max_gap_s`` are NaN / 0 / "".
-        """
-        ll = self._latlon.interpolate(stamps_ns, max_gap_s)
-        m = ll.valid.shape[0]
-        gps = np.full((m, 3), np.nan)
-        gps[:, :2] = ll.positions[:, :2]
-        if self._alt is not None:
-            alt = self._alt.interpolate(stamps_ns, max_gap_s)
-            gps[:, 2] = np.where(alt.valid & ll.valid, alt.positions[:, 0], np.nan)
-        utm = np.full((m, 2), np.nan)
-        zones = np.zeros(m, dtype=np.int64)
-        bands = [""] * m
-        if ll.valid.any():
-            east, north = latlon_to_utm_arrays(gps[ll.valid, 0], gps[ll.valid, 1], self.zone, northern=self.northern)
-            utm[ll.valid] = np.stack([east, north], axis=1)
-            zones[ll.valid] = self.zone
-            for i in np.flatnonzero(ll.valid):
-                bands[i] = utm_band(float(gps[i, 0]))
-        return {"gps": gps, "utm_zones": zones, "utm_bands": bands, "utm": utm, "valid": ll.valid}
-
-
-# ---------------------------------------------------------------------------------------------------- search index
-
-
-def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", **params: Any) -> PlaceIndex:
-    """The search index over every keyframe of ``kmap``.
-
-    The map's stored index blob is used when it is fresh (built over all current rows), labelled with this kind
-    (:data:`INDEX_KIND_NAMES`) and loads with the same row count; otherwise the index is built from
-    :meth:`KeyframeMap.iter_descriptors_f32` in blocks (no concatenated float32 copy of the map). The log says which.
-
-    Args:
-        kmap: the map.
-        kind: "exact", "hnsw" or "ivfpq" (see :class:`~dinomix_ros.maps.index.PlaceIndex`).
-        device: "auto", "cpu" or "cuda" (hnsw and ivfpq run on the CPU).
-        **params: further :class:`~dinomix_ros.maps.index.PlaceIndex` arguments (e.g. ``hnsw_ef_search``).
-
-    Returns:
-        The index; row i is map row i.
-
-    Raises:
-        IndexConfigError: an unknown kind or device, or a kind the device cannot run.
-    """
-    if kind not in KINDS:
-        raise IndexConfigError(f"index kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
-    blob, stored = kmap.index_blob, kmap.index_kind
-    if blob is None:
-        reason = "the map has no fresh stored index"
-    elif stored != INDEX_KIND_NAMES[kind]:
-        reason = f"the stored index is {stored!r}, not {INDEX_KIND_NAMES[kind]!r}"
-    else:
-        try:
-            index = PlaceIndex.from_bytes(blob, device, kind=kind, **params)
-        except IndexConfigError:
-            raise
-        except PlaceIndexError as exc:
-            reason = f"the stored index could not be read ({exc})"
-        else:
-            if index.ntotal == len(kmap) and index.dim == kmap.descriptor_dim:
-                logger.info("index: using the stored %s index of the map (%d rows)", stored, index.ntotal)
-                return index
-            reason = (f"the stored index holds {index.ntotal} rows of dim {index.dim}, the map {len(kmap)} of dim "
-                      f"{kmap.descriptor_dim}")
-    t0 = time.perf_counter()
-    index = PlaceIndex(kmap.descriptor_dim, kind, device, **params)
-    if kind == "ivfpq" and len(kmap) >= index.describe().get("train_threshold", len(kmap) + 1):
-        # train on the whole map (a strided sample), not on its first block only
-        stride = max(1, len(kmap) // _IVF_TRAIN_SAMPLE)
-        index.train(np.concatenate([block[::stride] for block in kmap.iter_descriptors_f32(block_rows=stride * 4096)]))
-    for block in kmap.iter_descriptors_f32():
-        index.add(block)
-    logger.info("index: built a %s index over %d rows in %.2f s (%s)", kind, index.ntotal,
-                time.perf_counter() - t0, reason)
-    return index
-
-
-def save_map(kmap: KeyframeMap, path: str | Path, index: PlaceIndex | None = None) -> Path:
-    """Save ``kmap`` atomically; an approximate index is stored with it (exact ones are rebuilt on load)."""
-    if index is not None and index.kind != "exact" and index.ntotal == len(kmap):
-        return kmap.save(path, index.to_bytes(), INDEX_KIND_NAMES[index.kind])
-    return kmap.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -535,61 +389,23 @@ class _Row:
     source: str
 
 
-class _Describer:
-    """Resize in worker threads, describe in one model thread, add to the map in order on the caller's thread.
+def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Exception], None]
+                       ) -> Iterator[tuple[np.ndarray, str, _Row]]:
+    """The stream's keyframes as (image, encoding, row) items for :meth:`Encoder.describe_stream`.
 
-    At most two batches are in flight (one being described, one being filled), which bounds memory.
+    Images are decoded here, on the thread that pulls the items (the caller of describe_stream), not in a worker: an
+    undecodable frame is reported to ``on_bad`` and gives its gate slot back before the next frame is judged.
     """
-
-    def __init__(self, encoder: Any, batch_size: int, add: Any, on_bad: Any) -> None:
-        self._encoder = encoder
-        self._batch_size = batch_size
-        self._add = add  # (descriptors (B, D), rows) -> None, called in order
-        self._on_bad = on_bad  # (row, exception) -> None
-        self._prep = ThreadPoolExecutor(max_workers=encoder.config.workers, thread_name_prefix="mapbuild-prep")
-        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapbuild-model")
-        self._batch: list[tuple[Future, _Row]] = []
-        self._inflight: deque[Future] = deque()
-
-    def submit(self, image: np.ndarray, encoding: str, row: _Row) -> None:
-        self._batch.append((self._prep.submit(self._encoder.prepare, image, encoding), row))
-        if len(self._batch) >= self._batch_size:
-            self._launch()
-
-    def _launch(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            self._inflight.append(self._model.submit(self._describe, batch))
-        while len(self._inflight) > 1:
-            self._collect(self._inflight.popleft())
-
-    def _describe(self, batch: list[tuple[Future, _Row]]) -> tuple[np.ndarray | None, list[_Row], list]:
-        arrays, rows, bad = [], [], []
-        for fut, row in batch:
-            try:
-                arrays.append(fut.result())
-                rows.append(row)
-            except ImageDecodeError as exc:
-                bad.append((row, exc))
-        desc = self._encoder.describe_prepared(np.stack(arrays)) if arrays else None
-        return desc, rows, bad
-
-    def _collect(self, fut: Future) -> None:
-        desc, rows, bad = fut.result()
-        for row, exc in bad:
-            self._on_bad(row, exc)
-        if desc is not None:
-            self._add(desc, rows)
-
-    def finish(self) -> None:
-        """Describe what is left and wait for every batch."""
-        self._launch()
-        while self._inflight:
-            self._collect(self._inflight.popleft())
-
-    def close(self) -> None:
-        self._prep.shutdown(wait=True, cancel_futures=True)
-        self._model.shutdown(wait=True, cancel_futures=True)
+    for posed in stream:
+        img = posed.image
+        row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation, f"bag:{img.topic}@{img.stamp_ns}")
+        try:
+            array, encoding = img.decode()
+        except ImageDecodeError as exc:
+            on_bad(row, exc)
+            stream.reject_last()
+            continue
+        yield array, encoding, row
 
 
 def build_map_from_bag(
@@ -641,6 +457,7 @@ def build_map_from_bag(
     report = BuildReport(source=f"bag:{bag}", frame_id=frame_id)
     bad_logged = [0]
 
+    # Over 80 lines on purpose: add() and on_bad() close over this build's map, report and GPS track.
     def add(desc: np.ndarray, rows: list[_Row]) -> None:
         stamps = np.array([r.stamp_ns for r in rows], dtype=np.int64)
         geo: dict[str, Any] = {}
@@ -661,25 +478,15 @@ def build_map_from_bag(
             logger.warning("skipping undecodable image %s: %s", row.source, exc)
         bad_logged[0] += 1
 
-    describer = _Describer(encoder, encoder.config.batch_size, add, on_bad)
     stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s, cameras=config.cameras,
                               gate=config.gate, report=report, progress=progress)
-    try:
-        for posed in stream:
-            img = posed.image
-            row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation,
-                       f"bag:{img.topic}@{img.stamp_ns}")
-            try:
-                # Decoded here, not in a worker, so that a bad frame can still give its gate slot back.
-                array, encoding = img.decode()
-            except ImageDecodeError as exc:
+    items = _decoded_keyframes(stream, on_bad)
+    with closing(items), closing(encoder.describe_stream(items)) as batches:
+        for batch in batches:
+            for row, exc in batch.failed:
                 on_bad(row, exc)
-                stream.reject_last()
-                continue
-            describer.submit(array, encoding, row)
-        describer.finish()
-    finally:
-        describer.close()
+            if batch.tags:
+                add(batch.descriptors, batch.tags)
     report.seconds = time.perf_counter() - t0
     if report.bad > _MAX_BAD_WARNINGS:
         logger.warning("%d undecodable images were skipped in all (the first %d are logged above)", report.bad,
@@ -692,6 +499,35 @@ def build_map_from_bag(
 
 
 # ---------------------------------------------------------------------------------------------------- folder builder
+
+
+def _folder_rows(tags: list[Any], map_band: str | None) -> dict[str, Any]:
+    """Keyframe columns of geotagged images (see the module docstring): poses, frames, sources and geotags.
+
+    ``map_band``: the band of the map's ``utm_<zone><band>`` frame when appending, so every UTM keyframe of a map
+    carries one frame label; default: the band of the first UTM-tagged image.
+    """
+    n = len(tags)
+    band = map_band or next((t.utm.band for t in tags if t.utm is not None), "")
+    pos, ori = np.full((n, 3), np.nan), np.full((n, 4), np.nan)
+    gps, utm = np.full((n, 3), np.nan), np.full((n, 2), np.nan)
+    bands, frames = [""] * n, [NO_POSE_FRAME] * n
+    zone = next((t.utm.zone for t in tags if t.utm is not None), None)  # geotag_images unified the zones
+    for i, t in enumerate(tags):
+        if t.lat is not None and t.lon is not None:
+            gps[i] = (t.lat, t.lon, np.nan if t.alt is None else t.alt)
+        if t.utm is not None:
+            utm[i], bands[i] = (t.utm.easting, t.utm.northing), t.utm.band
+        if t.x is not None and t.y is not None:
+            pos[i], frames[i] = (t.x, t.y, 0.0), "map"
+            if t.yaw is not None:
+                ori[i] = yaw_to_quat(t.yaw)
+        elif t.utm is not None:
+            pos[i] = (t.utm.easting, t.utm.northing, 0.0 if t.alt is None else t.alt)
+            frames[i] = utm_frame_id(t.utm.zone, band)
+    columns = geotag_columns(gps, zone, utm=utm if zone is not None else None, bands=bands)
+    return {"frame_ids": frames, "positions": pos, "orientations": ori, **columns,
+            "sources": [str(t.path) for t in tags]}
 
 
 def build_map_from_folder(
@@ -739,56 +575,29 @@ def build_map_from_folder(
     known_utm = _map_utm_zone(kmap)
     tags = geotag_images(folder, geotag_source, csv_path, recursive=recursive,
                          utm_zone=known_utm[0] if known_utm else None)
-    band = known_utm[1] if known_utm else next((t.utm.band for t in tags if t.utm is not None), "")
-    n = len(tags)
-    pos = np.full((n, 3), np.nan)
-    ori = np.full((n, 4), np.nan)
-    gps = np.full((n, 3), np.nan)
-    utm = np.full((n, 2), np.nan)
-    zones = np.zeros(n, dtype=np.int64)
-    bands = [""] * n
-    frames = [NO_POSE_FRAME] * n
-    for i, t in enumerate(tags):
-        if t.lat is not None and t.lon is not None:
-            gps[i] = (t.lat, t.lon, np.nan if t.alt is None else t.alt)
-        if t.utm is not None:
-            utm[i] = (t.utm.easting, t.utm.northing)
-            zones[i], bands[i] = t.utm.zone, t.utm.band
-        if t.x is not None and t.y is not None:
-            pos[i] = (t.x, t.y, 0.0)
-            if t.yaw is not None:
-                ori[i] = yaw_to_quat(t.yaw)
-            frames[i] = "map"
-        elif t.utm is not None:
-            pos[i] = (t.utm.easting, t.utm.northing, 0.0 if t.alt is None else t.alt)
-            frames[i] = utm_frame_id(t.utm.zone, band)
-    report = BuildReport(source=f"images:{folder}", images_seen=n)
+    rows = _folder_rows(tags, known_utm[1] if known_utm else None)
+    frames = rows["frame_ids"]
+    report = BuildReport(source=f"images:{folder}", images_seen=len(tags))
     report.no_geotag = sum(f == NO_POSE_FRAME for f in frames)
     distinct = sorted(set(frames))
     report.frame_id = distinct[0] if len(distinct) == 1 else ",".join(distinct)
-    logger.info("building from %s: %d images, frames %s, %d without a position", folder, n, distinct,
+    logger.info("building from %s: %d images, frames %s, %d without a position", folder, len(tags), distinct,
                 report.no_geotag)
-
-    bs = batch_size or encoder.config.batch_size
-    chunk = max(bs * 8, 64)  # images described per call: bounds the (chunk, D) float32 block in memory
-    bar = progress_bar(n, "map build", progress)
-    try:
-        for start in range(0, n, chunk):
-            rows = np.arange(start, min(start + chunk, n))
-            desc = encoder.describe([tags[i].path for i in rows], batch_size=bs, skip_errors=True)
-            ok = np.isfinite(desc).all(axis=1)
-            report.bad += int((~ok).sum())
-            report.no_geotag -= sum(frames[i] == NO_POSE_FRAME for i in rows[~ok])
-            rows = rows[ok]
-            if rows.size:
-                kmap.add(desc[ok], stamps_ns=np.zeros(rows.size, dtype=np.int64), cameras=camera,
-                         frame_ids=[frames[i] for i in rows], positions=pos[rows], orientations=ori[rows],
-                         gps=gps[rows], utm_zones=zones[rows], utm_bands=[bands[i] for i in rows], utm=utm[rows],
-                         sources=[str(tags[i].path) for i in rows])
-                report.added += int(rows.size)
-            bar.update(int(ok.size))
-    finally:
-        bar.close()
+    bar = progress_bar(len(tags), "map build", progress)
+    with closing(encoder.describe_stream(((t.path, None, i) for i, t in enumerate(tags)),
+                                         batch_size=batch_size)) as batches:
+        for batch in batches:
+            for i, exc in batch.failed:
+                report.bad += 1
+                report.no_geotag -= frames[i] == NO_POSE_FRAME
+                logger.warning("skipping image %d (%s): %s", i, tags[i].path, exc)
+            if batch.tags:
+                sel = np.asarray(batch.tags)
+                kmap.add(batch.descriptors, stamps_ns=np.zeros(sel.size, dtype=np.int64), cameras=camera,
+                         **{k: [v[i] for i in sel] if isinstance(v, list) else v[sel] for k, v in rows.items()})
+                report.added += int(sel.size)
+            bar.update(len(batch))
+    bar.close()
     if report.added:
         report.per_camera[camera] = report.added
     report.seconds = time.perf_counter() - t0

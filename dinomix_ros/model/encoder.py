@@ -2,8 +2,10 @@
 
 * ``device="auto"`` picks CUDA when PyTorch sees a GPU, else the CPU, and says which in the log.
 * ``dtype`` float32 / float16 / bfloat16 sets the weights and activations; the final L2 normalisation is always float32.
-* :meth:`Encoder.describe` batches many images (map building): worker threads decode and resize the next batch
-  while the model runs on the current one; rows come back in input order.
+* :meth:`Encoder.describe_stream` is the one batch pipeline (map building): worker threads decode and resize the
+  batch being filled while one model thread describes the previous batch; at most two batches are in flight, so memory
+  stays bounded whatever the number of images; batches come back in input order. :meth:`Encoder.describe` runs a list
+  of images through it.
 * :meth:`Encoder.describe_one` is the low-latency path of the live node. On CUDA it replays a CUDA graph captured
   once for batch 1 (normalisation included), which removes the kernel-launch overhead that bounds eager batch-1
   inference; if capture fails it logs why and stays eager.
@@ -15,20 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from dinomix_ros.imaging.decode import ImageDecodeError
-from dinomix_ros.model.checkpoint import LoadedModel, load_model, random_model
+from dinomix_ros.model.checkpoint import LoadedModel, ModelFingerprint, load_model, random_model
 from dinomix_ros.settings import SettingError, check, setting
 from dinomix_ros.util.dtypes import FLOAT_DTYPES, torch_dtype
 from dinomix_ros.util.progress import progress_bar
@@ -42,11 +46,15 @@ from dinomix_ros.imaging.preprocess import (
     resize_to_input,
 )
 
-__all__ = ["EncoderConfig", "Encoder", "resolve_device"]
+__all__ = ["EncoderConfig", "Encoder", "DescribedBatch", "resolve_device"]
 
 _logger = logging.getLogger(__name__)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+# A bad input, not a bug: describe_stream reports these per item (the batch goes on); anything else propagates.
+_ITEM_ERRORS = (ImageDecodeError, FileNotFoundError)
+
+T = TypeVar("T")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,6 +95,26 @@ class EncoderConfig:
         check(self)
         if not _DEVICE_RE.match(self.device):
             raise SettingError("model.device", f"model.device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True, eq=False)  # holds an array: compare its fields explicitly
+class DescribedBatch(Generic[T]):
+    """One batch of :meth:`Encoder.describe_stream`: consecutive input items, in input order.
+
+    Attributes:
+        descriptors: (B, D) float32 descriptors of the items of the batch that could be read, in input order.
+        tags: the tag of each row of ``descriptors``.
+        failed: (tag, exception) of each item that could not be decoded or resized (ImageDecodeError,
+            FileNotFoundError), in input order.
+    """
+
+    descriptors: np.ndarray
+    tags: list[T]
+    failed: list[tuple[T, Exception]]
+
+    def __len__(self) -> int:
+        """Input items in this batch, described or failed."""
+        return len(self.tags) + len(self.failed)
 
 
 class Encoder:
@@ -131,7 +159,7 @@ class Encoder:
         return cls(random_model(variant, seed), config, image)
 
     @property
-    def fingerprint(self):  # noqa: ANN201 - ModelFingerprint
+    def fingerprint(self) -> ModelFingerprint:
         return self.loaded.fingerprint
 
     @property
@@ -196,7 +224,7 @@ class Encoder:
         skip_errors: bool = False,
         desc: str = "describe",
     ) -> np.ndarray:
-        """(N, D) float32 descriptors of many images, in input order.
+        """(N, D) float32 descriptors of many images, in input order (through :meth:`describe_stream`).
 
         Args:
             images: arrays, encoded bytes or file paths.
@@ -206,36 +234,108 @@ class Encoder:
             skip_errors: on an undecodable image log a warning and return a NaN row instead of raising.
             desc: progress-bar label.
 
+        Returns:
+            (N, D) float32 descriptors; row i describes ``images[i]`` (NaN when it was skipped).
+
         Raises:
             ImageDecodeError / FileNotFoundError: a bad input (message names its index), unless skip_errors.
         """
         n = len(images)
         out = np.full((n, self.descriptor_dim), np.nan, dtype=np.float32)
-        bs = batch_size or self.config.batch_size
+        items = ((images[i], encoding, i) for i in range(n))
         bar = progress_bar(n, desc, progress)
-        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="dinomix-prep") as pool:
-            pending = self._submit_batch(pool, images, encoding, 0, bs)
-            for start in range(0, n, bs):
-                futures = pending
-                pending = self._submit_batch(pool, images, encoding, start + bs, bs)  # overlap next batch's prep
-                rows, arrays = [], []
-                for i, fut in enumerate(futures, start):
-                    try:
-                        arrays.append(fut.result())
-                        rows.append(i)
-                    except (ImageDecodeError, FileNotFoundError) as exc:
+        try:
+            with contextlib.closing(self.describe_stream(items, batch_size=batch_size or None)) as batches:
+                for batch in batches:
+                    for i, exc in batch.failed:
                         if not skip_errors:
                             raise type(exc)(f"image {i} ({_name(images[i])}): {exc}") from exc
                         _logger.warning("skipping image %d (%s): %s", i, _name(images[i]), exc)
-                if arrays:
-                    out[rows] = self.describe_prepared(np.stack(arrays))
-                bar.update(len(futures))
-        bar.close()
+                    if batch.tags:
+                        out[batch.tags] = batch.descriptors
+                    bar.update(len(batch))
+        finally:
+            bar.close()
         return out
 
-    def _submit_batch(self, pool: ThreadPoolExecutor, images: Sequence[ImageInput], encoding: str | None,
-                      start: int, bs: int) -> list[Future]:
-        return [pool.submit(self.prepare, images[i], encoding) for i in range(start, min(start + bs, len(images)))]
+    def describe_stream(
+        self,
+        items: Iterable[tuple[ImageInput, str | None, T]],
+        *,
+        batch_size: int | None = None,
+    ) -> Iterator[DescribedBatch[T]]:
+        """Describe a stream of images batch by batch, decoding and resizing them while the model runs.
+
+        Each run of ``batch_size`` consecutive items is one batch (the last may be shorter). ``config.workers``
+        threads decode and resize (:meth:`prepare`) the items of the batch being filled while one model thread
+        describes the previous batch. At most two batches are in flight (one in the model, one being filled), so
+        memory stays bounded by about two batches whatever the length of ``items``: items are pulled lazily, on the
+        caller's thread, as the returned iterator advances (a generator may decode, log or count there). An item
+        that cannot be decoded or resized (ImageDecodeError, FileNotFoundError) is reported in its batch's
+        ``failed`` and the batch goes on without it.
+
+        Stopping early: close the iterator (``contextlib.closing``) or drop it; closing cancels the work queued and
+        waits for the batch in the model. After an error the batches not yet handed over are dropped.
+
+        Args:
+            items: (image, encoding, tag) triples: an array, encoded bytes or a file path; the encoding of an array
+                (see :func:`~dinomix_ros.imaging.preprocess.load_input`; None otherwise); any tag, returned with
+                the item's descriptor or failure.
+            batch_size: items per forward pass (default: config.batch_size).
+
+        Returns:
+            An iterator of :class:`DescribedBatch`, one per batch, in input order. Descriptors equal
+            :meth:`describe_prepared` of the stacked good items of the batch.
+
+        Raises:
+            ValueError: ``batch_size`` < 1 (raised at the call, not at the first batch).
+            Exception: any other error of ``items``, :meth:`prepare` or the model propagates from the iterator, at
+                the batch where it happened.
+        """
+        bs = self.config.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {bs!r}; pass None for config.batch_size "
+                             f"({self.config.batch_size})")
+        return self._stream(items, int(bs))
+
+    def _stream(self, items: Iterable[tuple[ImageInput, str | None, T]], bs: int) -> Iterator[DescribedBatch[T]]:
+        prep = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="dinomix-prep")
+        model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinomix-model")
+        filling: list[tuple[Future, T]] = []
+        in_model: deque[Future] = deque()
+        try:
+            for image, encoding, tag in items:
+                filling.append((prep.submit(self.prepare, image, encoding), tag))
+                if len(filling) == bs:
+                    in_model.append(model.submit(self._describe_batch, filling))
+                    filling = []
+                    if len(in_model) > 1:  # the next batch is queued: hand the previous one over before filling more
+                        yield in_model.popleft().result()
+            if filling:
+                in_model.append(model.submit(self._describe_batch, filling))
+                filling = []
+            while in_model:
+                yield in_model.popleft().result()
+        finally:
+            # Early exit (an error, a closed iterator): drop queued work, then wait for the threads.
+            prep.shutdown(wait=False, cancel_futures=True)
+            model.shutdown(wait=True, cancel_futures=True)
+            prep.shutdown(wait=True)
+
+    def _describe_batch(self, batch: list[tuple[Future, T]]) -> DescribedBatch[T]:
+        """Model thread: wait for a batch's prepared images and describe the good ones in one forward pass."""
+        arrays, tags, failed = [], [], []
+        for fut, tag in batch:
+            try:
+                arrays.append(fut.result())
+                tags.append(tag)
+            except _ITEM_ERRORS as exc:
+                failed.append((tag, exc))
+        if arrays:
+            descriptors = self.describe_prepared(np.stack(arrays))
+        else:
+            descriptors = np.empty((0, self.descriptor_dim), dtype=np.float32)
+        return DescribedBatch(descriptors, tags, failed)
 
     def warmup(self) -> None:
         """Run the model once (and capture the CUDA graph) so the first real image is not slow."""
@@ -270,7 +370,7 @@ class Encoder:
             self._graph, self._graph_in, self._graph_out = graph, static_in, static_out
             self._graph_host = torch.empty_like(static_in, device="cpu").pin_memory()
             _logger.info("captured the batch-1 CUDA graph in %.2f s", time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eager
+        except Exception as exc:  # any capture failure means: run eager
             self._graph_failed = True
             self._graph = None
             _logger.warning("CUDA graph capture failed, running eager: %s", exc)

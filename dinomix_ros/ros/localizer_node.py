@@ -42,7 +42,7 @@ from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.localization.pose_buffer import PoseBuffer
-from dinomix_ros.maps.build import index_for_map
+from dinomix_ros.maps.index import index_for_map
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, pose_from_msg
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig

@@ -1,4 +1,4 @@
-"""dinomix_ros.maps.build: maps from synthetic bags and real image folders, appending, and the map's search index.
+"""dinomix_ros.maps.build: maps from synthetic bags and real image folders, and appending to a saved map.
 
 The encoder has seeded random weights (descriptors carry no place information), so these tests check the pipeline:
 which frames become keyframes, their poses, geotags, stamps and sources, and that row i describes image i.
@@ -18,7 +18,6 @@ from bagfactory import GeoOrigin, Motion, photo_frames, write_camera_bag
 from dinomix_ros.maps.sources.bags import BagError
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.maps.build import (
-    INDEX_KIND_NAMES,
     NO_POSE_FRAME,
     BagMapConfig,
     GpsTrack,
@@ -26,12 +25,10 @@ from dinomix_ros.maps.build import (
     build_map_from_bag,
     build_map_from_folder,
     check_bag_config,
-    index_for_map,
 )
 from dinomix_ros.maps.keyframes import KeyframeMap, MapMismatchError
 from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, quat_angle, select_keyframes, yaw_to_quat
-from dinomix_ros.maps.index import PlaceIndex
 
 LUND = Path(__file__).resolve().parents[1] / "data" / "lund_gps"
 
@@ -244,49 +241,3 @@ def test_gps_track_interpolates_and_leaves_gaps_and_unknown_altitude_empty() -> 
     np.testing.assert_allclose(tags["gps"][:2, 2], [37.5, 38.5])  # altitude over the fixes that have one
     assert np.isnan(tags["gps"][2]).all() and tags["utm_zones"].tolist() == [33, 33, 0]
     assert tags["utm_bands"] == ["U", "U", ""]
-
-
-# ------------------------------------------------------------------------------------------------ index
-
-
-def _fingerprint(dim: int) -> dict:
-    return {"id": "dmx-1a2b3c4d5e6f7a8b", "architecture": "dinomix_vits14", "weights_sha256": "ab" * 32,
-            "preprocessing": "test", "descriptor_dim": dim}
-
-
-def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def test_index_for_map_uses_a_fresh_stored_index_and_rebuilds_a_stale_one(
-        tmp_path: Path, rng: np.random.Generator, caplog: pytest.LogCaptureFixture) -> None:
-    dim = 64
-    xb = _unit(rng, 200, dim)
-    kmap = KeyframeMap.empty(_fingerprint(dim), storage_dtype="float32")
-    kmap.add(xb, stamps_ns=np.arange(200), cameras="cam", frame_ids="map")
-    # A planted hnsw index over OTHER vectors: if it is used, searches find the planted vectors, not the map's.
-    planted = _unit(rng, 200, dim)
-    decoy = PlaceIndex(dim, "hnsw", "cpu")
-    decoy.add(planted)
-    kmap.save(tmp_path / "m.dinomap", decoy.to_bytes(), INDEX_KIND_NAMES["hnsw"])
-    loaded = KeyframeMap.load(tmp_path / "m.dinomap")
-
-    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.build")
-    index = index_for_map(loaded, "hnsw", "cpu")
-    assert index.kind == "hnsw" and index.ntotal == 200
-    D, I = index.search(planted[:5], 1)
-    assert I[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(D[:, 0], 1.0, atol=1e-5)
-    assert "using the stored faiss_hnsw_ip index of the map (200 rows)" in caplog.text
-
-    exact = index_for_map(loaded, "exact", "cpu")  # another kind than stored: built from the descriptors
-    D, I = exact.search(xb[:5], 1)
-    assert I[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(D[:, 0], 1.0, atol=1e-5)
-    assert "the stored index is 'faiss_hnsw_ip', not 'faiss_flat_ip'" in caplog.text
-
-    loaded.add(_unit(rng, 3, dim), stamps_ns=[300, 301, 302], cameras="cam", frame_ids="map")
-    rebuilt = index_for_map(loaded, "hnsw", "cpu")  # the blob covers 200 of 203 rows: stale
-    assert rebuilt.ntotal == 203
-    D, I = rebuilt.search(xb[:5], 1)
-    assert I[:, 0].tolist() == [0, 1, 2, 3, 4]
-    assert "built a hnsw index over 203 rows" in caplog.text and "no fresh stored index" in caplog.text

@@ -1,28 +1,28 @@
-"""Tests of dinomix_ros.maps.index: PlaceIndex against a numpy brute force, approximate recall, masks, serialisation."""
+"""Tests of dinomix_ros.maps.index: PlaceIndex against a numpy brute force, approximate recall, masked search,
+serialisation, and the index of a map (stored blob or rebuilt)."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 import torch
 
-from dinomix_ros.maps.index import (
+from dinomix_ros.maps.index import INDEX_KIND_NAMES, PlaceIndex, index_for_map, save_map
+from dinomix_ros.maps.index_errors import (
     DescriptorError,
     EmptyIndexError,
     IndexConfigError,
     IndexFormatError,
     MaskError,
-    PlaceIndex,
-    _keep_allowed,
-    combine_masks,
-    mask_exclude_last,
-    mask_exclude_recent,
-    mask_id_range,
-    mask_within_radius,
+    PlaceIndexError,
 )
+from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.masks import mask_exclude_last
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -227,18 +227,6 @@ def test_short_mask_excludes_newest_rows(data):
     short = np.ones(650, dtype=bool)  # built before the last 50 rows were appended
     D, I = index.search(xq, 10, allowed=short)  # noqa: E741
     assert_knn_equal(D, I, xq, xb, 10, np.arange(700) < 650)
-
-
-def test_keep_allowed_overfetch_matches_masked_search(data, rng):
-    """The faiss-GPU mask path (over-fetch, then drop rows that are not allowed), run on a CPU flat index."""
-    xb, xq = data
-    flat = faiss.IndexFlatIP(64)
-    flat.add(xb)
-    per_query = rng.random((23, 700)) < 0.9
-    n_excluded = int((~per_query).sum(axis=1).max())
-    D, I = flat.search(xq, 6 + n_excluded)  # noqa: E741
-    Dk, Ik = _keep_allowed(D, I, per_query, 6)
-    assert_knn_equal(Dk, Ik, xq, xb, 6, per_query)
 
 
 # ---------------------------------------------------------------------- approximate indexes
@@ -477,10 +465,14 @@ def test_config_errors():
         PlaceIndex(0)
     with pytest.raises(IndexConfigError, match="torch_dtype must be one of"):
         PlaceIndex(64, backend="torch", torch_dtype="int8")
+    with pytest.raises(IndexConfigError, match="backend='faiss' runs on the CPU only"):
+        PlaceIndex(64, device="cuda", backend="faiss")  # refused whether or not CUDA is present: faiss is faiss-cpu
     assert PlaceIndex(64, "hnsw", device="auto").device == "cpu"
     auto = PlaceIndex(64, device="auto")
     assert auto.device == ("cuda" if CUDA else "cpu")
     assert auto.backend == ("torch" if CUDA else "faiss")
+    faiss_auto = PlaceIndex(64, device="auto", backend="faiss")  # auto picks where the asked-for backend runs
+    assert (faiss_auto.device, faiss_auto.backend) == ("cpu", "faiss")
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error raised when CUDA is absent")
@@ -516,7 +508,7 @@ def test_concurrent_add_and_search(kind, kwargs, rng):
         try:
             for i0 in range(100, 1200, 10):
                 index.add(xb[i0:i0 + 10])
-        except BaseException as e:  # noqa: B902 - reported by the test
+        except BaseException as e:  # reported by the test, whatever it is
             errors.append(e)
         finally:
             done.set()
@@ -529,7 +521,7 @@ def test_concurrent_add_and_search(kind, kwargs, rng):
                 D, I = index.search(xq, 5, allowed=allowed)  # noqa: E741
                 if not ((I < n - 20).all() and (I[:, 0] >= 0).all()):
                     raise AssertionError(f"results outside the mask: {I}")
-        except BaseException as e:  # noqa: B902
+        except BaseException as e:  # reported by the test, whatever it is
             errors.append(e)
 
     threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
@@ -539,64 +531,6 @@ def test_concurrent_add_and_search(kind, kwargs, rng):
         t.join(timeout=60)
     assert not errors, errors
     assert index.ntotal == 1200
-
-
-# ---------------------------------------------------------------------- masks
-
-
-def test_mask_exclude_recent():
-    stamps = np.array([0, 5, 10, 15, 20], dtype=np.int64) * 10**9
-    np.testing.assert_array_equal(mask_exclude_recent(stamps, 20 * 10**9, 10.0), [True, True, True, False, False])
-    np.testing.assert_array_equal(mask_exclude_recent(stamps, 20 * 10**9, 0.0), [True] * 5)
-    # symmetric: keyframes just after the query (another camera, sim time) are recent too
-    np.testing.assert_array_equal(mask_exclude_recent(stamps, 12 * 10**9, 5.0), [True, True, False, False, True])
-    big = np.array([1_700_000_000_000_000_001, 1_700_000_000_000_000_002], dtype=np.int64)  # ns precision kept
-    np.testing.assert_array_equal(mask_exclude_recent(big, 1_700_000_000_000_000_002, 1e-9), [True, False])
-    with pytest.raises(MaskError, match="must hold integers, found dtype float64"):
-        mask_exclude_recent(stamps.astype(np.float64), 0, 1.0)
-    with pytest.raises(MaskError, match="window_s must be a finite number >= 0"):
-        mask_exclude_recent(stamps, 0, -1.0)
-
-
-def test_mask_exclude_last_and_id_range():
-    np.testing.assert_array_equal(mask_exclude_last(5, 2), [True, True, True, False, False])
-    assert not mask_exclude_last(3, 10).any() and mask_exclude_last(3, 0).all()
-    assert mask_exclude_last(0, 4).shape == (0,)
-    with pytest.raises(MaskError, match="must be >= 0"):
-        mask_exclude_last(5, -1)
-    ids = np.array([3, 4, 5, 6, 7])
-    np.testing.assert_array_equal(mask_id_range(ids, 4, 6), [True, False, False, True, True])
-    np.testing.assert_array_equal(mask_id_range(ids, 4, 6, exclude=False), [False, True, True, False, False])
-    with pytest.raises(MaskError, match="reversed"):
-        mask_id_range(ids, 6, 4)
-
-
-def test_mask_within_radius():
-    pos = np.array([[0, 0, 0], [3, 4, 0], [3, 4, 0.1], [np.nan, 0, 0], [10, 0, 0]], dtype=np.float64)
-    np.testing.assert_array_equal(mask_within_radius(pos, np.zeros(3), 5.0), [True, True, False, False, False])
-    np.testing.assert_array_equal(mask_within_radius(pos[:, :2], [3.0, 4.0], 0.0), [False, True, True, False, False])
-    with pytest.raises(MaskError, match=r"center has shape \(2,\), expected \(3,\)"):
-        mask_within_radius(pos, [0.0, 0.0], 1.0)
-    with pytest.raises(MaskError, match=r"positions must have shape \(N, 3\) or \(N, 2\)"):
-        mask_within_radius(np.zeros((4, 4)), np.zeros(4), 1.0)
-    with pytest.raises(MaskError, match="radius_m must be a finite number >= 0"):
-        mask_within_radius(pos, np.zeros(3), float("nan"))
-
-
-def test_combine_masks(rng):
-    a = rng.random(50) < 0.5
-    b = rng.random(50) < 0.5
-    per_query = rng.random((3, 50)) < 0.5
-    assert combine_masks() is None and combine_masks(None, None) is None
-    np.testing.assert_array_equal(combine_masks(a, None, b), a & b)
-    np.testing.assert_array_equal(combine_masks(a, per_query), a & per_query)
-    out = combine_masks(a)
-    out[:] = False
-    assert a.any(), "combine_masks must not alias its input"
-    with pytest.raises(MaskError, match="does not combine"):
-        combine_masks(a, np.ones(49, dtype=bool))
-    with pytest.raises(MaskError, match="bool array, found dtype int64"):
-        combine_masks(a, np.ones(50, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------- CUDA
@@ -616,12 +550,78 @@ def test_cuda_torch_float16_matches_brute_force(data, rng):
     np.testing.assert_array_equal(back.search(xq, 10)[1], index.search(xq, 10)[1])
 
 
-@needs_cuda
-@pytest.mark.skipif(faiss.get_num_gpus() < 1, reason="needs a GPU build of faiss")
-def test_cuda_faiss_gpu_flat(data, rng):
-    xb, xq = data
-    index = PlaceIndex(64, device="cuda", backend="faiss")
-    index.add(xb)
-    assert_knn_equal(*index.search(xq, 10), xq, xb, 10)
-    shared = rng.random(700) < 0.95
-    assert_knn_equal(*index.search(xq, 10, allowed=shared), xq, xb, 10, shared)
+# ---------------------------------------------------------------------- the index of a map
+
+
+def _fingerprint(dim: int) -> dict:
+    return {"id": "dmx-1a2b3c4d5e6f7a8b", "architecture": "dinomix_vits14", "weights_sha256": "ab" * 32,
+            "preprocessing": "test", "descriptor_dim": dim}
+
+
+def _map_of(xb: np.ndarray) -> KeyframeMap:
+    kmap = KeyframeMap.empty(_fingerprint(xb.shape[1]), storage_dtype="float32")
+    kmap.add(xb, stamps_ns=np.arange(len(xb)), cameras="cam", frame_ids="map")
+    return kmap
+
+
+def test_index_for_map_uses_a_fresh_stored_index_and_rebuilds_a_stale_one(
+        tmp_path: Path, rng: np.random.Generator, caplog: pytest.LogCaptureFixture) -> None:
+    dim = 64
+    xb = unit(rng.standard_normal((200, dim)))
+    kmap = _map_of(xb)
+    # A planted hnsw index over OTHER vectors: if it is used, searches find the planted vectors, not the map's.
+    planted = unit(rng.standard_normal((200, dim)))
+    decoy = PlaceIndex(dim, "hnsw", "cpu")
+    decoy.add(planted)
+    kmap.save(tmp_path / "m.dinomap", decoy.to_bytes(), INDEX_KIND_NAMES["hnsw"])
+    loaded = KeyframeMap.load(tmp_path / "m.dinomap")
+
+    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.index")
+    index = index_for_map(loaded, "hnsw", "cpu")
+    assert index.kind == "hnsw" and index.ntotal == 200
+    D, I = index.search(planted[:5], 1)  # noqa: E741
+    assert I[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(D[:, 0], 1.0, atol=1e-5)
+    assert "using the stored faiss_hnsw_ip index of the map (200 rows)" in caplog.text
+
+    exact = index_for_map(loaded, "exact", "cpu")  # another kind than stored: built from the descriptors
+    D, I = exact.search(xb[:5], 1)  # noqa: E741
+    assert I[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(D[:, 0], 1.0, atol=1e-5)
+    assert "the stored index is 'faiss_hnsw_ip', not 'faiss_flat_ip'" in caplog.text
+
+    loaded.add(unit(rng.standard_normal((3, dim))), stamps_ns=[300, 301, 302], cameras="cam", frame_ids="map")
+    rebuilt = index_for_map(loaded, "hnsw", "cpu")  # the blob covers 200 of 203 rows: stale
+    assert rebuilt.ntotal == 203
+    D, I = rebuilt.search(xb[:5], 1)  # noqa: E741
+    assert I[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert "built a hnsw index over 203 rows" in caplog.text and "no fresh stored index" in caplog.text
+    with pytest.raises(IndexConfigError, match="index kind 'lsh' is unknown"):
+        index_for_map(loaded, "lsh", "cpu")
+
+
+def test_index_for_map_rebuilds_an_unreadable_stored_index(tmp_path: Path, rng: np.random.Generator,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    xb = unit(rng.standard_normal((50, 32)))
+    kmap = _map_of(xb)
+    l2 = faiss.IndexFlatL2(32)  # a faiss index, but not an inner-product one
+    l2.add(xb)
+    kmap.save(tmp_path / "m.dinomap", faiss.serialize_index(l2), INDEX_KIND_NAMES["exact"])
+    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.index")
+    index = index_for_map(KeyframeMap.load(tmp_path / "m.dinomap"), "exact", "cpu")
+    assert index.ntotal == 50 and "the stored index could not be read (the stored index uses metric" in caplog.text
+    assert issubclass(IndexFormatError, PlaceIndexError)
+
+
+def test_save_map_stores_only_a_fresh_approximate_index(tmp_path: Path, rng: np.random.Generator) -> None:
+    xb = unit(rng.standard_normal((300, 32)))
+    hnsw = index_for_map(_map_of(xb), "hnsw", "cpu")
+    save_map(_map_of(xb), tmp_path / "a.dinomap", hnsw)
+    loaded = KeyframeMap.load(tmp_path / "a.dinomap")
+    assert loaded.index_kind == INDEX_KIND_NAMES["hnsw"]
+    again = index_for_map(loaded, "hnsw", "cpu")
+    np.testing.assert_array_equal(again.search(xb[:20], 5)[1], hnsw.search(xb[:20], 5)[1])
+    save_map(_map_of(xb), tmp_path / "b.dinomap", index_for_map(_map_of(xb), "exact", "cpu"))  # rebuilt on load
+    assert KeyframeMap.load(tmp_path / "b.dinomap").index_blob is None
+    grown = _map_of(xb)
+    grown.add(unit(rng.standard_normal((1, 32))), stamps_ns=[999], cameras="cam", frame_ids="map")
+    save_map(grown, tmp_path / "c.dinomap", hnsw)  # the index misses the new row: not stored
+    assert KeyframeMap.load(tmp_path / "c.dinomap").index_blob is None

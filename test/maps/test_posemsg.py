@@ -125,7 +125,7 @@ def test_a_bag_track_and_the_live_buffer_agree(tmp_path) -> None:
 
 def test_gps_geotags_agree_offline_and_live(tmp_path) -> None:
     """Fixes with an unknown altitude in between: the bag builder's geotags and the live buffer's agree."""
-    from dinomix_ros.maps.build import GpsTrack
+    from dinomix_ros.maps.geotags import GpsTrack
 
     fixes = [navsatfix_msg(T0 + k * NS, 55.70 + 1e-5 * k, 13.19, 40.0 + k if k not in (2, 3) else math.nan)
              for k in range(5)]

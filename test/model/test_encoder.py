@@ -1,15 +1,18 @@
-"""The inference engine: batching, order, dtypes, threads; CUDA paths run only where CUDA exists."""
+"""The inference engine: batching, the streaming pipeline, order, dtypes, threads; CUDA paths run only where CUDA
+exists."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dinomix_ros.model.encoder import Encoder, EncoderConfig, resolve_device
+from dinomix_ros.model.encoder import DescribedBatch, Encoder, EncoderConfig, resolve_device
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.model import random_model
 from dinomix_ros.imaging.preprocess import preprocess
@@ -67,6 +70,86 @@ def test_bad_images_raise_with_their_index_or_become_nan_rows(encoder: Encoder, 
     np.testing.assert_allclose(out[[0, 2]], encoder.describe([corridor[0], corridor[1]]), atol=1e-6)
 
 
+def _pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("dinomix-prep", "dinomix-model"))]
+
+
+def test_describe_stream_yields_batches_in_input_order_equal_to_describe(encoder: Encoder,
+                                                                         corridor: list[Path]) -> None:
+    tags = [f"frame{i}" for i in range(len(corridor))]
+    batches = list(encoder.describe_stream((p, None, t) for p, t in zip(corridor, tags)))  # batch_size 3 (config)
+    assert all(isinstance(b, DescribedBatch) for b in batches)
+    assert [len(b) for b in batches] == [3, 3, 1] and [b.tags for b in batches] == [tags[:3], tags[3:6], tags[6:]]
+    assert all(b.failed == [] and b.descriptors.dtype == np.float32 for b in batches)
+    # the same pipeline as describe(), and each batch is one forward pass over its stacked prepared images
+    np.testing.assert_array_equal(np.concatenate([b.descriptors for b in batches]), encoder.describe(corridor))
+    for b, start in zip(batches, (0, 3, 6)):
+        prepared = np.stack([encoder.prepare(p) for p in corridor[start:start + len(b)]])
+        np.testing.assert_array_equal(b.descriptors, encoder.describe_prepared(prepared))
+    two = list(encoder.describe_stream(((p, None, i) for i, p in enumerate(corridor)), batch_size=2))
+    assert [b.tags for b in two] == [[0, 1], [2, 3], [4, 5], [6]]
+    np.testing.assert_allclose(np.concatenate([b.descriptors for b in two]), encoder.describe(corridor), atol=1e-5)
+    assert list(encoder.describe_stream(iter(()))) == []
+    assert not _pipeline_threads()
+
+
+def test_describe_stream_reports_failures_with_their_tags(encoder: Encoder, corridor: list[Path],
+                                                          tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(corridor[0].read_bytes()[:5000])
+    missing = tmp_path / "missing.jpg"
+    bgr = np.zeros((48, 64, 3), np.uint8)
+    items = [(corridor[0], None, "a"), (broken, None, "broken"), (corridor[1], None, "b"),
+             (missing, None, "missing"), (bgr[:, :, :2], "bgr8", "two-channel"), (bgr, "bgr8", "c")]
+    batches = list(encoder.describe_stream(items))
+    assert [b.tags for b in batches] == [["a", "b"], ["c"]]
+    failed = [(tag, type(exc)) for b in batches for tag, exc in b.failed]
+    assert failed == [("broken", ImageDecodeError), ("missing", FileNotFoundError), ("two-channel", ImageDecodeError)]
+    expected = encoder.describe([corridor[0], broken, corridor[1]], skip_errors=True)
+    np.testing.assert_array_equal(batches[0].descriptors, expected[[0, 2]])
+    all_bad = list(encoder.describe_stream([(broken, None, 1), (missing, None, 2)]))
+    assert len(all_bad) == 1 and all_bad[0].descriptors.shape == (0, encoder.descriptor_dim)
+    assert [tag for tag, _ in all_bad[0].failed] == [1, 2] and all_bad[0].tags == []
+
+
+def test_describe_stream_keeps_at_most_two_batches_in_flight(encoder: Encoder, corridor: list[Path]) -> None:
+    """Items are pulled lazily: when batch j comes out, no item past batch j + 1 has been read (or prepared)."""
+    bs = encoder.config.batch_size
+    pulled = [0]
+    prepared = np.stack([encoder.prepare(p) for p in corridor])
+
+    def frames() -> Iterator[tuple[np.ndarray, str, int]]:
+        for i in range(1000):  # far more than the test reads: an eager pipeline would pull them all
+            pulled[0] += 1
+            yield prepared[i % len(prepared)], "rgb8", i
+
+    seen = []
+    with closing(encoder.describe_stream(frames())) as batches:
+        for j, batch in enumerate(batches):
+            assert (j + 1) * bs <= pulled[0] <= (j + 2) * bs, f"batch {j}: {pulled[0]} items pulled"
+            seen += batch.tags
+            if j == 3:
+                break
+    assert seen == list(range(4 * bs)) and pulled[0] <= 5 * bs
+    assert not _pipeline_threads(), "closing the stream must stop its threads"
+
+
+def test_describe_stream_errors_propagate_and_stop_the_threads(encoder: Encoder, corridor: list[Path]) -> None:
+    def frames() -> Iterator[tuple[Path, None, int]]:
+        for i, p in enumerate(corridor):
+            yield p, None, i
+        raise RuntimeError("the bag broke")
+
+    got = []
+    with pytest.raises(RuntimeError, match="the bag broke"):
+        for batch in encoder.describe_stream(frames()):
+            got += batch.tags
+    assert got == [0, 1, 2]  # handed over before the error; the batches still in flight are dropped
+    assert not _pipeline_threads()
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        encoder.describe_stream([], batch_size=0)  # at the call, before any iteration
+
+
 def test_bf16_on_cpu_stays_close_to_fp32(corridor: list[Path]) -> None:
     loaded = random_model("vits14", seed=5)
     fp32 = Encoder(loaded, EncoderConfig(device="cpu")).describe(corridor[:4])
@@ -83,7 +166,7 @@ def test_concurrent_callers_get_the_serial_results(encoder: Encoder, corridor: l
     def work(i: int) -> None:
         try:
             results[i] = encoder.describe_one(corridor[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below, whatever it is
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
