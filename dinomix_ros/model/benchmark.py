@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def percentiles(samples_s: list[float]) -> dict:
             "mean_ms": round(float(ms.mean()), 3), "min_ms": round(float(ms.min()), 3), "n": int(ms.size)}
 
 
-def _time(fn, iters: int, warmup: int) -> list[float]:  # noqa: ANN001 - a zero-argument callable
+def _time(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     samples = []

@@ -223,7 +223,7 @@ def _blocked_globals(path: Path) -> list[str]:
         allowed = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
                    for name in (g[1] if isinstance(g, tuple) else g for g in _allowed_globals())}
         return sorted(set(finder(path)) - allowed)
-    except Exception:  # noqa: BLE001 - best effort for the error message only
+    except Exception:  # best effort: only for the error message
         return []
 
 

@@ -25,6 +25,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
 from dinomix_ros.evaluation.plots import plot_pr_curve
 from dinomix_ros.util.files import atomic_path
 from dinomix_ros.maps.sources.imagefolder import list_images
+
+if TYPE_CHECKING:  # rclpy is imported after the environment is set (see main)
+    from dinomix_ros.ros.session import NodeProcess, RosClient
 
 DATA = Path(__file__).resolve().parents[2] / "test" / "data" / "rtabmap_corridor"
 NODE = "/dinomix_localizer"
@@ -94,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result and code == 0 else 1
 
 
-def run(client, node, images: list[Path], gt: np.ndarray, args: argparse.Namespace, out: Path,  # noqa: ANN001
-        random_weights: bool) -> bool:
+def run(client: RosClient, node: NodeProcess, images: list[Path], gt: np.ndarray, args: argparse.Namespace,
+        out: Path, random_weights: bool) -> bool:
     from sensor_msgs.msg import Image, PointCloud2
     from std_srvs.srv import Trigger
 
@@ -197,7 +201,7 @@ def summarize(rows: list[dict], latencies: dict[int, float], n_first: int, args:
             "summary": summary}
 
 
-def image_message(path: Path, stamp: int):  # noqa: ANN201 - sensor_msgs/Image
+def image_message(path: Path, stamp: int) -> Any:
     """The JPEG as a bgr8 sensor_msgs/Image, as a camera driver would publish it."""
     import cv2
     from sensor_msgs.msg import Image

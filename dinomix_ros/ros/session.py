@@ -18,10 +18,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.publisher import Publisher
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 __all__ = ["fastdds_profile", "ros_env", "NodeProcess", "RosClient"]
@@ -37,7 +39,7 @@ def fastdds_profile() -> Path | None:
         from ament_index_python.packages import get_package_share_directory
 
         candidates.append(Path(get_package_share_directory("dinomix_ros")) / "config" / "fastdds_large_images.xml")
-    except Exception:  # noqa: BLE001 - not installed through ament: the source tree copy is all there is
+    except Exception:  # not installed through ament: the source tree copy is all there is
         pass
     return next((p for p in candidates if p.is_file()), None)
 
@@ -151,7 +153,7 @@ class RosClient:
         self.node.create_subscription(msg_type, topic, lambda m: received.append((time.monotonic(), m)), qos)
         return received
 
-    def publisher(self, msg_type: type, topic: str, depth: int = 10):  # noqa: ANN201 - rclpy Publisher
+    def publisher(self, msg_type: type, topic: str, depth: int = 10) -> Publisher:
         qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE)
         return self.node.create_publisher(msg_type, topic, qos)
 
@@ -166,12 +168,12 @@ class RosClient:
     def spin_for(self, seconds: float) -> None:
         self.spin_until(lambda: False, seconds)
 
-    def wait_for_subscribers(self, pub, count: int = 1, timeout: float = 60.0) -> None:  # noqa: ANN001
+    def wait_for_subscribers(self, pub: Publisher, count: int = 1, timeout: float = 60.0) -> None:
         if not self.spin_until(lambda: pub.get_subscription_count() >= count, timeout):
             raise TimeoutError(f"no subscriber on {pub.topic_name} after {timeout} s")
         self.spin_for(0.5)  # discovery settles after the match is visible
 
-    def call(self, srv_type: type, name: str, request: object | None = None, timeout: float = 60.0):  # noqa: ANN201
+    def call(self, srv_type: type, name: str, request: object | None = None, timeout: float = 60.0) -> Any:
         client = self.node.create_client(srv_type, name)
         try:
             if not self.spin_until(client.service_is_ready, timeout):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["progress_bar"]
 
 
@@ -13,7 +15,7 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "img"):  # noqa: ANN201 - tqdm or no-op
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "img") -> Any:
     """A tqdm bar (``total`` None or 0: unknown length) or, when disabled, an object with the same update/close."""
     if not enabled:
         return _NoBar()

@@ -15,20 +15,20 @@ import numpy as np
 import pytest
 from bagfactory import GeoOrigin, Motion, photo_frames, write_camera_bag
 
-from dinomix_ros.maps.sources.bags import BagError
-from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.maps.build import (
-    NO_POSE_FRAME,
     BagMapConfig,
-    GpsTrack,
+    BuildReport,
     MapBuildError,
     build_map_from_bag,
     build_map_from_folder,
     check_bag_config,
 )
+from dinomix_ros.maps.geotags import NO_POSE_FRAME, GpsTrack
 from dinomix_ros.maps.keyframes import KeyframeMap, MapMismatchError
 from dinomix_ros.maps.manifest import read_manifest
+from dinomix_ros.maps.sources.bags import BagError
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, quat_angle, select_keyframes, yaw_to_quat
+from dinomix_ros.model.encoder import Encoder, EncoderConfig
 
 LUND = Path(__file__).resolve().parents[1] / "data" / "lund_gps"
 
@@ -45,7 +45,7 @@ def expected_keyframes(stamps: np.ndarray, positions: np.ndarray, orientations: 
                             gate.min_interval_s, gate.max_interval_s)
 
 
-def assert_report_adds_up(report) -> None:  # noqa: ANN001 - BuildReport
+def assert_report_adds_up(report: BuildReport) -> None:
     assert report.images_seen == report.no_pose + report.not_keyframes + report.bad + report.added
     assert report.seconds > 0 and report.images_per_s == pytest.approx(report.images_seen / report.seconds)
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def bag_topics(path: str | Path) -> dict[str, tuple[str, int]]:
         return out
 
 
-def _connections(reader, topics: Sequence[str], allowed: Sequence[str]) -> list:  # noqa: ANN001
+def _connections(reader: Any, topics: Sequence[str], allowed: Sequence[str]) -> list:
     found = {c.topic: c.msgtype for c in reader.connections}
     conns = []
     for topic in topics:

@@ -248,6 +248,104 @@ def _cell_float(row: dict[str, str], column: str | None, line: int, csv_path: Pa
     return value
 
 
+@dataclass(frozen=True)
+class _CsvColumns:
+    """Which header names of a geotag CSV hold which values (None: absent), and the complete position sets."""
+
+    image: str
+    lat: str | None
+    lon: str | None
+    alt: str | None
+    x: str | None
+    y: str | None
+    yaw: str | None
+    east: str | None
+    north: str | None
+    zone: str | None
+    band: str | None
+    sets: tuple[str, ...]
+
+
+def _csv_columns(csv_path: Path, header: list[str]) -> _CsvColumns:
+    """Resolve the accepted column names of a geotag CSV header (see :func:`read_geotag_csv`)."""
+    columns = {h.lower(): h for h in header if h}
+    image_col = _pick(columns, CSV_IMAGE_COLUMNS)
+    if image_col is None:
+        raise GeotagCSVError(
+            f"{csv_path}: the first row {header} has no image column; a header row is required. Expected {CSV_ACCEPTED}"
+        )
+    sets = {
+        "lat/lon": (_pick(columns, CSV_LAT_COLUMNS), _pick(columns, CSV_LON_COLUMNS)),
+        "x/y": (_pick(columns, CSV_X_COLUMNS), _pick(columns, CSV_Y_COLUMNS)),
+        "utm": (
+            _pick(columns, CSV_EAST_COLUMNS),
+            _pick(columns, CSV_NORTH_COLUMNS),
+            _pick(columns, CSV_ZONE_COLUMNS),
+            _pick(columns, CSV_BAND_COLUMNS),
+        ),
+    }
+    complete = [k for k, cols in sets.items() if all(cols)]
+    partial = [k for k, cols in sets.items() if any(cols) and not all(cols)]
+    if partial:
+        raise GeotagCSVError(
+            f"{csv_path}: columns {header} hold an incomplete {' and '.join(partial)} column set; "
+            f"expected {CSV_ACCEPTED}"
+        )
+    if not complete:
+        raise GeotagCSVError(f"{csv_path}: columns {header} hold no position column set; expected {CSV_ACCEPTED}")
+    lat_col, lon_col = sets["lat/lon"]
+    x_col, y_col = sets["x/y"]
+    return _CsvColumns(image_col, lat_col, lon_col, _pick(columns, CSV_ALT_COLUMNS) if lat_col else None, x_col, y_col,
+                       _pick(columns, CSV_YAW_COLUMNS) if x_col else None, *sets["utm"], tuple(complete))
+
+
+def _csv_utm(east: float | None, north: float | None, zone_text: str, band_text: str, line: int,
+             csv_path: Path) -> UTMCoord | None:
+    utm_cells = (east is not None, north is not None, bool(zone_text), bool(band_text))
+    if any(utm_cells) and not all(utm_cells):
+        raise GeotagCSVError(
+            f"{csv_path}:{line}: the UTM cells are partly empty; expected easting, northing, zone and band "
+            "all filled or all empty"
+        )
+    if not all(utm_cells):
+        return None
+    try:
+        zone = int(float(zone_text))
+        if float(zone_text) != zone:
+            raise ValueError("not an integer")
+        return UTMCoord(east, north, zone, band_text)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise GeotagCSVError(
+            f"{csv_path}:{line}: UTM zone {zone_text!r} / band {band_text!r} are invalid ({exc}); expected "
+            f"a zone 1..60 and a band letter of {UTM_BANDS}"
+        ) from None
+
+
+def _csv_geotag(row: dict[str, str], cols: _CsvColumns, path: Path, line: int, csv_path: Path) -> ImageGeotag:
+    """One data row of a geotag CSV; UTM from lat/lon when not given, and lat/lon from UTM."""
+    lat = _cell_float(row, cols.lat, line, csv_path)
+    lon = _cell_float(row, cols.lon, line, csv_path)
+    x = _cell_float(row, cols.x, line, csv_path)
+    y = _cell_float(row, cols.y, line, csv_path)
+    for what, pair in (("lat/lon", (lat, lon)), ("x/y", (x, y))):
+        if (pair[0] is None) != (pair[1] is None):
+            raise GeotagCSVError(f"{csv_path}:{line}: only one of {what} is filled; expected both or neither")
+    zone_text = (row.get(cols.zone) or "").strip() if cols.zone else ""
+    band_text = (row.get(cols.band) or "").strip() if cols.band else ""
+    utm = _csv_utm(_cell_float(row, cols.east, line, csv_path), _cell_float(row, cols.north, line, csv_path),
+                   zone_text, band_text, line, csv_path)
+    try:
+        if lat is not None and utm is None:
+            utm = latlon_to_utm(lat, lon)  # type: ignore[arg-type]
+        elif lat is None and utm is not None:
+            lat, lon = utm_to_latlon(utm.easting, utm.northing, utm.zone, utm.northern)
+    except ValueError as exc:
+        raise GeotagCSVError(f"{csv_path}:{line}: {exc}") from None
+    return ImageGeotag(path=path, lat=lat, lon=lon,
+                       alt=_cell_float(row, cols.alt, line, csv_path) if lat is not None else None, utm=utm, x=x,
+                       y=y, yaw=_cell_float(row, cols.yaw, line, csv_path) if x is not None else None)
+
+
 def read_geotag_csv(csv_path: str | Path) -> dict[str, ImageGeotag]:
     """Read per-image geotags from a CSV file with a header row.
 
@@ -281,100 +379,25 @@ def read_geotag_csv(csv_path: str | Path) -> dict[str, ImageGeotag]:
     reader = csv.DictReader(text.splitlines(), dialect=dialect)
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
-    columns = {h.lower(): h for h in header if h}
-    image_col = _pick(columns, CSV_IMAGE_COLUMNS)
-    if image_col is None:
-        raise GeotagCSVError(
-            f"{csv_path}: the first row {header} has no image column; a header row is required. Expected {CSV_ACCEPTED}"
-        )
-    sets = {
-        "lat/lon": (_pick(columns, CSV_LAT_COLUMNS), _pick(columns, CSV_LON_COLUMNS)),
-        "x/y": (_pick(columns, CSV_X_COLUMNS), _pick(columns, CSV_Y_COLUMNS)),
-        "utm": (
-            _pick(columns, CSV_EAST_COLUMNS),
-            _pick(columns, CSV_NORTH_COLUMNS),
-            _pick(columns, CSV_ZONE_COLUMNS),
-            _pick(columns, CSV_BAND_COLUMNS),
-        ),
-    }
-    complete = [k for k, cols in sets.items() if all(cols)]
-    partial = [k for k, cols in sets.items() if any(cols) and not all(cols)]
-    if partial:
-        raise GeotagCSVError(
-            f"{csv_path}: columns {header} hold an incomplete {' and '.join(partial)} column set; "
-            f"expected {CSV_ACCEPTED}"
-        )
-    if not complete:
-        raise GeotagCSVError(f"{csv_path}: columns {header} hold no position column set; expected {CSV_ACCEPTED}")
-    lat_col, lon_col = sets["lat/lon"]
-    x_col, y_col = sets["x/y"]
-    east_col, north_col, zone_col, band_col = sets["utm"]
-    alt_col = _pick(columns, CSV_ALT_COLUMNS) if lat_col else None
-    yaw_col = _pick(columns, CSV_YAW_COLUMNS) if x_col else None
-
+    cols = _csv_columns(csv_path, header)
     tags: dict[str, ImageGeotag] = {}
     first_line_of: dict[str, int] = {}
     for row in reader:
         line = reader.line_num
         if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
             continue  # blank line
-        value = (row.get(image_col) or "").strip()
+        value = (row.get(cols.image) or "").strip()
         if not value:
-            raise GeotagCSVError(f"{csv_path}:{line}: column {image_col!r} is empty; expected an image file name")
+            raise GeotagCSVError(f"{csv_path}:{line}: column {cols.image!r} is empty; expected an image file name")
         key = Path(value).name
         if key in tags:
             raise GeotagCSVError(
                 f"{csv_path}:{line}: image {key!r} is listed again (first on line {first_line_of[key]}); "
                 "expected one row per image"
             )
-        lat = _cell_float(row, lat_col, line, csv_path)
-        lon = _cell_float(row, lon_col, line, csv_path)
-        x = _cell_float(row, x_col, line, csv_path)
-        y = _cell_float(row, y_col, line, csv_path)
-        east = _cell_float(row, east_col, line, csv_path)
-        north = _cell_float(row, north_col, line, csv_path)
-        zone_text = (row.get(zone_col) or "").strip() if zone_col else ""
-        band_text = (row.get(band_col) or "").strip() if band_col else ""
-        for what, pair in (("lat/lon", (lat, lon)), ("x/y", (x, y))):
-            if (pair[0] is None) != (pair[1] is None):
-                raise GeotagCSVError(f"{csv_path}:{line}: only one of {what} is filled; expected both or neither")
-        utm_cells = (east is not None, north is not None, bool(zone_text), bool(band_text))
-        if any(utm_cells) and not all(utm_cells):
-            raise GeotagCSVError(
-                f"{csv_path}:{line}: the UTM cells are partly empty; expected easting, northing, zone and band "
-                "all filled or all empty"
-            )
-        utm = None
-        if all(utm_cells):
-            try:
-                zone = int(float(zone_text))
-                if float(zone_text) != zone:
-                    raise ValueError("not an integer")
-                utm = UTMCoord(east, north, zone, band_text)  # type: ignore[arg-type]
-            except ValueError as exc:
-                raise GeotagCSVError(
-                    f"{csv_path}:{line}: UTM zone {zone_text!r} / band {band_text!r} are invalid ({exc}); expected "
-                    f"a zone 1..60 and a band letter of {UTM_BANDS}"
-                ) from None
-        try:
-            if lat is not None and utm is None:
-                utm = latlon_to_utm(lat, lon)  # type: ignore[arg-type]
-            elif lat is None and utm is not None:
-                lat, lon = utm_to_latlon(utm.easting, utm.northing, utm.zone, utm.northern)
-        except ValueError as exc:
-            raise GeotagCSVError(f"{csv_path}:{line}: {exc}") from None
-        tags[key] = ImageGeotag(
-            path=csv_path.parent / value,
-            lat=lat,
-            lon=lon,
-            alt=_cell_float(row, alt_col, line, csv_path) if lat is not None else None,
-            utm=utm,
-            x=x,
-            y=y,
-            yaw=_cell_float(row, yaw_col, line, csv_path) if x is not None else None,
-        )
+        tags[key] = _csv_geotag(row, cols, csv_path.parent / value, line, csv_path)
         first_line_of[key] = line
-    logger.debug("read %d geotags from %s (columns: %s)", len(tags), csv_path, ", ".join(complete))
+    logger.debug("read %d geotags from %s (columns: %s)", len(tags), csv_path, ", ".join(cols.sets))
     return tags
 
 
@@ -407,6 +430,45 @@ def _unify_utm_zone(tags: list[ImageGeotag], utm_zone: int | None) -> list[Image
                 raise ValueError(f"{t.path}: cannot put it into UTM zone {target}: {exc}") from exc
         out.append(t)
     return out
+
+
+def _exif_geotag(path: Path) -> ImageGeotag:
+    fix = read_exif_gps(path)
+    if fix is None:
+        return ImageGeotag(path=path)
+    try:
+        utm = latlon_to_utm(fix.lat, fix.lon)
+    except ValueError as exc:
+        raise ExifGPSError(f"{path}: EXIF GPS position is outside UTM: {exc}") from exc
+    return ImageGeotag(path=path, lat=fix.lat, lon=fix.lon, alt=fix.alt, utm=utm)
+
+
+def _csv_geotags(folder: Path, images: list[Path], csv_path: str | Path | None) -> list[ImageGeotag]:
+    """Geotags of ``images`` from a CSV (the only ``*.csv`` of the folder by default); every image needs a row."""
+    if csv_path is None:
+        csv_path = _single_csv(folder)
+        if csv_path is None:
+            found = sorted(p.name for p in folder.glob("*.csv"))
+            raise GeotagCSVError(
+                f"{folder} holds {len(found)} CSV files {found[:MAX_LISTED]}; expected exactly one for "
+                "source='csv'. Pass csv_path="
+            )
+    by_name = read_geotag_csv(csv_path)
+    names = Counter(p.name for p in images)
+    dupes = sorted(n for n, c in names.items() if c > 1)
+    if dupes:
+        raise GeotagCSVError(
+            f"{len(dupes)} file names occur in several sub-folders of {folder} ({dupes[:MAX_LISTED]}); the CSV "
+            "is keyed by file name, so expected unique names. Rename the images or geotag each sub-folder"
+        )
+    missing = [p.name for p in images if p.name not in by_name]
+    if missing:
+        raise GeotagCSVError(
+            f"{len(missing)} of {len(images)} images in {folder} are not in {csv_path}: "
+            f"{missing[:MAX_LISTED]}{' ...' if len(missing) > MAX_LISTED else ''}; expected a row per image "
+            "(column image|name|filename|file|path)"
+        )
+    return [dataclasses.replace(by_name[p.name], path=p) for p in images]
 
 
 def geotag_images(
@@ -462,42 +524,9 @@ def geotag_images(
     elif source == "filename":
         tags = [dataclasses.replace(parse_utm_filename(p), path=p) for p in images]
     elif source == "exif":
-        tags = []
-        for p in images:
-            fix = read_exif_gps(p)
-            if fix is None:
-                tags.append(ImageGeotag(path=p))
-            else:
-                try:
-                    utm = latlon_to_utm(fix.lat, fix.lon)
-                except ValueError as exc:
-                    raise ExifGPSError(f"{p}: EXIF GPS position is outside UTM: {exc}") from exc
-                tags.append(ImageGeotag(path=p, lat=fix.lat, lon=fix.lon, alt=fix.alt, utm=utm))
-    else:  # csv
-        if csv_path is None:
-            csv_path = _single_csv(folder)
-            if csv_path is None:
-                found = sorted(p.name for p in folder.glob("*.csv"))
-                raise GeotagCSVError(
-                    f"{folder} holds {len(found)} CSV files {found[:MAX_LISTED]}; expected exactly one for "
-                    "source='csv'. Pass csv_path="
-                )
-        by_name = read_geotag_csv(csv_path)
-        names = Counter(p.name for p in images)
-        dupes = sorted(n for n, c in names.items() if c > 1)
-        if dupes:
-            raise GeotagCSVError(
-                f"{len(dupes)} file names occur in several sub-folders of {folder} ({dupes[:MAX_LISTED]}); the CSV "
-                "is keyed by file name, so expected unique names. Rename the images or geotag each sub-folder"
-            )
-        missing = [p.name for p in images if p.name not in by_name]
-        if missing:
-            raise GeotagCSVError(
-                f"{len(missing)} of {len(images)} images in {folder} are not in {csv_path}: "
-                f"{missing[:MAX_LISTED]}{' ...' if len(missing) > MAX_LISTED else ''}; expected a row per image "
-                "(column image|name|filename|file|path)"
-            )
-        tags = [dataclasses.replace(by_name[p.name], path=p) for p in images]
+        tags = [_exif_geotag(p) for p in images]
+    else:
+        tags = _csv_geotags(folder, images, csv_path)
 
     tags = _unify_utm_zone(tags, utm_zone)
     untagged = sum(not t.has_position for t in tags)
