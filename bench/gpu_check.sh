@@ -29,10 +29,10 @@ timeout 240 python3 -m pytest -q -rs -p no:cacheprovider test/model/test_encoder
 
 # 2. model: batch-1 latency (CUDA graphs) and batch-256 throughput, ViT-S and ViT-B, float32/float16/bfloat16
 timeout 180 python3 -m dinomix_ros.cli.main bench --device cuda --variants vits14,vitb14 --dtypes float32,float16,bfloat16 \
-  --batch 256 --iters 200 --warmup 20 > "$OUT/bench_model.json" 2> "$OUT/bench_model.log"
+  --batch-size 256 --iters 200 --warmup 20 > "$OUT/bench_model.json" 2> "$OUT/bench_model.log"
 tail -c 2000 "$OUT/bench_model.json"
 
-# 3. search: exact (torch fp16 on the GPU, faiss CPU) and approximate, up to 1M x 4096
+# 3. search: exact (torch float16 on the GPU, faiss CPU) and approximate, up to 1M x 4096
 timeout 240 python3 bench/bench_search.py --sizes 1000,10000,100000 --large --approx-sizes 1000,10000 \
   > "$OUT/bench_search.json" 2> "$OUT/bench_search.log"
 tail -c 2000 "$OUT/bench_search.json"

@@ -146,3 +146,17 @@ def test_installed_node_runs_from_the_install_tree(colcon_install: Path, tmp_pat
     assert code == 0, text
     assert str(site) in subprocess.run([sys.executable, "-c", "import dinomix_ros; print(dinomix_ros.__file__)"],
                                        env=env, cwd=tmp_path, capture_output=True, text=True).stdout
+
+
+def test_readme_architecture_map_matches_the_package() -> None:
+    """Every sub-package and module of dinomix_ros is in the README's architecture map, and nothing else is."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Development"):readme.index("## Licences and data")]
+    tree = section[section.index("```"):section.index("```", section.index("```") + 3)]
+    modules = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    packages = {p.parent.name for p in PACKAGE.rglob("__init__.py")} - {"dinomix_ros"}
+    named = set(re.findall(r"\b([a-z_0-9]+\.py)\b", tree))
+    assert modules - named == set(), f"modules missing from the README map: {sorted(modules - named)}"
+    assert named - modules == set(), f"the README map names modules that do not exist: {sorted(named - modules)}"
+    for package in packages:
+        assert f"{package}/" in tree, f"sub-package {package}/ missing from the README map"

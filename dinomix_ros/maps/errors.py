@@ -1,14 +1,22 @@
-"""The errors a keyframe map raises, in memory and on disk.
+"""The errors of keyframe maps (in memory and on disk) and of searching them.
 
-Import them from :mod:`dinomix_ros.maps.keyframes`, the module users work with (it re-exports every class here);
-they are defined here so that the table, its validation and its storage share them without importing each other.
-All are :class:`ValueError` subclasses; those about a missing map or keyframe also subclass the matching built-in.
+Map errors are also importable from :mod:`dinomix_ros.maps.keyframes`, the module users work with; they are defined
+here so that the table, its validation and its storage share them without importing each other, and so that the
+mask builders need neither torch nor faiss. All are :class:`ValueError` subclasses; those about a missing map or
+keyframe also subclass the matching built-in. Search errors derive from :class:`PlaceIndexError`, so a caller can
+catch every bad input to a search at once.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "DescriptorError",
+    "EmptyIndexError",
+    "IndexConfigError",
+    "IndexFormatError",
     "KeyframeNotFoundError",
+    "MaskError",
+    "PlaceIndexError",
     "MapConflictError",
     "MapError",
     "MapFormatError",
@@ -44,3 +52,30 @@ class MapNotFoundError(MapError, FileNotFoundError):
 
 class KeyframeNotFoundError(MapError, LookupError):
     """A keyframe id is not in the map."""
+
+
+# ---------------------------------------------------------------------------------------------------- search
+
+
+class PlaceIndexError(ValueError):
+    """Base class of the errors raised by :mod:`dinomix_ros.maps.index` and :mod:`dinomix_ros.maps.masks`."""
+
+
+class IndexConfigError(PlaceIndexError):
+    """An unknown or inconsistent kind, backend, device or index parameter."""
+
+
+class DescriptorError(PlaceIndexError):
+    """Descriptors or queries with the wrong shape, dtype, or non-finite values."""
+
+
+class MaskError(PlaceIndexError):
+    """An ``allowed`` mask (or a filter input) with the wrong dtype or shape."""
+
+
+class EmptyIndexError(PlaceIndexError):
+    """A search on an index that holds no descriptors yet."""
+
+
+class IndexFormatError(PlaceIndexError):
+    """Bytes that are not a faiss index :class:`~dinomix_ros.maps.index.PlaceIndex` can load."""

@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import torch
 
-from dinomix_ros.maps.index_errors import IndexFormatError
+from dinomix_ros.maps.errors import IndexFormatError
 from dinomix_ros.maps.torch_backend import matmul_topk
 
 __all__ = ["PQ_NBITS", "MIN_POINTS_PER_CENTROID", "FaissBackend", "read_faiss_index"]

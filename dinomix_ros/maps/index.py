@@ -12,8 +12,8 @@ row of the keyframe in the map's arrays), padded with ``-inf`` / ``-1`` where fe
 * :func:`index_for_map` / :func:`save_map`: a map's index, from the blob stored with the map when that is fresh,
   else built from its descriptors; an approximate index is saved with the map (:data:`INDEX_KIND_NAMES` labels it).
 
-Bad inputs raise the :class:`~dinomix_ros.maps.index_errors.PlaceIndexError` family of
-:mod:`dinomix_ros.maps.index_errors`. faiss is faiss-cpu: exact search on CUDA is the torch backend.
+Bad inputs raise the :class:`~dinomix_ros.maps.errors.PlaceIndexError` family of
+:mod:`dinomix_ros.maps.errors`. faiss is faiss-cpu: exact search on CUDA is the torch backend.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dinomix_ros.maps.faiss_backend import MIN_POINTS_PER_CENTROID, PQ_NBITS, FaissBackend, read_faiss_index
-from dinomix_ros.maps.index_errors import (
+from dinomix_ros.maps.errors import (
     DescriptorError,
     EmptyIndexError,
     IndexConfigError,

@@ -16,7 +16,7 @@ import numbers
 
 import numpy as np
 
-from dinomix_ros.maps.index_errors import MaskError
+from dinomix_ros.maps.errors import MaskError
 
 __all__ = ["mask_exclude_recent", "mask_exclude_last", "mask_within_radius", "combine_masks", "normalize_allowed"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dinomix_ros.maps.index import INDEX_KIND_NAMES, PlaceIndex, index_for_map, save_map
-from dinomix_ros.maps.index_errors import (
+from dinomix_ros.maps.errors import (
     DescriptorError,
     EmptyIndexError,
     IndexConfigError,

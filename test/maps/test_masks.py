@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinomix_ros.maps.index_errors import MaskError
+from dinomix_ros.maps.errors import MaskError
 from dinomix_ros.maps.masks import (
     combine_masks,
     mask_exclude_last,
