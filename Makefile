@@ -10,7 +10,7 @@ REQ_HASH := $(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean faults
 
 setup: $(STAMP)
 
@@ -36,3 +36,6 @@ bench: setup
 
 clean:
 	rm -rf build install log runs .pytest_cache
+
+faults: setup
+	$(PY) -m pytest test/fault $(ARGS)

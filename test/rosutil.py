@@ -15,7 +15,19 @@ from dinomix_ros.ros.session import NodeProcess, RosClient
 __all__ = ["REPO_CONFIG", "NodeProcess", "RosClient", "diagnostic_values", "next_domain_id", "replay_bag",
            "rss_mib", "stamp_ns"]
 
-_domains = itertools.count(random.Random(os.getpid()).randrange(1, 60))
+
+def _domain_range() -> range:
+    """Domain ids this test run may use: DINOMIX_TEST_DOMAINS="FIRST-LAST" (e.g. to keep concurrent test runs on one
+    machine apart), else 1..100."""
+    text = os.environ.get("DINOMIX_TEST_DOMAINS", "1-100")
+    first, last = (int(v) for v in text.split("-"))
+    if not 0 <= first <= last <= 232:
+        raise ValueError(f"DINOMIX_TEST_DOMAINS={text!r}: expected FIRST-LAST within 0-232")
+    return range(first, last + 1)
+
+
+_DOMAINS = _domain_range()
+_domains = itertools.count(random.Random(os.getpid()).randrange(len(_DOMAINS)))
 
 
 def stamp_ns(msg: object) -> int:
@@ -33,7 +45,7 @@ def rss_mib(process: NodeProcess) -> float:
 
 def next_domain_id() -> int:
     """A domain id per test (1..100), so a leftover node never answers another test."""
-    return 1 + (next(_domains) % 100)
+    return _DOMAINS[next(_domains) % len(_DOMAINS)]
 
 
 def replay_bag(client: RosClient, bag: Path, *, after_image: Callable[[str, int], Callable[[], bool]] | None = None,
