@@ -22,6 +22,7 @@ import functools
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray
@@ -39,7 +40,7 @@ from visualization_msgs.msg import MarkerArray
 from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
 from dinomix_ros.localization.health import HealthMonitor
 from dinomix_ros.localization.latest_frames import LatestFrames
-from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map
+from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map, rescue_paths
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.localization.pose_buffer import PoseBuffer
 from dinomix_ros.maps.index import index_for_map
@@ -49,7 +50,7 @@ from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros import parameters as params
-from dinomix_ros.ros.runtime import run_lifecycle_node
+from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
 from dinomix_ros.util.stamps import header_stamp_ns
 
 __all__ = ["LocalizerNode", "main"]
@@ -65,7 +66,9 @@ class LocalizerNode(LifecycleNode):
         self._startup_errors = []
         for name, entry in params.PARAMETERS.items():
             self._declare(name, entry)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_on_set_parameters_callback(self._guarded("parameter change", self._on_set_parameters,
+                                                          lambda changes, exc: SetParametersResult(
+                                                              successful=False, reason=f"refused: {exc}")))
         self._frames = LatestFrames()
         self._worker: threading.Thread | None = None
         self._worker_stop: threading.Event | None = None
@@ -76,7 +79,7 @@ class LocalizerNode(LifecycleNode):
         self._outputs: dict = {}
         self._service_handles: list = []
         self._diag_timer = None
-        self._counters = {"bad_images": 0, "bad_poses": 0, "processed": 0}
+        self._counters = {"bad_images": 0, "bad_poses": 0, "callback_errors": 0, "processed": 0}
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -100,6 +103,18 @@ class LocalizerNode(LifecycleNode):
 
     def _p(self, name: str) -> object:
         return self.get_parameter(name).value
+
+    def _guarded(self, what: str, callback: Callable, fallback: Callable | None = None) -> Callable:
+        """``callback`` for rclpy: an exception is counted in /diagnostics, logged (throttled) and answered by
+        ``fallback(*args, exc)`` (e.g. a service response with success false); it never reaches the executor."""
+        def guarded(*args: object) -> object:
+            try:
+                return callback(*args)
+            except Exception as exc:
+                self._counters["callback_errors"] += 1
+                self.get_logger().error(f"{what} failed: {exc!r}", throttle_duration_sec=5.0)
+                return fallback(*args, exc) if fallback is not None else None
+        return guarded
 
     def _on_set_parameters(self, changes: list) -> SetParametersResult:
         """Validate a change (all or nothing, the same rules as at start); run-time settings apply at once."""
@@ -175,9 +190,12 @@ class LocalizerNode(LifecycleNode):
             "markers": publisher(MarkerArray, "~/markers", reliable),
             "diagnostics": publisher(DiagnosticArray, "/diagnostics", reliable),
         }
-        service = functools.partial(self.create_service, Trigger, callback_group=self._cb_services)
-        self._service_handles = [service(f"~/{name}", getattr(self, f"_srv_{name}"))
-                                 for name in ("start_recording", "stop_recording", "save_map", "load_map")]
+        self._service_handles = [
+            self.create_service(Trigger, f"~/{name}", self._guarded(
+                f"~/{name}", getattr(self, f"_srv_{name}"),
+                lambda request, response, exc, name=name: self._answer(response, False, f"~/{name} failed: {exc}")),
+                callback_group=self._cb_services)
+            for name in ("start_recording", "stop_recording", "save_map", "load_map")]
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # publishers on before the worker can publish
@@ -207,13 +225,14 @@ class LocalizerNode(LifecycleNode):
         if self._p("pose.topic"):
             # best effort connects to reliable and best-effort odometry/GNSS publishers alike
             pose_type = conv.msg_class(POSE_KINDS[self._p("pose.type")])
-            self._subs.append(subscribe(pose_type, self._p("pose.topic"), self._on_pose,
+            self._subs.append(subscribe(pose_type, self._p("pose.topic"), self._guarded("pose", self._on_pose),
                                         QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)))
         self._worker_stop = threading.Event()
         self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="dinomix-worker",
                                         daemon=True)
         self._worker.start()
-        self._diag_timer = self.create_timer(float(self._p("diagnostics.period_s")), self._publish_diagnostics,
+        self._diag_timer = self.create_timer(float(self._p("diagnostics.period_s")),
+                                             self._guarded("diagnostics", self._publish_diagnostics),
                                              callback_group=self._cb_timer)
         pose = f", pose source {self._subs[-1].topic_name}" if self._p("pose.topic") else ""
         self.get_logger().info(f"active: cameras {resolved}{pose}")
@@ -255,7 +274,7 @@ class LocalizerNode(LifecycleNode):
         """Free everything configure/activate made (cleanup, shutdown, error and Ctrl-C come here)."""
         self._stop_worker()
         if save:
-            self._autosave()
+            self._guarded("autosave", self._autosave)()
         for srv in self._service_handles:
             self.destroy_service(srv)
         self._service_handles = []
@@ -276,6 +295,12 @@ class LocalizerNode(LifecycleNode):
             return
         ok, message = self._save(path)
         self._answer(Trigger.Response(), ok, f"autosave: {message}")
+        if not ok:  # shutting down: nowhere to keep them but disk, so try beside the map, then under ROS_HOME
+            for rescue in rescue_paths(path):
+                ok, message = self._save(str(rescue))
+                self._answer(Trigger.Response(), ok, f"autosave rescue: {message}")
+                if ok:
+                    break
 
     # -------------------------------------------------------------------------------------------------------------
     # pose callback (camera callbacks only store the newest frame: LatestFrames.put)
@@ -375,7 +400,9 @@ class LocalizerNode(LifecycleNode):
         try:
             saved = self.live.save(path)
         except Exception as exc:  # reported to the caller; the previous map on disk is intact
-            return False, f"save to {path} failed: {exc}"
+            return False, (f"save to {path} failed: {exc}. The {self.live.unsaved} unsaved keyframes are kept in "
+                           "memory: remove the cause and call ~/save_map again, or save them elsewhere (ros2 param "
+                           f"set {self.get_fully_qualified_name()} map.path /new/path.dinomap, then ~/save_map)")
         return True, f"saved {saved.keyframes} keyframes to {path} in {saved.seconds:.2f} s"
 
     def _srv_save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -426,8 +453,8 @@ class LocalizerNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``localize_node``: Ctrl-C (SIGINT) shuts down cleanly (and autosaves, see map.autosave)."""
-    run_lifecycle_node(LocalizerNode, args)
+    """Entry point of ``localize_node``: SIGINT/SIGTERM stop it cleanly (and autosave, see map.autosave)."""
+    exit_process(run_lifecycle_node(LocalizerNode, args))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,37 @@
-"""Running a lifecycle node as a process: rclpy set-up, the core's log records in the ROS log, clean Ctrl-C."""
+"""Running a lifecycle node as a process: rclpy set-up, the core's log records in the ROS log, a clean, quick stop.
+
+Shutdown order matters on a robot: the node must stop its worker and save its map while its ROS context is still
+valid (a publisher of a shut-down context raises "publisher's context is invalid"), and it must do so quickly
+(``ros2 launch`` escalates to SIGTERM after 5 s, then SIGKILL). So rclpy's own signal handlers, which shut the
+context down first, are not installed: the executor spins in a thread while the main thread waits for SIGINT or
+SIGTERM, then releases the node (worker stopped, autosave), stops the executor and shuts rclpy down, in that order.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
+from typing import Protocol
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
 
-__all__ = ["RosLogHandler", "run_lifecycle_node"]
+__all__ = ["RosLogHandler", "ReleasableNode", "run_lifecycle_node", "exit_process"]
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class ReleasableNode(Protocol):
+    """What :func:`run_lifecycle_node` needs of a node besides rclpy's API."""
+
+    def release(self, save: bool = True) -> None: ...
 
 
 class RosLogHandler(logging.Handler):
@@ -30,12 +51,25 @@ class RosLogHandler(logging.Handler):
             self._logger.info(text)
 
 
+def _spin(executor: MultiThreadedExecutor, node: LifecycleNode) -> None:
+    try:
+        executor.spin()
+    except Exception as exc:  # every callback guards itself; this is the last line of defence
+        node.get_logger().error(f"executor stopped after an unexpected error: {exc!r}")
+
+
 def run_lifecycle_node(make_node: Callable[[], LifecycleNode], args: list[str] | None = None,
-                       threads: int = 4) -> None:
-    """Create the node, configure and activate it when its ``autostart`` parameter says so, spin until Ctrl-C or
-    shutdown, then ``release()`` it (which saves what must be saved) and shut rclpy down."""
-    rclpy.init(args=args)  # Humble's rclpy.init is not a context manager: init / try_shutdown by hand
-    node = None
+                       threads: int = 4) -> int:
+    """Create the node, configure and activate it when its ``autostart`` parameter says so, run until SIGINT or
+    SIGTERM, then ``release()`` it (which saves what must be saved) with its context still valid, and shut down.
+
+    Returns:
+        The process exit code: 0 after a signal, 1 if the executor died.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    node, executor, spinner, code = None, None, None, 0
     try:
         node = make_node()
         core_logger = logging.getLogger("dinomix_ros")
@@ -44,16 +78,45 @@ def run_lifecycle_node(make_node: Callable[[], LifecycleNode], args: list[str] |
         core_logger.propagate = False
         executor = MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
-        if node.get_parameter("autostart").value:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+        spinner = threading.Thread(target=_spin, args=(executor, node), name="ros-executor", daemon=True)
+        spinner.start()  # services (lifecycle, parameters) answer while the node configures
+        if not stop.is_set() and node.get_parameter("autostart").value:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS and not stop.is_set():
                 node.trigger_activate()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        while not stop.wait(0.1):  # Event.wait wakes for signals: the handler runs in this (main) thread
+            if not spinner.is_alive():
+                code = 1
+                break
     finally:
-        # Ctrl-C under `ros2 launch` arrives twice (terminal + launch): let the second one not cut the clean-up short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in _STOP_SIGNALS:  # a second Ctrl-C (ros2 launch sends one after the terminal's) must not cut the
+            signal.signal(sig, signal.SIG_IGN)  # clean-up short
+        t0 = time.monotonic()
         if node is not None:
             node.release()
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
+        if spinner is not None:
+            spinner.join(timeout=5.0)
+        if node is not None:
+            node.get_logger().info(f"stopped in {time.monotonic() - t0:.2f} s")
             node.destroy_node()
         rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
+
+
+def exit_process(code: int) -> None:
+    """End the process now that everything is released: flush logs and output, then ``os._exit``.
+
+    The interpreter's own teardown after a node ran (finalising torch, faiss and rclpy modules and their thread
+    pools) was measured at 1.5 s on an idle 2-core machine and 6 s on a loaded one; nothing is left to clean up by
+    then (the map is saved and fsynced, the ROS context shut down), and ``ros2 launch`` escalates after 5 s.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
