@@ -16,10 +16,55 @@ import numpy as np
 
 from dinomix_ros.localization.latest_frames import FrameCounts
 
-__all__ = ["OK", "WARN", "ERROR", "HealthMonitor"]
+__all__ = ["OK", "WARN", "ERROR", "HealthMonitor", "StampGaps"]
 
 OK, WARN, ERROR = 0, 1, 2
 _LATENCY_WINDOW = 200  # frames the percentiles are taken over
+_GAP_FACTOR = 1.5  # a stamp gap over this many median periods means frames were lost before the node
+_MIN_PERIODS = 5  # periods seen before gaps are judged
+_PERIOD_WINDOW = 30
+LOSS_WARN_FRACTION = 0.05  # estimated input loss above which /diagnostics warns
+
+
+class StampGaps:
+    """Camera frames that never reached the node, estimated from gaps in their header stamps.
+
+    A camera publishes at a steady rate; a gap longer than 1.5 median periods between consecutive stamps received
+    means ``round(gap / median) - 1`` frames were lost on the way (by the transport, or by a subscription queue that
+    overflowed). Stamps going back (a replay starting over) restart the camera's estimate. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, int] = {}
+        self._periods: dict[str, deque[int]] = {}
+        self.received = 0
+        self.lost = 0
+
+    def add(self, camera: str, stamp_ns: int) -> None:
+        with self._lock:
+            self.received += 1
+            last = self._last.get(camera)
+            self._last[camera] = stamp_ns
+            if last is None or stamp_ns <= last:
+                if last is not None and stamp_ns < last:
+                    self._periods.pop(camera, None)
+                return
+            periods = self._periods.setdefault(camera, deque(maxlen=_PERIOD_WINDOW))
+            gap = stamp_ns - last
+            if len(periods) >= _MIN_PERIODS:
+                median = float(np.median(periods))
+                if gap > _GAP_FACTOR * median:
+                    self.lost += max(int(round(gap / median)) - 1, 0)
+                    return  # a gap is not a period
+            periods.append(gap)
+
+    @property
+    def loss_fraction(self) -> float:
+        """Estimated share of the cameras' frames that never arrived."""
+        with self._lock:
+            total = self.received + self.lost
+            return self.lost / total if total else 0.0
 
 
 class HealthMonitor:
@@ -63,10 +108,18 @@ class HealthMonitor:
                   "latency_p50_ms": pct(0, 50), "latency_p95_ms": pct(0, 95), "processing_p50_ms": pct(1, 50),
                   "processing_p95_ms": pct(1, 95), **extra}
         level, message = OK, "ok"
+        # lowest priority first: the status line names the most serious problem
+        if empty_map_warns and live.get("map_keyframes", 0) == 0 and not live.get("recording", False):
+            level, message = WARN, "map is empty"
         if counters.get("bad_images"):
             level, message = WARN, f"{counters['bad_images']} bad images skipped"
         if live.get("keyframes_not_recorded_errors"):
             level, message = WARN, f"{live['keyframes_not_recorded_errors']} keyframes could not be recorded"
-        if empty_map_warns and live.get("map_keyframes", 0) == 0 and not live.get("recording", False):
-            level, message = WARN, "map is empty"
+        loss = values.get("input_loss_estimate", 0.0)
+        if loss > LOSS_WARN_FRACTION:
+            level, message = WARN, (f"about {100 * loss:.0f} % of the camera frames never arrived (stamp gaps): use "
+                                    "the shared-memory Fast DDS profile on both sides, or reliable QoS")
+        if counters.get("qos_incompatible"):
+            level, message = WARN, (f"{counters['qos_incompatible']} camera publishers with incompatible QoS: their "
+                                    "frames are not received (set cameras.reliability to auto)")
         return level, message, values

@@ -247,6 +247,11 @@ class LiveMap:
             self.recording = True
             self.counters["keyframes_recorded"] = self.counters["frames_without_pose"] = 0
 
+    @property
+    def recording_rule(self) -> str:
+        """Which frames become keyframes, in words."""
+        return self.gate_config.describe(with_poses=self.has_pose_source)
+
     def stop_recording(self) -> bool:
         """Stop recording; returns whether it was recording."""
         with self._lock:

@@ -1,12 +1,14 @@
 """Core results <-> standard ROS messages (no custom message packages).
 
-``~/matches`` is a ``sensor_msgs/PointCloud2`` with one point per candidate, best first (RViz draws it; any
-PointCloud2 reader decodes it). Fields, all little-endian, packed in this order (:data:`MATCH_FIELDS`):
+``~/matches`` is a ``sensor_msgs/PointCloud2`` with one point per candidate, best first (RViz draws it: its XYZ
+transformer needs x, y, z as FLOAT32; colour it by ``similarity``, config/dinomix.rviz does; any PointCloud2 reader
+decodes it). Fields, all little-endian, packed in this order (:data:`MATCH_FIELDS`):
 
 =================  ========  =====================================================================
 field              type      meaning
 =================  ========  =====================================================================
-x, y, z            FLOAT64   keyframe position in ``header.frame_id`` (NaN when unknown)
+x, y, z            FLOAT32   keyframe position in ``header.frame_id`` (NaN when unknown), for RViz:
+                             float32 rounds UTM coordinates to ~0.5 m, use position_* for maths
 qx, qy, qz, qw     FLOAT32   keyframe orientation (NaN when unknown)
 similarity         FLOAT32   cosine similarity to the query (higher is better)
 rank               UINT32    0 for the best candidate
@@ -17,6 +19,8 @@ latitude           FLOAT64   keyframe GPS latitude in degrees (NaN when unknown)
 longitude          FLOAT64   keyframe GPS longitude in degrees (NaN when unknown)
 altitude           FLOAT64   keyframe GPS altitude in metres (NaN when unknown)
 accepted           UINT8     1 on the best candidate when the match passed every rule, else 0
+position_x, _y,    FLOAT64   the keyframe position at full precision (NaN when unknown)
+_z
 =================  ========  =====================================================================
 
 ``header.stamp`` is the query image's stamp and ``header.frame_id`` the map frame of the best candidate; an empty
@@ -56,12 +60,13 @@ __all__ = [
 _TYPES = {PointField.INT32: "<i4", PointField.UINT32: "<u4", PointField.FLOAT32: "<f4", PointField.FLOAT64: "<f8",
           PointField.UINT8: "u1"}
 MATCH_FIELDS: list[tuple[str, int]] = [
-    ("x", PointField.FLOAT64), ("y", PointField.FLOAT64), ("z", PointField.FLOAT64),
+    ("x", PointField.FLOAT32), ("y", PointField.FLOAT32), ("z", PointField.FLOAT32),
     ("qx", PointField.FLOAT32), ("qy", PointField.FLOAT32), ("qz", PointField.FLOAT32), ("qw", PointField.FLOAT32),
     ("similarity", PointField.FLOAT32), ("rank", PointField.UINT32), ("keyframe_id", PointField.UINT32),
     ("stamp_sec", PointField.INT32), ("stamp_nanosec", PointField.UINT32),
     ("latitude", PointField.FLOAT64), ("longitude", PointField.FLOAT64), ("altitude", PointField.FLOAT64),
     ("accepted", PointField.UINT8),
+    ("position_x", PointField.FLOAT64), ("position_y", PointField.FLOAT64), ("position_z", PointField.FLOAT64),
 ]
 MATCH_DTYPE = np.dtype([(name, _TYPES[kind]) for name, kind in MATCH_FIELDS])  # packed, no padding
 
@@ -94,7 +99,7 @@ def matches_msg(result: MatchResult) -> PointCloud2:
     for i, c in enumerate(cands):
         sec, nanosec = divmod(c.stamp_ns, 1_000_000_000)
         rows[i] = (*c.position, *c.orientation, c.similarity, c.rank, c.keyframe_id, sec, nanosec, *c.gps,
-                   1 if (result.accepted and i == 0) else 0)
+                   1 if (result.accepted and i == 0) else 0, *c.position)
     msg = PointCloud2()
     msg.header = Header(stamp=ns_to_time(result.stamp_ns), frame_id=cands[0].frame_id if cands else "")
     msg.height, msg.width = 1, len(cands)

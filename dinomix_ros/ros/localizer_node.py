@@ -32,13 +32,13 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
-from dinomix_ros.localization.health import HealthMonitor
+from dinomix_ros.localization.health import HealthMonitor, StampGaps
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map, rescue_paths
 from dinomix_ros.localization.matching import MatcherConfig
@@ -48,6 +48,7 @@ from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, pose_from_msg
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 from dinomix_ros.model.encoder import Encoder
+from dinomix_ros.ros import camera_qos
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros import parameters as params
 from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
@@ -76,10 +77,14 @@ class LocalizerNode(LifecycleNode):
         self.live: LiveMap | None = None
         self.poses = PoseBuffer()
         self._subs: list = []
+        self._cameras: dict = {}  # resolved camera topic -> (subscription, reliability)
+        self._camera_watch = None
+        self._gaps = StampGaps()
         self._outputs: dict = {}
         self._service_handles: list = []
         self._diag_timer = None
-        self._counters = {"bad_images": 0, "bad_poses": 0, "callback_errors": 0, "processed": 0}
+        self._counters = {"bad_images": 0, "bad_poses": 0, "callback_errors": 0, "qos_incompatible": 0,
+                          "processed": 0}
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -166,6 +171,7 @@ class LocalizerNode(LifecycleNode):
         self.poses = PoseBuffer(s.pairing)
         if s.node.mode == "self_map" or s.recording.autostart:
             self.live.start_recording()
+            self.get_logger().info(f"recording from the start: {self.live.recording_rule}")
         info = self.encoder.describe_info()
         self.get_logger().info(
             f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} ({info['dtype']}), "
@@ -211,17 +217,17 @@ class LocalizerNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _activate(self) -> None:
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(self._p("cameras.depth")),
-                         reliability=ReliabilityPolicy.BEST_EFFORT if self._p("cameras.reliability") == "best_effort"
-                         else ReliabilityPolicy.RELIABLE)
-        topics = list(self._p("cameras.topics"))
-        self._frames = LatestFrames(topics, min_period_s=lambda: self._p("cameras.min_period_s"))
+        resolved = [camera_qos.resolve(self, topic) for topic in self._p("cameras.topics")]
+        self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"))
+        self._gaps = StampGaps()
         self.poses.clear()
+        self._cameras = {}
+        for topic in resolved:
+            self._subscribe_camera(topic)
         subscribe = functools.partial(self.create_subscription, callback_group=self._cb_sensors)
-        for topic in topics:
-            msg_type = CompressedImage if topic.rstrip("/").endswith("/compressed") else Image
-            self._subs.append(subscribe(msg_type, topic, functools.partial(self._frames.put, topic), qos))
-        resolved = [sub.topic_name for sub in self._subs]
+        if self._p("cameras.reliability") == "auto":  # publishers come and go: follow their QoS
+            self._camera_watch = self.create_timer(1.0, self._guarded("camera QoS", self._follow_publishers),
+                                                   callback_group=self._cb_sensors)
         if self._p("pose.topic"):
             # best effort connects to reliable and best-effort odometry/GNSS publishers alike
             pose_type = conv.msg_class(POSE_KINDS[self._p("pose.type")])
@@ -235,7 +241,42 @@ class LocalizerNode(LifecycleNode):
                                              self._guarded("diagnostics", self._publish_diagnostics),
                                              callback_group=self._cb_timer)
         pose = f", pose source {self._subs[-1].topic_name}" if self._p("pose.topic") else ""
-        self.get_logger().info(f"active: cameras {resolved}{pose}")
+        cameras = ", ".join(f"{topic} ({sub.msg_type.__name__}, {policy.name.lower()})"
+                            for topic, (sub, policy) in self._cameras.items())
+        self.get_logger().info(f"active: cameras [{cameras}]{pose}")
+
+    def _subscribe_camera(self, topic: str) -> None:
+        """(Re)subscribe to one camera with the QoS its publishers need (see ros/camera_qos.py)."""
+        offered = [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]
+        policy = camera_qos.choose_reliability(self._p("cameras.reliability"), offered)
+        events = camera_qos.SubscriptionEventCallbacks(
+            incompatible_qos=functools.partial(self._on_incompatible_qos, topic))
+        old = self._cameras.pop(topic, None)
+        if old is not None:
+            self.destroy_subscription(old[0])
+        sub = self.create_subscription(camera_qos.image_type(topic), topic, functools.partial(self._on_image, topic),
+                                       camera_qos.camera_qos(policy, int(self._p("cameras.depth"))),
+                                       event_callbacks=events, callback_group=self._cb_sensors)
+        self._cameras[topic] = (sub, policy)
+
+    def _follow_publishers(self) -> None:
+        for topic, (_, policy) in list(self._cameras.items()):
+            offered = [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]
+            wanted = camera_qos.choose_reliability("auto", offered)
+            if wanted != policy:
+                self.get_logger().info(f"camera {topic}: its publishers changed, subscribing "
+                                       f"{wanted.name.lower()} (was {policy.name.lower()})")
+                self._subscribe_camera(topic)
+
+    def _on_incompatible_qos(self, topic: str, event: object) -> None:
+        self._counters["qos_incompatible"] += 1
+        self.get_logger().warning(f"camera {topic}: a publisher offers QoS this subscription cannot connect to "
+                                  f"(policy {event.last_policy_kind}); its frames are not received: set "
+                                  "cameras.reliability to auto", throttle_duration_sec=5.0)
+
+    def _on_image(self, topic: str, msg: object) -> None:
+        self._frames.put(topic, msg)
+        self._gaps.add(topic, header_stamp_ns(msg))
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
@@ -263,9 +304,12 @@ class LocalizerNode(LifecycleNode):
             if self._worker.is_alive():
                 self.get_logger().error("the worker thread did not stop within 30 s; it will exit after its frame")
             self._worker = None
-        for sub in self._subs:
+        for sub in self._subs + [sub for sub, _ in self._cameras.values()]:
             self.destroy_subscription(sub)
-        self._subs = []
+        self._subs, self._cameras = [], {}
+        if self._camera_watch is not None:
+            self.destroy_timer(self._camera_watch)
+            self._camera_watch = None
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
@@ -382,9 +426,9 @@ class LocalizerNode(LifecycleNode):
         if self.live is None:
             return self._answer(response, False, "not configured")
         self.live.start_recording()
-        source = self._p("pose.topic") or "no pose source (keyframes without poses, time gating only)"
+        source = self._p("pose.topic") or "no pose source (keyframes without poses)"
         return self._answer(response, True, f"recording keyframes from {list(self._p('cameras.topics'))} with "
-                                            f"{source}; map has {len(self.live)}")
+                                            f"{source}: {self.live.recording_rule}; map has {len(self.live)}")
 
     def _srv_stop_recording(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.live is None:
@@ -439,7 +483,8 @@ class LocalizerNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         encoder, live = self.encoder, self.live
         info = encoder.describe_info() if encoder is not None else {}
-        extra = {"mode": self._p("mode"), "device": info.get("device", ""),
+        extra = {"mode": self._p("mode"), "frames_lost_estimate": self._gaps.lost,
+                 "input_loss_estimate": self._gaps.loss_fraction, "device": info.get("device", ""),
                  "gpu_memory_mib": encoder.gpu_memory_mib() if encoder is not None else math.nan,
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  "model_fingerprint": info.get("fingerprint", {}).get("id", "")}

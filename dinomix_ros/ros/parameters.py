@@ -27,6 +27,7 @@ from dinomix_ros.maps.sources.posemsg import POSE_KINDS
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 from dinomix_ros.model.checkpoint import ModelSource
 from dinomix_ros.model.encoder import EncoderConfig
+from dinomix_ros.ros.camera_qos import RELIABILITY_MODES
 from dinomix_ros.settings import (
     Entry,
     SettingError,
@@ -96,12 +97,14 @@ class CameraConfig:
 
     SETTINGS_GROUP: ClassVar[str] = "cameras"
 
-    topics: tuple[str, ...] = setting(("/camera/image_raw",), "image topics; a topic ending in /compressed is read "
-                                                              "as sensor_msgs/CompressedImage, any other as "
-                                                              "sensor_msgs/Image", nonempty=True, reconfigure=True)
-    reliability: str = setting("best_effort", "camera subscription QoS reliability: best_effort (matches camera "
-                                              "drivers' sensor-data QoS and reliable publishers) or reliable",
-                               choices=("best_effort", "reliable"), reconfigure=True)
+    topics: tuple[str, ...] = setting(("camera/image_raw",), "image topics (relative names follow the node's "
+                                                             "namespace); a topic whose resolved name ends in "
+                                                             "/compressed is read as sensor_msgs/CompressedImage, "
+                                                             "any other as sensor_msgs/Image", nonempty=True,
+                                      reconfigure=True)
+    reliability: str = setting("auto", "camera subscription QoS reliability: auto (reliable when every publisher of "
+                                       "the topic is, else best effort; re-checked when publishers change), or force "
+                                       "best_effort or reliable", choices=RELIABILITY_MODES, reconfigure=True)
     depth: int = setting(1, "camera subscription queue depth (the node keeps only the newest frame anyway)",
                          min=1, max=1000, reconfigure=True)
     min_period_s: float = setting(0.0, "process at most one frame per camera per this many seconds (0: as fast as "

@@ -1,10 +1,12 @@
-"""Replay a ROS 2 bag into the live graph without rosbag2 (which is not installable from PyPI): ``bag_replay``.
+"""Replay a ROS 2 or ROS 1 bag into the live graph without rosbag2 (not installable from PyPI): ``bag_replay``.
 
-Messages are published as their stored CDR bytes (``publisher.publish(raw_bytes)``; rosbags' CDR is byte-identical
-to rclpy's), with the bag's timing scaled by ``--rate`` (0: no pauses, as fast as the tool can publish). Publishers are
-reliable with a deep queue, so best-effort and reliable subscribers both connect; before exiting the tool waits until
-every subscriber has acknowledged everything (``wait_for_all_acked``). On a machine with ROS 2 installed,
-``ros2 bag play`` does the same job.
+Messages are published with the bag's timing scaled by ``--rate`` (0: no pauses, as fast as the tool can publish).
+ROS 2 bags are published as their stored CDR bytes (``publisher.publish(raw_bytes)``; rosbags' CDR is byte-identical
+to rclpy's). ROS 1 bags (``.bag`` files) are converted to ROS 2 CDR first: read with the bag's own ROS 1
+definitions, written with the ROS 2 ones; a topic whose type ROS 2 does not have is refused. Publishers are reliable
+with a deep queue, so best-effort and reliable subscribers both connect; before exiting the tool waits until every
+subscriber has acknowledged everything (``wait_for_all_acked``). On a machine with ROS 2 installed, ``ros2 bag play``
+does the same job for ROS 2 bags.
 
 Example:
     bag_replay test/data/t265_office_bag/ros2_mcap --topics /camera/fisheye1/image_raw --rate 1.0 \\
@@ -16,13 +18,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import rclpy
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
+from rosbags.typesys import Stores, get_typestore
 
 from dinomix_ros.maps.sources.bags import IMAGE_TYPES, open_reader
 from dinomix_ros.ros.conversions import msg_class
@@ -41,11 +46,21 @@ def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float =
         if missing:
             have = sorted({c.topic for c in reader.connections})
             raise ValueError(f"topics {sorted(missing)} are not in {bag}; it has {have}")
-        pubs = {}
+        pubs, unknown = {}, set()
         for conn in conns:
+            try:
+                msg_type = msg_class(conn.msgtype)
+            except (ImportError, AttributeError, ValueError):
+                unknown.add(f"{conn.topic} ({conn.msgtype})")
+                continue
             if conn.topic not in pubs:
-                pubs[conn.topic] = node.create_publisher(msg_class(conn.msgtype), remap.get(conn.topic, conn.topic),
-                                                         qos)
+                pubs[conn.topic] = node.create_publisher(msg_type, remap.get(conn.topic, conn.topic), qos)
+        if unknown:
+            raise ValueError(f"{bag}: no ROS 2 message type for {sorted(unknown)}; replay the other topics with "
+                             "--topics")
+        to_cdr = _ros1_to_cdr(reader) if not reader.is2 else None
+        if to_cdr is not None:
+            node.get_logger().info(f"{bag} is a ROS 1 bag: messages are converted from ROS 1 to ROS 2 CDR")
         deadline = time.monotonic() + timeout_s
         if wait_for_subscribers:  # on the camera topics (all topics if the bag has none)
             waited = [pubs[c.topic] for c in conns if c.msgtype in IMAGE_TYPES] or list(pubs.values())
@@ -62,21 +77,33 @@ def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float =
                 delay = (stamp_ns - t0_bag) / 1e9 / rate - (time.monotonic() - t0_wall)
                 if delay > 0:
                     time.sleep(delay)
-            pubs[conn.topic].publish(bytes(raw))
+            pubs[conn.topic].publish(bytes(raw) if to_cdr is None else to_cdr(conn, raw))
             count += 1
     for pub in pubs.values():
         pub.wait_for_all_acked(Duration(seconds=max(1.0, deadline - time.monotonic())))
     return count
 
 
+def _ros1_to_cdr(reader: Any) -> Callable[[Any, bytes], bytes]:
+    """Message converter of a ROS 1 bag: deserialize with the bag's definitions, serialize as the ROS 2 type."""
+    typestore = get_typestore(Stores.ROS2_KILTED)
+
+    def convert(conn: Any, raw: bytes) -> bytes:
+        return bytes(typestore.serialize_cdr(reader.deserialize(raw, conn.msgtype), conn.msgtype))
+
+    return convert
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     parser = argparse.ArgumentParser(prog="bag_replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bag", type=Path, help="ROS 2 bag directory (mcap or sqlite3)")
-    parser.add_argument("--topics", nargs="*", default=None, help="topics to replay (default: all)")
+    parser.add_argument("bag", type=Path, help="ROS 2 bag directory (mcap or sqlite3) or ROS 1 .bag file")
+    parser.add_argument("--topics", nargs="+", action="extend", default=None,
+                        help="topics to replay (default: all); may be repeated, all are used")
     parser.add_argument("--rate", type=float, default=1.0, help="speed factor; 0: no pauses, as fast as possible")
-    parser.add_argument("--remap", action="append", default=[], metavar="FROM:=TO", help="rename a topic")
+    parser.add_argument("--remap", action="append", default=[], metavar="FROM:=TO",
+                        help="rename a topic; may be repeated, all are used")
     parser.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
                         help="wait until every camera topic (every topic, if none) has N subscribers")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for subscribers / acks")
@@ -90,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         node.destroy_node()
     except KeyboardInterrupt:
         return 130
+    except (ValueError, OSError, TimeoutError) as exc:  # BagError is a ValueError, a missing bag an OSError
+        print(f"bag_replay: {exc}", file=sys.stderr)
+        return 2
     finally:
         rclpy.try_shutdown()
     return 0

@@ -268,7 +268,7 @@ TURN = yaw_to_quat(np.radians(np.arange(25) * 6.0))  # 6 degrees per frame
 def test_gate_distance_rule_on_and_off():
     assert _run(KeyframeGate(0.5, 0.0), STAMPS, LINE) == list(range(0, 25, 2))
     assert _run(KeyframeGate(0.6, 0.0), STAMPS, LINE) == list(range(0, 25, 3))
-    assert _run(KeyframeGate(0.0, 0.0), STAMPS, LINE) == [0]
+    assert _run(KeyframeGate(0.0, 0.0), STAMPS, LINE) == list(range(25))  # every rule off: every frame
     with pytest.raises(ValueError, match=r"recording.min_distance_m must be >= 0, got -1.0"):
         KeyframeGate(-1.0, 0.0)
 
@@ -318,6 +318,17 @@ def test_gate_backwards_stamp_and_reset():
     gate.reset()
     assert gate.last_stamp_ns is None and gate.num_accepted == 0
     assert gate.accept(T0, np.array([10.0, 0, 0]))
+
+
+def test_frames_without_a_pose_are_kept_by_time():
+    gate = KeyframeGate(0.5, 15.0, no_pose_interval_s=1.0)  # the defaults of a robot without a pose source
+    kept = [k for k in range(10) if gate.accept(T0 + k * NS // 4)]
+    assert kept == [0, 4, 8]  # one per second, not only the first frame
+    every = KeyframeGate(0.5, 15.0, no_pose_interval_s=0.0)
+    assert all(every.accept(T0 + k * NS // 4) for k in range(10))
+    assert "a keyframe every 1 s (no pose source)" in KeyframeGateConfig().describe(with_poses=False)
+    assert KeyframeGateConfig().describe(with_poses=True).startswith("a keyframe every 0.5 m or 15 deg")
+    assert KeyframeGateConfig(0.0, 0.0, 0.0, 0.0).describe(with_poses=True) == "every frame"
 
 
 def test_gate_config_and_errors():

@@ -348,9 +348,33 @@ class KeyframeGateConfig:
                                     min=0.0, max=86400.0)
     max_interval_s: float = setting(0.0, "a new keyframe after this many seconds even without motion (0: off)",
                                     min=0.0, max=86400.0)
+    no_pose_interval_s: float = setting(1.0, "frames without a pose (no pose source, or none near the image "
+                                             "stamp): a new keyframe after this many seconds (0: every frame)",
+                                        min=0.0, max=86400.0)
 
     def __post_init__(self) -> None:
         check(self)
+
+    @property
+    def all_rules_off(self) -> bool:
+        """Distance, rotation and maximum-interval rules all off: every frame is a keyframe (min_interval_s
+        still applies)."""
+        return self.min_distance_m == 0 and self.min_rotation_deg == 0 and self.max_interval_s == 0
+
+    def describe(self, with_poses: bool) -> str:
+        """The rule in force, in words (logged when recording starts)."""
+        if self.all_rules_off:
+            rule = "every frame"
+        elif not with_poses:
+            rule = (f"a keyframe every {self.no_pose_interval_s:g} s (no pose source)" if self.no_pose_interval_s > 0
+                    else "every frame (no pose source)")
+        else:
+            parts = [f"{self.min_distance_m:g} m" if self.min_distance_m > 0 else "",
+                     f"{self.min_rotation_deg:g} deg" if self.min_rotation_deg > 0 else "",
+                     f"{self.max_interval_s:g} s" if self.max_interval_s > 0 else ""]
+            rule = "a keyframe every " + " or ".join(p for p in parts if p)
+            rule += f"; frames without a pose: every {self.no_pose_interval_s:g} s" if self.no_pose_interval_s else ""
+        return rule + (f", at most one per {self.min_interval_s:g} s" if self.min_interval_s > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -375,14 +399,17 @@ class KeyframeGate:
     The first frame (after construction or :meth:`reset`) is accepted. A later frame is accepted when at least
     ``min_interval_s`` passed since the last accepted one AND (it moved >= ``min_distance_m`` OR rotated >=
     ``min_rotation_deg`` OR ``max_interval_s`` passed). Motion is measured from the last accepted frame that had a
-    position (orientation); a frame without one cannot fire that rule. A frame older than the last accepted one
-    (e.g. a bag loop) is rejected: call :meth:`reset` on a clock jump.
+    position (orientation). A frame without a position cannot fire the motion rules: it is accepted when
+    ``no_pose_interval_s`` passed (every frame when that is 0), so recording without poses keeps frames by time.
+    With distance, rotation and maximum interval all off (0), every frame is accepted. A frame older than the last
+    accepted one (e.g. a bag loop) is rejected: call :meth:`reset` on a clock jump.
 
     Args:
-        min_distance_m: distance rule threshold in metres (<= 0: off).
-        min_rotation_deg: rotation rule threshold in degrees (<= 0: off).
-        min_interval_s: minimum time between keyframes in seconds (<= 0: off).
-        max_interval_s: maximum time between keyframes in seconds (<= 0: off).
+        min_distance_m: distance rule threshold in metres (0: off).
+        min_rotation_deg: rotation rule threshold in degrees (0: off).
+        min_interval_s: minimum time between keyframes in seconds (0: off).
+        max_interval_s: maximum time between keyframes in seconds (0: off).
+        no_pose_interval_s: time between keyframes of frames without a position (0: every frame).
 
     Raises:
         ValueError: for a non-finite threshold.
@@ -394,17 +421,21 @@ class KeyframeGate:
         min_rotation_deg: float = KeyframeGateConfig.min_rotation_deg,
         min_interval_s: float = KeyframeGateConfig.min_interval_s,
         max_interval_s: float = KeyframeGateConfig.max_interval_s,
+        no_pose_interval_s: float = KeyframeGateConfig.no_pose_interval_s,
     ) -> None:
-        self.config = KeyframeGateConfig(min_distance_m, min_rotation_deg, min_interval_s, max_interval_s)
+        self.config = KeyframeGateConfig(min_distance_m, min_rotation_deg, min_interval_s, max_interval_s,
+                                         no_pose_interval_s)
         self._min_interval_ns = int(round(self.config.min_interval_s * NS_PER_S))
         self._max_interval_ns = int(round(self.config.max_interval_s * NS_PER_S))
+        self._no_pose_interval_ns = int(round(self.config.no_pose_interval_s * NS_PER_S))
         self._min_rotation_rad = math.radians(self.config.min_rotation_deg)
         self.reset()
 
     @classmethod
     def from_config(cls, config: KeyframeGateConfig) -> KeyframeGate:
         """A gate with the thresholds of ``config``."""
-        return cls(config.min_distance_m, config.min_rotation_deg, config.min_interval_s, config.max_interval_s)
+        return cls(config.min_distance_m, config.min_rotation_deg, config.min_interval_s, config.max_interval_s,
+                   config.no_pose_interval_s)
 
     def reset(self) -> None:
         """Forget the last keyframe: the next frame is accepted."""
@@ -467,7 +498,9 @@ class KeyframeGate:
             return False
         if self._min_interval_ns > 0 and elapsed < self._min_interval_ns:
             return False
-        fire = self._max_interval_ns > 0 and elapsed >= self._max_interval_ns
+        fire = self.config.all_rules_off or (self._max_interval_ns > 0 and elapsed >= self._max_interval_ns)
+        if not fire and pos is None:  # the motion rules cannot fire: keep frames by time
+            fire = elapsed >= self._no_pose_interval_ns
         if not fire and self.config.min_distance_m > 0 and pos is not None and self._last_position is not None:
             last = self._last_position
             if last.shape != pos.shape:  # mixing 2-D and 3-D positions: compare in the plane
@@ -498,6 +531,7 @@ def select_keyframes(
     min_rotation_deg: float = KeyframeGateConfig.min_rotation_deg,
     min_interval_s: float = KeyframeGateConfig.min_interval_s,
     max_interval_s: float = KeyframeGateConfig.max_interval_s,
+    no_pose_interval_s: float = KeyframeGateConfig.no_pose_interval_s,
 ) -> np.ndarray:
     """Run a fresh :class:`KeyframeGate` over frames in stamp order (ties keep input order).
 
@@ -509,6 +543,7 @@ def select_keyframes(
         min_rotation_deg: see :class:`KeyframeGate`.
         min_interval_s: see :class:`KeyframeGate`.
         max_interval_s: see :class:`KeyframeGate`.
+        no_pose_interval_s: see :class:`KeyframeGate`.
 
     Returns:
         (N,) bool mask in input order, True for keyframes.
@@ -525,7 +560,7 @@ def select_keyframes(
         raise PoseTrackError(f"positions have shape {pos.shape}; expected ({n}, 3) or ({n}, 2) to match the stamps")
     if ori is not None and ori.shape != (n, 4):
         raise PoseTrackError(f"orientations have shape {ori.shape}; expected ({n}, 4) to match the stamps")
-    gate = KeyframeGate(min_distance_m, min_rotation_deg, min_interval_s, max_interval_s)
+    gate = KeyframeGate(min_distance_m, min_rotation_deg, min_interval_s, max_interval_s, no_pose_interval_s)
     mask = np.zeros(n, dtype=bool)
     for i in np.argsort(stamps, kind="stable"):
         mask[i] = gate.accept(
