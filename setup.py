@@ -14,6 +14,7 @@ setup(
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz")),
         ("share/" + package_name + "/maps", ["maps/README.md"]),
+        ("bin", ["scripts/dinomix"]),  # `dinomix` on PATH after sourcing the workspace (see the script)
     ],
     install_requires=["setuptools"],
     zip_safe=True,

@@ -1,7 +1,7 @@
 """Build a map while the robot drives: localize_node recording keyframes paired with a pose topic.
 
     ros2 launch dinomix_ros build_map.launch.py checkpoint:=/path/model.ckpt map_path:=/path/office.dinomap \\
-        camera_topic:=/front/image_raw pose_topic:=/odom pose_type:=odometry
+        camera_topics:=/front/image_raw pose_topic:=/amcl_pose pose_type:=pose_cov
     ros2 service call /dinomix_localizer/stop_recording std_srvs/srv/Trigger
     ros2 service call /dinomix_localizer/save_map std_srvs/srv/Trigger
 

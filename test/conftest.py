@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Before anything creates a DDS participant: no discovery traffic leaves this machine (ROS_LOCALHOST_ONLY is
 # ignored by this ROS 2 release), rclpy logs go to a temporary folder, and large images use shared memory.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"  # the only RMW of the wheels, whatever the shell says
 os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="dinomix_test_roslog_"))
 os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_images.xml"))
 

@@ -100,9 +100,20 @@ def test_colcon_installs_executables_launch_and_config(colcon_install: Path) -> 
     for name in ("localize_node", "bag_replay", "dinomix", "dinomix_demo"):
         assert (lib / name).is_file() and os.access(lib / name, os.X_OK), f"{name} not installed in {lib}"
     for rel in ("package.xml", "launch/localize.launch.py", "launch/build_map.launch.py", "config/localize.yaml",
-                "config/fastdds_large_images.xml", "maps/README.md"):
+                "config/fastdds_large_images.xml", "config/dinomix.rviz", "maps/README.md"):
         assert (share / rel).is_file(), f"{rel} not installed in {share}"
     assert (colcon_install / "share" / "ament_index" / "resource_index" / "packages" / "dinomix_ros").is_file()
+
+
+def test_dinomix_is_on_path_after_sourcing_the_workspace(colcon_install: Path) -> None:
+    """README and the node's own errors say `dinomix map build`: it must be on PATH after colcon + setup.bash."""
+    setup = colcon_install.parent / "setup.bash"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COLCON", "AMENT"))}
+    result = subprocess.run(["bash", "-c", f"set +u; source {setup}; command -v dinomix; dinomix map --help"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == str(colcon_install / "bin" / "dinomix")
+    assert "build" in result.stdout and "topics" in result.stdout
 
 
 def test_launch_files_reference_installed_executables_and_files(colcon_install: Path) -> None:
@@ -120,7 +131,8 @@ def test_launch_files_reference_installed_executables_and_files(colcon_install: 
         functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
         assert "generate_launch_description" in functions, launch.name
     localize = (share / "launch" / "localize.launch.py").read_text()
-    for arg in ("params_file", "namespace", "map_path", "checkpoint", "device", "use_sim_time", "camera_topic"):
+    for arg in ("params_file", "namespace", "map_path", "checkpoint", "device", "use_sim_time", "camera_topics",
+                "create_if_missing", "large_image_profile", "pose_topic", "pose_type", "pose_max_gap_s"):
         assert f'"{arg}"' in localize, f"launch argument {arg} missing"
 
 

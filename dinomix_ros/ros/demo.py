@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.ground_truth} covers {gt.shape[0]} images, {args.images} has {len(images)}")
     random_weights = args.checkpoint is None
     banner(random_weights)
+    rmw = os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    if not rmw_available(rmw):
+        print(f"RMW_IMPLEMENTATION={rmw} is set, but that middleware is not installed here (the ROS 2 wheels bring "
+              "rmw_fastrtps_cpp only). Run `unset RMW_IMPLEMENTATION` or `export RMW_IMPLEMENTATION=rmw_fastrtps_cpp` "
+              "and start the demo again (`make demo` sets it for you).", file=sys.stderr)
+        return 2
 
     from dinomix_ros.ros.session import NodeProcess, RosClient  # rclpy imports after the environment is set
 
@@ -239,6 +245,21 @@ def plot_matches(rows: list[dict], images: list[Path], path: Path, random_weight
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
+
+
+def rmw_available(rmw: str) -> bool:
+    """Whether the ROS middleware ``rmw`` is installed: as a Python package dir (PyPI wheels) or in the ament index."""
+    import importlib.util
+
+    if importlib.util.find_spec(rmw) is not None:
+        return True
+    try:
+        from ament_index_python.packages import get_package_prefix
+
+        get_package_prefix(rmw)
+        return True
+    except Exception:  # no ament index, or the package is not in it
+        return False
 
 
 def banner(random_weights: bool) -> None:

@@ -156,8 +156,11 @@ class LocalizerNode(LifecycleNode):
         s = params.NodeSettings.from_values(self._values())
         if s.model.random_weights:
             self.get_logger().warning("model.random_weights is set: RANDOM weights, similarity scores are meaningless")
+        t0 = time.monotonic()
+        self.get_logger().info(f"configuring: loading the model ({s.model.checkpoint or 'random weights'}) ...")
         self.encoder = Encoder(s.model.load(), s.encoder, s.image)
         self.encoder.warmup()
+        self.get_logger().info(f"configuring: model ready in {time.monotonic() - t0:.1f} s; opening the map ...")
         fingerprint = self.encoder.fingerprint.to_dict()
         kmap = open_map(s.map.path, fingerprint, storage_dtype=s.storage.storage_dtype,
                         create=s.map.create_if_missing or s.node.mode == "self_map",
