@@ -34,7 +34,7 @@ from dinomix_ros.maps.errors import (  # defined there, importable from here (se
 )
 from dinomix_ros.maps.validation import (
     STORAGE_DTYPES, as_float_rows, as_index_blob, as_int_column, as_str_column, as_zone_column, check_columns,
-    check_descriptors, check_fingerprint, check_index_kind, check_json, check_same_model, dtype_name, empty_columns,
+    check_descriptors, check_fingerprint, check_index_kind, check_metadata, check_same_model, dtype_name, empty_columns,
 )
 from dinomix_ros.settings import check, setting
 
@@ -181,9 +181,7 @@ class KeyframeMap:
             )
         name = dtype_name(storage_dtype)
         metadata = copy.deepcopy(metadata) if metadata is not None else {}
-        if not isinstance(metadata, dict):
-            raise MapError(f"metadata must be a dict, got {type(metadata).__name__}")
-        check_json(metadata, "metadata", MapError)
+        check_metadata(metadata, "metadata", MapError)
         return cls(fingerprint, descriptor_dim=descriptor_dim, storage_dtype=name, metadata=metadata,
                    created=utc_now_iso())
 
