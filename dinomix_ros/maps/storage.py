@@ -63,7 +63,7 @@ from dinomix_ros.maps.manifest import (
     open_map_file, read_manifest,
 )
 from dinomix_ros.maps.validation import (
-    STORAGE_DTYPES, check_fingerprint, check_metadata, check_same_model, check_unit_rows,
+    STORAGE_DTYPES, check_fingerprint, check_metadata, check_same_model, check_unit_rows, short_repr,
 )
 from dinomix_ros.util.files import TMP_PREFIX, atomic_path, fsync_dir
 
@@ -495,8 +495,8 @@ def _check_table_matches(manifest: dict[str, Any], cols: dict[str, np.ndarray], 
     for key, col in (("frames", "frame_ids"), ("cameras", "cameras")):
         found = sorted(set(cols[col].tolist()))
         if found != sorted(manifest[key]):
-            raise MapFormatError(f"manifest.json lists {key} {manifest[key]} but {name} has "
-                                 f"{found}; the files are inconsistent (edited by hand?)")
+            raise MapFormatError(f"manifest.json lists {key} {short_repr(manifest[key], 200)} but {name} has "
+                                 f"{short_repr(found, 200)}; the files are inconsistent (edited by hand?)")
 
 
 def _open_referenced(directory: Path, rec: dict[str, Any], stack: contextlib.ExitStack) -> io.BufferedReader:

@@ -281,7 +281,8 @@ def check_columns(c: dict[str, np.ndarray], where: Callable[[int], str], exc_typ
                            "allowed")
         if BAD_CHAR_RE.search("".join(values)):  # one scan; locate the row only on failure
             i = next(i for i, s in enumerate(values) if BAD_CHAR_RE.search(s))
-            raise exc_type(f"{where(i)}: {col} value {values[i]!r} contains a control character or lone surrogate; "
+            raise exc_type(f"{where(i)}: {col} value {short_repr(values[i])} contains a control character or lone "
+                           "surrogate; "
                            "use printable UTF-8 text")
         if col in ("cameras", "frame_ids") and (values == "").any():
             raise exc_type(f"{where(first(values == ''))}: {col} is empty; every keyframe needs a camera name and a "
