@@ -462,6 +462,9 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
                 logger.warning("map %s: index %s is missing: index stale, will be rebuilt", directory,
                                index_rec["file"])
                 index_rec = None
+            except MapFormatError as exc:  # not a regular file, or not the manifest's size: optional, so dropped
+                logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
+                index_rec = None
         cols = parse_csv(_read_verified(kf_file, kf_rec, verify=True), kf_rec["file"], count)
         _check_table_matches(manifest, cols, kf_rec["file"])
         segments = [_open_chunk(f, rec, dim, dtype, start, mmap=mmap, verify=verify)
