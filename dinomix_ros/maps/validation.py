@@ -107,15 +107,15 @@ def json_nesting(raw: bytes) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
-def check_json(value: Any, what: str, exc_type: type[MapError]) -> None:
+def check_json(value: Any, what: str, exc_type: type[MapError], max_depth: int = MAX_JSON_DEPTH) -> None:
     """Raise ``exc_type`` unless ``value`` is plain JSON that a manifest can hold; ``what`` names it in the message.
 
     Plain: dicts with str keys, lists, str (valid UTF-8: no lone surrogates), int, finite float, bool, None, nested at
-    most :data:`MAX_JSON_DEPTH` deep.
+    most ``max_depth`` deep.
     """
     depth = json_depth(value)
-    if depth > MAX_JSON_DEPTH:
-        raise exc_type(f"{what} nests {depth} levels deep, at most {MAX_JSON_DEPTH} are allowed")
+    if depth > max_depth:
+        raise exc_type(f"{what} nests {depth} levels deep, at most {max_depth} are allowed")
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError (lone surrogate) is a ValueError
@@ -131,7 +131,7 @@ def check_metadata(metadata: Any, what: str, exc_type: type[MapError]) -> None:
     """
     if not isinstance(metadata, dict):
         raise exc_type(f"{what} must be a dict, got {type(metadata).__name__}")
-    check_json(metadata, what, exc_type)
+    check_json(metadata, what, exc_type, MAX_JSON_DEPTH - 1)  # the manifest holds it one level down
     calibration = metadata.get("calibration")
     if calibration is not None and not isinstance(calibration, dict):
         raise exc_type(f"{what}['calibration'] is {short_repr(calibration)}, expected an object (as written by "
