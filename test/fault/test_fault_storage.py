@@ -197,6 +197,8 @@ from dinomix_ros.maps.keyframes import KeyframeMap, MapConflictError, MapLockedE
 path, me, n = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 conflicts = 0
 m = KeyframeMap.load(path)
+print("loaded", flush=True)
+sys.stdin.readline()  # both writers hold the same generation before either saves: the second save must conflict
 for i in range(n):
     stamp = me * 10**6 + i
     while True:
@@ -220,8 +222,14 @@ def test_two_writers_detect_each_other_and_lose_nothing(tmp_path: Path, fault_pr
     m.save(path)
     sentinel, digest = sentinel_beside(path)
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(Path(__file__).parent), str(me), "25"],
-                                cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=REPO, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
                for me in (1, 2)]
+    for w in writers:
+        assert w.stdout.readline() == "loaded\n", w.stderr.read()
+    for w in writers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
     results = []
     for w in writers:
         try:
@@ -247,4 +255,4 @@ def test_two_writers_detect_each_other_and_lose_nothing(tmp_path: Path, fault_pr
     assert lost == 0 and not touched
     assert len(stamps) == len(set(stamps)) == 51  # the seed row + 25 from each writer, none twice
     assert committed == set(stamps) - {1}
-    assert conflicts >= 1, "the writers never conflicted: the probe proves nothing (rerun)"
+    assert conflicts >= 1  # both started from the same generation: one of them had to be refused at least once
