@@ -8,6 +8,7 @@ converts them into rclpy messages.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -81,20 +82,34 @@ def _with_size(jpeg: bytes, width: int, height: int) -> bytes:
     return bytes(out)
 
 
-def _zlib_bomb(nbytes: int) -> bytes:
+@functools.lru_cache(maxsize=None)
+def _zeros_zlib(nbytes: int) -> bytes:
+    """A zlib stream of ``nbytes`` zero bytes, built in well under a second whatever its size: one 8 MiB block is
+    compressed ending in a full flush (which resets the compressor, so every further block compresses to the same
+    bytes), repeated, and the trailer's Adler-32 is computed for the whole length."""
+    block_len = 8 << 20
     c = zlib.compressobj(9)
-    block = b"\x00" * (1 << 20)
-    parts = [c.compress(block) for _ in range(nbytes >> 20)]
-    return b"".join(parts) + c.flush()
+    first = c.compress(b"\x00" * min(block_len, nbytes)) + c.flush(zlib.Z_FULL_FLUSH)
+    blocks, rest = divmod(nbytes, block_len)
+    if blocks == 0:
+        return zlib.compress(b"\x00" * nbytes)
+    repeat = c.compress(b"\x00" * block_len) + c.flush(zlib.Z_FULL_FLUSH) if blocks > 1 else b""
+    tail = c.compress(b"\x00" * rest) + c.flush()
+    adler = 1
+    zero_block = b"\x00" * block_len
+    for _ in range(blocks):
+        adler = zlib.adler32(zero_block, adler)
+    adler = zlib.adler32(b"\x00" * rest, adler)
+    return first + repeat * (blocks - 1) + tail[:-4] + struct.pack(">I", adler)
+
+
+def _zlib_bomb(nbytes: int) -> bytes:
+    return _zeros_zlib(nbytes)
 
 
 def _zlib_rows(height: int, row_bytes: int) -> bytes:
-    """zlib stream of ``height`` all-zero PNG rows (filter byte + ``row_bytes``), built without holding them."""
-    c = zlib.compressobj(1)
-    row = b"\x00" * (1 + row_bytes)
-    rows_per_part = max(1, (8 << 20) // len(row))
-    parts = [c.compress(row * min(rows_per_part, height - r)) for r in range(0, height, rows_per_part)]
-    return b"".join(parts) + c.flush()
+    """zlib stream of ``height`` all-zero PNG rows (filter byte 0 + ``row_bytes`` zeros)."""
+    return _zeros_zlib(height * (1 + row_bytes))
 
 
 def largest_png(max_pixels: int) -> bytes:
@@ -125,6 +140,8 @@ def hostile_messages() -> list[tuple[str, object]]:
         # decompression bombs: tiny files declaring huge images (the issue's OOM kill)
         ("png 30000x30000 rgba16", Compressed(png_bytes(30000, 30000, bit_depth=16, color_type=6), "png")),
         ("png 30000x30000 rgb8", Compressed(png_bytes(30000, 30000), "png")),
+        ("png 30000x30000 grey8, all rows", Compressed(png_bytes(30000, 30000, color_type=0,
+                                                                 idat=_zlib_rows(30000, 30000)), "png")),
         ("png 2^31-1 x 1 grey", Compressed(png_bytes(2**31 - 1, 1, color_type=0), "png")),
         ("jpeg sof 65535x65535", Compressed(_with_size(jpeg, 65535, 65535))),
         ("jpeg sof 9000x9000", Compressed(_with_size(jpeg, 9000, 9000))),
