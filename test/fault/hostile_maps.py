@@ -9,6 +9,7 @@ so that only the checks behind the seal can catch the damage: what an attacker w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -21,12 +22,19 @@ import numpy as np
 
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import MANIFEST, SEAL_KEY, manifest_seal
+from dinomix_ros.model.checkpoint import LoadedModel, random_model
 
-__all__ = ["Kind", "hostile_kinds", "lock_kinds", "make_map", "pickle_marker"]
+__all__ = ["Kind", "hostile_kinds", "lock_kinds", "make_map", "pickle_marker", "random_weights"]
 
 Kind = tuple[str, Callable[[Path, Path], None], "str | None"]
 
 ROWS = 12
+
+
+@functools.lru_cache(maxsize=1)
+def random_weights() -> LoadedModel:
+    """The seeded random model the node and ``--random-weights`` use (built once per test process: ~10 s)."""
+    return random_model("vits14", 0)
 
 
 def make_map(path: Path, fingerprint: dict) -> Path:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from hostile_images import DECODABLE, Compressed, hostile_messages, largest_png
+from hostile_maps import random_weights
 from memprobe import GIB, peak_above
 
 from dinomix_ros.imaging.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image_msg
@@ -25,7 +26,7 @@ HANG_S = 120.0  # a probe this slow counts as a hang (none takes a tenth of it)
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    return Encoder(random_weights(), EncoderConfig(device="cpu"))
 
 
 def _describe(encoder: Encoder, msg: object) -> np.ndarray:

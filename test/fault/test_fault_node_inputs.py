@@ -10,13 +10,11 @@ from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray
 from hostile_images import Compressed, Raw, good_jpeg, hostile_messages
-from hostile_maps import ROWS, hostile_kinds, make_map
+from hostile_maps import ROWS, hostile_kinds, make_map, random_weights
 from memprobe import GIB, reset_peak, status_kib
 from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
-
-from dinomix_ros.model.checkpoint import random_model
 
 NODE = "/dinomix_localizer"
 RAW, COMPRESSED = "/camera/image_raw", "/camera/image_raw/compressed"
@@ -40,7 +38,7 @@ def _ros_message(msg: object, stamp_s: int) -> Image | CompressedImage:
 
 
 def test_a_running_node_survives_bad_images_and_hostile_maps(tmp_path: Path, fault_probe) -> None:
-    map_path = make_map(tmp_path / "node.dinomap", random_model("vits14", 0).fingerprint.to_dict())
+    map_path = make_map(tmp_path / "node.dinomap", random_weights().fingerprint.to_dict())
     messages = dict(hostile_messages())
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
