@@ -339,7 +339,7 @@ def _search_stream(encoder: Any, index: PlaceIndex, stream: PosedImageStream, co
 
     for posed in stream:
         try:
-            prepared = encoder.prepare(*posed.image.decode())
+            prepared = encoder.prepare(*posed.image.decode(encoder.image.max_pixels))
         except ImageDecodeError as exc:
             counts.bad += 1
             _logger.warning("skipping undecodable query %s@%d: %s", posed.image.topic, posed.image.stamp_ns, exc)

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinomix_ros.imaging.decode import RAW_ENCODINGS, ImageDecodeError, UnsupportedEncodingError, decode_compressed
-from dinomix_ros.imaging.decode import read_image_file
+from dinomix_ros.imaging.decode import (
+    DEFAULT_MAX_PIXELS, RAW_ENCODINGS, ImageDecodeError, UnsupportedEncodingError, check_pixels, decode_compressed,
+    read_image_file,
+)
 from dinomix_ros.settings import check, setting
 
 __all__ = [
@@ -55,12 +57,17 @@ RANGE16_MODES = ("full", "minmax")
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """How camera images become model input (node parameters ``cameras.*``, CLI flags ``--range16``)."""
+    """How camera images become model input (node parameters ``cameras.*``, CLI flags ``--range16``,
+    ``--max-pixels``)."""
 
     SETTINGS_GROUP: ClassVar[str] = "cameras"
 
     range16: str = setting("full", "how 16-bit images (mono16, bayer*16, rgb16) become 8-bit: full (0..65535) or "
                                    "minmax (stretch each image; for 12-bit or thermal cameras)", choices=RANGE16_MODES)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (width x height), checked "
+                                                  "before decoding (JPEG/PNG headers, raw height x width); larger "
+                                                  "images are skipped as bad", min=1, max=2**31 - 1,
+                              reconfigure=True)
 
     def __post_init__(self) -> None:
         check(self)
@@ -81,24 +88,29 @@ _GENERIC = {"8UC1": "mono8", "8UC3": "bgr8", "8UC4": "bgra8", "16UC1": "mono16"}
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
-def load_input(item: ImageInput, encoding: str | None = None) -> tuple[np.ndarray, str]:
+def load_input(item: ImageInput, encoding: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
     """Normalise one input to (array, encoding).
 
     Args:
         item: an array (H, W) / (H, W, C), JPEG/PNG bytes, or an image file path.
         encoding: the array's encoding; for arrays, None means mono8/mono16 for one channel, rgb8 for three and
             rgba8 for four (pass "bgr8" for OpenCV arrays). Ignored for bytes and files (decoded as stored).
+        max_pixels: refuse larger images (bytes and files before decoding them).
 
     Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels.
         ImageDecodeError: undecodable bytes/file or an array that does not fit its encoding.
         FileNotFoundError: a missing file.
     """
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return decode_compressed(item)
+        return decode_compressed(item, max_pixels)
     if isinstance(item, (str, Path)):
-        return read_image_file(item)
+        return read_image_file(item, max_pixels)
     if not isinstance(item, np.ndarray):
         raise ImageDecodeError(f"cannot use a {type(item).__name__} as an image; pass an array, bytes or a path")
+    if item.ndim >= 2:  # the conversions allocate per pixel too
+        check_pixels(item.shape[1], item.shape[0], max_pixels, f"the {item.shape} image array")
     if encoding is None:
         channels = 1 if item.ndim == 2 else item.shape[-1]
         deep = item.dtype == np.uint16
@@ -128,16 +140,30 @@ def _check_array(image: np.ndarray, encoding: str) -> np.ndarray:
     return image
 
 
+# 16-bit -> 8-bit "full": round(x * 255 / 65535), one table entry per 16-bit value (the same integer formula as
+# before, so results are bit-identical).
+_FULL_RANGE_LUT = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+_BLOCK_ELEMENTS = 1 << 20  # 16-bit values converted per block: the index temporary stays at 8 MiB
+
+
 def _to_8bit(image: np.ndarray, range16: str) -> np.ndarray:
+    """8-bit copy of a 16-bit image (the input itself if already 8-bit), by a 65536-entry table applied in row
+    blocks: no widened full-size temporary (a uint32 or float32 copy of a 50 MP image would be 200-600 MB)."""
     if image.dtype == np.uint8:
         return image
-    if range16 == "full":  # 0..65535 -> 0..255, rounded
-        return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if range16 == "minmax":  # stretch this image's range (thermal / 12-bit cameras in 16-bit containers)
+    if range16 == "full":
+        lut = _FULL_RANGE_LUT
+    elif range16 == "minmax":  # stretch this image's range (thermal / 12-bit cameras in 16-bit containers)
         lo, hi = int(image.min()), int(image.max())
-        scaled = (image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1))
-        return np.rint(scaled).astype(np.uint8)
-    raise ValueError(f"range16 must be one of {', '.join(RANGE16_MODES)}, got {range16!r}")
+        scaled = (np.arange(65536, dtype=np.float32) - lo) * (255.0 / max(hi - lo, 1))  # float32, as per pixel
+        lut = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
+    else:
+        raise ValueError(f"range16 must be one of {', '.join(RANGE16_MODES)}, got {range16!r}")
+    out = np.empty(image.shape, dtype=np.uint8)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, image[:1].size))
+    for r in range(0, image.shape[0], rows):
+        np.take(lut, image[r:r + rows], out=out[r:r + rows])
+    return out
 
 
 def _canonical(image: np.ndarray, encoding: str, range16: str) -> tuple[np.ndarray, str]:
@@ -154,10 +180,10 @@ def _canonical(image: np.ndarray, encoding: str, range16: str) -> tuple[np.ndarr
             return cv2.cvtColor(np.ascontiguousarray(image), getattr(cv2, _YUV_CODES[encoding])), "rgb"
     except cv2.error as exc:  # e.g. a Bayer image too small to demosaic
         raise ImageDecodeError(f"OpenCV could not convert the {encoding} image {tuple(image.shape)}: {exc}") from exc
-    image = _to_8bit(image, range16)
     if encoding.startswith("mono"):
-        return image, "mono"
-    return image[:, :, :3], encoding[:3]  # rgb / bgr; drops alpha as PIL's convert("RGB") does
+        return _to_8bit(image, range16), "mono"
+    # rgb / bgr; drops alpha as PIL's convert("RGB") does, before converting (no 16-bit alpha copied)
+    return _to_8bit(image[:, :, :3], range16), encoding[:3]
 
 
 def to_rgb8(image: np.ndarray, encoding: str, *, range16: str = "full") -> np.ndarray:

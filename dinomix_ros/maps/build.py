@@ -389,7 +389,7 @@ class _Row:
     source: str
 
 
-def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Exception], None]
+def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Exception], None], max_pixels: int
                        ) -> Iterator[tuple[np.ndarray, str, _Row]]:
     """The stream's keyframes as (image, encoding, row) items for :meth:`Encoder.describe_stream`.
 
@@ -400,7 +400,7 @@ def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Excepti
         img = posed.image
         row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation, f"bag:{img.topic}@{img.stamp_ns}")
         try:
-            array, encoding = img.decode()
+            array, encoding = img.decode(max_pixels)
         except ImageDecodeError as exc:
             on_bad(row, exc)
             stream.reject_last()
@@ -480,7 +480,7 @@ def build_map_from_bag(
 
     stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s, cameras=config.cameras,
                               gate=config.gate, report=report, progress=progress)
-    items = _decoded_keyframes(stream, on_bad)
+    items = _decoded_keyframes(stream, on_bad, encoder.image.max_pixels)
     with closing(items), closing(encoder.describe_stream(items)) as batches:
         for batch in batches:
             for row, exc in batch.failed:

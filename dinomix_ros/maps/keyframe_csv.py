@@ -17,7 +17,7 @@ import numpy as np
 
 from dinomix_ros.maps.errors import MapFormatError
 from dinomix_ros.maps.manifest import corrupted
-from dinomix_ros.maps.validation import check_columns
+from dinomix_ros.maps.validation import check_columns, short_repr
 
 if TYPE_CHECKING:
     from dinomix_ros.maps.keyframes import KeyframeMap
@@ -107,14 +107,24 @@ def _read_rows(data: bytes, name: str, count: int) -> list[list[str]]:
     except UnicodeDecodeError as exc:
         raise corrupted(name, f"not UTF-8: {exc}") from None
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None or tuple(header) != CSV_COLUMNS:
-        raise MapFormatError(f"{name}: header is {header}, expected {list(CSV_COLUMNS)}")
     rows = []
-    for row in reader:
-        if len(row) != len(CSV_COLUMNS):
-            raise MapFormatError(f"{name} line {reader.line_num}: {len(row)} cells, expected {len(CSV_COLUMNS)}")
-        rows.append(row)
+    try:  # the csv module's own errors (a field over its size limit, a NUL byte) become this file's
+        header = next(reader, None)
+        if header is None or tuple(header) != CSV_COLUMNS:
+            raise MapFormatError(f"{name}: header is {short_repr(header, 300)}, expected {list(CSV_COLUMNS)}")
+        for row in reader:
+            if len(row) != len(CSV_COLUMNS):
+                raise MapFormatError(f"{name} line {reader.line_num}: {len(row)} cells, expected {len(CSV_COLUMNS)}")
+            rows.append(row)
+            if len(rows) > count:  # stop reading: the row count is bounded by the manifest's
+                break
+    except csv.Error as exc:
+        raise MapFormatError(f"{name} line {reader.line_num}: not a keyframe table row ({exc}); the table is "
+                             "damaged or was edited: restore the map directory from a backup or rebuild the map") \
+            from None
+    if len(rows) > count:
+        raise MapFormatError(f"{name} has more than the {count} keyframe rows manifest.json says: the table was "
+                             "edited; restore the map directory from a backup or rebuild the map")
     if len(rows) != count:
         raise MapFormatError(f"{name} has {len(rows)} keyframe rows but manifest.json says {count}: the table is "
                              "truncated or was edited; restore the map directory from a backup or rebuild the map")
@@ -128,7 +138,7 @@ def _ints(cells: dict[str, tuple[str, ...]], col: str, name: str, empty: int | N
         try:
             out.append(empty if (v == "" and empty is not None) else int(v))
         except ValueError:
-            raise MapFormatError(f"{name} line {i + 2}, column {col}: {v!r} is not an integer") from None
+            raise MapFormatError(f"{name} line {i + 2}, column {col}: {short_repr(v)} is not an integer") from None
     try:
         return np.array(out, dtype=np.int64)
     except OverflowError:
@@ -148,7 +158,7 @@ def _floats(cells: dict[str, tuple[str, ...]], col_names: tuple[str, ...], name:
             suspects = range(len(text))
         bad = [i for i in suspects if text[i] != "" and not _is_finite_text(text[i])]
         if bad:
-            raise MapFormatError(f"{name} line {bad[0] + 2}, column {col}: {text[bad[0]]!r} is not a finite "
+            raise MapFormatError(f"{name} line {bad[0] + 2}, column {col}: {short_repr(text[bad[0]])} is not a finite "
                                  "number (unknown values are empty cells)")
     return out
 

@@ -34,7 +34,7 @@ from dinomix_ros.maps.errors import (  # defined there, importable from here (se
 )
 from dinomix_ros.maps.validation import (
     STORAGE_DTYPES, as_float_rows, as_index_blob, as_int_column, as_str_column, as_zone_column, check_columns,
-    check_descriptors, check_fingerprint, check_index_kind, check_json, check_same_model, dtype_name, empty_columns,
+    check_descriptors, check_fingerprint, check_index_kind, check_metadata, check_same_model, dtype_name, empty_columns,
 )
 from dinomix_ros.settings import check, setting
 
@@ -181,9 +181,7 @@ class KeyframeMap:
             )
         name = dtype_name(storage_dtype)
         metadata = copy.deepcopy(metadata) if metadata is not None else {}
-        if not isinstance(metadata, dict):
-            raise MapError(f"metadata must be a dict, got {type(metadata).__name__}")
-        check_json(metadata, "metadata", MapError)
+        check_metadata(metadata, "metadata", MapError)
         return cls(fingerprint, descriptor_dim=descriptor_dim, storage_dtype=name, metadata=metadata,
                    created=utc_now_iso())
 
@@ -565,16 +563,19 @@ class KeyframeMap:
     ) -> KeyframeMap:
         """Load and verify a map directory.
 
-        Checks the format and version, the manifest's structure, that the keyframe CSV and every chunk have the
-        manifest's row count, size, dtype and dimension, the sha256 of every file, and the keyframe invariants.
+        Checks the format and version, the manifest's seal and structure, that the keyframe CSV and every chunk have
+        the manifest's row count, size, dtype and dimension, the sha256 of every file, the keyframe invariants, and
+        that descriptors are unit vectors. A map directory is untrusted input: only regular files are opened, never
+        through a symbolic link, and sizes are bounded (``maps/README.md``).
 
         Args:
             path: Map directory.
             expected_fingerprint: If given, the fingerprint of the model in use; a map from another model is refused.
             mmap: Memory-map descriptor chunks (read-only) instead of reading them into RAM.
-            verify: Check the sha256 of the descriptor chunks and the index (reads every byte: ~8 GB for a 1M x 4096
-                float16 map, several seconds). With False, only sizes and headers are checked, so a flipped byte goes
-                unnoticed. The keyframe CSV is always hashed (it is read anyway).
+            verify: Check the sha256 of the descriptor chunks and the index, and that every descriptor is a finite unit
+                vector (reads every byte: ~8 GB for a 1M x 4096 float16 map, several seconds). With False, only sizes
+                and headers are checked, so a flipped byte goes unnoticed. The keyframe CSV is always hashed (it is
+                read anyway), and the manifest's seal always checked.
             load_index: Read the search index blob (if fresh); with False it stays on disk, and is kept by later saves
                 as long as no rows are added.
 

@@ -5,20 +5,44 @@ commit point of every save (see :mod:`dinomix_ros.maps.storage` and ``maps/READM
 owns its format: the format name and version, the manifest's keys (:func:`new_manifest` writes them,
 :func:`read_manifest` reads and validates them), and the names of the generation-numbered files it may reference.
 
-Reading a manifest touches no other file, so ``dinomix map info`` can describe a large map at once.
+It also owns how any file of a map directory is opened (:func:`open_map_file`): a map directory is untrusted input,
+so only regular files are opened (never a FIFO, device or socket, which could block or have side effects on open)
+and no symbolic link is followed. Every symlink inside a map directory is refused, not only those that resolve
+outside it: saves never create one, a link's target can change between a check and the open (only ``O_NOFOLLOW`` is
+race-free), and a link resolving inside would give one file two names, which breaks the rule that a save deletes
+only files no manifest references. The map directory itself may be a symlink (the user names it).
+
+The manifest seals itself: ``manifest_sha256`` is the sha256 of the canonical JSON of every other key
+(:func:`manifest_seal`), so an edit of any field that load trusts (metadata, fingerprint, counts, frames, file
+records) is detected. Manifests written before the seal existed have no such key and still load (format version 1 is
+unchanged; readers that predate the seal ignore the extra key): their fields are validated as before, load logs that
+they are unsealed, and the next save seals them. A seal that is present but wrong or malformed is refused. The seal
+detects edits and damage, not forgery: whoever can write the directory can also recompute it.
+
+Reading a manifest touches no other file, so ``dinomix map info`` can describe a large map at once. Its size and
+JSON nesting are bounded (:data:`MAX_MANIFEST_BYTES`, :data:`~dinomix_ros.maps.validation.MAX_JSON_DEPTH`), and
+saves refuse to write a manifest that load would refuse.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dinomix_ros import __version__
-from dinomix_ros.maps.errors import MapFormatError, MapNotFoundError
-from dinomix_ros.maps.validation import STORAGE_DTYPES, check_fingerprint
+from dinomix_ros.maps.errors import MapError, MapFormatError, MapNotFoundError
+from dinomix_ros.maps.validation import (
+    MAX_JSON_DEPTH, STORAGE_DTYPES, check_fingerprint, check_json, check_metadata, json_nesting,
+    short_repr as _short,
+)
 
 if TYPE_CHECKING:
     from dinomix_ros.maps.keyframes import KeyframeMap
@@ -27,18 +51,32 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "MAX_MANIFEST_BYTES",
+    "SEAL_KEY",
+    "claimed_generation",
     "corrupted",
     "generation_file",
     "generation_of",
     "listed_files",
     "manifest_bytes",
+    "manifest_seal",
     "new_manifest",
+    "open_map_file",
     "read_manifest",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "dinomix_ros.map"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The manifest's own checksum key (see the module docstring).
+SEAL_KEY = "manifest_sha256"
+#: Largest manifest.json read or written. A chunk record takes ~170 bytes, so this is ~100k chunks (compact the map
+#: long before: every chunk is an open file while loading); metadata is meant for notes and calibration, not data.
+MAX_MANIFEST_BYTES = 16 << 20
+_INT64_MAX = 2**63 - 1
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 # The only names a manifest may reference: plain file names (no path), each carrying the generation that wrote it.
 _GEN_FILE_RE = re.compile(
@@ -91,9 +129,35 @@ def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: di
     }
 
 
+def manifest_seal(manifest: dict[str, Any]) -> str:
+    """The sha256 (hex) of the canonical JSON of every key of ``manifest`` but :data:`SEAL_KEY`.
+
+    Canonical: keys sorted, no whitespace, UTF-8, floats as Python writes them (they read back exactly), so the seal
+    of a parsed manifest equals the seal of the dict that was written.
+    """
+    body = {k: v for k, v in manifest.items() if k != SEAL_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """``manifest.json``'s content: indented UTF-8 JSON (non-ASCII kept readable), one trailing newline."""
-    return (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    """``manifest.json``'s content, sealed: indented UTF-8 JSON (non-ASCII kept readable), one trailing newline.
+
+    Any :data:`SEAL_KEY` in ``manifest`` is replaced by the seal of the other keys.
+
+    Raises:
+        MapError: the manifest would be larger than :data:`MAX_MANIFEST_BYTES` (metadata too large, or too many
+            chunks: save with ``compact=True``) or nested deeper than load accepts.
+    """
+    check_json(manifest, "the manifest", MapError)
+    sealed = {**{k: v for k, v in manifest.items() if k != SEAL_KEY}, SEAL_KEY: manifest_seal(manifest)}
+    data = (json.dumps(sealed, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise MapError(f"the manifest would be {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} that load accepts "
+                       f"({len(manifest['files']['descriptors'])} chunks, metadata of "
+                       f"{len(json.dumps(manifest['metadata']))} bytes): shrink the metadata, or save with "
+                       "compact=True")
+    return data
 
 
 def listed_files(manifest: dict[str, Any]) -> set[str]:
@@ -112,6 +176,92 @@ def corrupted(name: str, what: str) -> MapFormatError:
                           "rebuild the map")
 
 
+def open_map_file(directory: Path, name: str) -> io.BufferedReader:
+    """Open the file ``name`` of the map directory ``directory`` for reading: a regular file, never through a link.
+
+    The entry is checked with ``lstat`` before it is opened (so a device or FIFO is never opened) and opened with
+    ``O_NOFOLLOW | O_NONBLOCK`` (a link swapped in meanwhile fails, a FIFO swapped in cannot block), then checked
+    again on the open descriptor. Every reader of a map file goes through here.
+
+    Raises:
+        FileNotFoundError: no such entry (callers decide whether that means damage or a concurrent save).
+        MapFormatError: the entry is a symbolic link, directory, FIFO, device or socket.
+        OSError: the file exists but cannot be opened (permissions).
+    """
+    path = directory / name
+    _require_regular(os.lstat(path).st_mode, directory, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # became a symlink after the lstat
+            _require_regular(stat.S_IFLNK, directory, name)
+        raise
+    try:
+        _require_regular(os.fstat(fd).st_mode, directory, name)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _require_regular(mode: int, directory: Path, name: str) -> None:
+    """Raise :class:`MapFormatError` unless ``mode`` is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise MapFormatError(f"{directory / name} is {kind}: a map directory holds only regular files (links, FIFOs, "
+                         "devices and sockets are refused, never opened or followed). Replace it with the real file "
+                         "from a backup, or rebuild the map")
+
+
+def _manifest_json(directory: Path) -> Any:
+    """Parse ``directory``'s manifest.json (bounded size and nesting, no NaN, no duplicate keys); not validated.
+
+    Raises:
+        FileNotFoundError: no manifest.json.
+        MapFormatError: not a regular file, too large, too deeply nested, or not strict UTF-8 JSON.
+    """
+    mpath = directory / MANIFEST
+    with open_map_file(directory, MANIFEST) as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise MapFormatError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes: not a manifest this dinomix_ros "
+                             "wrote (corrupted?); restore it from a backup")
+    depth = json_nesting(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise MapFormatError(f"{mpath} nests {depth} levels deep, at most {MAX_JSON_DEPTH} are allowed: not a "
+                             "manifest this dinomix_ros wrote (corrupted?); restore it from a backup")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limits, our hooks
+        raise MapFormatError(f"{mpath} is not valid UTF-8 JSON ({exc}): corrupted; restore it from a backup") from None
+
+
+def claimed_generation(directory: Path) -> int:
+    """The generation an unreadable manifest.json in ``directory`` still claims, or 0 (a save replacing it with
+    ``overwrite=True`` stays above it)."""
+    try:
+        gen = _manifest_json(directory).get("generation", 0)
+    except (OSError, MapError, AttributeError):
+        return 0
+    return gen if type(gen) is int and 0 <= gen <= _INT64_MAX else 0
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {_short(dup)} appears twice in one object")
+    return out
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a map's manifest.json without touching its other files (for ``dinomix map info``).
 
@@ -123,7 +273,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         MapNotFoundError: No directory, not a directory, or no manifest.json.
-        MapFormatError: Not JSON, not a dinomix_ros map, written by a newer dinomix_ros, or malformed.
+        MapFormatError: Not a regular file, too large or deeply nested, not JSON, not a dinomix_ros map, written by a
+            newer dinomix_ros, edited after it was written (seal mismatch), or malformed.
     """
     directory = Path(path)
     if not directory.exists():
@@ -133,20 +284,38 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
                                f"(pass the directory, e.g. {directory.parent})")
     mpath = directory / MANIFEST
     try:
-        raw = mpath.read_bytes()
+        m = _manifest_json(directory)
     except FileNotFoundError:
         raise MapNotFoundError(f"no map at {directory}: it has no {MANIFEST} (not a dinomix map, or its first save "
                                "was interrupted before committing)") from None
-    try:
-        m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MapFormatError(f"{mpath} is not valid UTF-8 JSON ({exc}): corrupted; restore it from a backup") from None
+    _check_format(m, mpath)
+    _check_seal(m, mpath)
     _validate_manifest(m, mpath)
     return m
 
 
-def _validate_manifest(m: Any, mpath: Path) -> None:
-    """Raise :class:`MapFormatError` on the first key of ``m`` that is missing, mistyped or inconsistent."""
+def _check_seal(m: dict[str, Any], mpath: Path) -> None:
+    """Refuse a manifest whose seal does not match its content; log one that has none (see the module docstring)."""
+    check_json(m, str(mpath), MapFormatError)  # lone surrogates: the seal could not even be computed
+    seal = m.get(SEAL_KEY)
+    if seal is None:
+        logger.warning("%s has no %s (written before manifests were sealed): its fields are checked, but an edit "
+                       "cannot be detected; the next save seals it", mpath, SEAL_KEY)
+        return
+    if not isinstance(seal, str) or not _SHA256_RE.match(seal):
+        raise MapFormatError(f"{mpath}: {SEAL_KEY} is {_short(seal)}, expected 64 lowercase hex digits; the "
+                             "manifest was edited or damaged: restore the map directory from a backup or rebuild "
+                             "the map")
+    actual = manifest_seal(m)
+    if actual != seal:
+        raise MapFormatError(f"{mpath} was changed after it was written (its content hashes to {actual[:12]}..., its "
+                             f"{SEAL_KEY} says {seal[:12]}...): edited by hand or damaged. Restore the map directory "
+                             "from a backup or rebuild the map")
+
+
+def _check_format(m: Any, mpath: Path) -> None:
+    """Refuse what is not a manifest of a format version this dinomix_ros reads (checked before the seal: a newer
+    version may seal differently, and its message says to upgrade)."""
 
     def fail(msg: str) -> MapFormatError:
         return MapFormatError(f"{mpath}: {msg}")
@@ -154,20 +323,27 @@ def _validate_manifest(m: Any, mpath: Path) -> None:
     if not isinstance(m, dict):
         raise fail(f"top level is a {type(m).__name__}, expected a JSON object")
     if m.get("format") != FORMAT:
-        raise fail(f"format is {m.get('format')!r}, expected {FORMAT!r}: this is not a dinomix_ros map")
+        raise fail(f"format is {_short(m.get('format'))}, expected {FORMAT!r}: this is not a dinomix_ros map")
     version = m.get("version")
     if type(version) is not int or version < 1:
-        raise fail(f"version is {version!r}, expected a positive integer")
+        raise fail(f"version is {_short(version)}, expected a positive integer")
     if version > FORMAT_VERSION:
         raise fail(f"written by a newer dinomix_ros (map format version {version}; dinomix_ros {__version__} reads up "
                    f"to version {FORMAT_VERSION}). Upgrade dinomix_ros on this machine to load it")
 
+
+def _validate_manifest(m: dict[str, Any], mpath: Path) -> None:
+    """Raise :class:`MapFormatError` on the first key of ``m`` that is missing, mistyped or inconsistent."""
+
+    def fail(msg: str) -> MapFormatError:
+        return MapFormatError(f"{mpath}: {msg}")
+
     def need(key: str, kind: type, minimum: int | None = None) -> Any:
         value = m.get(key)
         if (type(value) is not int) if kind is int else not isinstance(value, kind):
-            raise fail(f"{key!r} is {value!r}, expected {kind.__name__}")
-        if minimum is not None and value < minimum:
-            raise fail(f"{key!r} is {value}, expected >= {minimum}")
+            raise fail(f"{key!r} is {_short(value)}, expected {kind.__name__}")
+        if minimum is not None and not minimum <= value <= _INT64_MAX:
+            raise fail(f"{key!r} is {_short(value)}, expected {minimum}..{_INT64_MAX}")
         return value
 
     count = need("count", int, 0)
@@ -175,12 +351,13 @@ def _validate_manifest(m: Any, mpath: Path) -> None:
     need("next_id", int, 0)
     dim = need("descriptor_dim", int, 1)
     if need("descriptor_dtype", str) not in STORAGE_DTYPES:
-        raise fail(f"descriptor_dtype is {m['descriptor_dtype']!r}, expected one of {sorted(STORAGE_DTYPES)}")
+        raise fail(f"descriptor_dtype is {_short(m['descriptor_dtype'])}, expected one of {sorted(STORAGE_DTYPES)}")
     check_fingerprint(need("fingerprint", dict), f"{mpath}: fingerprint", MapFormatError)
     if m["fingerprint"]["descriptor_dim"] != dim:
         raise fail(f"fingerprint descriptor_dim {m['fingerprint']['descriptor_dim']} != descriptor_dim {dim}")
-    need("metadata", dict)
-    need("created", str)
+    check_metadata(need("metadata", dict), f"{mpath}: metadata", MapFormatError)
+    for key in ("created", "updated", "writer"):
+        need(key, str)
     for key in ("frames", "cameras"):
         if not all(isinstance(s, str) for s in need(key, list)):
             raise fail(f"{key!r} must be a list of strings")
@@ -189,18 +366,19 @@ def _validate_manifest(m: Any, mpath: Path) -> None:
 
     def record(rec: Any, what: str, extra: tuple[str, ...] = ()) -> None:
         if not isinstance(rec, dict):
-            raise fail(f"files.{what} is {rec!r}, expected an object")
+            raise fail(f"files.{what} is {_short(rec)}, expected an object")
         name = rec.get("file")
         if not isinstance(name, str) or generation_of(name) is None:
-            raise fail(f"files.{what}.file is {name!r}, expected a plain file name like 'descriptors.g000001.npy'")
+            raise fail(f"files.{what}.file is {_short(name)}, expected a plain file name like "
+                       "'descriptors.g000001.npy'")
         for key in ("rows", "bytes"):
-            if type(rec.get(key)) is not int or rec[key] < 0:
-                raise fail(f"files.{what}.{key} is {rec.get(key)!r}, expected an integer >= 0")
+            if type(rec.get(key)) is not int or not 0 <= rec[key] <= _INT64_MAX:
+                raise fail(f"files.{what}.{key} is {_short(rec.get(key))}, expected an integer >= 0")
         if not isinstance(rec.get("sha256"), str) or not _SHA256_RE.match(rec["sha256"]):
-            raise fail(f"files.{what}.sha256 is {rec.get('sha256')!r}, expected 64 lowercase hex digits")
+            raise fail(f"files.{what}.sha256 is {_short(rec.get('sha256'))}, expected 64 lowercase hex digits")
         for key in extra:
-            if not isinstance(rec.get(key), str) or not rec[key]:
-                raise fail(f"files.{what}.{key} is {rec.get(key)!r}, expected a non-empty string")
+            if not isinstance(rec.get(key), str) or not rec[key] or len(rec[key]) > 128:
+                raise fail(f"files.{what}.{key} is {_short(rec.get(key))}, expected a short non-empty string")
         names.append(name)
 
     record(files.get("keyframes"), "keyframes")
@@ -208,7 +386,7 @@ def _validate_manifest(m: Any, mpath: Path) -> None:
         raise fail(f"files.keyframes.rows is {files['keyframes']['rows']} but count is {count}")
     chunks = files.get("descriptors")
     if not isinstance(chunks, list):
-        raise fail(f"files.descriptors is {chunks!r}, expected a list of chunk records")
+        raise fail(f"files.descriptors is {_short(chunks)}, expected a list of chunk records")
     for i, rec in enumerate(chunks):
         record(rec, f"descriptors[{i}]")
         if rec["rows"] < 1:
@@ -219,4 +397,4 @@ def _validate_manifest(m: Any, mpath: Path) -> None:
     if files.get("index") is not None:
         record(files["index"], "index", extra=("kind",))
     if len(set(names)) != len(names):
-        raise fail(f"a file is listed twice in files: {names}")
+        raise fail(f"a file is listed twice in files: {sorted(n for n in set(names) if names.count(n) > 1)}")

@@ -41,12 +41,13 @@ descriptor, and the index is raw bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
-import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,12 @@ from dinomix_ros.maps.errors import MapConflictError, MapError, MapFormatError, 
 from dinomix_ros.maps.keyframe_csv import parse_csv, write_csv
 from dinomix_ros.maps.keyframes import KeyframeMap, utc_now_iso
 from dinomix_ros.maps.manifest import (
-    MANIFEST, corrupted, generation_file, generation_of, listed_files, manifest_bytes, new_manifest, read_manifest,
+    MANIFEST, claimed_generation, corrupted, generation_file, generation_of, listed_files, manifest_bytes, new_manifest,
+    open_map_file, read_manifest,
 )
-from dinomix_ros.maps.validation import STORAGE_DTYPES, check_fingerprint, check_json, check_same_model
+from dinomix_ros.maps.validation import (
+    STORAGE_DTYPES, check_fingerprint, check_metadata, check_same_model, check_unit_rows, short_repr,
+)
 from dinomix_ros.util.files import TMP_PREFIX, atomic_path, fsync_dir
 
 __all__ = ["LOCK_FILE", "load_map", "save_map"]
@@ -70,6 +74,9 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 _IO_BLOCK = 8 << 20
 _LOAD_ATTEMPTS = 5
+#: Largest .npy header accepted in a descriptor chunk (numpy writes ~128 bytes): bounds what its parser is fed.
+_NPY_HEADER_MAX = 4096
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -155,9 +162,7 @@ def _check_savable(kmap: KeyframeMap, index_blob: np.ndarray | bytes | None, ind
     if kmap.fingerprint["descriptor_dim"] != kmap.descriptor_dim:
         raise MapError(f"fingerprint['descriptor_dim'] is {kmap.fingerprint['descriptor_dim']} but the map holds "
                        f"{kmap.descriptor_dim}-d descriptors; restore the fingerprint the map was created with")
-    if not isinstance(kmap.metadata, dict):
-        raise MapError(f"metadata must be a dict, got {type(kmap.metadata).__name__}")
-    check_json(kmap.metadata, "metadata", MapError)
+    check_metadata(kmap.metadata, "metadata", MapError)
     if index_blob is not None:
         if index_kind is None:
             raise MapError("index_blob given without index_kind; pass e.g. index_kind='faiss_flat_ip'")
@@ -286,11 +291,7 @@ def _existing_manifest(directory: Path, overwrite: bool) -> tuple[dict[str, Any]
         if not overwrite:
             raise MapFormatError(f"cannot save into {directory}: its existing map is unreadable here ({exc}). "
                                  "Pass overwrite=True to replace it, or choose a new path") from None
-        try:
-            gen = json.loads((directory / MANIFEST).read_text("utf-8")).get("generation", 0)
-        except (OSError, ValueError, AttributeError):
-            gen = 0
-        return None, gen if type(gen) is int else 0
+        return None, claimed_generation(directory)
     return disk, disk["generation"]
 
 
@@ -311,7 +312,10 @@ def _remove_unreferenced(directory: Path, referenced: set[str]) -> int:
         if name in referenced or not (name.startswith(TMP_PREFIX) or generation_of(name) is not None):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
+            if stat.S_ISDIR(os.lstat(directory / name).st_mode):
+                logger.warning("map %s: %s is a directory named like a map file; left alone", directory, name)
+                continue
+            os.unlink(directory / name)  # a link or FIFO is unlinked itself, never followed
             removed += 1
             logger.debug("map %s: removed unreferenced %s", directory, name)
     return removed
@@ -355,7 +359,7 @@ class _DirLock:
         self._fd = -1
 
     def __enter__(self) -> _DirLock:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = self._open()
         deadline = time.monotonic() + self._timeout_s
         while True:
             try:
@@ -375,6 +379,24 @@ class _DirLock:
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
+
+    def _open(self) -> int:
+        """Open (or create) the lock file: a regular file in the map directory, never through a link."""
+        refused = (f"{self._path} is not a regular file: a link, FIFO or device there could make a save write or "
+                   "block elsewhere, so it is refused. Remove it (saves recreate it)")
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(self._path).st_mode):  # before open(): never open a device or FIFO
+                raise MapError(refused)
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink (even a dangling one: O_CREAT never creates its target)
+                raise MapError(refused) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MapError(refused)
+        return fd
 
 
 # ---------------------------------------------------------------------- load
@@ -431,6 +453,7 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
         # so a writer can only race this reader during these few open() calls (then load() retries).
         kf_file = _open_referenced(directory, kf_rec, stack)
         chunk_files = [_open_referenced(directory, rec, stack) for rec in files["descriptors"]]
+        starts = np.cumsum([0] + [rec["rows"] for rec in files["descriptors"]]).tolist()
         index_file = None
         if index_rec is not None and load_index:
             try:
@@ -439,10 +462,13 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
                 logger.warning("map %s: index %s is missing: index stale, will be rebuilt", directory,
                                index_rec["file"])
                 index_rec = None
+            except MapFormatError as exc:  # not a regular file, or not the manifest's size: optional, so dropped
+                logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
+                index_rec = None
         cols = parse_csv(_read_verified(kf_file, kf_rec, verify=True), kf_rec["file"], count)
         _check_table_matches(manifest, cols, kf_rec["file"])
-        segments = [_open_chunk(f, rec, dim, dtype, mmap=mmap, verify=verify)
-                    for f, rec in zip(chunk_files, files["descriptors"])]
+        segments = [_open_chunk(f, rec, dim, dtype, start, mmap=mmap, verify=verify)
+                    for f, rec, start in zip(chunk_files, files["descriptors"], starts)]
         blob = None
         if index_file is not None:
             try:
@@ -472,22 +498,30 @@ def _check_table_matches(manifest: dict[str, Any], cols: dict[str, np.ndarray], 
     for key, col in (("frames", "frame_ids"), ("cameras", "cameras")):
         found = sorted(set(cols[col].tolist()))
         if found != sorted(manifest[key]):
-            raise MapFormatError(f"manifest.json lists {key} {manifest[key]} but {name} has "
-                                 f"{found}; the files are inconsistent (edited by hand?)")
+            raise MapFormatError(f"manifest.json lists {key} {short_repr(manifest[key], 200)} but {name} has "
+                                 f"{short_repr(found, 200)}; the files are inconsistent (edited by hand?)")
 
 
 def _open_referenced(directory: Path, rec: dict[str, Any], stack: contextlib.ExitStack) -> io.BufferedReader:
-    """Open a file the manifest names, kept open by ``stack``; a missing file raises :class:`_VanishedFileError`."""
+    """Open a file the manifest names, kept open by ``stack``; a missing file raises :class:`_VanishedFileError`.
+
+    Only a regular file is opened, never through a link (:func:`~dinomix_ros.maps.manifest.open_map_file`), and its
+    size must be the manifest's before anything reads it.
+    """
     try:
-        f = open(directory / rec["file"], "rb")
+        f = stack.enter_context(open_map_file(directory, rec["file"]))
     except FileNotFoundError:
         raise _VanishedFileError(rec["file"]) from None
-    return stack.enter_context(f)
+    size = os.fstat(f.fileno()).st_size
+    if size != rec["bytes"]:
+        raise corrupted(rec["file"], f"{size} bytes, manifest says {rec['bytes']}")
+    return f
 
 
 def _read_verified(f: io.BufferedReader, rec: dict[str, Any], *, verify: bool) -> bytes:
-    """Read a whole file named by a manifest record, checking its size and (optionally) sha256."""
-    data = f.read()
+    """Read a whole file named by a manifest record (opened by :func:`_open_referenced`), checking its size and
+    (optionally) sha256; never reads more than the manifest's size plus one byte."""
+    data = f.read(rec["bytes"] + 1)
     if len(data) != rec["bytes"]:
         raise corrupted(rec["file"], f"{len(data)} bytes, manifest says {rec['bytes']}")
     if verify:
@@ -509,9 +543,10 @@ def _sha256_of(f: io.BufferedReader) -> str:
         h.update(view[:n])
 
 
-def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.dtype, *, mmap: bool,
+def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.dtype, start: int, *, mmap: bool,
                 verify: bool) -> np.ndarray:
-    """Read or map one open descriptor chunk; checks size, sha256, .npy header, dtype and shape against the manifest."""
+    """Read or map one open descriptor chunk (map rows from ``start``); checks size, sha256, .npy header, dtype and
+    shape against the manifest, and with ``verify`` that every row is a finite unit vector."""
     name = rec["file"]
     size = os.fstat(f.fileno()).st_size
     if size != rec["bytes"]:
@@ -522,15 +557,9 @@ def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.d
             raise corrupted(name, f"sha256 {sha[:12]}..., manifest says {rec['sha256'][:12]}...")
         f.seek(0)
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, found = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, found = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except ValueError as exc:
-        raise corrupted(name, f"not a valid .npy file: {exc}") from None
+        shape, fortran, found = _npy_header(f)
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:  # numpy parses it with ast
+        raise corrupted(name, f"not a valid .npy file: {str(exc)[:200]}") from None
     if found != dtype or fortran or shape != (rec["rows"], dim):
         raise MapFormatError(
             f"{name} holds a {'Fortran-order ' if fortran else ''}{found} array of shape {shape}, expected "
@@ -541,9 +570,29 @@ def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.d
         raise corrupted(name, f"{size} bytes cannot hold a ({rec['rows']}, {dim}) {dtype} array")
     if mmap:
         # Map the already opened and verified file (np.load would reopen it by name, maybe another file by then).
-        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(rec["rows"], dim))
-    arr = np.empty((rec["rows"], dim), dtype=dtype)
-    if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
-        raise corrupted(name, "short read")
-    arr.flags.writeable = False
+        arr = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(rec["rows"], dim))
+    else:
+        arr = np.empty((rec["rows"], dim), dtype=dtype)
+        if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+            raise corrupted(name, "short read")
+        arr.flags.writeable = False
+    if verify:  # a sealed manifest and matching hashes do not make a row a descriptor: search assumes unit vectors
+        check_unit_rows(arr, lambda i: f"{name} row {i} (map row {start + i})", MapFormatError,
+                        hint="; the file is not a dinomix descriptor chunk (edited or damaged): restore the map "
+                             "directory from a backup or rebuild the map")
     return arr
+
+
+def _npy_header(f: io.BufferedReader) -> tuple[Any, bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the .npy header at the start of ``f``, refusing oversized headers."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy version {version}")
+    size_bytes = 2 if version == (1, 0) else 4
+    here = f.tell()
+    length = int.from_bytes(f.read(size_bytes), "little")
+    if length > _NPY_HEADER_MAX:
+        raise ValueError(f"its header is {length} bytes long, at most {_NPY_HEADER_MAX} are accepted")
+    f.seek(here)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)

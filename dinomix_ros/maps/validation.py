@@ -21,6 +21,8 @@ from dinomix_ros.maps.errors import MapError, MapMismatchError
 
 __all__ = [
     "BAD_CHAR_RE",
+    "MAX_JSON_DEPTH",
+    "MAX_TEXT_CHARS",
     "NORM_TOLERANCE",
     "QUAT_TOLERANCE",
     "STORAGE_DTYPES",
@@ -34,9 +36,13 @@ __all__ = [
     "check_fingerprint",
     "check_index_kind",
     "check_json",
+    "check_metadata",
     "check_same_model",
+    "check_unit_rows",
     "dtype_name",
     "empty_columns",
+    "json_nesting",
+    "short_repr",
 ]
 
 #: Descriptor storage dtypes by name: always little-endian, whatever the machine (the .npy files say so too).
@@ -47,6 +53,13 @@ STORAGE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 NORM_TOLERANCE = 1e-2
 #: Allowed deviation of a known orientation quaternion's norm from 1.
 QUAT_TOLERANCE = 1e-3
+
+#: Deepest JSON nesting (objects and arrays) in a manifest and its metadata: far above what maps use (about 6), far
+#: below what could exhaust the parser's recursion.
+MAX_JSON_DEPTH = 32
+#: Longest text cell (camera, frame id, UTM band, source) of a keyframe, in characters: a source is a path or topic
+#: (PATH_MAX is 4096 bytes); well below the csv module's default field limit, so a longer cell is a clear refusal.
+MAX_TEXT_CHARS = 8192
 
 #: Control characters and lone surrogates: refused in every string column (they would break the CSV or UTF-8).
 BAD_CHAR_RE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
@@ -66,13 +79,63 @@ def dtype_name(storage_dtype: Any) -> str:
     return name
 
 
-def check_json(value: Any, what: str, exc_type: type[MapError]) -> None:
-    """Raise ``exc_type`` unless ``value`` is plain JSON (no NaN, no objects); ``what`` names it in the message."""
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages stay one short line whatever a hostile file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of dicts and lists in ``value`` (0 for a scalar), without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_nesting(raw: bytes) -> int:
+    """Deepest ``[``/``{`` nesting in the JSON text ``raw`` (strings skipped), measured before parsing it."""
+    brackets = np.frombuffer(_JSON_STRING_RE.sub(b"", raw), dtype=np.uint8)
+    step = (brackets == ord("[")).astype(np.int32) + (brackets == ord("{"))
+    step -= (brackets == ord("]")).astype(np.int32) + (brackets == ord("}"))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def check_json(value: Any, what: str, exc_type: type[MapError], max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raise ``exc_type`` unless ``value`` is plain JSON that a manifest can hold; ``what`` names it in the message.
+
+    Plain: dicts with str keys, lists, str (valid UTF-8: no lone surrogates), int, finite float, bool, None, nested at
+    most ``max_depth`` deep.
+    """
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise exc_type(f"{what} nests {depth} levels deep, at most {max_depth} are allowed")
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise exc_type(f"{what} is not plain JSON ({exc}); use dicts, lists, str, int, finite float, bool, None") \
-            from None
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError (lone surrogate) is a ValueError
+        raise exc_type(f"{what} is not plain JSON ({short_repr(str(exc))}); use dicts, lists, str, int, finite "
+                       "float, bool, None") from None
+
+
+def check_metadata(metadata: Any, what: str, exc_type: type[MapError]) -> None:
+    """Raise ``exc_type`` unless ``metadata`` is a plain-JSON dict whose known keys have their documented types.
+
+    Free-form otherwise; ``calibration`` (written by ``dinomix map eval --calibrate``, read by the node and the CLI)
+    must be an object when present.
+    """
+    if not isinstance(metadata, dict):
+        raise exc_type(f"{what} must be a dict, got {type(metadata).__name__}")
+    check_json(metadata, what, exc_type, MAX_JSON_DEPTH - 1)  # the manifest holds it one level down
+    calibration = metadata.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise exc_type(f"{what}['calibration'] is {short_repr(calibration)}, expected an object (as written by "
+                       "`dinomix map eval --calibrate`) or no such key")
 
 
 def check_fingerprint(fp: Any, what: str, exc_type: type[MapError]) -> None:
@@ -83,7 +146,8 @@ def check_fingerprint(fp: Any, what: str, exc_type: type[MapError]) -> None:
         value = fp.get(key)
         ok = (type(value) is int and value > 0) if kind is int else (isinstance(value, str) and value != "")
         if not ok:
-            raise exc_type(f"{what}[{key!r}] is {value!r}, expected a {'positive int' if kind is int else 'string'}; "
+            raise exc_type(f"{what}[{key!r}] is {short_repr(value)}, expected a "
+                           f"{'positive int' if kind is int else 'string'}; "
                            f"a fingerprint needs {sorted(FINGERPRINT_KEYS)} (from the model that made the "
                            "descriptors)")
     check_json(fp, what, exc_type)
@@ -110,18 +174,31 @@ def check_descriptors(descriptors: Any, dim: int) -> np.ndarray:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise MapError(f"descriptors have shape {np.shape(descriptors)}, expected (N, {dim}) for this map's model")
-    x = arr.astype(np.float32) if arr.dtype.itemsize < 4 else arr  # fp16 squares of 4096 terms may lose precision
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        raise MapError(f"descriptor row {int(np.flatnonzero(~finite)[0])} contains NaN or inf; the encoder failed on "
-                       "that image, drop it")
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    bad = np.abs(norms - 1.0) > NORM_TOLERANCE
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise MapError(f"descriptor row {i} has L2 norm {norms[i]:.4g}, expected 1 +- {NORM_TOLERANCE}: L2-normalise "
-                       "descriptors before adding them (x / np.linalg.norm(x, axis=1, keepdims=True))")
+    check_unit_rows(arr, lambda i: f"descriptor row {i}", MapError,
+                    hint="; L2-normalise descriptors before adding them (x / np.linalg.norm(x, axis=1, keepdims=True)),"
+                         " and drop rows the encoder failed on (NaN)")
     return arr
+
+
+def check_unit_rows(arr: np.ndarray, where: Callable[[int], str], exc_type: type[MapError], *, hint: str = "",
+                    block_rows: int = 16384) -> None:
+    """Raise ``exc_type`` naming the first row of the 2-D float ``arr`` that is non-finite or not of unit L2 norm.
+
+    Works through ``arr`` in blocks of ``block_rows`` (a memory-mapped map is not copied whole); ``where(i)`` names
+    row i in the message and ``hint`` ends it.
+    """
+    for start in range(0, arr.shape[0], block_rows):
+        x = np.asarray(arr[start:start + block_rows])
+        x = x.astype(np.float32) if x.dtype.itemsize < 4 else x  # fp16 squares of 4096 terms may lose precision
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            raise exc_type(f"{where(start + int(np.flatnonzero(~finite)[0]))} contains NaN or inf{hint}")
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise exc_type(f"{where(start + i)} has L2 norm {norms[i]:.4g}, expected 1 +- {NORM_TOLERANCE} "
+                           f"(descriptors are unit vectors){hint}")
 
 
 def as_int_column(value: Any, n: int, name: str) -> np.ndarray:
@@ -197,9 +274,15 @@ def check_columns(c: dict[str, np.ndarray], where: Callable[[int], str], exc_typ
         raise exc_type(f"{where(i)}: stamps_ns {c['stamps_ns'][i]} is negative")
     for col in ("cameras", "frame_ids", "utm_bands", "sources"):
         values = c[col]
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        if (lengths > MAX_TEXT_CHARS).any():
+            i = first(lengths > MAX_TEXT_CHARS)
+            raise exc_type(f"{where(i)}: {col} value is {lengths[i]} characters long, at most {MAX_TEXT_CHARS} are "
+                           "allowed")
         if BAD_CHAR_RE.search("".join(values)):  # one scan; locate the row only on failure
             i = next(i for i, s in enumerate(values) if BAD_CHAR_RE.search(s))
-            raise exc_type(f"{where(i)}: {col} value {values[i]!r} contains a control character or lone surrogate; "
+            raise exc_type(f"{where(i)}: {col} value {short_repr(values[i])} contains a control character or lone "
+                           "surrogate; "
                            "use printable UTF-8 text")
         if col in ("cameras", "frame_ids") and (values == "").any():
             raise exc_type(f"{where(first(values == ''))}: {col} is empty; every keyframe needs a camera name and a "

@@ -208,10 +208,13 @@ def _torch_load(path: Path) -> object:
 
 
 def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch's (multi-line, advice-laden) refusal that says what was refused, e.g. "Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked." (torch's advice to load unsafely is dropped)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error" in line:
-            return " ".join(lines[i:i + 2])
+    for key in ("GLOBAL", "Unsupported", "WeightsUnpickler error"):
+        for line in lines:
+            if key in line and not line.startswith("Please file an issue"):
+                return line.split(" Please ")[0]
     return lines[0] if lines else type(exc).__name__
 
 
@@ -240,8 +243,10 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str, d
         CheckpointError: unreadable or not a state dict.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointNotFoundError(f"weights file {path} does not exist")
+    if not path.is_file():  # never opened: a FIFO would block, a device never end
+        raise CheckpointError(f"{path} is not a regular file (a directory, FIFO or device?); pass the weights file")
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):

@@ -182,7 +182,7 @@ class Encoder:
     # ---------------------------------------------------------------------------------------------------------------
     def prepare(self, image: ImageInput, encoding: str | None = None) -> np.ndarray:
         """Decode (bytes, paths) and resize one image to (224, 224, 3) uint8 RGB; thread-safe, model-free."""
-        return resize_to_input(*load_input(image, encoding), range16=self.image.range16)
+        return resize_to_input(*load_input(image, encoding, self.image.max_pixels), range16=self.image.range16)
 
     @torch.inference_mode()
     def describe_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

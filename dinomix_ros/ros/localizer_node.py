@@ -383,7 +383,7 @@ class LocalizerNode(LifecycleNode):
         started_at = time.monotonic()
         stamp_ns = header_stamp_ns(msg, fallback_ns=self.get_clock().now().nanoseconds)
         try:
-            descriptor = self.encoder.describe_one(*decode_image_msg(msg))
+            descriptor = self.encoder.describe_one(*decode_image_msg(msg, self.encoder.image.max_pixels))
         except ImageDecodeError as exc:
             self._counters["bad_images"] += 1
             self.get_logger().warning(f"{camera}: bad image skipped: {exc}", throttle_duration_sec=5.0)

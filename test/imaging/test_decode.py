@@ -10,10 +10,13 @@ from PIL import Image
 from dinomix_ros.imaging.decode import (
     RAW_ENCODINGS,
     ImageDecodeError,
+    ImageTooLargeError,
     UnsupportedEncodingError,
+    compressed_image_size,
     decode_compressed,
     decode_image_msg,
     image_from_buffer,
+    max_file_bytes,
     read_image_file,
 )
 
@@ -89,7 +92,7 @@ def test_truncated_corrupt_and_foreign_bytes_are_refused(data_dir) -> None:
         decode_compressed(jpeg[: len(jpeg) // 2])
     corrupt = bytearray(jpeg)
     corrupt[2:400] = b"\x00" * 398  # wipe the headers, keep SOI and EOI
-    with pytest.raises(ImageDecodeError, match="corrupt data"):
+    with pytest.raises(ImageDecodeError, match="before its frame header: truncated or corrupt"):
         decode_compressed(bytes(corrupt))
     with pytest.raises(ImageDecodeError, match="neither JPEG nor PNG"):
         decode_compressed(b"GIF89a" + b"\x00" * 20)
@@ -130,3 +133,99 @@ def test_jpeg_padded_with_zeros_after_the_end_marker_decodes(data_dir) -> None:
     jpeg = (data_dir / "rtabmap_corridor" / "samples" / "4.jpg").read_bytes()
     image, _ = decode_compressed(jpeg + bytes(2000))
     np.testing.assert_array_equal(image, decode_compressed(jpeg)[0])
+
+
+# ---------------------------------------------------------------------- limits (issue 8: decoding is bounded)
+
+
+def _png(width: int, height: int, bit_depth: int = 8, color_type: int = 2) -> bytes:
+    """A PNG that only declares its size (IHDR), with a few bytes of pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
+            + chunk(b"IEND", b""))
+
+
+def test_header_sizes_match_what_the_decoder_makes(data_dir, rng: np.random.Generator) -> None:
+    for path in sorted((data_dir / "rtabmap_corridor" / "samples").glob("*.jpg"))[:5]:
+        data = path.read_bytes()
+        image, _ = decode_compressed(data)
+        assert compressed_image_size(data) == (image.shape[1], image.shape[0])
+    for shape, dtype in (((37, 53), np.uint8), ((20, 31, 3), np.uint16), ((9, 8, 4), np.uint8)):
+        image = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+        for ext in (".png", ".jpg") if dtype == np.uint8 else (".png",):
+            ok, enc = cv2.imencode(ext, image)
+            assert compressed_image_size(enc.tobytes()) == (shape[1], shape[0]), ext
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(data_dir, tmp_path) -> None:
+    from sensor_msgs.msg import CompressedImage, Image as ImageMsg
+
+    bomb = _png(30000, 30000, bit_depth=16, color_type=6)  # 7.2 GB if decoded
+    with pytest.raises(ImageTooLargeError, match=r"30000x30000 = 900.0 MP, more than the limit of 50 MP"):
+        decode_compressed(bomb)
+    jpeg = (data_dir / "rtabmap_corridor" / "samples" / "2.jpg").read_bytes()
+    width, height = compressed_image_size(jpeg)
+    assert decode_compressed(jpeg, max_pixels=width * height)[0].shape[:2] == (height, width)  # the limit is inclusive
+    with pytest.raises(ImageTooLargeError, match="max_pixels = 1000"):
+        decode_compressed(jpeg, max_pixels=1000)
+    with pytest.raises(ImageTooLargeError):  # raw: from height * width, before the (short) buffer is even looked at
+        image_from_buffer(b"\x00" * 16, 2**20, 2**20, "mono8", 2**20)
+    msg = ImageMsg(height=40, width=50, encoding="mono8", step=50, data=bytes(2000))
+    assert decode_image_msg(msg, max_pixels=2000)[0].shape == (40, 50)
+    with pytest.raises(ImageTooLargeError):
+        decode_image_msg(msg, max_pixels=1999)
+    with pytest.raises(ImageTooLargeError):
+        decode_image_msg(CompressedImage(format="png", data=bomb))
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):
+        read_image_file(tmp_path / "bomb.png")
+    big = tmp_path / "big.bin"  # larger than any image within the limit could be: refused without reading it
+    with open(big, "wb") as f:
+        f.truncate(max_file_bytes(100) + 1)
+    with pytest.raises(ImageTooLargeError, match="more than any image"):
+        read_image_file(big, max_pixels=100)
+
+
+def test_other_containers_are_checked_by_their_header_or_their_byte_size(tmp_path, rng: np.random.Generator) -> None:
+    image = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.bmp"), image)
+    np.testing.assert_array_equal(read_image_file(tmp_path / "a.bmp", max_pixels=1200)[0], image)
+    with pytest.raises(ImageTooLargeError, match="40x30"):  # Pillow read the BMP header
+        read_image_file(tmp_path / "a.bmp", max_pixels=1199)
+    cv2.imwrite(str(tmp_path / "a.hdr"), image.astype(np.float32) / 255)  # Radiance HDR: Pillow has no reader
+    size = (tmp_path / "a.hdr").stat().st_size
+    with pytest.raises(ImageDecodeError, match="channels of float32"):  # within the byte bound: OpenCV decodes it
+        read_image_file(tmp_path / "a.hdr", max_pixels=size)
+    with pytest.raises(ImageTooLargeError, match="size cannot be read before decoding"):
+        read_image_file(tmp_path / "a.hdr", max_pixels=size - 1)
+
+
+def test_a_truncated_jpeg_with_an_end_marker_is_refused(data_dir) -> None:
+    jpeg = (data_dir / "rtabmap_corridor" / "samples" / "2.jpg").read_bytes()
+    for cut in (0.3, 0.6, 0.95):
+        with pytest.raises(ImageDecodeError, match="filled the missing part with grey"):
+            decode_compressed(jpeg[: int(len(jpeg) * cut)] + b"\xff\xd9")
+    grey = np.full((32, 48, 3), 128, np.uint8)  # a uniformly grey image is not mistaken for a fill
+    ok, enc = cv2.imencode(".jpg", grey)
+    np.testing.assert_array_equal(decode_compressed(enc.tobytes())[0], grey)
+
+
+def test_16_bit_images_reduce_to_8_bit_without_widening(rng: np.random.Generator, monkeypatch) -> None:
+    """Bit-identical to the integer formula, computed per row block (no uint32/float32 copy of the image)."""
+    from dinomix_ros.imaging import preprocess
+
+    image = rng.integers(0, 65535, (301, 7, 3), endpoint=True).astype(np.uint16)
+    image[0, 0] = [0, 65535, 32896]
+    monkeypatch.setattr(preprocess, "_BLOCK_ELEMENTS", 50)  # many blocks, one partial
+    full = preprocess._to_8bit(image, "full")
+    np.testing.assert_array_equal(full, ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
+    lo, hi = int(image.min()), int(image.max())
+    minmax = np.rint((image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1))).astype(np.uint8)
+    np.testing.assert_array_equal(preprocess._to_8bit(image, "minmax"), minmax)
+    assert full.dtype == np.uint8 and full.flags.c_contiguous

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -37,7 +38,7 @@ from dinomix_ros.maps.keyframes import (
     MapNotFoundError,
 )
 from dinomix_ros.maps import storage
-from dinomix_ros.maps.manifest import read_manifest
+from dinomix_ros.maps.manifest import SEAL_KEY, manifest_bytes, manifest_seal, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_DIR = Path(__file__).resolve().parent
@@ -48,7 +49,8 @@ def manifest_of(path: Path) -> dict:
 
 
 def rewrite_manifest(path: Path, manifest: dict) -> None:
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=2), "utf-8")
+    """Replace the manifest, sealed again: only the checks behind the seal can catch what the test changed."""
+    (path / "manifest.json").write_bytes(manifest_bytes(manifest))
 
 
 def refresh_record(path: Path, rec: dict) -> None:
@@ -316,6 +318,121 @@ def test_newer_version_and_foreign_manifests_are_refused(tmp_path: Path, rng: np
     (tmp_path / "m" / "manifest.json").write_text('{"format": ', "utf-8")
     with pytest.raises(MapFormatError, match="not valid UTF-8 JSON"):
         KeyframeMap.load(tmp_path / "m")
+
+
+def test_the_manifest_is_sealed_and_unsealed_legacy_manifests_still_load(
+        tmp_path: Path, rng: np.random.Generator, caplog: pytest.LogCaptureFixture) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    man = manifest_of(tmp_path / "m")
+    assert man[SEAL_KEY] == manifest_seal(man)
+    for edit in (("metadata", "name"), ("fingerprint", "architecture"), ("created",)):  # any field, not only the id
+        edited = json.loads(json.dumps(man))
+        target = edited
+        for key in edit[:-1]:
+            target = target[key]
+        target[edit[-1]] = "edited by hand"
+        (tmp_path / "m" / "manifest.json").write_text(json.dumps(edited), "utf-8")
+        with pytest.raises(MapFormatError, match="was changed after it was written"):
+            KeyframeMap.load(tmp_path / "m")
+    # A manifest written before seals existed (no key) loads, says so, and the next save seals it.
+    legacy = {k: v for k, v in man.items() if k != SEAL_KEY}
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(legacy, indent=2), "utf-8")
+    with caplog.at_level(logging.WARNING, logger="dinomix_ros.maps.manifest"):
+        loaded = KeyframeMap.load(tmp_path / "m")
+    assert "has no manifest_sha256" in caplog.text
+    assert_same_map(m, loaded)
+    loaded.add(unit(rng, 1), stamps_ns=[1], cameras="front", frame_ids="map")
+    loaded.save(tmp_path / "m")  # appends: the unsealed manifest was the committed state
+    assert manifest_of(tmp_path / "m")[SEAL_KEY] == manifest_seal(manifest_of(tmp_path / "m"))
+    assert [c["rows"] for c in read_manifest(tmp_path / "m")["files"]["descriptors"]] == [12, 1]
+
+
+def test_only_regular_files_are_opened_never_through_links(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    chunk = tmp_path / "m" / "descriptors.g000001.npy"
+    outside = tmp_path / "outside.npy"
+    outside.write_bytes(chunk.read_bytes())  # identical content: only the link is wrong
+    chunk.unlink()
+    chunk.symlink_to(outside)
+    with pytest.raises(MapFormatError, match="descriptors.g000001.npy is a symbolic link"):
+        KeyframeMap.load(tmp_path / "m")
+    chunk.unlink()
+    os.mkfifo(chunk)  # opening a FIFO for reading blocks until a writer comes: it must never be opened
+    t0 = time.monotonic()
+    with pytest.raises(MapFormatError, match="descriptors.g000001.npy is a FIFO"):
+        KeyframeMap.load(tmp_path / "m")
+    assert time.monotonic() - t0 < 10
+    manifest = tmp_path / "m" / "manifest.json"
+    shutil.copy(manifest, tmp_path / "manifest-copy.json")
+    manifest.unlink()
+    manifest.symlink_to(tmp_path / "manifest-copy.json")
+    with pytest.raises(MapFormatError, match="manifest.json is a symbolic link"):
+        read_manifest(tmp_path / "m")
+
+
+def test_a_lock_file_that_is_not_a_regular_file_refuses_the_save(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    lock = tmp_path / "m" / ".lock"
+    lock.unlink()
+    lock.symlink_to(tmp_path / "created-outside")  # dangling: O_CREAT through it would create a file out there
+    m.add(unit(rng, 1), stamps_ns=[1], cameras="front", frame_ids="map")
+    with pytest.raises(MapError, match=r"\.lock is not a regular file"):
+        m.save(tmp_path / "m")
+    assert not os.path.lexists(tmp_path / "created-outside")
+    lock.unlink()
+    os.mkfifo(lock)
+    with pytest.raises(MapError, match=r"\.lock is not a regular file"):
+        m.save(tmp_path / "m", lock_timeout_s=1.0)
+    lock.unlink()
+    m.save(tmp_path / "m")  # nothing was lost: the keyframe added before the refusals is saved now
+    assert len(KeyframeMap.load(tmp_path / "m")) == 13
+
+
+def test_descriptors_that_are_not_unit_vectors_are_refused_on_load(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    m.add(unit(rng, 3), stamps_ns=[1, 2, 3], cameras="front", frame_ids="map")
+    m.save(tmp_path / "m")  # two chunks: the message gives the chunk row and the map row
+    man = manifest_of(tmp_path / "m")
+    rec = man["files"]["descriptors"][1]
+    chunk = tmp_path / "m" / rec["file"]
+    d = np.load(chunk)
+    for value, message in ((3.0, r"row 1 \(map row 13\) has L2 norm [\d.]+, expected 1 \+- 0.01"),
+                           (np.nan, r"row 1 \(map row 13\) contains NaN or inf")):
+        bad = d.copy()
+        bad[1] *= value
+        np.save(chunk, bad)
+        refresh_record(tmp_path / "m", rec)
+        rewrite_manifest(tmp_path / "m", man)
+        with pytest.raises(MapFormatError, match=message):
+            KeyframeMap.load(tmp_path / "m")
+        KeyframeMap.load(tmp_path / "m", verify=False)  # documented: verify=False checks sizes and headers only
+
+
+def test_hostile_sizes_are_refused_with_one_line(tmp_path: Path, rng: np.random.Generator) -> None:
+    m, _ = full_map(rng)
+    m.save(tmp_path / "m")
+    man = manifest_of(tmp_path / "m")
+    deep = json.dumps(man).replace('"metadata": {', '"metadata": {"x": ' + "[" * 50_000 + "]" * 50_000 + ", ", 1)
+    (tmp_path / "m" / "manifest.json").write_text(deep, "utf-8")
+    with pytest.raises(MapFormatError, match="nests 50002 levels deep, at most 32 are allowed"):
+        KeyframeMap.load(tmp_path / "m")
+    with pytest.raises(MapError, match="nests 41 levels deep, at most 31"):  # a save never writes what load refuses
+        KeyframeMap.empty(fingerprint(), metadata={"x": json.loads("[" * 40 + "]" * 40)})
+    rewrite_manifest(tmp_path / "m", man)
+    table = tmp_path / "m" / man["files"]["keyframes"]["file"]
+    lines = table.read_text("utf-8").splitlines(keepends=True)
+    for edited, message in ((lines[:2] + ["x" * 200_000 + "\n"] + lines[2:], "field larger than field limit"),
+                            (lines + lines[1:] * 1000, "more than the 12 keyframe rows")):
+        table.write_text("".join(edited), "utf-8")
+        refresh_record(tmp_path / "m", man["files"]["keyframes"])
+        rewrite_manifest(tmp_path / "m", man)
+        with pytest.raises(MapFormatError, match=message) as caught:
+            KeyframeMap.load(tmp_path / "m")
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
 
 
 def test_missing_map_is_not_found(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dinomix_ros.imaging.decode import decode_image_msg
+from dinomix_ros.imaging.decode import DEFAULT_MAX_PIXELS, decode_image_msg
 from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, PoseSample, kind_of_msgtype, pose_from_msg
 from dinomix_ros.maps.sources.poses import PoseTrack
@@ -203,9 +203,9 @@ class BagImage:
     frame_id: str
     msg: object
 
-    def decode(self) -> tuple[np.ndarray, str]:
-        """(array, encoding); raises ImageDecodeError for a bad message."""
-        return decode_image_msg(self.msg)
+    def decode(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+        """(array, encoding); raises ImageDecodeError for a bad message or one of more than ``max_pixels`` pixels."""
+        return decode_image_msg(self.msg, max_pixels)
 
 
 def iter_images(path: str | Path, topics: Sequence[str]) -> Iterator[BagImage]:
