@@ -20,51 +20,65 @@ __all__ = ["OK", "WARN", "ERROR", "HealthMonitor", "StampGaps"]
 
 OK, WARN, ERROR = 0, 1, 2
 _LATENCY_WINDOW = 200  # frames the percentiles are taken over
-_GAP_FACTOR = 1.5  # a stamp gap over this many median periods means frames were lost before the node
-_MIN_PERIODS = 5  # periods seen before gaps are judged
-_PERIOD_WINDOW = 30
+_MIN_PERIODS = 3  # gaps seen before a camera's period is trusted
+_PERIOD_WINDOW = 50  # gaps of a camera its period is taken over
 LOSS_WARN_FRACTION = 0.05  # estimated input loss above which /diagnostics warns
 
 
 class StampGaps:
     """Camera frames that never reached the node, estimated from gaps in their header stamps.
 
-    A camera publishes at a steady rate; a gap longer than 1.5 median periods between consecutive stamps received
-    means ``round(gap / median) - 1`` frames were lost on the way (by the transport, or by a subscription queue that
-    overflowed). Stamps going back (a replay starting over) restart the camera's estimate. Thread-safe.
+    A camera publishes at a steady rate, so its period is about the smallest gap between consecutive stamps that
+    arrive (the median would not do: with half the frames lost, the typical gap is two periods). Each gap then hides
+    ``round(gap / period) - 1`` lost frames (lost by the transport, or by an overflowing subscription queue). The
+    period is taken over the last gaps of each camera and gaps are judged once they leave that window, so the
+    estimate is also right for the first frames. Stamps going back (a replay starting over) restart the camera.
+    Thread-safe.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
-        self._periods: dict[str, deque[int]] = {}
+        self._gaps: dict[str, deque[int]] = {}
+        self._judged = 0  # lost frames of gaps that left the window
         self.received = 0
-        self.lost = 0
 
     def add(self, camera: str, stamp_ns: int) -> None:
         with self._lock:
             self.received += 1
             last = self._last.get(camera)
             self._last[camera] = stamp_ns
-            if last is None or stamp_ns <= last:
-                if last is not None and stamp_ns < last:
-                    self._periods.pop(camera, None)
+            if last is None or stamp_ns == last:
                 return
-            periods = self._periods.setdefault(camera, deque(maxlen=_PERIOD_WINDOW))
-            gap = stamp_ns - last
-            if len(periods) >= _MIN_PERIODS:
-                median = float(np.median(periods))
-                if gap > _GAP_FACTOR * median:
-                    self.lost += max(int(round(gap / median)) - 1, 0)
-                    return  # a gap is not a period
-            periods.append(gap)
+            if stamp_ns < last:
+                self._judged += self._lost_in(self._gaps.pop(camera, deque()))
+                return
+            gaps = self._gaps.setdefault(camera, deque())
+            gaps.append(stamp_ns - last)
+            if len(gaps) > _PERIOD_WINDOW:
+                period = min(gaps)
+                self._judged += max(int(round(gaps.popleft() / period)) - 1, 0)
+
+    @staticmethod
+    def _lost_in(gaps: deque[int]) -> int:
+        if len(gaps) < _MIN_PERIODS:
+            return 0  # too few gaps to know the period
+        period = min(gaps)
+        return sum(max(int(round(g / period)) - 1, 0) for g in gaps)
+
+    @property
+    def lost(self) -> int:
+        """Estimated frames lost so far."""
+        with self._lock:
+            return self._judged + sum(self._lost_in(g) for g in self._gaps.values())
 
     @property
     def loss_fraction(self) -> float:
         """Estimated share of the cameras' frames that never arrived."""
+        lost = self.lost
         with self._lock:
-            total = self.received + self.lost
-            return self.lost / total if total else 0.0
+            total = self.received + lost
+        return lost / total if total else 0.0
 
 
 class HealthMonitor:

@@ -53,6 +53,8 @@ def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None) -
     profile = fastdds_profile()
     if profile is not None:
         env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
+    if not env.get("FASTDDS_DEFAULT_PROFILES_FILE"):  # set empty: Fast DDS's default transports
+        env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
     if (_REPO / "dinomix_ros").is_dir():  # running from the source tree: make the package importable
         env["PYTHONPATH"] = str(_REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -183,3 +183,22 @@ def test_health_report_levels() -> None:
     assert values["latency_p50_ms"] == pytest.approx(200.0) and values["frames_dropped"] == 2
     level, message, _ = health.report(FrameCounts(10, 2, 8), 8, {"bad_images": 3}, {"map_keyframes": 5}, {}, True)
     assert message == "3 bad images skipped"
+
+
+def test_stamp_gaps_estimate_lost_frames() -> None:
+    from dinomix_ros.localization.health import StampGaps
+
+    rng = np.random.default_rng(0)
+    period = NS // 30
+    arrived = np.flatnonzero(rng.random(300) > 0.7)  # 70 % lost in transit, from the first frame on
+    gaps = StampGaps()
+    for k in arrived:
+        gaps.add("cam", T0 + int(k) * period + int(rng.integers(-period // 20, period // 20)))  # 5 % jitter
+    truly_lost = int(arrived[-1] - arrived[0] + 1 - arrived.size)
+    assert gaps.received == arrived.size
+    assert abs(gaps.lost - truly_lost) <= 0.05 * truly_lost, (gaps.lost, truly_lost)
+    steady = StampGaps()
+    for k in range(100):
+        steady.add("cam", T0 + k * period)
+    steady.add("cam", T0)  # a replay starting over: no loss
+    assert steady.lost == 0 and steady.loss_fraction == 0.0
