@@ -21,6 +21,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import resource
+import signal
+import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -245,6 +251,11 @@ def read_faiss_index(buf: np.ndarray | bytes) -> tuple[Any, str, dict[str, Any]]
     buf = np.ascontiguousarray(buf)
     if buf.dtype != np.uint8 or buf.ndim != 1:
         raise IndexFormatError(f"buf must be a 1-D uint8 array or bytes, found {buf.dtype} {buf.shape}.")
+    if not _deserializes_within_memory(buf):
+        raise IndexFormatError(
+            f"the {buf.size}-byte faiss index asks for far more memory than its size when read (a damaged or crafted "
+            "file): refused; rebuild the index from the map's descriptors"
+        )
     try:
         index = faiss.deserialize_index(buf)
     except RuntimeError as e:
@@ -261,6 +272,44 @@ def read_faiss_index(buf: np.ndarray | bytes) -> tuple[Any, str, dict[str, Any]]
         )
     kind, params = _kind_and_params(index)
     return index, kind, params
+
+
+def _deserializes_within_memory(buf: np.ndarray, timeout_s: float = 120.0) -> bool:
+    """Whether faiss can read ``buf`` without allocating much more than its size: tried first in a forked child
+    whose address space is capped at its current size + 2 x the blob + 256 MiB.
+
+    faiss trusts the sizes written in the file: a blob of a few KB can declare gigabytes of codes, and reading it
+    in the node would allocate them (and get the node killed). Where fork or the cap is not available (not Linux),
+    the check is skipped.
+    """
+    if not hasattr(os, "fork") or not Path("/proc/self/status").is_file():
+        return True
+    vm_size = next((int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:")), 0)
+    cap = vm_size + 2 * buf.nbytes + (256 << 20)
+    with warnings.catch_warnings():  # the child only reads the blob and exits: no lock of another thread is needed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: 0 read, 2 not a faiss index (the caller reports it), 3 out of memory
+        code = 3
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            faiss.deserialize_index(buf)
+            code = 0
+        except RuntimeError as exc:
+            code = 3 if "alloc" in str(exc) or "memory" in str(exc).lower() else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) in (0, 2)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return False
+        time.sleep(0.01)
 
 
 def _kind_and_params(index: Any) -> tuple[str, dict[str, Any]]:
