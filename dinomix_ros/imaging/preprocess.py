@@ -63,7 +63,8 @@ class ImageConfig:
     SETTINGS_GROUP: ClassVar[str] = "cameras"
 
     range16: str = setting("full", "how 16-bit images (mono16, bayer*16, rgb16) become 8-bit: full (0..65535) or "
-                                   "minmax (stretch each image; for 12-bit or thermal cameras)", choices=RANGE16_MODES)
+                                   "minmax (stretch each image; for 12-bit or thermal cameras)", choices=RANGE16_MODES,
+                           reconfigure=True)
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (width x height), checked "
                                                   "before decoding (JPEG/PNG headers, raw height x width); larger "
                                                   "images are skipped as bad", min=1, max=2**31 - 1,
