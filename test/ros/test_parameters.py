@@ -92,7 +92,7 @@ def test_validation_refuses_non_finite_absurd_and_malformed_values(name: str, va
 
 def test_node_settings_build_every_object_from_defaults() -> None:
     s = NodeSettings.from_values({n: e.default for n, e in PARAMETERS.items()})
-    assert s.matcher == MatcherConfig() and s.cameras.topics == ("/camera/image_raw",)
+    assert s.matcher == MatcherConfig() and s.cameras.topics == ("camera/image_raw",)
     assert build(MatcherConfig, {"matching.top_k": 9}).top_k == 9
     with pytest.raises(SettingError, match="model.checkpoint and model.random_weights are both set"):
         NodeSettings.from_values({**{n: e.default for n, e in PARAMETERS.items()},
