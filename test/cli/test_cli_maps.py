@@ -68,9 +68,10 @@ def test_bag_topics_build_append_eval_and_calibrate(tmp_path: Path, capsys: pyte
     # Every frame as a query; with a 0.1 m radius only the three keyframes have a positive: themselves.
     eval_dir = tmp_path / "eval"
     summary = run_json(capsys, "map", "eval", "--map", out, "--bag", bag.path, "--image-topic", "/camera/image_raw",
-                       "--pose-topic", "/odom", "--radius-m", "0.1", "--out", eval_dir, "--calibrate", out, *MODEL)
-    assert summary["recall"] == {"recalls": {"1": 1.0, "5": 1.0, "10": 1.0, "20": 1.0}, "num_queries": 3,
-                                 "num_without_positives": 3}
+                       "--pose-topic", "/odom", "--radius-m", "0.1", "--out", eval_dir, "--calibrate", out,
+                       "--min-positives", "3", *MODEL)
+    # 3 keyframes: only R@1 says something (R@5 and above would hold the whole map)
+    assert summary["recall"] == {"recalls": {"1": 1.0}, "num_queries": 3, "num_without_positives": 3}
     assert summary["note"] == "random weights: scores are meaningless" and summary["num_queries"] == 6
     full = json.loads((eval_dir / "report.json").read_text())
     assert full["frame"] == "odom" and full["skipped"]["no_pose"] == 0
@@ -80,6 +81,7 @@ def test_bag_topics_build_append_eval_and_calibrate(tmp_path: Path, capsys: pyte
     assert threshold is not None and threshold > 0.99  # the keyframes find themselves at ~1.0
     calibration = read_manifest(out)["metadata"]["calibration"]
     assert calibration["min_similarity"] == threshold and calibration["target_precision"] == 0.95
+    assert calibration["correct_matches"] == 3 and summary["calibration"]["min_positives"] == 3
     assert calibration["setup"] == "bag" and calibration["note"].startswith("random weights")
     assert calibration["report"] == str(eval_dir / "report.json")
     assert read_manifest(out)["files"]["index"]["kind"] == "faiss_hnsw_ip"  # calibrating kept the stored index
