@@ -139,15 +139,8 @@ def plot_pr_curve(
         if mark_threshold is not None:
             pt = curve.operating_point(mark_threshold)
             ax.plot([pt.recall], [pt.precision], marker="o", linestyle="none", color=line.get_color(),
-                    label=f"min_similarity {mark_threshold:.3f}: {pt.accepted} accepted")
-            ax.annotate(
-                f"min_similarity {mark_threshold:.3f}: precision {pt.precision:.2f}, recall {pt.recall:.2f}",
-                (pt.recall, pt.precision),
-                textcoords="offset points",
-                xytext=(5, -12),
-                fontsize=8,
-                color=line.get_color(),
-            )
+                    label=f"min_similarity {mark_threshold:.3f}: {pt.accepted} accepted, precision "
+                          f"{pt.precision:.2f}, recall {pt.recall:.2f}")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)

@@ -269,16 +269,18 @@ def check_ground_truth_inputs(database: Path, queries: Path, ground_truth: Path)
         FileNotFoundError / GroundTruthError / ValueError: a missing folder or file, or a ground truth whose counts
             or indices do not fit the folders.
     """
-    _ground_truth_inputs(database, queries, ground_truth)
+    _ground_truth_inputs(database, queries, ground_truth, warn=False)
 
 
-def _ground_truth_inputs(database: Path, queries: Path,
-                         ground_truth: Path) -> tuple[list[Path], list[Path], list[np.ndarray]]:
+def _ground_truth_inputs(database: Path, queries: Path, ground_truth: Path, *,
+                         warn: bool = True) -> tuple[list[Path], list[Path], list[np.ndarray]]:
+    """The images of both folders and the positives; ``warn``: say when natural and sorted order differ."""
     from dinomix_ros.maps.sources.imagefolder import list_images
 
     db_paths, q_paths = list_images(database), list_images(queries)
     positives = load_index_ground_truth(ground_truth, len(q_paths), len(db_paths))
-    for folder, paths in ((database, db_paths), (queries, q_paths)):
+    folders = {database: db_paths, queries: q_paths} if warn else {}  # one warning per folder
+    for folder, paths in folders.items():
         names = [str(p.relative_to(folder)) for p in paths]
         if names != sorted(names):  # e.g. 2.jpg, 10.jpg: natural order, which plain sorting would swap
             _logger.warning("%s: images are numbered in natural order (%s before %s), not in plain sorted order; "
@@ -321,7 +323,7 @@ def evaluate_folders_ground_truth(encoder: Any, database: Path, queries: Path, g
     db_ok, q_ok, q_rows, D, I = _search_folders(encoder, db_paths, q_paths, np.ones(len(q_paths), bool), database,
                                                 search_device, progress)
     positives = [all_positives[q] for q in q_rows]
-    recall, curve, correct = _score_search(D, I, positives, len(db_paths))
+    recall, curve, correct = _score_search(D, I, positives, int(db_ok.sum()))
     detail = [{
         "image": str(q_paths[q]),
         "query_index": int(q),

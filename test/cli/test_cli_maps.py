@@ -39,7 +39,7 @@ def test_build_info_query_from_a_folder(tmp_path: Path, corridor_subset: Path, c
     (query,) = result["queries"]
     best, *others = query["candidates"]
     assert (best["rank"], best["keyframe_id"], best["source"]) == (0, 2, str(corridor / "17.jpg"))
-    assert best["similarity"] == pytest.approx(1.0, abs=1e-3)  # float16 storage
+    assert best["similarity"] == pytest.approx(1.0, abs=1e-3) and best["similarity"] <= 1.0  # float16, clamped
     assert [c["rank"] for c in others] == [1, 2] and all(c["similarity"] < best["similarity"] for c in others)
     assert best["position"] is None and best["gps"] is None and result["note"].startswith("random weights")
 
@@ -128,3 +128,54 @@ def test_map_errors_exit_2_with_a_clear_message(tmp_path: Path, corridor_subset:
     assert f"{out} already holds a map; pass --append" in error(
         "map", "build", out, "--images", corridor, *MODEL)
     assert "no map at" in error("map", "info", tmp_path / "nothing.dinomap")
+
+
+def test_build_with_images_and_poses_from_two_bags(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    frames = photo_frames(6)
+    motion = Motion(velocity=(1.5, 0.0, 0.0))
+    camera = write_camera_bag(tmp_path / "camera", frames=frames, image_format="jpeg", motion=motion, pose_kind=None)
+    rest = write_camera_bag(tmp_path / "rest", frames=frames, image_topics=("/unused",), motion=motion,
+                            gps_topic="/gps/fix")
+    built = run_json(capsys, "map", "build", tmp_path / "two.dinomap", "--bag", camera.path, "--pose-bag", rest.path,
+                     "--image-topic", "/camera/image_raw", "--pose-topic", "/odom", "--gps-topic", "/gps/fix",
+                     *MODEL)
+    assert (built["report"]["images_seen"], built["report"]["added"], built["report"]["no_pose"]) == (6, 3, 0)
+    kmap = KeyframeMap.load(tmp_path / "two.dinomap")
+    np.testing.assert_allclose(kmap.positions[:, 0], [0.0, 0.6, 1.2], atol=1e-9)
+    assert set(kmap.utm_zones.tolist()) == {33}
+    build = read_manifest(tmp_path / "two.dinomap")["metadata"]["builds"][0]["config"]
+    assert (build["bag"], build["pose_bag"]) == (str(camera.path), str(rest.path))
+
+    def error(*argv: str | Path) -> str:
+        return run_error(capsys, caplog, *argv)
+
+    assert f"pose topic /odom is not in the bag {camera.path}" in error(
+        "map", "build", tmp_path / "one.dinomap", "--bag", camera.path, "--image-topic", "/camera/image_raw",
+        "--pose-topic", "/odom", *MODEL)
+    assert error("map", "build", tmp_path / "one.dinomap", "--images", tmp_path, "--pose-bag", rest.path,
+                 *MODEL) == "--pose-bag does not apply to --images (they are bag options)"
+
+
+def test_messages_about_files_that_are_not_what_was_asked(tmp_path: Path, corridor_subset: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    def error(*argv: str | Path) -> str:
+        return run_error(capsys, caplog, *argv)
+
+    image = corridor_subset / "1.jpg"
+    assert error("map", "info", image) == \
+        f"no map at {image}: it is a file, but a map is a directory holding manifest.json"  # its folder is no map
+    run_json(capsys, "map", "build", tmp_path / "m.dinomap", "--images", corridor_subset, "--geotags", "none", *MODEL)
+    assert error("map", "info", tmp_path / "m.dinomap" / "manifest.json").endswith(
+        f"(pass the map directory {tmp_path / 'm.dinomap'})")
+    nested = tmp_path / "nested"
+    (nested / "run1").mkdir(parents=True)
+    (nested / "run1" / "a.jpg").write_bytes(image.read_bytes())
+    message = error("map", "build", tmp_path / "n.dinomap", "--images", nested, *MODEL)
+    assert message.endswith(f"; sub-folders are not searched, and {nested / 'run1'} holds images: pass it")
+    assert "recursive" not in message
+    (tmp_path / "notes.ckpt").write_text("these are my notes\n")
+    assert error("model", "info", tmp_path / "notes.ckpt") == (
+        f"{tmp_path / 'notes.ckpt'} is not a weights file: it is a text file starting 'these are my notes'; expected "
+        "a PyTorch checkpoint (.ckpt/.pth written by torch.save) or a .safetensors file. Check the path")
