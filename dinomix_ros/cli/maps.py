@@ -60,8 +60,8 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
                             "gate per camera picks keyframes, which are described and stored with pose, GPS/UTM and "
                             "source; with --pose-bag the poses and GPS come from a second bag recorded at the same "
                             "time (header stamps of one clock). Folder: one keyframe per image (natural order), "
-                            "posed from its geotag (file "
-                            "name, CSV or EXIF); stamps are 0. Prints the build report as JSON.")
+                            "posed from its geotag (file name, CSV or EXIF); stamps are 0. Prints the build report "
+                            "as JSON.")
     add_command(actions, "info", _add_info_arguments, run=run_info,
                 summary="what a map holds (manifest only, no descriptors read)")
     add_command(actions, "topics", _add_topics_arguments, run=run_topics,

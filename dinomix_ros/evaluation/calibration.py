@@ -8,8 +8,8 @@ the map's ``metadata["calibration"]`` (an atomic save that keeps the stored inde
 A threshold means something only for the model that produced the scores, so the map must have been built by the
 evaluated model (:func:`check_same_model`). And it means something only when enough correct matches were accepted at
 it: a precision of 1.0 measured on one accepted match is no evidence. :class:`CalibrationConfig` declares that
-minimum (``--min-positives``, default 20); below it :func:`weak_evidence` says how many there were, the run warns,
-and the map is not calibrated (:func:`require_calibration`).
+minimum (``--min-positives``); below it :func:`weak_evidence` says how many there were, the run warns, and the
+map is not calibrated (:func:`require_calibration`).
 """
 
 from __future__ import annotations
