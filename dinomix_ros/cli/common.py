@@ -1,15 +1,23 @@
-"""What the ``dinomix`` commands share: the help formatter, subcommand parsers filled on first use, the model and bag
-flags, and the encoder the model flags describe.
+"""What the ``dinomix`` commands share: the help formatter, subcommand parsers filled on first use, options that may
+be given once, the model and bag flags, and the encoder the model flags describe.
 
 Flags that set a configuration value are declared by the setting (:func:`dinomix_ros.settings.add_flags`): the
 same name, default, limits and help as the node parameter. The settings classes live beside torch-importing code,
 so each subcommand adds its arguments only when it is parsed or its help is shown (:class:`CommandParser`):
 ``dinomix --help``, ``dinomix map info`` and ``dinomix map topics`` never import torch.
+
+An option that takes one value may be given once: given twice it is refused (:class:`StoreOnce`), never silently
+replaced by the last one. Options that collect values (``--image-topic``, ``--camera``) use all of them.
+
+Declaring the model flags imports torch (seconds), so a command that writes an output checks it first, from the raw
+arguments (``check_early`` of :func:`add_command`, helped by :func:`option_value`): a wrong ``--out`` is refused in
+well under a second, however many inputs follow.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +29,12 @@ if TYPE_CHECKING:  # imported where used: torch is slow to import
 
 __all__ = [
     "Formatter",
+    "StoreOnce",
     "CommandParser",
     "add_command",
+    "option_value",
     "refuse",
+    "show_progress",
     "add_model_flags",
     "make_encoder",
     "expand_images",
@@ -33,7 +44,39 @@ __all__ = [
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help with defaults shown and descriptions kept as written."""
+    """Help with defaults shown and descriptions kept as written.
+
+    A default is shown only when it says something: not for required options, options without a default (None) and
+    on/off switches (``store_true``).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or isinstance(action, argparse._StoreTrueAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class StoreOnce(argparse._StoreAction):
+    """``store``, except that the option may be given only once: a second value is a usage error, not a silent
+    replacement of the first (``--bag a --bag b`` would otherwise read only ``b``).
+
+    Args:
+        hint: said after the refusal, e.g. how to give two bags their distinct roles.
+        *args, **kwargs: as ``argparse._StoreAction``.
+    """
+
+    def __init__(self, *args: Any, hint: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given: dict[str, Any] = namespace.__dict__.setdefault("_given_once", {})
+        if self.dest in given:
+            parser.error(f"{option_string} was given twice ({given[self.dest]} and {values}); it takes one value"
+                         + (f": {self.hint}" if self.hint else ""))
+        given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -44,13 +87,19 @@ class CommandParser(argparse.ArgumentParser):
 
     Args:
         add_arguments: adds the parser's arguments (and subcommands); None when they are added directly.
+        check_early: called with the raw arguments before they are added and parsed (not for ``--help``), to refuse
+            an output before adding the arguments imports torch; raises ValueError (e.g. OutputPathError).
         *args, **kwargs: as :class:`argparse.ArgumentParser`.
     """
 
     def __init__(self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: Any) -> None:
+                 check_early: Callable[[list[str]], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._add_arguments = add_arguments
+        self._check_early = check_early
+        # Every single-value option of this parser and its groups is StoreOnce (groups share these registries).
+        self.register("action", None, StoreOnce)
+        self.register("action", "store", StoreOnce)
 
     def ensure_arguments(self) -> None:
         """Add the arguments now if they are not there yet."""
@@ -60,6 +109,11 @@ class CommandParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Sequence[str] | None = None,
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._check_early is not None and args is not None:
+            raw = list(args)
+            options = raw[:raw.index("--")] if "--" in raw else raw
+            if "-h" not in options and "--help" not in options:
+                self._check_early(raw)
         self.ensure_arguments()
         return super().parse_known_args(args, namespace)
 
@@ -73,8 +127,8 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-                *, summary: str, description: str | None = None,
-                run: Callable[[argparse.Namespace], int] | None = None) -> argparse.ArgumentParser:
+                *, summary: str, description: str | None = None, run: Callable[[argparse.Namespace], int] | None = None,
+                check_early: Callable[[list[str]], None] | None = None) -> argparse.ArgumentParser:
     """Register subcommand ``name``; ``add_arguments`` runs when it is parsed or its help is shown.
 
     Args:
@@ -84,15 +138,33 @@ def add_command(sub: argparse._SubParsersAction, name: str, add_arguments: Calla
         summary: one line for the parent's command list.
         description: the text at the top of its own ``--help``.
         run: the function that executes it (``args.func``); None for a command with subcommands of its own.
+        check_early: checks its outputs from the raw arguments before its flags are added (see
+            :class:`CommandParser`); ``run`` checks them again.
 
     Returns:
         The subcommand's parser.
     """
     parser = sub.add_parser(name, help=summary, description=description, formatter_class=Formatter,
-                            add_arguments=add_arguments)
+                            add_arguments=add_arguments, check_early=check_early)
     if run is not None:
         parser.set_defaults(func=run)
     return parser
+
+
+def option_value(raw: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` in raw arguments (``--out X`` or ``--out=X``, before any ``--``); None if absent.
+
+    For early checks only: an abbreviation of the flag is not recognised here (argparse resolves it later, and
+    ``run`` checks the value again).
+    """
+    for i, token in enumerate(raw):
+        if token == "--":
+            break
+        if token == flag and i + 1 < len(raw):
+            return raw[i + 1]
+        if token.startswith(flag + "="):
+            return token[len(flag) + 1:]
+    return None
 
 
 def refuse(args: argparse.Namespace, flags: dict[str, str], why: str) -> None:
@@ -104,6 +176,11 @@ def refuse(args: argparse.Namespace, flags: dict[str, str], why: str) -> None:
     given = [flag for dest, flag in flags.items() if getattr(args, dest, None) not in (None, False)]
     if given:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: not with --quiet, and not when stderr goes to a file or pipe."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 # ------------------------------------------------------------------------------------------------------------ model

@@ -1,9 +1,10 @@
 """``dinomix map eval``: the flags of the three evaluation setups, over :mod:`dinomix_ros.evaluation.runs`.
 
 Recall@N, precision/recall of the best match and the similarity threshold reaching a target precision, for (a) two
-geotagged folders, (b) a map against a bag, or (c) loop closure against RTAB-Map ground truth. Writes
-``report.json`` and PNG plots into one run folder; ``--calibrate MAP`` stores the threshold in the map's
-``metadata["calibration"]`` for the live node.
+folders, positives from geotags or from an index ground truth (the standard VPR layout), (b) a map against a bag, or
+(c) loop closure against RTAB-Map ground truth. Writes ``report.json`` and PNG plots into one run folder;
+``--calibrate MAP`` stores the threshold in the map's ``metadata["calibration"]`` for the live node, when enough
+correct matches support it (``--min-positives``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from dinomix_ros.cli.common import (
     add_model_flags,
     exact_search_device,
     make_encoder,
+    option_value,
     refuse,
+    show_progress,
 )
 from dinomix_ros.settings import add_flags, from_flags
 
@@ -36,7 +39,9 @@ _logger = logging.getLogger("dinomix.map")
 #: Default of ``--exclude-recent-count`` in loop-closure evaluation (the node's ``matching.exclude_recent_count``
 #: defaults to 0): the frames just before a query are the robot's own recent views, always similar, never loops.
 EVAL_EXCLUDE_RECENT_COUNT = 10
-_FOLDER_FLAGS = {"queries": "--queries", "database_csv": "--database-csv", "queries_csv": "--queries-csv"}
+_FOLDER_FLAGS = {"queries": "--queries", "database_csv": "--database-csv", "queries_csv": "--queries-csv",
+                 "ground_truth": "--ground-truth"}
+_POSITION_FLAGS = {"database_csv": "--database-csv", "queries_csv": "--queries-csv", "radius_m": "--radius-m"}
 _BAG_FLAGS = {"bag": "--bag", "image_topics": "--image-topic", "pose_topic": "--pose-topic",
               "gate_queries": "--gate-queries"}
 _LOOP_FLAGS = {"loop_gt": "--loop-gt"}
@@ -45,9 +50,12 @@ _LOOP_FLAGS = {"loop_gt": "--loop-gt"}
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the ``dinomix map`` actions."""
     add_command(
-        sub, "eval", _add_arguments, run=run, summary="Recall@N, precision/recall and threshold calibration",
+        sub, "eval", _add_arguments, run=run, check_early=_check_early,
+        summary="Recall@N, precision/recall and threshold calibration",
         description="(a) --database DIR --queries DIR: geotagged folders; positives are database images within "
-                    "--radius-m of the query (UTM or x/y metres). (b) --map MAP --bag BAG --image-topic T "
+                    "--radius-m of the query (UTM or x/y metres); or, with --ground-truth FILE, the standard VPR "
+                    "layout: positives are listed by index (images numbered from 0 in natural file order). "
+                    "(b) --map MAP --bag BAG --image-topic T "
                     "--pose-topic P: bag images as queries, positives are keyframes within --radius-m in the same "
                     "frame. (c) --images DIR --loop-gt GT.bmp: causal loop closure against RTAB-Map ground truth. "
                     "Writes report.json and PNG plots into --out and prints a JSON summary; the precision/recall "
@@ -56,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from dinomix_ros.evaluation.calibration import CalibrationConfig
     from dinomix_ros.evaluation.retrieval import DEFAULT_RADIUS_M
     from dinomix_ros.localization.matching import MatcherConfig
     from dinomix_ros.maps.sources.imagefolder import GEOTAG_SOURCES
@@ -68,7 +77,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     one.add_argument("--images", type=Path, metavar="DIR",
                      help="(c) image sequence (natural order) for loop closure; needs --loop-gt")
     a = p.add_argument_group("(a) folders")
-    a.add_argument("--queries", type=Path, metavar="DIR", help="geotagged query folder")
+    a.add_argument("--queries", type=Path, metavar="DIR", help="query folder (geotagged, or see --ground-truth)")
+    a.add_argument("--ground-truth", type=Path, metavar="FILE",
+                   help="index ground truth instead of geotags: .json or .csv with one list of database indices per "
+                        "query (e.g. [[0, 3], [], [7]]; CSV: one line per query), or a .npy Q x R matrix (nonzero: "
+                        "positive; never a pickle); images are numbered from 0 in natural file order")
     a.add_argument("--geotags", default="auto", choices=GEOTAG_SOURCES, help="geotag source of both folders")
     a.add_argument("--database-csv", type=Path, metavar="FILE", help="geotag CSV of the database folder")
     a.add_argument("--queries-csv", type=Path, metavar="FILE", help="geotag CSV of the query folder")
@@ -85,57 +98,78 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     common = p.add_argument_group("output and calibration")
     common.add_argument("--out", type=Path, metavar="DIR", default=argparse.SUPPRESS,
                         help="run folder for report.json and the plots (default: runs/eval-<UTC time>)")
-    common.add_argument("--radius-m", type=float, default=DEFAULT_RADIUS_M,
-                        help="(a, b) a database entry within this distance of the query is a correct match")
+    common.add_argument("--radius-m", type=float,
+                        help="(a with geotags, b) a database entry within this distance of the query is a correct "
+                             f"match (default: {DEFAULT_RADIUS_M:g})")
     common.add_argument("--target-precision", type=float, default=0.95,
                         help="precision the calibrated min_similarity must reach")
     common.add_argument("--calibrate", type=Path, metavar="MAP",
                         help="store min_similarity, the target precision and the summary in this map's "
                              "metadata['calibration'] (it must have been built by the same model)")
+    add_flags(common, CalibrationConfig)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_flags(p)
 
 
+def _check_early(raw: list[str]) -> None:
+    from dinomix_ros.util.files import check_output_dir
+
+    out = option_value(raw, "--out")
+    if out is not None:
+        check_output_dir(Path(out), what="--out")
+
+
 def run(args: argparse.Namespace) -> int:
-    """``dinomix map eval``: check the flags and inputs, load the model, run the setup, write the run folder."""
+    """``dinomix map eval``: check flags, outputs and inputs, load the model, run the setup, write the run folder."""
     from dinomix_ros.evaluation import calibration, reports, runs
+    from dinomix_ros.evaluation.retrieval import DEFAULT_RADIUS_M
+    from dinomix_ros.util.files import check_output_dir
 
     setup = "folders" if args.database is not None else "bag" if args.map is not None else "loop_closure"
     exclude_recent = _check_flags(args, setup)
+    cal_config = from_flags(calibration.CalibrationConfig, args)
+    radius_m = DEFAULT_RADIUS_M if args.radius_m is None else args.radius_m
     out: Path = getattr(args, "out", None) or Path("runs") / f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    check_output_dir(out, what="--out")
+    if args.calibrate is not None:
+        calibration.check_calibration_target(args.calibrate)
+        check_output_dir(args.calibrate, what="--calibrate")
     bag_config = _bag_config(args) if setup == "bag" else None
     # Missing files, topics or a ground-truth size mismatch fail before the model loads.
-    if setup == "folders":
+    if setup == "folders" and args.ground_truth is not None:
+        runs.check_ground_truth_inputs(args.database, args.queries, args.ground_truth)
+    elif setup == "folders":
         runs.check_folder_inputs(args.database, args.queries)
     elif setup == "bag":
         runs.check_bag_inputs(args.map, args.bag, bag_config)
     else:
         runs.check_loop_closure_inputs(args.images, args.loop_gt)
-    if args.calibrate is not None:
-        calibration.check_calibration_target(args.calibrate)
-    _logger.info("map eval (%s): out=%s radius_m=%s target_precision=%s calibrate=%s", setup, out, args.radius_m,
+    _logger.info("map eval (%s): out=%s radius_m=%s target_precision=%s calibrate=%s", setup, out, radius_m,
                  args.target_precision, args.calibrate)
     encoder = make_encoder(args)
     fingerprint = encoder.fingerprint.to_dict()
     if args.calibrate is not None:
         calibration.check_same_model(args.calibrate, fingerprint)
 
-    progress, search_device = not args.quiet, exact_search_device(args.device)
-    if setup == "folders":
+    progress, search_device = show_progress(args), exact_search_device(args.device)
+    if setup == "folders" and args.ground_truth is not None:
+        result = runs.evaluate_folders_ground_truth(encoder, args.database, args.queries, args.ground_truth,
+                                                    search_device=search_device, progress=progress)
+    elif setup == "folders":
         result = runs.evaluate_folders(encoder, args.database, args.queries, geotags=args.geotags,
                                        database_csv=args.database_csv, queries_csv=args.queries_csv,
-                                       radius_m=args.radius_m, search_device=search_device, progress=progress)
+                                       radius_m=radius_m, search_device=search_device, progress=progress)
     elif setup == "bag":
         result = runs.evaluate_map_against_bag(encoder, args.map, args.bag, bag_config, gate_queries=args.gate_queries,
-                                               radius_m=args.radius_m, search_device=search_device, progress=progress)
+                                               radius_m=radius_m, search_device=search_device, progress=progress)
     else:
         result = runs.evaluate_loop_closure(encoder, args.images, args.loop_gt, exclude_recent=exclude_recent,
                                             target_precision=args.target_precision, progress=progress)
     report = runs.save_run(result, out, model=fingerprint, target_precision=args.target_precision,
-                           random_weights=args.random_weights, calibrate=args.calibrate)
+                           random_weights=args.random_weights, calibrate=args.calibrate, calibration=cal_config)
     print(json.dumps(reports.summarize(report, out / reports.REPORT_FILE), indent=2))
     if args.calibrate is not None:
-        calibration.require_calibration(report, args.calibrate)
+        calibration.require_calibration(report, args.calibrate, cal_config)
     return 0
 
 
@@ -145,8 +179,13 @@ def _check_flags(args: argparse.Namespace, setup: str) -> int:
 
     if setup == "folders":
         if args.queries is None:
-            raise ValueError("--database needs --queries (a geotagged folder of query images)")
+            raise ValueError("--database needs --queries (a folder of query images)")
         refuse(args, {**_BAG_FLAGS, **_LOOP_FLAGS}, "to --database/--queries (setup a)")
+        if args.ground_truth is not None:
+            refuse(args, _POSITION_FLAGS, "to --ground-truth (positives come from the file, not from positions)")
+            if args.geotags != "auto":
+                raise ValueError("--geotags does not apply to --ground-truth (positives come from the file, not "
+                                 "from positions)")
     elif setup == "bag":
         if args.bag is None or not args.image_topics or not args.pose_topic:
             raise ValueError("--map needs --bag, --image-topic and --pose-topic (the query images and their poses)")
@@ -154,8 +193,8 @@ def _check_flags(args: argparse.Namespace, setup: str) -> int:
     else:
         if args.loop_gt is None:
             raise ValueError("--images needs --loop-gt (the N x N ground-truth image, rtabmap-console -gt format)")
-        refuse(args, {**_FOLDER_FLAGS, **_BAG_FLAGS}, "to --images/--loop-gt (setup c)")
-    if not (isinstance(args.radius_m, float) and math.isfinite(args.radius_m) and args.radius_m > 0):
+        refuse(args, {**_FOLDER_FLAGS, **_BAG_FLAGS, "radius_m": "--radius-m"}, "to --images/--loop-gt (setup c)")
+    if args.radius_m is not None and not (math.isfinite(args.radius_m) and args.radius_m > 0):
         raise ValueError(f"--radius-m is {args.radius_m}; expected a positive distance in metres")
     if not 0.0 < args.target_precision <= 1.0:
         raise ValueError(f"--target-precision is {args.target_precision}; expected a value in (0, 1], e.g. 0.95")

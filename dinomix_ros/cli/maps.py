@@ -2,8 +2,9 @@
 
 Actions (each has ``--help`` with defaults):
 
-* ``map build OUT``: a map from a ROS 2 bag (``--bag`` + topics) or a geotagged image folder (``--images``); saved
-  atomically, printed as the JSON build report. ``--append`` adds to an existing map built by the same model.
+* ``map build OUT``: a map from a ROS 2 bag (``--bag`` + topics; ``--pose-bag`` when the poses and GPS were
+  recorded into another bag) or a geotagged image folder (``--images``); saved atomically, printed as the JSON build
+  report. ``--append`` adds to an existing map built by the same model.
 * ``map info MAP``: what a map holds, from its manifest only (no descriptors are read).
 * ``map topics BAG``: a bag's topics, types and counts, and which can be used as images, poses or GPS.
 * ``map query MAP IMAGE...``: the top-k keyframes for each image, as JSON.
@@ -32,6 +33,7 @@ from dinomix_ros.cli.common import (
     expand_images,
     make_encoder,
     refuse,
+    show_progress,
 )
 from dinomix_ros.settings import add_flags, from_flags, spec_of
 
@@ -52,16 +54,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_actions(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="map_command", required=True, metavar="ACTION")
-    add_command(actions, "build", _add_build_arguments, run=run_build,
+    add_command(actions, "build", _add_build_arguments, run=run_build, check_early=_check_build_early,
                 summary="build a map from a bag or a geotagged image folder",
                 description="Bag: images are paired with the pose interpolated at their header stamp, a keyframe "
                             "gate per camera picks keyframes, which are described and stored with pose, GPS/UTM and "
-                            "source. Folder: one keyframe per image (natural order), posed from its geotag (file "
-                            "name, CSV or EXIF); stamps are 0. Prints the build report as JSON.")
+                            "source; with --pose-bag the poses and GPS come from a second bag recorded at the same "
+                            "time (header stamps of one clock). Folder: one keyframe per image (natural order), "
+                            "posed from its geotag (file name, CSV or EXIF); stamps are 0. Prints the build report "
+                            "as JSON.")
     add_command(actions, "info", _add_info_arguments, run=run_info,
                 summary="what a map holds (manifest only, no descriptors read)")
     add_command(actions, "topics", _add_topics_arguments, run=run_topics,
-                summary="a bag's topics, types, counts and which can feed `map build`")
+                summary="a bag's topics, types, counts and which can feed map build")
     add_command(actions, "query", _add_query_arguments, run=run_query,
                 summary="top-k keyframes of a map for each image (JSON)",
                 description="Loads the map with the model's fingerprint (a map built by another model is refused), "
@@ -82,10 +86,14 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, metavar="OUT", help="map directory to write, e.g. maps/office.dinomap")
     source = p.add_argument_group("source (exactly one)")
     one = source.add_mutually_exclusive_group(required=True)
-    one.add_argument("--bag", type=Path, help="ROS 2 bag directory (mcap or sqlite3)")
+    one.add_argument("--bag", type=Path, help="ROS 2 bag directory (mcap or sqlite3) with the images",
+                     hint="for poses recorded into another bag, give that one as --pose-bag")
     one.add_argument("--images", type=Path, metavar="DIR", help="folder of geotagged images")
     bag = p.add_argument_group("bag options")
     add_bag_flags(bag)
+    bag.add_argument("--pose-bag", type=Path, metavar="BAG",
+                     help="bag holding --pose-topic and --gps-topic, when they were recorded apart from the images "
+                          "(same clock); --bag when left out")
     bag.add_argument("--gps-topic",
                      help="sensor_msgs/NavSatFix topic that geotags keyframes with lat/lon/alt and UTM (a NavSatFix "
                           "--pose-topic is used for this when left out)")
@@ -111,17 +119,17 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """``dinomix map build``: every input is checked before the model loads; the map is saved atomically."""
+    """``dinomix map build``: OUT and every input are checked before the model loads; the map is saved atomically."""
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE
     from dinomix_ros.maps.build import build_map_from_bag, build_map_from_folder
     from dinomix_ros.maps.index import index_for_map, save_map
     from dinomix_ros.maps.index import IndexConfig
     from dinomix_ros.maps.keyframes import StorageConfig, utc_now_iso
 
+    _check_out(args.out, args.append)
     config, resolved = _bag_source(args) if args.bag is not None else (None, _folder_source(args))
     storage = from_flags(StorageConfig, args).storage_dtype
     index_kind = from_flags(IndexConfig, args, fields=("index",)).index
-    _check_out(args.out, args.append)
     # "storage" is the key earlier builds recorded in the map's metadata: kept so that every build reads alike.
     resolved.update(out=str(args.out), append=args.append, storage=storage, index=index_kind)
     _logger.info("map build: %s", json.dumps(resolved))
@@ -130,10 +138,11 @@ def run_build(args: argparse.Namespace) -> int:
     fingerprint = encoder.fingerprint.to_dict()
     kmap = _open_map(args, fingerprint, storage)
     if config is not None:
-        kmap, report = build_map_from_bag(args.bag, encoder, config, kmap=kmap, progress=not args.quiet)
+        kmap, report = build_map_from_bag(args.bag, encoder, config, kmap=kmap, progress=show_progress(args),
+                                          pose_bag=args.pose_bag)
     else:
         kmap, report = build_map_from_folder(args.images, encoder, args.geotags, args.csv, kmap=kmap,
-                                             camera=resolved["camera"], progress=not args.quiet,
+                                             camera=resolved["camera"], progress=show_progress(args),
                                              batch_size=args.batch_size)
     if report.added == 0 and not args.append:
         raise ValueError(f"no keyframe was added, nothing saved ({report.summary()}); check the topics, the pose "
@@ -143,7 +152,7 @@ def run_build(args: argparse.Namespace) -> int:
     if args.random_weights:
         kmap.metadata["note"] = RANDOM_WEIGHTS_NOTE
     save_map(kmap, args.out, index_for_map(kmap, index_kind, "cpu") if index_kind != "exact" else None)
-    _logger.info("%s -> %s (%d keyframes)", report.summary(), args.out, len(kmap))
+    _logger.info("saved %s (%d keyframes)", args.out, len(kmap))
     result = {"map": str(args.out), **({"note": RANDOM_WEIGHTS_NOTE} if args.random_weights else {}),
               "keyframes": len(kmap), "frames": kmap.frames, "index": index_kind, "report": report.to_dict()}
     print(json.dumps(result, indent=2))
@@ -156,6 +165,7 @@ def _bag_source(args: argparse.Namespace) -> tuple[BagMapConfig, dict[str, Any]]
     from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 
     refuse(args, {"csv": "--csv"}, "to --bag (it is a folder option)")
+    pose_bag = args.pose_bag
     if args.geotags != "auto":
         raise ValueError("--geotags does not apply to --bag (it is a folder option)")
     if not args.image_topics or not args.pose_topic:
@@ -165,16 +175,16 @@ def _bag_source(args: argparse.Namespace) -> tuple[BagMapConfig, dict[str, Any]]
                         pose_topic=args.pose_topic, gps_topic=args.gps_topic,
                         pairing=from_flags(PosePairingConfig, args, fields=("max_gap_s",)),
                         gate=from_flags(KeyframeGateConfig, args), camera_names=tuple(args.cameras or ()))
-    check_bag_config(args.bag, config)
-    return config, {"bag": str(args.bag), **config.to_dict()}
+    check_bag_config(args.bag, config, pose_bag=pose_bag)
+    return config, {"bag": str(args.bag), **({"pose_bag": str(pose_bag)} if pose_bag else {}), **config.to_dict()}
 
 
 def _folder_source(args: argparse.Namespace) -> dict[str, Any]:
     """The folder build's record, after checking that the folder holds images (before the model loads)."""
     from dinomix_ros.maps.sources.imagefolder import list_images
 
-    refuse(args, {"image_topics": "--image-topic", "pose_topic": "--pose-topic", "gps_topic": "--gps-topic"},
-           "to --images (they are bag options)")
+    refuse(args, {"image_topics": "--image-topic", "pose_topic": "--pose-topic", "gps_topic": "--gps-topic",
+                  "pose_bag": "--pose-bag"}, "to --images (they are bag options)")
     if args.cameras and len(args.cameras) > 1:
         raise ValueError(f"--camera was given {len(args.cameras)} times; a folder build names one camera")
     list_images(args.images)
@@ -182,16 +192,27 @@ def _folder_source(args: argparse.Namespace) -> dict[str, Any]:
             "camera": (args.cameras or ["images"])[0]}
 
 
+def _check_build_early(raw: list[str]) -> None:
+    """OUT, when it comes first (``map build OUT ...``, as documented): anywhere else it is checked after parsing."""
+    if raw and not raw[0].startswith("-"):
+        _check_out(Path(raw[0]), "--append" in raw)
+
+
 def _check_out(out: Path, append: bool) -> None:
-    """--append needs a map at OUT; without it, OUT must not hold one."""
+    """OUT is a folder this process can write; --append needs a map at OUT; without it, OUT must be new or empty."""
     from dinomix_ros.maps.keyframes import MapNotFoundError
     from dinomix_ros.maps.manifest import MANIFEST
+    from dinomix_ros.util.files import check_output_dir
 
+    check_output_dir(out, what="OUT")
     has_map = (out / MANIFEST).is_file()
     if append and not has_map:
         raise MapNotFoundError(f"--append: there is no map at {out}; leave out --append to create one")
     if not append and has_map:
         raise ValueError(f"{out} already holds a map; pass --append to add to it, or choose another OUT")
+    if not append and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"OUT {out} is a folder that holds other files, not a map; a map is a folder of its own: "
+                         f"choose a new path such as {out / 'my.dinomap'}")
 
 
 def _open_map(args: argparse.Namespace, fingerprint: dict[str, Any], storage: str) -> KeyframeMap:
@@ -324,7 +345,7 @@ def _add_query_arguments(p: argparse.ArgumentParser) -> None:
     from dinomix_ros.maps.index import IndexConfig
 
     p.add_argument("map", type=Path, metavar="MAP", help="map directory")
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="query images and/or folders of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query images and/or folders of images")
     add_flags(p, MatcherConfig, fields=("top_k",))
     # --index also takes "auto" here (the map's stored kind), which IndexConfig.index does not: declared by hand.
     index = spec_of(IndexConfig, "index")
@@ -343,7 +364,7 @@ def run_query(args: argparse.Namespace) -> int:
     from dinomix_ros.maps.keyframes import KeyframeMap
 
     top_k = from_flags(MatcherConfig, args, fields=("top_k",)).top_k
-    paths = expand_images(args.images)
+    paths = expand_images([Path(p) for p in args.images])
     encoder = make_encoder(args)
     fingerprint = encoder.fingerprint.to_dict()
     kmap = KeyframeMap.load(args.map, expected_fingerprint=fingerprint)
@@ -351,7 +372,7 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError(f"the map at {args.map} has no keyframes; build it first (`dinomix map build`)")
     kind = stored_index_kind(kmap) if args.index == "auto" else args.index
     index = index_for_map(kmap, kind, exact_search_device(args.device) if kind == "exact" else "cpu")
-    desc = encoder.describe(paths, progress=not args.quiet, skip_errors=True, desc="query")
+    desc = encoder.describe(paths, progress=show_progress(args), skip_errors=True, desc="query")
     ok = np.isfinite(desc).all(axis=1)
     D = np.full((len(paths), top_k), -np.inf, np.float32)
     I = np.full((len(paths), top_k), -1, np.int64)

@@ -46,6 +46,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """``dinomix model convert``: load (which verifies the file) and save as .safetensors with the fingerprint."""
+    from dinomix_ros.util.files import check_output_file
+
+    check_output_file(args.out, (".safetensors",), what="OUT")  # before torch loads: seconds
     from dinomix_ros.model import load_model, save_model
 
     loaded = load_model(args.checkpoint)

@@ -65,10 +65,10 @@ def plot_recall_at_n(
         raise EvaluationError("results is empty; expected label -> RecallResult")
     curves: dict[str, dict[int, float]] = {}
     for label, res in results.items():
-        if isinstance(res, RecallResult):
-            curves[label] = res.recalls
-        elif isinstance(res, Mapping) and "recalls" in res:
-            curves[label] = RecallResult.from_dict(res).recalls
+        if isinstance(res, Mapping) and "recalls" in res:
+            res = RecallResult.from_dict(res)
+        if isinstance(res, RecallResult):  # the legend says how many queries each curve is over
+            curves[f"{label} ({res.num_queries} queries with a true match)"] = res.recalls
         elif isinstance(res, Mapping):
             try:
                 curves[label] = {int(n): math.nan if r is None else float(r) for n, r in res.items()}
@@ -103,12 +103,14 @@ def plot_pr_curve(
     mark_threshold: float | None = None,
     title: str = "Precision / recall over the similarity threshold",
 ) -> Path:
-    """Precision-recall curves, one per method/map, optionally marking one threshold on each.
+    """Precision-recall curves, one per method/map (the legend gives AP and the number of queries), optionally
+    marking one threshold on each.
 
     Args:
         curves: label -> :class:`PRCurve`.
         path: PNG file to write (folders are created).
-        mark_threshold: a ``min_similarity`` to mark (with its precision and recall) on every curve.
+        mark_threshold: a ``min_similarity`` to mark (with its precision and recall) on every curve; the legend
+            names it and says how many queries it accepts.
         title: figure title.
 
     Returns:
@@ -132,26 +134,20 @@ def plot_pr_curve(
             np.concatenate(([0.0], curve.recall)),
             np.concatenate(([1.0], curve.precision)),
             where="post",
-            label=f"{label} (AP {ap_txt})",
+            label=f"{label} (AP {ap_txt}, {curve.num_queries} queries, {curve.num_positives} with a true match)",
         )
         if mark_threshold is not None:
             pt = curve.operating_point(mark_threshold)
-            ax.plot([pt.recall], [pt.precision], marker="o", color=line.get_color())
-            ax.annotate(
-                f"t={mark_threshold:.3f}: P={pt.precision:.2f} R={pt.recall:.2f}",
-                (pt.recall, pt.precision),
-                textcoords="offset points",
-                xytext=(5, -12),
-                fontsize=8,
-                color=line.get_color(),
-            )
+            ax.plot([pt.recall], [pt.precision], marker="o", linestyle="none", color=line.get_color(),
+                    label=f"min_similarity {mark_threshold:.3f}: {pt.accepted} accepted, precision "
+                          f"{pt.precision:.2f}, recall {pt.recall:.2f}")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="lower left")
+    ax.legend(loc="lower left", fontsize=8)
     return _save_png(fig, path)
 
 

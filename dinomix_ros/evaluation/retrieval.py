@@ -3,7 +3,9 @@
 - :func:`positives_within`: database entries within ``radius_m`` metres of each query (the 25 m protocol of
   gmberton/VPR-methods-evaluation);
 - :func:`recall_at_n`: share of queries with at least one true positive among their top N predictions; queries
-  without any positive in the database are left out of the denominator and counted separately.
+  without any positive in the database are left out of the denominator and counted separately;
+- :func:`ns_within`: the N worth reporting for a search over so many candidates (R@N with N >= the number of
+  candidates is 1.0 for every query that has a positive, whatever the ranking: it says nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy.typing as npt
 
 from dinomix_ros.evaluation.inputs import EvaluationError, as_coordinates, as_int_ns, finite_or_none
 
-__all__ = ["DEFAULT_RADIUS_M", "DEFAULT_NS", "RecallResult", "positives_within", "recall_at_n"]
+__all__ = ["DEFAULT_RADIUS_M", "DEFAULT_NS", "RecallResult", "positives_within", "recall_at_n", "ns_within"]
 
 _logger = logging.getLogger(__name__)
 
@@ -206,6 +208,23 @@ def _candidate_pairs(grid: _CellGrid, q: np.ndarray, chunk: np.ndarray) -> tuple
 
 
 # ----------------------------------------------------------------------------------------------------- Recall@N
+
+
+def ns_within(num_candidates: int, ns: Sequence[int] = DEFAULT_NS) -> tuple[int, ...]:
+    """The N of ``ns`` that are meaningful for a search over ``num_candidates`` entries: those below it.
+
+    R@N for N >= the number of candidates counts every query with a positive as found, whatever the ranking, so a
+    15-image database reports R@1, R@5 and R@10, not R@20. R@1 is always kept.
+
+    Args:
+        num_candidates: database entries (or loop-closure candidates) a query is ranked against.
+        ns: the N values to choose from.
+
+    Returns:
+        The kept N values, ascending; at least ``(1,)``.
+    """
+    kept = tuple(n for n in as_int_ns(ns) if n < num_candidates)
+    return kept or (1,)
 
 
 def recall_at_n(

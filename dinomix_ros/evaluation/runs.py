@@ -1,7 +1,8 @@
 """The three evaluation setups of ``dinomix map eval``, as library calls.
 
 * :func:`evaluate_folders` (a): two geotagged image folders, a database and queries; positives are database images
-  within ``radius_m`` of the query (UTM or x/y metres).
+  within ``radius_m`` of the query (UTM or x/y metres). :func:`evaluate_folders_ground_truth` is the same setup on
+  the standard VPR layout, with an index ground truth (:mod:`~dinomix_ros.evaluation.groundtruth`).
 * :func:`evaluate_map_against_bag` (b): a map's keyframes as the database, a bag's images as queries; positives
   are keyframes within ``radius_m`` of the query's interpolated pose, in the same frame.
 * :func:`evaluate_loop_closure` (c): causal loop closure over an image sequence against RTAB-Map ground truth.
@@ -28,17 +29,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dinomix_ros.evaluation.calibration import CalibrationConfig
 from dinomix_ros.evaluation.curves import PRCurve, precision_recall_curve
+from dinomix_ros.evaluation.groundtruth import load_index_ground_truth
+from dinomix_ros.evaluation.inputs import finite_or_none
 from dinomix_ros.evaluation.loops import LOOP_NS, evaluate_loop_closures, load_loop_closure_ground_truth
 from dinomix_ros.evaluation.reports import REPORT_FILE, RunResult, assemble_report, write_plots, write_report
-from dinomix_ros.evaluation.retrieval import DEFAULT_NS, DEFAULT_RADIUS_M, RecallResult, positives_within, recall_at_n
+from dinomix_ros.evaluation.retrieval import (
+    DEFAULT_NS,
+    DEFAULT_RADIUS_M,
+    RecallResult,
+    ns_within,
+    positives_within,
+    recall_at_n,
+)
 
 __all__ = [
     "SETUPS",
     "check_folder_inputs",
+    "check_ground_truth_inputs",
     "check_bag_inputs",
     "check_loop_closure_inputs",
     "evaluate_folders",
+    "evaluate_folders_ground_truth",
     "evaluate_map_against_bag",
     "evaluate_loop_closure",
     "save_run",
@@ -141,7 +154,6 @@ def evaluate_folders(encoder: Any, database: Path, queries: Path, *, geotags: st
         ValueError: no metric positions, different kinds of positions in the two folders, no readable database
             image, or no query to evaluate.
     """
-    from dinomix_ros.maps.index import PlaceIndex
     from dinomix_ros.maps.sources.imagefolder import geotag_images
 
     t0 = time.perf_counter()
@@ -155,24 +167,12 @@ def evaluate_folders(encoder: Any, database: Path, queries: Path, *, geotags: st
         raise ValueError(f"the database positions are {db_kind} but the query positions are {q_kind}; both "
                          "folders need the same kind of geotag (UTM/GPS, or x/y in one map frame)")
     frame = "map" if db_kind == "x/y" else _utm_frame(db_tags)
-    db_desc = encoder.describe([t.path for t in db_tags], progress=progress, skip_errors=True, desc="database")
-    q_desc = encoder.describe([t.path for t in q_tags], progress=progress, skip_errors=True, desc="queries")
-    db_ok = np.isfinite(db_desc).all(axis=1)
-    if not db_ok.any():
-        raise ValueError(f"no database image in {database} could be read")
-    db_rows = np.flatnonzero(db_ok)
-    index = PlaceIndex(encoder.descriptor_dim, "exact", search_device)
-    index.add(db_desc[db_ok])
-    q_ok = np.isfinite(q_desc).all(axis=1)
     q_has_xy = np.isfinite(q_xy).all(axis=1)
-    q_rows = np.flatnonzero(q_ok & q_has_xy)
-    k = max(DEFAULT_NS)
-    D, I = index.search(q_desc[q_rows], k) if q_rows.size else (np.zeros((0, k), np.float32),
-                                                                np.zeros((0, k), np.int64))
-    I = np.where(I >= 0, db_rows[np.clip(I, 0, None)], -1)  # index rows -> database rows
+    db_ok, q_ok, q_rows, D, I = _search_folders(encoder, [t.path for t in db_tags], [t.path for t in q_tags],
+                                                q_has_xy, database, search_device, progress)
     db_xy = np.where(db_ok[:, None], db_xy, np.nan)  # an unreadable database image is never a positive
     positives = positives_within(db_xy, q_xy[q_rows], radius_m)
-    recall, curve, correct = _score_search(D, I, positives)
+    recall, curve, correct = _score_search(D, I, positives, int(db_ok.sum()))
     detail = [_folder_query_detail(q_tags[q], db_tags, D[j], I[j], bool(correct[j]), db_xy, q_xy[q], positives[j])
               for j, q in enumerate(q_rows)]
     report = {
@@ -188,6 +188,37 @@ def evaluate_folders(encoder: Any, database: Path, queries: Path, *, geotags: st
         "queries_detail": detail,
     }
     return RunResult("folders", report, curve, recall, time.perf_counter() - t0)
+
+
+def _search_folders(encoder: Any, db_paths: list[Path], q_paths: list[Path], q_usable: np.ndarray, database: Path,
+                    search_device: str, progress: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Describe both folders and search the usable, readable queries in an exact index of the readable database.
+
+    Returns:
+        Readable database images (R,) and queries (Q,), the searched query rows, and their (n, K) similarities and
+        database rows (-1 padding), K = the largest N of Recall@N.
+
+    Raises:
+        ValueError: no database image could be read.
+    """
+    from dinomix_ros.maps.index import PlaceIndex
+
+    db_desc = encoder.describe(db_paths, progress=progress, skip_errors=True, desc="database")
+    q_desc = encoder.describe(q_paths, progress=progress, skip_errors=True, desc="queries")
+    db_ok = np.isfinite(db_desc).all(axis=1)
+    if not db_ok.any():
+        raise ValueError(f"no database image in {database} could be read")
+    db_rows = np.flatnonzero(db_ok)
+    index = PlaceIndex(encoder.descriptor_dim, "exact", search_device)
+    index.add(db_desc[db_ok])
+    q_ok = np.isfinite(q_desc).all(axis=1)
+    q_rows = np.flatnonzero(q_ok & q_usable)
+    k = max(DEFAULT_NS)
+    D, I = index.search(q_desc[q_rows], k) if q_rows.size else (np.zeros((0, k), np.float32),
+                                                                np.zeros((0, k), np.int64))
+    I = np.where(I >= 0, db_rows[np.clip(I, 0, None)], -1)  # index rows -> database rows
+    return db_ok, q_ok, q_rows, D, I
 
 
 def _folder_query_detail(tag: ImageGeotag, db_tags: list[ImageGeotag], scores: np.ndarray, rows: np.ndarray,
@@ -226,6 +257,96 @@ def _utm_frame(tags: list[ImageGeotag]) -> str:
 
     first = next(t.utm for t in tags if t.utm is not None)
     return utm_frame_id(first.zone, first.band)
+
+
+# ------------------------------------------------------------------- (a) the VPR layout: index ground truth
+
+
+def check_ground_truth_inputs(database: Path, queries: Path, ground_truth: Path) -> None:
+    """Both folders hold images and the index ground truth fits them (read before a model loads).
+
+    Raises:
+        FileNotFoundError / GroundTruthError / ValueError: a missing folder or file, or a ground truth whose counts
+            or indices do not fit the folders.
+    """
+    _ground_truth_inputs(database, queries, ground_truth, warn=False)
+
+
+def _ground_truth_inputs(database: Path, queries: Path, ground_truth: Path, *,
+                         warn: bool = True) -> tuple[list[Path], list[Path], list[np.ndarray]]:
+    """The images of both folders and the positives; ``warn``: say when natural and sorted order differ."""
+    from dinomix_ros.maps.sources.imagefolder import list_images
+
+    db_paths, q_paths = list_images(database), list_images(queries)
+    positives = load_index_ground_truth(ground_truth, len(q_paths), len(db_paths))
+    folders = {database: db_paths, queries: q_paths} if warn else {}  # one warning per folder
+    for folder, paths in folders.items():
+        names = [str(p.relative_to(folder)) for p in paths]
+        if names != sorted(names):  # e.g. 2.jpg, 10.jpg: natural order, which plain sorting would swap
+            _logger.warning("%s: images are numbered in natural order (%s before %s), not in plain sorted order; "
+                            "%s must use the same order", folder, *_first_disorder(names), ground_truth)
+    return db_paths, q_paths, positives
+
+
+def _first_disorder(names: list[str]) -> tuple[str, str]:
+    return next((a, b) for a, b in zip(names, names[1:]) if a > b)
+
+
+def evaluate_folders_ground_truth(encoder: Any, database: Path, queries: Path, ground_truth: Path, *,
+                                  search_device: str = "auto", progress: bool = False) -> RunResult:
+    """Setup (a) on the standard VPR layout: positives come from an index ground truth, not from positions.
+
+    Recall@N is the VPR literature's: the share of queries with a correct database image among their N best (N
+    below the database size). Queries without a positive are left out of it and counted, as in the other setups;
+    ``report["recall_all_queries"]`` counts them as misses, as VPR-methods-evaluation divides by every query.
+    An unreadable database image can never be found (it stays a positive of its queries); an unreadable query is
+    skipped and counted.
+
+    Args:
+        encoder: describes the images.
+        database: the database folder (images numbered from 0 in natural order).
+        queries: the query folder (likewise).
+        ground_truth: ``.json``/``.csv`` lists of database indices per query, or a ``.npy`` Q x R matrix
+            (:func:`~dinomix_ros.evaluation.groundtruth.load_index_ground_truth`).
+        search_device: where the exact search runs (``map.search_device``: auto, cpu or cuda).
+        progress: show progress bars.
+
+    Returns:
+        The result; ``report["queries_detail"]`` gives each query's index, best database index and positives.
+
+    Raises:
+        GroundTruthError: a ground truth that does not fit the folders.
+        ValueError: no readable database image, or no query to evaluate.
+    """
+    t0 = time.perf_counter()
+    db_paths, q_paths, all_positives = _ground_truth_inputs(database, queries, ground_truth)
+    db_ok, q_ok, q_rows, D, I = _search_folders(encoder, db_paths, q_paths, np.ones(len(q_paths), bool), database,
+                                                search_device, progress)
+    positives = [all_positives[q] for q in q_rows]
+    recall, curve, correct = _score_search(D, I, positives, int(db_ok.sum()))
+    detail = [{
+        "image": str(q_paths[q]),
+        "query_index": int(q),
+        "best": None if I[j, 0] < 0 else str(db_paths[I[j, 0]]),
+        "best_index": None if I[j, 0] < 0 else int(I[j, 0]),
+        "similarity": float(D[j, 0]),
+        "correct": bool(correct[j]),
+        "num_positives": int(positives[j].size),
+        "top": [int(i) for i in I[j, :_DETAIL_TOP] if i >= 0],
+    } for j, q in enumerate(q_rows)]
+    evaluated = recall.num_queries + recall.num_without_positives
+    report = {
+        "database": str(database),
+        "queries": str(queries),
+        "ground_truth": str(ground_truth),
+        "num_database": len(db_paths),
+        "num_queries": int(q_rows.size),
+        "recall_all_queries": {str(n): finite_or_none(r * recall.num_queries / max(evaluated, 1))
+                               for n, r in recall.recalls.items()},
+        "skipped": {"database_unreadable": int((~db_ok).sum()), "queries_unreadable": int((~q_ok).sum())},
+        "queries_detail": detail,
+    }
+    return RunResult("folders", report, curve, recall, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------ (b) map and bag
@@ -274,7 +395,7 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
                               gate=config.gate if gate_queries else None, report=counts, progress=progress)
     D, I, q_xy, meta = _search_stream(encoder, index, stream, counts, max(DEFAULT_NS))
     positives = positives_within(map_xy, q_xy, radius_m)
-    recall, curve, correct = _score_search(D, I, positives)
+    recall, curve, correct = _score_search(D, I, positives, len(kmap))
     detail = [{
         "topic": topic,
         "stamp_ns": stamp,
@@ -364,9 +485,10 @@ def stored_index_kind(kmap: KeyframeMap) -> str:
     return stored or "exact"
 
 
-def _score_search(D: np.ndarray, I: np.ndarray,
-                  positives: list[np.ndarray]) -> tuple[RecallResult, PRCurve, np.ndarray]:
-    """Recall@N and the best-match PR curve of (Q, K) search results (I indexes the database, -1 padding).
+def _score_search(D: np.ndarray, I: np.ndarray, positives: list[np.ndarray],
+                  num_database: int) -> tuple[RecallResult, PRCurve, np.ndarray]:
+    """Recall@N (for the N below ``num_database``, the entries searched) and the best-match PR curve of (Q, K)
+    search results (I indexes the database, -1 padding).
 
     Returns:
         Recall@N, the PR curve, and whether each query's best match is correct.
@@ -376,7 +498,7 @@ def _score_search(D: np.ndarray, I: np.ndarray,
     """
     if I.shape[0] == 0:
         raise ValueError("no query could be evaluated (no query image with a position was readable)")
-    recall = recall_at_n(I, positives, DEFAULT_NS)
+    recall = recall_at_n(I, positives, ns_within(num_database, DEFAULT_NS))
     has_positive = np.array([p.size > 0 for p in positives], dtype=bool)
     correct = np.array([I[q, 0] >= 0 and bool(np.isin(I[q, 0], positives[q])) for q in range(I.shape[0])], bool)
     curve = precision_recall_curve(D[:, 0].astype(np.float64), correct, has_positive)
@@ -408,11 +530,13 @@ def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_
     t0 = time.perf_counter()
     paths, gt = _sequence_and_ground_truth(images, loop_gt)
     desc = encoder.describe(paths, progress=progress, desc="sequence")
-    sim = desc @ desc.T  # (N, N) cosine similarity of unit descriptors
-    result = evaluate_loop_closures(sim, gt, exclude_recent=exclude_recent, ns=LOOP_NS)
+    sim = np.clip(desc @ desc.T, -1.0, 1.0)  # (N, N) cosine similarity of unit descriptors, rounding clamped
+    # A frame's candidates are the frames before it, less the excluded recent ones: N below the most of them.
+    ns = ns_within(len(paths) - 1 - exclude_recent, LOOP_NS)
+    result = evaluate_loop_closures(sim, gt, exclude_recent=exclude_recent, ns=ns)
     threshold = result.pr_curve.threshold_for_precision(target_precision)
     if threshold is not None:  # again, for the loops this threshold accepts on the first pass
-        result = evaluate_loop_closures(sim, gt, exclude_recent=exclude_recent, ns=LOOP_NS, threshold=threshold)
+        result = evaluate_loop_closures(sim, gt, exclude_recent=exclude_recent, ns=ns, threshold=threshold)
     full = result.to_dict()
     report = {
         "images": str(images),
@@ -435,7 +559,8 @@ def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_
 
 
 def save_run(result: RunResult, out: Path, *, model: dict[str, Any], target_precision: float,
-             random_weights: bool = False, calibrate: Path | None = None) -> dict[str, Any]:
+             random_weights: bool = False, calibrate: Path | None = None,
+             calibration: CalibrationConfig | None = None) -> dict[str, Any]:
     """Write the run folder: plots, then (optionally) the map's calibration, then ``report.json``.
 
     Args:
@@ -445,7 +570,10 @@ def save_run(result: RunResult, out: Path, *, model: dict[str, Any], target_prec
         target_precision: the precision the calibrated ``min_similarity`` must reach, in (0, 1].
         random_weights: the model has seeded random weights (noted in the report, the plots and the calibration).
         calibrate: a map built by the same model, to store the calibrated threshold in; nothing is stored when no
-            threshold reaches the target (check with :func:`~dinomix_ros.evaluation.calibration.require_calibration`).
+            threshold reaches the target or too few correct matches support it (check with
+            :func:`~dinomix_ros.evaluation.calibration.require_calibration`).
+        calibration: the evidence a threshold needs (default: ``CalibrationConfig()``); below it the run warns, and
+            ``calibration.warning`` in the report says why.
 
     Returns:
         The report as written; ``calibration.written_to`` names the map when one was calibrated.
@@ -453,14 +581,20 @@ def save_run(result: RunResult, out: Path, *, model: dict[str, Any], target_prec
     Raises:
         MapMismatchError: ``calibrate`` was built by another model.
     """
-    from dinomix_ros.evaluation.calibration import store_calibration
+    from dinomix_ros.evaluation.calibration import store_calibration, weak_evidence
 
+    calibration = calibration or CalibrationConfig()
     report = assemble_report(result, model=model, target_precision=target_precision, random_weights=random_weights)
     threshold = report["calibration"]["min_similarity"]
+    report["calibration"]["min_positives"] = calibration.min_positives
+    weak = weak_evidence(report, calibration)
+    if weak is not None:
+        report["calibration"]["warning"] = weak
+        _logger.warning("%s", weak)
     report["plots"].update(write_plots(out, result, threshold, random_weights))
     report_path = out / REPORT_FILE
-    if calibrate is not None and threshold is not None:
-        store_calibration(calibrate, model, report, report_path)
+    if calibrate is not None and threshold is not None and weak is None:
+        store_calibration(calibrate, model, report, report_path, calibration)
         report["calibration"]["written_to"] = str(calibrate)
     write_report(report_path, report)
     _logger.info("%s: %s; min_similarity %s at precision %s -> %s", result.setup, result.recall.summary(), threshold,

@@ -8,7 +8,9 @@ Bags (:func:`build_map_from_bag`):
 
 * The pose track is read first (whole topic, :func:`~dinomix_ros.maps.sources.bags.read_pose_track`), then image
   messages are streamed in bag order. Each image's header stamp is paired with the pose interpolated at that stamp;
-  an image with no pose within ``pairing.max_gap_s`` is refused and counted (``no_pose``).
+  an image with no pose within ``pairing.max_gap_s`` is refused and counted (``no_pose``). The pose topic and the
+  GPS topic may come from a second bag (``pose_bag``) recorded at the same time apart from the images: pairing uses
+  header stamps, which both bags share.
 * One :class:`~dinomix_ros.maps.sources.poses.KeyframeGate` per camera decides the keyframes. Only keyframes are
   decoded (on the calling thread) and described, through the encoder's batch pipeline
   (:meth:`~dinomix_ros.model.encoder.Encoder.describe_stream`: resizing overlaps the model, at most two batches are
@@ -228,9 +230,6 @@ class BuildReport:
         }
 
 
-# ---------------------------------------------------------------------------------------------------- GPS geotags
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -264,31 +263,39 @@ def _map_utm_zone(kmap: KeyframeMap | None) -> tuple[int, str] | None:
     return found.pop() if len(found) == 1 else None
 
 
-def check_bag_config(bag: str | Path, config: BagMapConfig) -> dict[str, tuple[str, int]]:
-    """Check that the bag has the configured topics with usable types, before anything expensive runs.
+def check_bag_config(bag: str | Path, config: BagMapConfig, *,
+                     pose_bag: str | Path | None = None) -> dict[str, tuple[str, int]]:
+    """Check that the bag(s) have the configured topics with usable types, before anything expensive runs.
+
+    Args:
+        bag: the bag with the image topics.
+        config: the topics.
+        pose_bag: the bag with the pose and GPS topics, when not ``bag``.
 
     Returns:
-        The bag's topics (topic -> (type, count)).
+        The topics of the bag holding the pose topic (topic -> (type, count)).
 
     Raises:
-        FileNotFoundError: no bag at ``bag``.
-        BagError: a topic is missing or has the wrong type, or the bag cannot be read.
+        FileNotFoundError: no bag at ``bag`` or ``pose_bag``.
+        BagError: a topic is missing or has the wrong type, or a bag cannot be read.
     """
-    topics = bag_topics(bag)
+    image_topics = bag_topics(bag)
+    pose_topics = image_topics if pose_bag is None else bag_topics(pose_bag)
 
-    def need(topic: str, allowed: Sequence[str], role: str) -> None:
+    def need(topics: dict[str, tuple[str, int]], where: str | Path, topic: str, allowed: Sequence[str],
+             role: str) -> None:
         if topic not in topics:
-            raise BagError(f"{role} topic {topic} is not in the bag {bag}; it has: "
-                           f"{', '.join(sorted(topics)) or 'no topics'} (see `dinomix map topics {bag}`)")
+            raise BagError(f"{role} topic {topic} is not in the bag {where}; it has: "
+                           f"{', '.join(sorted(topics)) or 'no topics'} (see `dinomix map topics {where}`)")
         if topics[topic][0] not in allowed:
             raise BagError(f"{role} topic {topic} carries {topics[topic][0]}; expected one of {', '.join(allowed)}")
 
     for topic in config.image_topics:
-        need(topic, IMAGE_TYPES, "image")
-    need(config.pose_topic, POSE_TYPES, "pose")
+        need(image_topics, bag, topic, IMAGE_TYPES, "image")
+    need(pose_topics, pose_bag or bag, config.pose_topic, POSE_TYPES, "pose")
     if config.gps_topic:
-        need(config.gps_topic, (NAVSATFIX_TYPE,), "GPS")
-    return topics
+        need(pose_topics, pose_bag or bag, config.gps_topic, (NAVSATFIX_TYPE,), "GPS")
+    return pose_topics
 
 
 @dataclass(frozen=True)
@@ -414,15 +421,19 @@ def build_map_from_bag(
     config: BagMapConfig,
     kmap: KeyframeMap | None = None,
     progress: bool = True,
+    *,
+    pose_bag: str | Path | None = None,
 ) -> tuple[KeyframeMap, BuildReport]:
     """Keyframes of a ROS 2 bag: gated by pose, described with ``encoder``, added to a map.
 
     Args:
-        bag: bag directory (mcap or sqlite3 storage).
+        bag: bag directory (mcap or sqlite3 storage) with the image topics.
         encoder: a :class:`~dinomix_ros.model.encoder.Encoder`.
         config: topics, pose gap, gate and batching.
         kmap: a map to append to (it must have been built with the same model); None creates a float16 map.
         progress: show a progress bar over the image messages.
+        pose_bag: the bag with the pose and GPS topics, when they were recorded apart from the images (same clock);
+            None: ``bag``.
 
     Returns:
         The map (``kmap`` itself when given) and the build report.
@@ -434,8 +445,9 @@ def build_map_from_bag(
     """
     t0 = time.perf_counter()
     kmap = _target_map(encoder, kmap)
-    topics = check_bag_config(bag, config)
-    track = read_pose_track(bag, config.pose_topic)
+    topics = check_bag_config(bag, config, pose_bag=pose_bag)
+    poses_from = bag if pose_bag is None else pose_bag
+    track = read_pose_track(poses_from, config.pose_topic)
     frame_id = track.frame_id
     if not frame_id:
         frame_id = config.pose_topic
@@ -450,11 +462,12 @@ def build_map_from_bag(
         # With a NavSatFix pose topic the geotags use the zone of the pose frame, so positions and UTM agree.
         utm_frame = parse_utm_frame(frame_id) if pose_is_gps else None
         zone = utm_frame[0] if utm_frame else None
-        gps = GpsTrack.from_fixes(read_gps_fixes(bag, gps_topic), utm_zone=zone)
-    logger.info("building from %s: %d poses in frame %r from %s, %s; images %s (cameras %s)", bag, len(track),
-                frame_id, config.pose_topic, f"GPS geotags from {gps_topic} ({len(gps)} fixes)" if gps else
+        gps = GpsTrack.from_fixes(read_gps_fixes(poses_from, gps_topic), utm_zone=zone)
+    logger.info("building from %s: %d poses in frame %r from %s in %s, %s; images %s (cameras %s)", bag, len(track),
+                frame_id, config.pose_topic, poses_from, f"GPS geotags from {gps_topic} ({len(gps)} fixes)" if gps else
                 "no GPS geotags", list(config.image_topics), list(config.cameras))
-    report = BuildReport(source=f"bag:{bag}", frame_id=frame_id)
+    report = BuildReport(source=f"bag:{bag}" + (f" poses:{pose_bag}" if pose_bag is not None else ""),
+                         frame_id=frame_id)
     bad_logged = [0]
 
     # Over 80 lines on purpose: add() and on_bad() close over this build's map, report and GPS track.
@@ -584,20 +597,22 @@ def build_map_from_folder(
     logger.info("building from %s: %d images, frames %s, %d without a position", folder, len(tags), distinct,
                 report.no_geotag)
     bar = progress_bar(len(tags), "map build", progress)
-    with closing(encoder.describe_stream(((t.path, None, i) for i, t in enumerate(tags)),
-                                         batch_size=batch_size)) as batches:
-        for batch in batches:
-            for i, exc in batch.failed:
-                report.bad += 1
-                report.no_geotag -= frames[i] == NO_POSE_FRAME
-                logger.warning("skipping image %d (%s): %s", i, tags[i].path, exc)
-            if batch.tags:
-                sel = np.asarray(batch.tags)
-                kmap.add(batch.descriptors, stamps_ns=np.zeros(sel.size, dtype=np.int64), cameras=camera,
-                         **{k: [v[i] for i in sel] if isinstance(v, list) else v[sel] for k, v in rows.items()})
-                report.added += int(sel.size)
-            bar.update(len(batch))
-    bar.close()
+    try:
+        with closing(encoder.describe_stream(((t.path, None, i) for i, t in enumerate(tags)),
+                                             batch_size=batch_size)) as batches:
+            for batch in batches:
+                for i, exc in batch.failed:
+                    report.bad += 1
+                    report.no_geotag -= frames[i] == NO_POSE_FRAME
+                    logger.warning("skipping image %d (%s): %s", i, tags[i].path, exc)
+                if batch.tags:
+                    sel = np.asarray(batch.tags)
+                    kmap.add(batch.descriptors, stamps_ns=np.zeros(sel.size, dtype=np.int64), cameras=camera,
+                             **{k: [v[i] for i in sel] if isinstance(v, list) else v[sel] for k, v in rows.items()})
+                    report.added += int(sel.size)
+                bar.update(len(batch))
+    finally:
+        bar.close()
     if report.added:
         report.per_camera[camera] = report.added
     report.seconds = time.perf_counter() - t0

@@ -3,6 +3,9 @@
 DINO-Mix descriptors are L2-normalised, so cosine similarity is the inner product and larger is better. Results follow
 faiss: ``D`` (nq, k) float32 similarities, descending, and ``I`` (nq, k) int64 row numbers (insertion order, i.e. the
 row of the keyframe in the map's arrays), padded with ``-inf`` / ``-1`` where fewer than ``k`` rows qualify.
+Similarities leave the index clamped to [-1, 1]: rounding (float16 storage keeps unit vectors to about 5e-4, float32
+sums to about 1e-6) would otherwise give an image matched with itself a cosine such as 1.000008, which every caller
+(the node's messages, ``map query``, evaluation reports) would print.
 
 * :class:`PlaceIndex`: exact or approximate search, CPU or CUDA, masks, serialisation. Its storage is a
   :class:`~dinomix_ros.maps.faiss_backend.FaissBackend` (CPU) or a
@@ -300,8 +303,8 @@ class PlaceIndex:
                 appended by another thread) treats the missing, newest rows as not allowed.
 
         Returns:
-            ``(D, I)``: D (nq, k) float32 similarities in descending order, ``-inf`` for padding; I (nq, k) int64 row
-            numbers, ``-1`` for padding.
+            ``(D, I)``: D (nq, k) float32 similarities in [-1, 1], descending, ``-inf`` for padding; I (nq, k) int64
+            row numbers, ``-1`` for padding.
 
         Raises:
             DescriptorError: For queries with a wrong shape or non-finite values.
@@ -325,7 +328,8 @@ class PlaceIndex:
                 return D, I
             k_eff = min(k, ntotal)
             Dk, Ik = self._store.search(xq, k_eff, mask)
-        D[:, :k_eff] = Dk
+        # A cosine: rounding must not leave [-1, 1] (module docstring); -inf marks rows a backend did not find.
+        D[:, :k_eff] = np.where(np.isfinite(Dk), np.clip(Dk, -1.0, 1.0), Dk)
         I[:, :k_eff] = Ik
         D[I < 0] = -np.inf
         I[~np.isfinite(D)] = -1
@@ -488,7 +492,7 @@ def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", 
         index.train(np.concatenate([block[::stride] for block in kmap.iter_descriptors_f32(block_rows=stride * 4096)]))
     for block in kmap.iter_descriptors_f32():
         index.add(block)
-    LOG.info("index: built a %s index over %d rows in %.2f s (%s)", kind, index.ntotal, time.perf_counter() - t0,
+    LOG.info("index: %s index built over %d rows in %.2f s (%s)", kind, index.ntotal, time.perf_counter() - t0,
              reason)
     return index
 
@@ -532,7 +536,7 @@ def _resolve_device_backend(kind: str, device: str, backend: str) -> tuple[str, 
         return "cpu", "faiss"
     if device == "auto":
         device = "cuda" if cuda and backend != "faiss" else "cpu"
-        LOG.info("device='auto' resolved to %s (torch.cuda.is_available()=%s, backend=%s)", device, cuda, backend)
+        LOG.debug("device='auto' resolved to %s (torch.cuda.is_available()=%s, backend=%s)", device, cuda, backend)
     if device == "cpu":
         return "cpu", "torch" if backend == "torch" else "faiss"
     return "cuda", "torch"  # exact search on CUDA is the torch backend: faiss here is faiss-cpu

@@ -280,8 +280,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not directory.exists():
         raise MapNotFoundError(f"no map at {directory}: the directory does not exist")
     if not directory.is_dir():
-        raise MapNotFoundError(f"no map at {directory}: it is a file, but a map is a directory holding manifest.json "
-                               f"(pass the directory, e.g. {directory.parent})")
+        parent_is_map = (directory.parent / MANIFEST).is_file()
+        raise MapNotFoundError(f"no map at {directory}: it is a file, but a map is a directory holding manifest.json"
+                               + (f" (pass the map directory {directory.parent})" if parent_is_map else ""))
     mpath = directory / MANIFEST
     try:
         m = _manifest_json(directory)

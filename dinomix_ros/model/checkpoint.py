@@ -174,47 +174,171 @@ def _allowed_globals() -> list:
     return allowed
 
 
-def _torch_load(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True`` and the allow-list; never falls back to full unpickling."""
+#: Leading bytes of files that are often passed by mistake, and what they are (for the error message).
+_KNOWN_MAGIC = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the weights themselves (run `git lfs pull`)"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive (unpack it first)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x89HDF", "an HDF5 file (Keras/TensorFlow weights?)"),
+)
+_ZIP_MAGIC = b"PK\x03\x04"
+_BLOCKED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_LIGHTNING_ATTRIBUTE_DICT = "AttributeDict"
+
+
+def _what_is(head: bytes) -> str:
+    """What a file that is no weights file looks like, from its first bytes: a known format, text or binary."""
+    for magic, what in _KNOWN_MAGIC:
+        if head.startswith(magic):
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        page = " (an HTML page: a failed download?)" if text.lstrip()[:15].lower().startswith(("<!doctype", "<html")) \
+            else ""
+        return f"a text file{page} starting {first!r}"
+    return "binary data starting " + head[:8].hex(" ")
+
+
+def _is_pickle(head: bytes) -> bool:
+    # Protocol 2+ pickles start with PROTO (0x80) and the protocol number; legacy torch.save files are such pickles.
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _check_zip(path: Path, size: int) -> None:
+    """A zip-format torch checkpoint must be a complete zip archive holding ``<name>/data.pkl``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is a truncated or damaged zip archive ({size} bytes; {exc}); torch.save "
+                              "writes complete zip archives: copy or download the file again") from None
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl; it holds "
+                              f"{_few(names, 3)}); expected a file written by torch.save")
+
+
+def _sniff(path: Path) -> str:
+    """The kind of a weights file from its first bytes: ``safetensors``, ``zip`` or ``pickle``.
+
+    Raises:
+        CheckpointNotFoundError: no such path.
+        CheckpointError: a directory, an empty file, a damaged zip, or a file of another kind (named).
+    """
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; expected a weights file (.ckpt, .pth or .safetensors)")
+    if not path.exists():
+        raise CheckpointNotFoundError(f"weights file {path} does not exist")
+    if not path.is_file():  # never opened: a FIFO would block, a device never end
+        raise CheckpointError(f"{path} is not a regular file (a FIFO or device?); pass the weights file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if _looks_like_safetensors(head):
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        _check_zip(path, size)
+        return "zip"
+    if _is_pickle(head):
+        return "pickle"
+    raise CheckpointError(f"{path} is not a weights file: it is {_what_is(head)}; expected a PyTorch checkpoint "
+                          "(.ckpt/.pth written by torch.save) or a .safetensors file. Check the path")
+
+
+def _torch_load(path: Path, kind: str) -> object:
+    """``torch.load`` with ``weights_only=True`` and the allow-list; never falls back to full unpickling.
+
+    torch's own warnings (pickle protocol notes, advice to pass ``weights_only=False``) are logged at debug level:
+    they are not for users, and the advice is the opposite of this module's policy.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _torch_load_allowed(path)
+        except pickle.UnpicklingError as exc:
+            raise _unpickling_error(path, kind, exc) from None
+        except EOFError:
+            raise CheckpointError(f"{path} ends too early: the file is truncated; copy or download it again") \
+                from None
+        except Exception as exc:  # the unpickler fails in many ways (KeyError, IndexError...) on damaged data
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path} is a damaged PyTorch {'archive' if kind == 'zip' else 'pickle'} "
+                                  f"({type(exc).__name__}: {reason}): copy or download it again") from None
+        finally:
+            for w in caught:
+                _logger.debug("torch warned while loading %s: %s", path, w.message)
+
+
+def _torch_load_allowed(path: Path) -> object:
     kwargs: dict = {"map_location": "cpu", "weights_only": True}
     safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    try:
-        if safe_globals is None:
-            # torch 2.4 has only the process-wide add_safe_globals, without renamed stand-ins (Lightning's
-            # AttributeDict stays refused: convert such files once with `dinomix model convert` on torch >= 2.5);
-            # older torch has no allow-list, and weights_only alone still refuses every non-tensor global.
-            add = getattr(torch.serialization, "add_safe_globals", None)
-            if add is not None:
-                add([g for g in _allowed_globals() if not isinstance(g, tuple)])
+    if safe_globals is None:
+        # torch 2.4 has only the process-wide add_safe_globals, without renamed stand-ins (Lightning's
+        # AttributeDict stays refused: convert such files once with `dinomix model convert` on torch >= 2.5);
+        # older torch has no allow-list, and weights_only alone still refuses every non-tensor global.
+        add = getattr(torch.serialization, "add_safe_globals", None)
+        if add is not None:
+            add([g for g in _allowed_globals() if not isinstance(g, tuple)])
+        return torch.load(path, **kwargs)
+    with safe_globals(_allowed_globals()):
+        try:
+            return torch.load(path, mmap=True, **kwargs)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
             return torch.load(path, **kwargs)
-        with safe_globals(_allowed_globals()):
-            try:
-                return torch.load(path, mmap=True, **kwargs)
-            except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(path, **kwargs)
-    except pickle.UnpicklingError as exc:
-        blocked = _blocked_globals(path)
-        what = ", ".join(blocked) if blocked else _unpickler_reason(exc)
-        raise UnsafeCheckpointError(
-            f"{path} pickles Python objects that safe loading does not allow ({what}); loading it could run "
-            "arbitrary code, so it is refused. If you trust the file, extract its weights once in a trusted "
-            "environment: torch.save({'state_dict': torch.load(f, weights_only=False)['state_dict']}, out), or "
-            "run `dinomix model convert` with torch >= 2.5"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupted?): {exc}") from exc
+
+
+def _unpickling_error(path: Path, kind: str, exc: Exception) -> CheckpointError:
+    """An unsafe pickle (naming the globals it needs, with advice that works on this torch), or a pickle that is
+    not a checkpoint."""
+    blocked = _blocked_globals(path) or sorted(set(_BLOCKED_GLOBAL.findall(str(exc))))
+    if blocked:
+        return UnsafeCheckpointError(
+            f"{path} pickles Python objects that safe loading does not allow ({', '.join(blocked)}): loading it "
+            f"could run arbitrary code, so it is refused. {_unsafe_advice(path, blocked)}")
+    return CheckpointError(
+        f"{path} is a Python pickle that safe loading cannot read ({_unpickler_reason(exc)}); it is not a "
+        f"{'PyTorch checkpoint' if kind == 'pickle' else 'checkpoint written by torch.save'}. Check the path")
+
+
+def _unsafe_advice(path: Path, blocked: list[str], *, has_safe_globals: bool | None = None) -> str:
+    """What to do about an unsafe checkpoint, with the torch installed here (``has_safe_globals``: torch >= 2.5)."""
+    if has_safe_globals is None:
+        has_safe_globals = hasattr(torch.serialization, "safe_globals")
+    if not has_safe_globals and all(name.endswith(_LIGHTNING_ATTRIBUTE_DICT) for name in blocked):
+        return (f"Only Lightning's hyper-parameters block it, which torch {torch.__version__} cannot allow safely: "
+                f"convert it once on a machine with torch >= 2.5 (`dinomix model convert {path} "
+                "dinomix.safetensors`) and use the .safetensors file here")
+    return ("If you trust the file, extract its weights once (this runs the pickled code): python -c \"import torch; "
+            f"c = torch.load('{path}', weights_only=False); torch.save({{'state_dict': c.get('state_dict', c)}}, "
+            "'weights.ckpt')\", then use weights.ckpt")
 
 
 def _unpickler_reason(exc: Exception) -> str:
     """The line of torch's (multi-line, advice-laden) refusal that says what was refused, e.g. "Trying to load
     unsupported GLOBAL posix.system whose module posix is blocked." (torch's advice to load unsafely is dropped)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for key in ("GLOBAL", "Unsupported", "WeightsUnpickler error"):
+    for key in ("GLOBAL", "Unsupported"):  # the refused global or instruction, when torch names it
         for line in lines:
             if key in line and not line.startswith("Please file an issue"):
                 return line.split(" Please ")[0]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[-1].strip() or (lines[i + 1] if i + 1 < len(lines)
+                                                                              else "")
+            return reason or type(exc).__name__
     return lines[0] if lines else type(exc).__name__
 
 
@@ -226,7 +350,7 @@ def _blocked_globals(path: Path) -> list[str]:
         allowed = {name if isinstance(name, str) else f"{name.__module__}.{name.__qualname__}"
                    for name in (g[1] if isinstance(g, tuple) else g for g in _allowed_globals())}
         return sorted(set(finder(path)) - allowed)
-    except Exception:  # best effort: only for the error message
+    except Exception:  # best effort, only for the message: legacy (non-zip) files are not supported by the finder
         return []
 
 
@@ -243,13 +367,8 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str, d
         CheckpointError: unreadable or not a state dict.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"weights file {path} does not exist")
-    if not path.is_file():  # never opened: a FIFO would block, a device never end
-        raise CheckpointError(f"{path} is not a regular file (a directory, FIFO or device?); pass the weights file")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if _looks_like_safetensors(head):
+    kind = _sniff(path)
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open
 
@@ -259,7 +378,7 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str, d
             return load_file(str(path), device="cpu"), "safetensors", meta
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    obj = _torch_load(path)
+    obj = _torch_load(path, kind)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a state dict or a Lightning checkpoint")
     if isinstance(obj.get("state_dict"), dict):

@@ -8,7 +8,8 @@ image on ``/camera/image_raw``:
    services, saved with ``~/save_map`` and reloaded with ``~/load_map``;
 3. the revisits (images 41-84) are localized against that map: the script prints each match, recall@N and
    precision/recall against the ground truth, the latency from publishing an image to receiving its matches, and
-   saves plots (matches, precision/recall) and a JSON report in the output folder.
+   saves plots (matches, precision/recall), ``report.json`` and ``report.md`` (the same table and numbers for a
+   person, with the plots embedded and explained) in the output folder.
 
 Without ``--checkpoint`` the model has seeded random weights: the pipeline runs end to end, but similarity
 scores carry no place information and the numbers are meaningless. With the official DINO-Mix weights
@@ -173,14 +174,53 @@ def run(client: RosClient, node: NodeProcess, images: list[Path], gt: np.ndarray
     print(f"\n3. results{'  (RANDOM WEIGHTS: meaningless)' if random_weights else ''}")
     for line in report["summary"]:
         print(f"  {line}")
-    plot_matches(rows, images, out / "matches.png", random_weights)
+    shown = plot_matches(rows, images, out / "matches.png", random_weights)
     curve = precision_recall_curve(np.array([r["similarity"][0] if r["similarity"] else -1.0 for r in rows]),
                                    np.array([r["correct"] for r in rows]), np.array([r["has_loop"] for r in rows]))
     plot_pr_curve({"DINO-Mix (node)": curve}, out / "precision_recall.png", mark_threshold=args.min_similarity,
                   title="corridor revisits vs first-pass map" + (" - RANDOM WEIGHTS" if random_weights else ""))
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(dict(report, queries=rows, pr_curve=curve.to_dict()), indent=2))
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown_report(report, rows, shown, args))
     return True
+
+
+def markdown_report(report: dict, rows: list[dict], shown: list[dict], args: argparse.Namespace) -> str:
+    """``report.md``: the numbers, the per-query table and the two plots, each with what its colours and symbols
+    mean and how many queries it shows."""
+    with_loop = sum(r["has_loop"] for r in rows)
+    lines = ["# dinomix demo: corridor revisits localized against the first-pass map", ""]
+    if report["random_weights"]:
+        lines += ["**RANDOM WEIGHTS: no checkpoint was given, so every score below is meaningless.** For real numbers: "
+                  '`make demo ARGS="--checkpoint /path/to/dinov2_vitb14_mix.ckpt"`.', ""]
+    lines += [f"The first {report['first_pass']} images were recorded as the map; each of the {len(rows)} later "
+              f"images was published as a camera frame and matched by the node ({with_loop} of them revisit a place "
+              "of the map according to the ground truth). A match is *accepted* when its similarity reaches "
+              f"`matching.min_similarity` = {args.min_similarity}; it is *correct* when the ground truth marks the "
+              "matched map image as the same place.", "", "## Numbers", ""]
+    lines += [f"- {line}" for line in report["summary"]]
+    lines += ["", "## Plots", "",
+              "![best matches](matches.png)", "",
+              f"`matches.png`: {len(shown)} of the {with_loop} queries that have a ground-truth loop, evenly spaced "
+              "through the revisit (every query is in the table below). Top row: the query image; bottom row: its "
+              "best match in the map with the similarity. Title colours: **green** = the best match is correct, "
+              "**red** = it is not.", "",
+              "![precision and recall](precision_recall.png)", "",
+              f"`precision_recall.png`: all {len(rows)} queries. The step curve is precision against recall when "
+              "every query whose best similarity reaches a threshold is accepted, over all thresholds; the dot is "
+              f"the node's `min_similarity` ({args.min_similarity}), with its precision and recall. AP is the area "
+              "under the curve. Recall counts the queries that have a ground-truth loop.", "",
+              f"## All {len(rows)} queries", "",
+              "| query | best match | similarity | accepted | correct | ground-truth loops |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        best = r["matches"][0] if r["matches"] else "-"
+        sim = f"{r['similarity'][0]:.4f}" if r["similarity"] else "-"
+        correct = "yes" if r["correct"] else ("no" if r["has_loop"] else "- (no loop)")
+        lines.append(f"| {r['query']} | {best} | {sim} | {'yes' if r['accepted'] else 'no'} | {correct} | "
+                     f"{', '.join(r['truth']) or 'none'} |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(rows: list[dict], latencies: dict[int, float], n_first: int, args: argparse.Namespace,
@@ -220,15 +260,23 @@ def image_message(path: Path, stamp: int) -> Any:
     return msg
 
 
-def plot_matches(rows: list[dict], images: list[Path], path: Path, random_weights: bool, n: int = 8) -> None:
-    """Query images (top) above their best match in the map (bottom), green when correct."""
+def plot_matches(rows: list[dict], images: list[Path], path: Path, random_weights: bool, n: int = 8) -> list[dict]:
+    """Query images (top) above their best match in the map (bottom), titled green when correct, red when not.
+
+    Returns:
+        The rows shown: up to ``n`` of the queries with a ground-truth loop, evenly spaced.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
     from PIL import Image
 
     by_name = {p.name: p for p in images}
-    picked = [r for r in rows if r["has_loop"]][:: max(1, len([r for r in rows if r["has_loop"]]) // n)][:n]
-    fig = Figure(figsize=(2.2 * len(picked), 4.6))
+    looped = [r for r in rows if r["has_loop"]]
+    picked = looped[:: max(1, len(looped) // n)][:n]
+    if not picked:
+        return []
+    fig = Figure(figsize=(2.2 * max(len(picked), 4), 5.0))
     FigureCanvasAgg(fig)
     for k, r in enumerate(picked):
         top, bottom = fig.add_subplot(2, len(picked), k + 1), fig.add_subplot(2, len(picked), len(picked) + k + 1)
@@ -241,10 +289,14 @@ def plot_matches(rows: list[dict], images: list[Path], path: Path, random_weight
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("best match per revisit query" + (" (RANDOM WEIGHTS: meaningless)" if random_weights else ""))
-    fig.tight_layout()
+    fig.suptitle(f"best match of {len(picked)} of the {len(looped)} revisit queries with a ground-truth loop "
+                 "(evenly spaced)" + (" - RANDOM WEIGHTS: meaningless" if random_weights else ""), fontsize=10)
+    fig.legend(handles=[Patch(color="green", label="best match correct (a ground-truth loop)"),
+                        Patch(color="red", label="best match wrong")], loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
+    return picked
 
 
 def rmw_available(rmw: str) -> bool:

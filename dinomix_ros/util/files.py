@@ -1,7 +1,13 @@
-"""Crash-safe file writing: write beside the target, fsync, then rename over it; and directory fsync.
+"""Crash-safe file writing: write beside the target, fsync, then rename over it; directory fsync; output checks.
 
 This module is the one place that writes files atomically (:func:`atomic_path`) and makes renames durable
 (:func:`fsync_dir`). Everything that must never leave a half-written file uses it: maps, checkpoints, reports, plots.
+New files get the mode ``open()`` gives (0o666 less the umask: 0644 under the usual umask 022), so another account
+(a robot's service user, a colleague) can read them as it reads the maps.
+
+:func:`check_output_file` and :func:`check_output_dir` refuse an output that cannot be written (a directory where a
+file is expected, a wrong extension, a place this process cannot create files in) before any work starts, so a long
+run never ends in an errno about a temporary file.
 
 Temporary files are created in the target's own directory (a rename is atomic only within one file system), named
 ``.tmp-<target name>.<random hex>`` (:data:`TMP_PREFIX`), so a crash leaves at most such a hidden file behind. The map
@@ -16,10 +22,11 @@ import errno
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TMP_PREFIX", "atomic_path", "fsync_dir"]
+__all__ = ["TMP_PREFIX", "OutputPathError", "atomic_path", "fsync_dir", "check_output_file", "check_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +34,10 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written as asked (a directory, a wrong extension, a read-only place)."""
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -63,7 +74,8 @@ def atomic_path(target: str | os.PathLike[str], *, sync_dir: bool = True) -> Ite
     Write the temporary file by path inside the ``with`` block (and close it there). A crash at any point leaves
     either the old ``target`` or the new one, never a partial file. On an exception (or ``KeyboardInterrupt``) the
     temporary file is removed, ``target`` is untouched, and the exception propagates. The target's directory is
-    created if missing; the new file gets the mode ``open()`` would give it (0o666 less the umask).
+    created if missing; the new file gets the mode ``open()`` would give it (0o666 less the umask), even when the
+    writer replaced the temporary file with one of another mode.
 
     Args:
         target: The file to write.
@@ -82,12 +94,20 @@ def atomic_path(target: str | os.PathLike[str], *, sync_dir: bool = True) -> Ite
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{TMP_PREFIX}{target.name}.{secrets.token_hex(6)}"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666))  # never reuse an existing file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)  # never reuse an existing file
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as open() gives
+    finally:
+        os.close(fd)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | _CLOEXEC)
         try:
             os.fsync(fd)
+            # Some writers replace the file by path with one of their own (safetensors' save_file makes it 0600):
+            # the target gets the mode of the file created above all the same.
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -97,3 +117,69 @@ def atomic_path(target: str | os.PathLike[str], *, sync_dir: bool = True) -> Ite
         raise
     if sync_dir:
         fsync_dir(target.parent)
+
+
+def check_output_file(path: str | os.PathLike[str], suffixes: tuple[str, ...], *, what: str) -> Path:
+    """Refuse an output file that cannot be written, before any work: call it first, then write with atomic_path.
+
+    Args:
+        path: the file to write (it may exist: it is replaced).
+        suffixes: accepted extensions, lower case with the dot (``(".npy",)``); compared case-insensitively.
+        what: how the user named it, for messages (``--out``, ``OUT``).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OutputPathError: ``path`` is a directory, has another extension, or its folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a directory; expected a file name such as "
+                              f"{path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{what} {path} has the extension {path.suffix or '(none)'!r}; expected "
+                              f"{' or '.join(suffixes)} (the file is written in that format)")
+    _check_writable_folder(path.parent, what, path)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike[str], *, what: str) -> Path:
+    """Refuse an output folder that cannot be written, before any work (it may exist, or is created later).
+
+    Args:
+        path: the folder to write into.
+        what: how the user named it, for messages (``--out``, ``OUT``).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OutputPathError: ``path`` is an existing file, or it (or its nearest existing parent) cannot be written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path} is a file; expected a folder (a new path, or an existing folder)")
+    _check_writable_folder(path, what, path)
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
+    """``folder``, or its nearest existing parent (where the missing folders will be made), takes new files."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{what} {target}: {existing} is a file, so the folder {folder} cannot be created; "
+                              "choose another path")
+    # A real probe, not os.access: root passes every access() check, yet cannot create files on /proc or /sys or
+    # a read-only mount. The probe carries the temporary-file prefix, so a crash leaves only such a file behind.
+    probe = existing / f"{TMP_PREFIX}probe.{secrets.token_hex(6)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+    except OSError as exc:
+        raise OutputPathError(f"{what} {target}: cannot create files in {existing} ({exc.strerror}); choose a "
+                              "folder you can write to") from None
+    os.unlink(probe)

@@ -30,7 +30,7 @@ def test_describe_files_and_folders_in_input_order(tmp_path: Path, corridor: Pat
     assert code == 0
     desc = np.load(out, allow_pickle=False)
     assert desc.shape == (3, 4096) and desc.dtype == np.float32
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads((tmp_path / "desc.npy.json").read_text())  # named after its output
     assert [Path(p).name for p in sidecar["images"]] == ["5.jpg", "2.jpg", "10.jpg"]
     assert sidecar["model"]["fingerprint"]["id"] == random_model("vits14", 0).fingerprint.id
     expected = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu")).describe(

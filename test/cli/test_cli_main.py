@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from bagfactory import photo_frames, write_camera_bag
 
-from dinomix_ros.cli.main import build_parser
+from dinomix_ros.cli.main import build_parser, main
+from dinomix_ros.evaluation.calibration import CalibrationConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.maps.build import BagMapConfig
@@ -25,7 +27,7 @@ from dinomix_ros.util.dtypes import FLOAT_DTYPES
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = (EncoderConfig, ModelSource, ImageConfig, IndexConfig, StorageConfig, KeyframeGateConfig,
-            PosePairingConfig, MatcherConfig, BagMapConfig)
+            PosePairingConfig, MatcherConfig, BagMapConfig, CalibrationConfig)
 #: (command, flag) -> default where the command deliberately differs from the setting's default.
 DEFAULT_OVERRIDES = {("map eval", "--exclude-recent-count"): 10}
 #: (command or None for all, flag) declared by hand because argparse needs a special form (a required either-or pair,
@@ -84,6 +86,7 @@ def test_setting_flags_have_the_settings_default_help_and_choices(parsers: dict)
     gate = {"--min-distance-m", "--min-rotation-deg", "--min-interval-s", "--max-interval-s"}
     for command in ("map build", "map eval"):
         assert {(command, f) for f in gate | {"--pose-max-gap-s"}} <= seen
+    assert ("map eval", "--min-positives") in seen
     assert {("map build", "--storage-dtype"), ("map build", "--index"), ("map build", "--max-gps-gap-s"),
             ("map query", "--top-k"), ("map query", "--index"), ("map eval", "--exclude-recent-count"),
             ("bench", "--device"), ("bench", "--batch-size"), ("bench", "--cuda-graphs")} <= seen
@@ -189,3 +192,98 @@ def test_help_and_map_info_do_not_import_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert '"keyframes": 0' in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_is_plain_text_and_shows_only_meaningful_defaults(parsers: dict) -> None:
+    for command, parser in parsers.items():
+        text = parser.format_help()
+        assert "``" not in text and ":mod:" not in text and ":func:" not in text, command
+        assert "(default: None)" not in text and "(default: False)" not in text, command
+    describe_help = parsers["describe"].format_help()
+    assert "--out OUT             output .npy file (N x 4096 float32)\n" in describe_help  # required: no default
+    assert "(default: 1.0)" in parsers["map build"].format_help()  # a real default is still shown
+
+
+def test_an_option_given_twice_is_refused_and_a_collecting_option_keeps_every_value(
+        capsys: pytest.CaptureFixture) -> None:
+    base = ["map", "build", "out.dinomap", "--random-weights"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(base + ["--bag", "a", "--bag", "b"])
+    assert exc.value.code == 2
+    assert "--bag was given twice (a and b); it takes one value: for poses recorded into another bag, give that " \
+           "one as --pose-bag" in capsys.readouterr().err
+    for argv in (["--images", "x", "--geotags", "csv", "--geotags", "exif"], ["--images", "x", "--seed", "1",
+                                                                              "--seed", "2"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(base + argv)
+        assert "was given twice" in capsys.readouterr().err
+    args = build_parser().parse_args(base + ["--bag", "a", "--image-topic", "/a", "--image-topic", "/b",
+                                             "--camera", "front", "--camera", "rear"])
+    assert args.image_topics == ["/a", "/b"] and args.cameras == ["front", "rear"] and str(args.bag) == "a"
+    with pytest.raises(SystemExit):  # top-level flags too: one parser class for every level
+        build_parser().parse_args(["map", "eval", "--database", "d", "--database", "e", "--random-weights"])
+
+
+def _run_cli(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "dinomix_ros.cli.main", *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_successful_runs_are_quiet_verbose_logs_each_line_once(
+        tmp_path: Path, corridor_subset: Path, capsys: pytest.CaptureFixture) -> None:
+    fingerprint = {"id": "dmx-00000000000000aa", "architecture": "dinomix_vits14", "weights_sha256": "ab" * 32,
+                   "preprocessing": "rgb resize 224 imagenet-norm", "descriptor_dim": 8}
+    KeyframeMap.empty(fingerprint).save(tmp_path / "m.dinomap")
+    quiet = _run_cli("map", "info", "m.dinomap", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith("map ")
+    assert "dinomix --debug map info m.dinomap" in _run_cli("--debug", "map", "info", "m.dinomap", cwd=tmp_path).stderr
+    failed = _run_cli("map", "info", "missing.dinomap", cwd=tmp_path)
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert failed.stderr == "dinomix: error: no map at missing.dinomap: the directory does not exist\n"
+
+    model = ["--random-weights", "--device", "cpu", "--batch-size", "4"]
+    capsys.readouterr()
+    assert main(["map", "build", str(tmp_path / "a.dinomap"), "--images", str(corridor_subset), "--geotags", "none",
+                 *model]) == 0
+    err = capsys.readouterr().err  # only the warning that the weights are random
+    assert err == "dinomix: warning: using RANDOM weights (dinov2_vits14, seed 0): similarity scores are " \
+                  "meaningless\n"
+    assert main(["--verbose", "map", "build", str(tmp_path / "b.dinomap"), "--images", str(corridor_subset),
+                 "--geotags", "none", *model]) == 0
+    lines = [line.split(" ", 2)[-1] for line in capsys.readouterr().err.splitlines()]  # without the time stamp
+    assert len(lines) >= 5 and len(lines) == len(set(lines)), lines
+    assert not any("dinomix map build" in line for line in lines)  # the command line is a DEBUG line
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``dinomix map topics BAG | head -1``: the reader goes away before everything is written."""
+    bag = write_camera_bag(tmp_path / "bag", frames=photo_frames(2), gps_topic="/gps/fix")
+    code = (
+        "import os, sys\n"
+        "from dinomix_ros.cli.main import main\n"
+        "read, write = os.pipe()\n"
+        "os.close(read)\n"  # the reader is gone before anything is written
+        "os.dup2(write, 1)\n"
+        f"code = main(['map', 'topics', {str(bag.path)!r}])\n"
+        "sys.stderr.write(f'exit {code}')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + str(REPO / "test"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == "exit 141", out.stderr  # no "Broken pipe" line, no traceback
+
+
+def test_map_topics_imports_no_torch(tmp_path: Path) -> None:
+    bag = write_camera_bag(tmp_path / "bag", frames=photo_frames(2))
+    code = (
+        "import contextlib, io, sys\n"
+        "from dinomix_ros.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        f"    assert main(['map', 'topics', {str(bag.path)!r}]) == 0\n"
+        "assert '/camera/image_raw' in out.getvalue()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'faiss', 'matplotlib', 'rclpy'}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -39,7 +39,7 @@ def test_build_info_query_from_a_folder(tmp_path: Path, corridor_subset: Path, c
     (query,) = result["queries"]
     best, *others = query["candidates"]
     assert (best["rank"], best["keyframe_id"], best["source"]) == (0, 2, str(corridor / "17.jpg"))
-    assert best["similarity"] == pytest.approx(1.0, abs=1e-3)  # float16 storage
+    assert best["similarity"] == pytest.approx(1.0, abs=1e-3) and best["similarity"] <= 1.0  # float16, clamped
     assert [c["rank"] for c in others] == [1, 2] and all(c["similarity"] < best["similarity"] for c in others)
     assert best["position"] is None and best["gps"] is None and result["note"].startswith("random weights")
 
@@ -68,9 +68,10 @@ def test_bag_topics_build_append_eval_and_calibrate(tmp_path: Path, capsys: pyte
     # Every frame as a query; with a 0.1 m radius only the three keyframes have a positive: themselves.
     eval_dir = tmp_path / "eval"
     summary = run_json(capsys, "map", "eval", "--map", out, "--bag", bag.path, "--image-topic", "/camera/image_raw",
-                       "--pose-topic", "/odom", "--radius-m", "0.1", "--out", eval_dir, "--calibrate", out, *MODEL)
-    assert summary["recall"] == {"recalls": {"1": 1.0, "5": 1.0, "10": 1.0, "20": 1.0}, "num_queries": 3,
-                                 "num_without_positives": 3}
+                       "--pose-topic", "/odom", "--radius-m", "0.1", "--out", eval_dir, "--calibrate", out,
+                       "--min-positives", "3", *MODEL)
+    # 3 keyframes: only R@1 says something (R@5 and above would hold the whole map)
+    assert summary["recall"] == {"recalls": {"1": 1.0}, "num_queries": 3, "num_without_positives": 3}
     assert summary["note"] == "random weights: scores are meaningless" and summary["num_queries"] == 6
     full = json.loads((eval_dir / "report.json").read_text())
     assert full["frame"] == "odom" and full["skipped"]["no_pose"] == 0
@@ -80,6 +81,7 @@ def test_bag_topics_build_append_eval_and_calibrate(tmp_path: Path, capsys: pyte
     assert threshold is not None and threshold > 0.99  # the keyframes find themselves at ~1.0
     calibration = read_manifest(out)["metadata"]["calibration"]
     assert calibration["min_similarity"] == threshold and calibration["target_precision"] == 0.95
+    assert calibration["correct_matches"] == 3 and summary["calibration"]["min_positives"] == 3
     assert calibration["setup"] == "bag" and calibration["note"].startswith("random weights")
     assert calibration["report"] == str(eval_dir / "report.json")
     assert read_manifest(out)["files"]["index"]["kind"] == "faiss_hnsw_ip"  # calibrating kept the stored index
@@ -126,3 +128,54 @@ def test_map_errors_exit_2_with_a_clear_message(tmp_path: Path, corridor_subset:
     assert f"{out} already holds a map; pass --append" in error(
         "map", "build", out, "--images", corridor, *MODEL)
     assert "no map at" in error("map", "info", tmp_path / "nothing.dinomap")
+
+
+def test_build_with_images_and_poses_from_two_bags(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    frames = photo_frames(6)
+    motion = Motion(velocity=(1.5, 0.0, 0.0))
+    camera = write_camera_bag(tmp_path / "camera", frames=frames, image_format="jpeg", motion=motion, pose_kind=None)
+    rest = write_camera_bag(tmp_path / "rest", frames=frames, image_topics=("/unused",), motion=motion,
+                            gps_topic="/gps/fix")
+    built = run_json(capsys, "map", "build", tmp_path / "two.dinomap", "--bag", camera.path, "--pose-bag", rest.path,
+                     "--image-topic", "/camera/image_raw", "--pose-topic", "/odom", "--gps-topic", "/gps/fix",
+                     *MODEL)
+    assert (built["report"]["images_seen"], built["report"]["added"], built["report"]["no_pose"]) == (6, 3, 0)
+    kmap = KeyframeMap.load(tmp_path / "two.dinomap")
+    np.testing.assert_allclose(kmap.positions[:, 0], [0.0, 0.6, 1.2], atol=1e-9)
+    assert set(kmap.utm_zones.tolist()) == {33}
+    build = read_manifest(tmp_path / "two.dinomap")["metadata"]["builds"][0]["config"]
+    assert (build["bag"], build["pose_bag"]) == (str(camera.path), str(rest.path))
+
+    def error(*argv: str | Path) -> str:
+        return run_error(capsys, caplog, *argv)
+
+    assert f"pose topic /odom is not in the bag {camera.path}" in error(
+        "map", "build", tmp_path / "one.dinomap", "--bag", camera.path, "--image-topic", "/camera/image_raw",
+        "--pose-topic", "/odom", *MODEL)
+    assert error("map", "build", tmp_path / "one.dinomap", "--images", tmp_path, "--pose-bag", rest.path,
+                 *MODEL) == "--pose-bag does not apply to --images (they are bag options)"
+
+
+def test_messages_about_files_that_are_not_what_was_asked(tmp_path: Path, corridor_subset: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    def error(*argv: str | Path) -> str:
+        return run_error(capsys, caplog, *argv)
+
+    image = corridor_subset / "1.jpg"
+    assert error("map", "info", image) == \
+        f"no map at {image}: it is a file, but a map is a directory holding manifest.json"  # its folder is no map
+    run_json(capsys, "map", "build", tmp_path / "m.dinomap", "--images", corridor_subset, "--geotags", "none", *MODEL)
+    assert error("map", "info", tmp_path / "m.dinomap" / "manifest.json").endswith(
+        f"(pass the map directory {tmp_path / 'm.dinomap'})")
+    nested = tmp_path / "nested"
+    (nested / "run1").mkdir(parents=True)
+    (nested / "run1" / "a.jpg").write_bytes(image.read_bytes())
+    message = error("map", "build", tmp_path / "n.dinomap", "--images", nested, *MODEL)
+    assert message.endswith(f"; sub-folders are not searched, and {nested / 'run1'} holds images: pass it")
+    assert "recursive" not in message
+    (tmp_path / "notes.ckpt").write_text("these are my notes\n")
+    assert error("model", "info", tmp_path / "notes.ckpt") == (
+        f"{tmp_path / 'notes.ckpt'} is not a weights file: it is a text file starting 'these are my notes'; expected "
+        "a PyTorch checkpoint (.ckpt/.pth written by torch.save) or a .safetensors file. Check the path")

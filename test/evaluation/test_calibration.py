@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dinomix_ros.evaluation.calibration import (
+    CalibrationConfig,
     CalibrationError,
     check_calibration_target,
     check_same_model,
@@ -50,7 +51,7 @@ def test_store_calibration_records_threshold_and_summary(tmp_path: Path) -> None
     report = assemble_report(folder_result([0.9, 0.8, 0.4], [True, True, False]), model=model, target_precision=1.0)
     assert report["calibration"]["min_similarity"] == 0.8 and report["calibration"]["recall_at_target"] == 2 / 3
 
-    record = store_calibration(path, model, report, tmp_path / "run" / REPORT_FILE)
+    record = store_calibration(path, model, report, tmp_path / "run" / REPORT_FILE, CalibrationConfig(min_positives=2))
 
     stored = read_manifest(path)["metadata"]["calibration"]
     assert stored == record and "note" not in stored

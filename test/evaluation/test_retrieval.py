@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dinomix_ros.evaluation.inputs import EvaluationError
-from dinomix_ros.evaluation.retrieval import RecallResult, positives_within, recall_at_n
+from dinomix_ros.evaluation.retrieval import DEFAULT_NS, RecallResult, ns_within, positives_within, recall_at_n
 
 # ----------------------------------------------------------------------------------------------- reference code
 
@@ -170,3 +170,11 @@ def test_recall_result_dict_round_trip() -> None:
 def test_recall_at_n_rejects_bad_input(predictions, positives, ns, match) -> None:
     with pytest.raises(EvaluationError, match=match):
         recall_at_n(predictions, [np.asarray(p) for p in positives], ns)
+
+
+def test_ns_within_keeps_the_n_that_a_search_of_that_size_can_fail() -> None:
+    assert ns_within(15) == (1, 5, 10)  # a 15-image database: R@20 would count every query as found
+    assert ns_within(21, DEFAULT_NS) == (1, 5, 10, 20)
+    assert ns_within(20) == (1, 5, 10)  # R@20 of 20 images is 1.0 whatever the ranking
+    assert ns_within(3) == (1,) and ns_within(1) == (1,) and ns_within(0) == (1,)
+    assert ns_within(7, (10, 5, 1)) == (1, 5)

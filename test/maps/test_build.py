@@ -97,6 +97,36 @@ def test_bag_map_keyframes_poses_and_geotags(tmp_path: Path, encoder: Encoder, s
     assert cosine.min() > (0.9999 if image_format == "rgb8" else 0.98)
 
 
+def test_images_from_one_bag_poses_and_gps_from_another(tmp_path: Path, encoder: Encoder) -> None:
+    """A camera bag and a bag with the rest of the drive (odometry, GNSS), recorded at the same time, give the map
+    that one bag holding everything gives."""
+    motion = Motion(velocity=(1.0, 0.0, 0.0))
+    frames = photo_frames(8)
+    together = write_camera_bag(tmp_path / "together", frames=frames, motion=motion, gps_topic="/gps/fix")
+    images = write_camera_bag(tmp_path / "camera", frames=frames, motion=motion, pose_kind=None)
+    # The pose bag has images too, on another topic: only its pose and GPS topics may be read.
+    poses = write_camera_bag(tmp_path / "rest", frames=frames[::-1], motion=motion, image_topics=("/other/image",),
+                             gps_topic="/gps/fix")
+    config = BagMapConfig(image_topics="/camera/image_raw", pose_topic="/odom", gps_topic="/gps/fix")
+    expected, expected_report = build_map_from_bag(together.path, encoder, config, progress=False)
+    kmap, report = build_map_from_bag(images.path, encoder, config, progress=False, pose_bag=poses.path)
+
+    assert report.added == expected_report.added == 3 and report.no_pose == 0 and report.no_geotag == 0
+    assert report.source == f"bag:{images.path} poses:{poses.path}"
+    np.testing.assert_array_equal(kmap.stamps_ns, expected.stamps_ns)
+    np.testing.assert_array_equal(kmap.positions, expected.positions)
+    np.testing.assert_array_equal(kmap.gps, expected.gps)
+    np.testing.assert_array_equal(kmap.descriptors_f32(), expected.descriptors_f32())
+    assert kmap.frames == ["odom"] and kmap.sources.tolist() == expected.sources.tolist()
+
+    # The pose topic is looked up in the pose bag only, and the message names that bag.
+    with pytest.raises(BagError, match=rf"pose topic /odom is not in the bag {images.path}"):
+        check_bag_config(images.path, config)
+    with pytest.raises(BagError, match=rf"image topic /camera/image_raw is not in the bag {poses.path}"):
+        check_bag_config(poses.path, config, pose_bag=poses.path)
+    assert check_bag_config(images.path, config, pose_bag=poses.path)["/gps/fix"][0] == "sensor_msgs/msg/NavSatFix"
+
+
 def test_two_cameras_gate_separately(tmp_path: Path, encoder: Encoder) -> None:
     # Turning on the spot at 40 deg/s, 5 Hz: 8 deg per frame, so every second frame passes the 15 deg rule.
     motion = Motion(velocity=(0.0, 0.0, 0.0), yaw_rate=np.radians(40.0))

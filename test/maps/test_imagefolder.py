@@ -61,8 +61,14 @@ def test_list_images_errors(tmp_path):
     with pytest.raises(ImageFolderError, match=r"is a file, not a folder"):
         list_images(tmp_path / "file.txt")
     _png(tmp_path / "sub" / "1.png")
-    with pytest.raises(ImageFolderError, match=r"no images found in .*\.jpg.*recursive=True"):
+    with pytest.raises(ImageFolderError, match=r"no images found in .*\.webp; sub-folders are not searched, and "
+                                               r".*sub holds images: pass it") as exc:
         list_images(tmp_path)
+    assert "recursive" not in str(exc.value)  # a Python argument the command line does not have
+    (tmp_path / "sub" / "1.png").unlink()
+    with pytest.raises(ImageFolderError, match=r"\.webp$"):  # no hint when no sub-folder holds images either
+        list_images(tmp_path)
+    _png(tmp_path / "sub" / "1.png")
     assert len(list_images(tmp_path, recursive=True)) == 1
     assert issubclass(ImageFolderError, FileNotFoundError)
 

@@ -593,7 +593,7 @@ def test_index_for_map_uses_a_fresh_stored_index_and_rebuilds_a_stale_one(
     assert rebuilt.ntotal == 203
     D, I = rebuilt.search(xb[:5], 1)  # noqa: E741
     assert I[:, 0].tolist() == [0, 1, 2, 3, 4]
-    assert "built a hnsw index over 203 rows" in caplog.text and "no fresh stored index" in caplog.text
+    assert "hnsw index built over 203 rows" in caplog.text and "no fresh stored index" in caplog.text
     with pytest.raises(IndexConfigError, match="index kind 'lsh' is unknown"):
         index_for_map(loaded, "lsh", "cpu")
 
@@ -625,3 +625,19 @@ def test_save_map_stores_only_a_fresh_approximate_index(tmp_path: Path, rng: np.
     grown.add(unit(rng.standard_normal((1, 32))), stamps_ns=[999], cameras="cam", frame_ids="map")
     save_map(grown, tmp_path / "c.dinomap", hnsw)  # the index misses the new row: not stored
     assert KeyframeMap.load(tmp_path / "c.dinomap").index_blob is None
+
+
+@pytest.mark.parametrize("kwargs", EXACT_CPU + [pytest.param({"kind": "hnsw"}, id="hnsw")])
+def test_similarities_never_exceed_one(kwargs, rng):
+    """float16 storage (the maps' default) rounds unit vectors to norms up to about 1 + 5e-4: an image matched with
+    itself scored 1.000008 before the index clamped what it returns to [-1, 1]."""
+    x = unit(rng.standard_normal((4000, 256)))
+    raw = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float16).astype(np.float64))
+    over = x[raw > 1.0 + 1e-6][:50]
+    assert len(over) >= 10  # the float16 copies of these score above 1 against the originals
+    index = PlaceIndex(256, **kwargs)
+    index.add(over.astype(np.float16))
+    D, I = index.search(over, 3)  # noqa: E741
+    assert D.max() <= 1.0 and np.isfinite(D).all()
+    np.testing.assert_array_equal(I[:, 0], np.arange(len(over)))
+    np.testing.assert_allclose(D[:, 0], 1.0, atol=1e-3)

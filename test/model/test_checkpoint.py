@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import pickle
+import re
+import subprocess
 import sys
 import types
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +28,7 @@ from dinomix_ros.model import (
     random_model,
     save_model,
 )
-from dinomix_ros.model.checkpoint import ModelFingerprint, infer_variant
+from dinomix_ros.model.checkpoint import ModelFingerprint, infer_variant, read_weights_file
 
 PREFIX = "backbone.dino_model."
 
@@ -188,7 +194,7 @@ def test_missing_truncated_and_non_dict_files(tmp_path: Path, reference) -> None
     torch.save({"state_dict": loaded.model.state_dict()}, good)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+    with pytest.raises(CheckpointError, match="is a truncated or damaged zip archive"):
         load_model(truncated)
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(CheckpointError, match="holds a Tensor, expected a state dict"):
@@ -238,3 +244,99 @@ def test_torch_without_safe_globals_context_still_loads_plain_lightning_files(tm
     with pytest.raises(UnsafeCheckpointError, match="refused"):
         load_model(evil)
     assert not marker.exists()
+
+
+def _legacy_bytes(obj: object) -> bytes:
+    """``obj`` as torch.save wrote files before the zip format (a pickle, then the tensor data)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+# Each case: a file that is not usable weights, and what the message must say it is (and must not say).
+NOT_WEIGHTS = {
+    "text.ckpt": (b"model: dinov2_vitb14_mix\nepochs: 10\n" * 20, r"is not a weights file: it is a text file "
+                  r"starting 'model: dinov2_vitb14_mix'"),
+    "short.ckpt": (b"abc\n", r"it is a text file starting 'abc'"),  # once a KeyError traceback from the unpickler
+    "page.ckpt": (b"<!DOCTYPE html><html><body>Not Found</body></html>", r"an HTML page: a failed download\?"),
+    "lfs.ckpt": (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n", r"a Git LFS pointer"),
+    "random.ckpt": (np.random.default_rng(7).bytes(4096), r"it is binary data starting [0-9a-f]{2} [0-9a-f]{2}"),
+    "image.ckpt": (b"\x89PNG\r\n\x1a\n" + bytes(64), r"it is a PNG image"),
+    "empty.ckpt": (b"", r"is empty \(0 bytes\): the download or copy did not finish"),
+    "plain.pkl": (pickle.dumps({"a": [1, 2]}, protocol=4), r"is a Python pickle that safe loading cannot read \("
+                  r"Unsupported operand 149\); it is not a PyTorch checkpoint"),
+    "legacy_truncated.pt": (_legacy_bytes({"w": torch.zeros(64)})[:40], r"ends too early: the file is truncated"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_WEIGHTS))
+def test_files_that_are_not_weights_are_named_for_what_they_are(tmp_path: Path, name: str,
+                                                                capfd: pytest.CaptureFixture) -> None:
+    data, message = NOT_WEIGHTS[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as exc:
+            read_weights_file(path)
+    text = str(exc.value)
+    assert type(exc.value) is CheckpointError and re.search(message, text), text
+    assert not re.search(r"could run arbitrary code|model convert|does not exist|: $", text), text
+    assert not [w for w in caught if "torch" in w.filename], [str(w.message) for w in caught]  # nothing leaks
+    assert capfd.readouterr().err == ""
+
+
+def test_a_directory_and_damaged_archives_are_told_apart(tmp_path: Path, reference) -> None:
+    (tmp_path / "dir.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match=r"dir.ckpt is a directory; expected a weights file") as exc:
+        read_weights_file(tmp_path / "dir.ckpt")
+    assert not isinstance(exc.value, FileNotFoundError)
+    with zipfile.ZipFile(tmp_path / "notes.ckpt", "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(CheckpointError, match=r"is a zip archive but not a PyTorch checkpoint \(no data.pkl; it "
+                                              r"holds \[notes.txt\]\)"):
+        read_weights_file(tmp_path / "notes.ckpt")
+    loaded, _, _ = reference
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": loaded.model.state_dict()}, good)
+    (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cut.ckpt is a truncated or damaged zip archive \(1000 bytes"):
+        read_weights_file(tmp_path / "cut.ckpt")
+
+
+def test_unsafe_pickle_names_the_global_and_gives_advice_that_works_here(tmp_path: Path, reference) -> None:
+    """On this torch (>= 2.5) `dinomix model convert` refuses the same file, so the advice is the extraction
+    snippet; the snippet, run as printed, gives a file that loads."""
+    loaded, x, desc = reference
+    path = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": loaded.model.state_dict(), "hyper_parameters": {"when": datetime.date(2024, 5, 1)}},
+               path)
+    with pytest.raises(UnsafeCheckpointError) as exc:
+        load_model(path)
+    text = str(exc.value)
+    assert "(datetime.date)" in text and "model convert" not in text
+    command = re.search(r'python -c "(.+?)"', text).group(1)
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True, capture_output=True)
+    again = load_model(tmp_path / "weights.ckpt")
+    torch.testing.assert_close(_descriptors(again, x), desc, rtol=0, atol=0)
+    legacy = tmp_path / "legacy.ckpt"  # the finder of torch does not read legacy files: the message still names it
+    legacy.write_bytes(_legacy_bytes({"state_dict": {}, "when": datetime.date(2024, 5, 1)}))
+    with pytest.raises(UnsafeCheckpointError, match=r"\(datetime.date\): loading it could run arbitrary code"):
+        read_weights_file(legacy)
+
+
+def test_torch_without_safe_globals_advises_converting_lightning_files_elsewhere(
+        tmp_path: Path, reference, monkeypatch) -> None:
+    """torch 2.4 cannot allow Lightning's AttributeDict: only there is `dinomix model convert` on a newer torch
+    the advice (on torch >= 2.5 the same file loads, see test_official_lightning_checkpoint_round_trip)."""
+    loaded, _, _ = reference
+    AttributeDict = _fake_lightning_module(monkeypatch)
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": loaded.model.state_dict(), "hyper_parameters": AttributeDict(lr=0.1)}, path)
+    monkeypatch.undo()
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_lightning.utilities.parsing.AttributeDict.*convert it "
+                                                    r"once on a machine with torch >= 2.5 \(`dinomix model convert"):
+        load_model(path)

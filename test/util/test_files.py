@@ -125,3 +125,47 @@ def test_directory_fsync_is_after_the_rename_and_its_failure_propagates(tmp_path
             tmp.write_text("3")
     assert caught.value.errno == errno.EIO
     assert target.read_text() == "3" and os.listdir(tmp_path) == ["report.json"]
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_new_files_follow_the_umask_even_when_the_writer_replaces_the_temp_file(
+        tmp_path: Path, umask: int, expected: int) -> None:
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "plain.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_path(tmp_path / "replaced.safetensors") as tmp:  # as safetensors' save_file does: 0600
+            (tmp.parent / "own").write_bytes(b"data")
+            os.chmod(tmp.parent / "own", 0o600)
+            os.replace(tmp.parent / "own", tmp)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "replaced.safetensors").stat().st_mode) == expected
+
+
+def test_output_checks_refuse_what_cannot_be_written(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    assert files.check_output_file(tmp_path / "new" / "deeper" / "d.NPY", (".npy",), what="--out") == \
+        tmp_path / "new" / "deeper" / "d.NPY"  # missing folders are made later; the extension is case-blind
+    assert not (tmp_path / "new").exists() and sorted(os.listdir(tmp_path)) == ["file"]  # the probe is gone
+    with pytest.raises(files.OutputPathError, match=r"--out .* is a directory; expected a file name such as"):
+        files.check_output_file(tmp_path, (".npy",), what="--out")
+    with pytest.raises(files.OutputPathError, match=r"has the extension '\.txt'; expected \.npy or \.npz"):
+        files.check_output_file(tmp_path / "d.txt", (".npy", ".npz"), what="--out")
+    with pytest.raises(files.OutputPathError, match=r"has the extension '\(none\)'"):
+        files.check_output_file(tmp_path / "d", (".npy",), what="--out")
+    with pytest.raises(files.OutputPathError, match=r"file is a file, so the folder .* cannot be created"):
+        files.check_output_file(tmp_path / "file" / "d.npy", (".npy",), what="--out")
+    assert files.check_output_dir(tmp_path / "run", what="--out") == tmp_path / "run"
+    assert files.check_output_dir(tmp_path, what="--out") == tmp_path
+    with pytest.raises(files.OutputPathError, match=r"OUT .*file is a file; expected a folder"):
+        files.check_output_dir(tmp_path / "file", what="OUT")
+    blocked = Path("/proc/self/dinomix") if os.geteuid() == 0 else tmp_path / "ro" / "out"
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(files.OutputPathError, match=r"cannot create files in .*; choose a folder you can write to"):
+        files.check_output_dir(blocked, what="--out")
+    with pytest.raises(files.OutputPathError, match=r"cannot create files in"):
+        files.check_output_file(blocked / "d.npy", (".npy",), what="--out")
+    assert isinstance(files.OutputPathError("x"), ValueError)  # the command line reports it as one line

@@ -148,14 +148,24 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         p for p in candidates if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
     if not images:
-        where = "or its sub-folders " if recursive else ""
-        hint = "" if recursive else " (pass recursive=True for images in sub-folders)"
+        where = " or its sub-folders" if recursive else ""
         raise ImageFolderError(
-            f"no images found in {folder} {where}; expected files ending in "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}{hint}"
+            f"no images found in {folder}{where}; expected files ending in "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}{'' if recursive else _subfolder_hint(folder)}"
         )
     images.sort(key=lambda p: tuple(natural_sort_key(part) for part in p.relative_to(folder).parts))
     return images
+
+
+def _subfolder_hint(folder: Path) -> str:
+    """Where the images are when they sit one level down (images are listed from the folder itself only)."""
+    holding = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and any(_is_image(c) for c in p.iterdir())), key=lambda p: natural_sort_key(p.name))
+    if not holding:
+        return ""
+    named = ", ".join(str(p) for p in holding[:3]) + (", ..." if len(holding) > 3 else "")
+    return f"; sub-folders are not searched, and {named} {'holds' if len(holding) == 1 else 'hold'} images: pass " \
+           f"{'it' if len(holding) == 1 else 'one of them'}"
 
 
 def _format_error(name: str, why: str) -> GeotagFormatError:
