@@ -178,4 +178,3 @@ def camera_info_topic(image_topic: str) -> str:
         topic = topic[: -len("/compressed")]
     namespace = topic.rsplit("/", 1)[0] if "/" in topic else ""
     return f"{namespace}/camera_info" if namespace or topic.startswith("/") else "camera_info"
-

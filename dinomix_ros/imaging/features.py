@@ -137,6 +137,9 @@ class FeatureExtractor:
             return LocalFeatures.empty(self.kind, (w, h))
         order = np.argsort([-k.response for k in kps], kind="stable")[: self.config.max_features]
         pts = np.array([kps[i].pt for i in order], dtype=np.float32).reshape(-1, 2)
+        if self.kind == "orb":  # ORB scales level coordinates by 1.2^level, not pixel centres: re-centre them
+            level_scale = 1.2 ** np.array([kps[i].octave for i in order], dtype=np.float32)
+            pts += 0.5 * (level_scale - 1.0)[:, None]
         if scale < 1.0:  # back to full-resolution pixels (pixel centres: (x + 0.5) / s - 0.5)
             pts = ((pts + 0.5) / np.array([small.shape[1] / w, small.shape[0] / h], np.float32) - 0.5)
         desc = desc[order]

@@ -156,4 +156,3 @@ def test_store_rejects_bad_arguments():
     with pytest.raises(MapError, match="positive integer"):
         KeyframeFeatures("orb", 0)
     assert slot_dtype("orb").itemsize == 38 and slot_dtype("sift").itemsize == 134
-
