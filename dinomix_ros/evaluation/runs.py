@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # imported where used: maps.build and maps.index import torch and faiss
+    from dinomix_ros.evaluation.verified import VerifiedComparison
+    from dinomix_ros.imaging.features import FeatureConfig
+    from dinomix_ros.localization.verification import VerificationConfig
     from dinomix_ros.maps.build import BagMapConfig, BuildReport, PosedImageStream
     from dinomix_ros.maps.index import PlaceIndex
     from dinomix_ros.maps.keyframes import KeyframeMap
@@ -387,7 +390,9 @@ def _score_search(D: np.ndarray, I: np.ndarray,
 
 
 def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_recent: int = 10,
-                          target_precision: float = 0.95, progress: bool = False) -> RunResult:
+                          target_precision: float = 0.95, progress: bool = False,
+                          verification: VerificationConfig | None = None, features: FeatureConfig | None = None,
+                          min_similarity: float = 0.5) -> RunResult:
     """Setup (c): causal loop closure over an image sequence (natural file order) against RTAB-Map ground truth.
 
     Args:
@@ -397,6 +402,13 @@ def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_
         exclude_recent: frames just before the query that are never loop candidates.
         target_precision: the first-pass false loops are counted at the threshold reaching this precision.
         progress: show a progress bar.
+        verification: when given and enabled, the same queries are also verified geometrically (local features,
+            ``features``) and re-ranked: ``report["verification"]`` compares both
+            (:func:`~dinomix_ros.evaluation.verified.compare_loop_closures`) and the PR curve of the verified score
+            is plotted.
+        features: local features for verification (default: :class:`~dinomix_ros.imaging.features.FeatureConfig`).
+        min_similarity: the similarity threshold of the accepted loop closures compared with and without
+            verification.
 
     Returns:
         The result, with the frame similarity matrix and the ground truth for the similarity plot.
@@ -427,8 +439,27 @@ def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_
             for p, b, s, c in zip(paths, full["best_match"], full["best_score"], full["correct"])
         ],
     }
+    verified_curve = None
+    if verification is not None and verification.enabled:
+        comparison = _verified_comparison(paths, sim, gt, exclude_recent, verification, features, min_similarity)
+        report["verification"] = comparison.to_dict()
+        verified_curve = comparison.verified_curve
     return RunResult("loop_closure", report, result.pr_curve, result.recall, time.perf_counter() - t0,
-                     similarity=sim, ground_truth=gt)
+                     similarity=sim, ground_truth=gt, verified_curve=verified_curve)
+
+
+def _verified_comparison(paths: list[Path], sim: np.ndarray, gt: np.ndarray, exclude_recent: int,
+                         verification: VerificationConfig, features: FeatureConfig | None,
+                         min_similarity: float) -> VerifiedComparison:
+    """Local features of every frame (no intrinsics: fundamental matrix), then the comparison on the same queries."""
+    from dinomix_ros.evaluation.verified import compare_loop_closures
+    from dinomix_ros.imaging.decode import read_image_file
+    from dinomix_ros.imaging.features import FeatureExtractor, to_gray
+
+    extractor = FeatureExtractor(features)
+    local = [extractor.extract(to_gray(*read_image_file(p))) for p in paths]
+    return compare_loop_closures(sim, gt, local, exclude_recent=exclude_recent, config=verification,
+                                 min_similarity=min_similarity)
 
 
 # ------------------------------------------------------------------------------------------------------ run folder

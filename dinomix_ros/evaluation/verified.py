@@ -35,6 +35,8 @@ __all__ = ["VerifiedComparison", "compare_loop_closures"]
 
 _logger = logging.getLogger(__name__)
 
+_REPORTED_SETTINGS = ("candidates", "ratio", "mutual", "threshold_px", "min_inliers", "min_inlier_ratio", "rerank")
+
 
 @dataclass(frozen=True, eq=False)
 class VerifiedComparison:
@@ -70,8 +72,7 @@ class VerifiedComparison:
         """JSON-ready summary (``report.json``'s ``verification``)."""
         ms = self.verify_ms
         return {
-            "settings": {k: getattr(self.config, k) for k in ("candidates", "ratio", "mutual", "threshold_px",
-                                                               "min_inliers", "min_inlier_ratio", "rerank")},
+            "settings": {k: getattr(self.config, k) for k in _REPORTED_SETTINGS},
             "min_similarity": self.min_similarity,
             "recall_before": self.recall_before.to_dict(),
             "recall_after": self.recall_after.to_dict(),

@@ -36,6 +36,7 @@ class FeatureConfig:
     """Local features stored per keyframe and extracted from each frame (``features.*``; read at configure)."""
 
     SETTINGS_GROUP: ClassVar[str] = "features"
+    FLAG_PREFIX: ClassVar[str] = "features-"  # CLI flags: --features-<field>
 
     type: str = setting("orb", "local feature type for geometric verification: orb (32-byte binary descriptors, "
                                "fast) or sift (128 bytes, slower)", choices=tuple(DESCRIPTOR_BYTES), reconfigure=True)

@@ -49,6 +49,7 @@ class VerificationConfig:
     """Geometric verification of candidates and its accept rules (node parameters ``verification.*``)."""
 
     SETTINGS_GROUP: ClassVar[str] = "verification"
+    FLAG_PREFIX: ClassVar[str] = "verification-"  # CLI flags: --verification-<field>
 
     enabled: bool = setting(True, "verify the best candidates geometrically (local features) and publish loop "
                                   "closures and pose priors only from verified matches; applies when the map has "
