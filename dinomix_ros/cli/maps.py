@@ -105,9 +105,44 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
                      help="add to the existing map OUT (it must have been built by the same model)")
     add_flags(out, StorageConfig)
     add_flags(out, IndexConfig, fields=("index",))
+    _add_feature_flags(out)
     out.add_argument("--name", help="map name stored in its metadata (OUT's name without .dinomap when left out)")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_flags(p)
+
+
+def _add_feature_flags(group: argparse._ArgumentGroup) -> None:
+    """Local features stored per keyframe (``--features-*``) and the cameras' calibration (``--calibration``)."""
+    from dinomix_ros.imaging.features import FeatureConfig
+
+    add_flags(group, FeatureConfig)
+    group.add_argument("--calibration", action="append", type=Path, metavar="YAML",
+                       help="ROS camera_info YAML of the camera (camera_calibration's ost.yaml), stored in the map for "
+                            "verification with intrinsics; bag: once per --image-topic, in the same order (a bag's "
+                            "own camera_info topics are used when left out); folder: once")
+
+
+def _feature_settings(args: argparse.Namespace) -> tuple:
+    """(FeatureConfig, calibrations read from --calibration) of a build."""
+    from dinomix_ros.imaging.camera import camera_from_info_yaml
+    from dinomix_ros.imaging.features import FeatureConfig
+
+    return from_flags(FeatureConfig, args), [camera_from_info_yaml(p) for p in args.calibration or []]
+
+
+def _bag_calibrations(config: BagMapConfig, calibrations: list) -> dict | None:
+    if not calibrations:
+        return None
+    if len(calibrations) != len(config.cameras):
+        raise ValueError(f"--calibration was given {len(calibrations)} times for {len(config.cameras)} image topics; "
+                         "give one per --image-topic, in the same order, or none (the bag's camera_info)")
+    return dict(zip(config.cameras, calibrations))
+
+
+def _folder_calibration(calibrations: list) -> object:
+    if len(calibrations) > 1:
+        raise ValueError(f"--calibration was given {len(calibrations)} times; a folder build has one camera")
+    return calibrations[0] if calibrations else None
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -122,6 +157,7 @@ def run_build(args: argparse.Namespace) -> int:
     storage = from_flags(StorageConfig, args).storage_dtype
     index_kind = from_flags(IndexConfig, args, fields=("index",)).index
     _check_out(args.out, args.append)
+    features, calibrations = _feature_settings(args)  # a bad calibration fails before the model loads
     # "storage" is the key earlier builds recorded in the map's metadata: kept so that every build reads alike.
     resolved.update(out=str(args.out), append=args.append, storage=storage, index=index_kind)
     _logger.info("map build: %s", json.dumps(resolved))
@@ -130,11 +166,13 @@ def run_build(args: argparse.Namespace) -> int:
     fingerprint = encoder.fingerprint.to_dict()
     kmap = _open_map(args, fingerprint, storage)
     if config is not None:
-        kmap, report = build_map_from_bag(args.bag, encoder, config, kmap=kmap, progress=not args.quiet)
+        kmap, report = build_map_from_bag(args.bag, encoder, config, kmap=kmap, progress=not args.quiet,
+                                          features=features, intrinsics=_bag_calibrations(config, calibrations))
     else:
         kmap, report = build_map_from_folder(args.images, encoder, args.geotags, args.csv, kmap=kmap,
                                              camera=resolved["camera"], progress=not args.quiet,
-                                             batch_size=args.batch_size)
+                                             batch_size=args.batch_size, features=features,
+                                             intrinsics=_folder_calibration(calibrations))
     if report.added == 0 and not args.append:
         raise ValueError(f"no keyframe was added, nothing saved ({report.summary()}); check the topics, the pose "
                          "gap and that the poses cover the images' time span")

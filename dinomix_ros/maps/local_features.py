@@ -16,19 +16,22 @@ intrinsics (:class:`~dinomix_ros.imaging.camera.CameraModel` per camera name) ar
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
 
 from dinomix_ros.imaging.camera import CameraModel
-from dinomix_ros.imaging.features import DESCRIPTOR_BYTES, LocalFeatures
+from dinomix_ros.imaging.features import DESCRIPTOR_BYTES, FeatureConfig, FeatureExtractor, LocalFeatures, to_gray
 from dinomix_ros.maps.errors import MapError
 
-__all__ = ["EMPTY", "KEYPOINT_SCALE", "slot_dtype", "pack", "unpack", "KeyframeFeatures"]
+__all__ = ["EMPTY", "KEYPOINT_SCALE", "slot_dtype", "pack", "unpack", "KeyframeFeatures", "FeatureRecorder"]
 
 EMPTY = 0xFFFF
 KEYPOINT_SCALE = 4
 _MAX_COORD = (EMPTY - 1) / KEYPOINT_SCALE
+
+_logger = logging.getLogger(__name__)
 
 
 def slot_dtype(kind: str) -> np.dtype:
@@ -160,3 +163,38 @@ class KeyframeFeatures:
         """What the manifest says about the local features (besides the chunk records)."""
         return {"type": self.kind, "slots": self.slots, "keypoint_scale": KEYPOINT_SCALE,
                 "intrinsics": {name: cam.to_dict() for name, cam in sorted(self.intrinsics.items())}}
+
+
+class FeatureRecorder:
+    """Local features for the keyframes an offline build adds (:mod:`dinomix_ros.maps.build`).
+
+    A new (empty) map gets a feature store; a map that has one keeps its feature type and slot count; a map without
+    one (format 1, appended to) gets none, and the log says so. Intrinsics given per camera are stored in the map.
+
+    Args:
+        kmap: the map being built.
+        config: feature type and count (None or ``max_features`` 0: no local features).
+        intrinsics: camera name -> intrinsics (from the bag's camera_info or a calibration YAML).
+    """
+
+    def __init__(self, kmap: Any, config: FeatureConfig | None, intrinsics: dict[str, CameraModel] | None = None
+                 ) -> None:
+        self._extractor = None
+        if config is None or config.max_features == 0:
+            return
+        if kmap.local_features is None and len(kmap) > 0:
+            _logger.warning("the map has no local features (format 1): the keyframes added now get none either, "
+                            "and verification stays off for this map; rebuild it to verify matches")
+            return
+        store = kmap.enable_local_features(config.type, config.max_features)
+        store.intrinsics.update(intrinsics or {})
+        self._extractor = FeatureExtractor(FeatureConfig(type=store.kind, max_features=store.slots,
+                                                         max_image_side=config.max_image_side))
+
+    @property
+    def active(self) -> bool:
+        return self._extractor is not None
+
+    def extract(self, image: np.ndarray, encoding: str) -> LocalFeatures | None:
+        """The features of one decoded keyframe image (None when not recording features)."""
+        return None if self._extractor is None else self._extractor.extract(to_gray(image, encoding))
