@@ -355,10 +355,9 @@ class LiveMap:
         def one(cand: Candidate):
             if features is None or store is None:
                 return None
-            stored = store.row(cand.row)
-            if len(stored) == 0:
-                return None
-            return verify_pair(features, stored, self.verification, query_camera, store.intrinsics.get(cand.camera))
+            # a keyframe without features (a blank wall, or none recorded) verifies as 0 inliers, not as "unknown"
+            return verify_pair(features, store.row(cand.row), self.verification, query_camera,
+                               store.intrinsics.get(cand.camera))
 
         ordered, checks = verify_candidates(cands, one, self.verification)
         self._verify_ms.append((time.perf_counter() - t0) * 1e3)

@@ -109,10 +109,11 @@ class CameraConfig:
                          min=1, max=1000, reconfigure=True)
     min_period_s: float = setting(0.0, "process at most one frame per camera per this many seconds (0: as fast as "
                                        "the model runs)", min=0.0, max=3600.0)
-    depth_topics: tuple[str, ...] = setting((), "aligned depth image topic per camera, in the order of "
-                                                "cameras.topics (16UC1 mm or 32FC1 m, registered to the color "
-                                                "image; \"\" for a camera without); empty: none. Makes verified "
-                                                "pose priors metric", reconfigure=True)
+    # default [""], not []: ROS cannot declare a parameter whose default is an empty (untyped) array
+    depth_topics: tuple[str, ...] = setting(("",), "aligned depth image topic per camera, in the order of "
+                                                   "cameras.topics (16UC1 mm or 32FC1 m, registered to the color "
+                                                   "image); \"\" (or no entry) for a camera without. Makes verified "
+                                                   "pose priors metric", reconfigure=True)
     use_camera_info: bool = setting(True, "subscribe to each camera's camera_info (the image topic's namespace + "
                                           "camera_info) for verification with intrinsics and pose priors",
                                     reconfigure=True)
