@@ -1,9 +1,10 @@
 """``dinomix map eval``: the flags of the three evaluation setups, over :mod:`dinomix_ros.evaluation.runs`.
 
 Recall@N, precision/recall of the best match and the similarity threshold reaching a target precision, for (a) two
-geotagged folders, (b) a map against a bag, or (c) loop closure against RTAB-Map ground truth. Writes
-``report.json`` and PNG plots into one run folder; ``--calibrate MAP`` stores the threshold in the map's
-``metadata["calibration"]`` for the live node.
+geotagged folders, (b) a map against a bag, or (c) loop closure against RTAB-Map ground truth; and the same queries
+with geometric verification (``report.json``'s ``verification``, ``pr_verified.png``). Writes ``report.json`` and PNG
+plots into one run folder; ``--calibrate MAP`` stores the threshold in the map's ``metadata["calibration"]`` for the
+live node.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--loop-gt", type=Path, metavar="GT.bmp",
                    help="N x N ground-truth image (rtabmap-console -gt format), N = number of images")
     add_flags(c, MatcherConfig, fields=("exclude_recent_count",), exclude_recent_count=EVAL_EXCLUDE_RECENT_COUNT)
-    _add_verification_flags(c)
+    _add_verification_flags(p.add_argument_group(
+        "geometric verification of the same queries (all setups; (b) uses the features the map stores)"))
     common = p.add_argument_group("output and calibration")
     common.add_argument("--out", type=Path, metavar="DIR", default=argparse.SUPPRESS,
                         help="run folder for report.json and the plots (default: runs/eval-<UTC time>)")
@@ -125,10 +127,14 @@ def run(args: argparse.Namespace) -> int:
     if setup == "folders":
         result = runs.evaluate_folders(encoder, args.database, args.queries, geotags=args.geotags,
                                        database_csv=args.database_csv, queries_csv=args.queries_csv,
-                                       radius_m=args.radius_m, search_device=search_device, progress=progress)
+                                       radius_m=args.radius_m, search_device=search_device, progress=progress,
+                                       **_verification_settings(args))
     elif setup == "bag":
+        settings = _verification_settings(args)
+        del settings["features"]  # the map's own
         result = runs.evaluate_map_against_bag(encoder, args.map, args.bag, bag_config, gate_queries=args.gate_queries,
-                                               radius_m=args.radius_m, search_device=search_device, progress=progress)
+                                               radius_m=args.radius_m, search_device=search_device, progress=progress,
+                                               **settings)
     else:
         result = runs.evaluate_loop_closure(encoder, args.images, args.loop_gt, exclude_recent=exclude_recent,
                                             target_precision=args.target_precision, progress=progress,
@@ -165,7 +171,7 @@ def _check_flags(args: argparse.Namespace, setup: str) -> int:
 
 
 def _add_verification_flags(group: argparse._ArgumentGroup) -> None:
-    """(c): geometric verification of the same queries (``--verification-*``, ``--features-*``) and the similarity
+    """Geometric verification of the same queries (``--verification-*``, ``--features-*``) and the similarity
     threshold both accept rules use (``--min-similarity``)."""
     from dinomix_ros.imaging.features import FeatureConfig
     from dinomix_ros.localization.matching import MatcherConfig
@@ -177,7 +183,7 @@ def _add_verification_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def _verification_settings(args: argparse.Namespace) -> dict:
-    """Keyword arguments of :func:`~dinomix_ros.evaluation.runs.evaluate_loop_closure` for verification."""
+    """Keyword arguments of the evaluation setups for verification (verification, features, min_similarity)."""
     from dinomix_ros.imaging.features import FeatureConfig
     from dinomix_ros.localization.matching import MatcherConfig
     from dinomix_ros.localization.verification import VerificationConfig

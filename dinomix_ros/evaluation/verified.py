@@ -1,13 +1,15 @@
-"""The same loop-closure queries with and without geometric verification, side by side.
+"""The same queries with and without geometric verification, side by side (every ``dinomix map eval`` setup).
 
-:func:`compare_loop_closures` takes what :func:`~dinomix_ros.evaluation.loops.evaluate_loop_closures` takes (the
-frame similarity matrix, the ground truth, ``exclude_recent``) plus each frame's local features, and does what the
-live node does per query: the best ``verification.candidates`` past frames by similarity are verified
-(:mod:`dinomix_ros.localization.verification`) and re-ranked. It reports, on the same queries:
+:func:`compare_search` takes a search's results (similarities and database rows per query, best first), the correct
+rows of each query and a verification of (query, database row), and does what the live node does per query: the
+best ``verification.candidates`` candidates by similarity are verified (:mod:`dinomix_ros.localization.
+verification`) and re-ranked. :func:`compare_loop_closures` is the loop-closure setup on top of it (what
+:func:`~dinomix_ros.evaluation.loops.evaluate_loop_closures` takes, plus each frame's local features). Reported, on
+the same queries:
 
 * Recall@N before and after re-ranking;
-* the accepted loop closures without verification (best candidate with similarity >= ``min_similarity``) and with
-  it (re-ranked best, verified, similarity >= ``min_similarity``): how many, precision, recall;
+* the accepted matches without verification (best candidate with similarity >= ``min_similarity``) and with it
+  (re-ranked best, verified, similarity >= ``min_similarity``): how many, precision, recall;
 * the precision/recall curve of the verified score (the re-ranked best's ``inliers x inlier ratio``);
 * the verification time per query (p50/p95).
 """
@@ -19,7 +21,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,9 +31,9 @@ from dinomix_ros.evaluation.loops import LOOP_NS, _ranked_candidates  # one rank
 from dinomix_ros.evaluation.retrieval import RecallResult, recall_at_n
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import LocalFeatures
-from dinomix_ros.localization.verification import VerificationConfig, verify_candidates, verify_pair
+from dinomix_ros.localization.verification import Verification, VerificationConfig, verify_candidates, verify_pair
 
-__all__ = ["VerifiedComparison", "compare_loop_closures"]
+__all__ = ["VerifiedComparison", "compare_loop_closures", "compare_search"]
 
 _logger = logging.getLogger(__name__)
 
@@ -50,9 +52,9 @@ class VerifiedComparison:
         verified_curve: PR curve of the re-ranked best's verified score.
         min_similarity: the similarity threshold of both accept rules.
         verify_ms: (Q,) verification time per query in milliseconds.
-        best_after: (N,) re-ranked best column per frame (-1: no candidate).
-        verified: (N,) whether the re-ranked best passed verification.
-        inliers: (N,) its inliers.
+        best_after: (Q,) re-ranked best database row per query (-1: no candidate).
+        verified: (Q,) whether the re-ranked best passed verification.
+        inliers: (Q,) its inliers.
         config: the verification settings used.
     """
 
@@ -118,45 +120,72 @@ def compare_loop_closures(similarity: np.ndarray, ground_truth: np.ndarray, feat
     if len(features) != n or (cameras is not None and len(cameras) != n):
         raise EvaluationError(f"{len(features)} feature sets for {n} frames; expected one per frame")
     num_candidates = np.clip(np.arange(n) - exclude_recent, 0, None)
-    is_query = num_candidates > 0
-    if not is_query.any():
+    queries = np.flatnonzero(num_candidates > 0)
+    if not queries.size:
         raise EvaluationError(f"no frame has a candidate ({n} frames, exclude_recent {exclude_recent})")
-    k = max(max(ns), c.candidates)
-    ranked = _ranked_candidates(sim, num_candidates, k)
-    reranked = ranked.copy()
-    best_verified = np.zeros(n, bool)
-    inliers = np.zeros(n, np.int64)
-    score = np.zeros(n)
+    ranked = _ranked_candidates(sim, num_candidates, max(max(ns), c.candidates))[queries]
+    scores = np.take_along_axis(sim[queries], np.clip(ranked, 0, None), axis=1)
+    candidate_mask = np.arange(n)[None, :] < num_candidates[queries, None]
+    positives = [np.flatnonzero(r) for r in gt[queries] & candidate_mask]
+
+    def check(q: int, row: int) -> Verification:
+        i = int(queries[q])
+        return verify_pair(features[i], features[row], c, cameras[i] if cameras is not None else None,
+                           cameras[row] if cameras is not None else None)
+
+    return compare_search(scores, ranked, positives, check, config=c, min_similarity=min_similarity, ns=ns)
+
+
+def compare_search(D: np.ndarray, I: np.ndarray, positives: Sequence[np.ndarray],
+                   check: Callable[[int, int], Verification | None], *, config: VerificationConfig | None = None,
+                   min_similarity: float = 0.5, ns: Sequence[int] = LOOP_NS) -> VerifiedComparison:
+    """Search results with and without verification: the core of every evaluation setup.
+
+    Args:
+        D: (Q, K) similarities of each query's candidates, best first.
+        I: (Q, K) their database rows (-1 padding).
+        positives: per query, the database rows that are correct matches.
+        check: ``check(q, row)``: the verification of query ``q`` against database row ``row`` (None: cannot).
+        config: how many candidates are verified, thresholds, re-ranking.
+        min_similarity: similarity threshold of both accept rules.
+        ns: the N of Recall@N (at most K).
+
+    Raises:
+        EvaluationError: no query.
+    """
+    c = config or VerificationConfig()
+    nq = I.shape[0]
+    if nq == 0:
+        raise EvaluationError("no query to evaluate")
+    reranked = I.copy()
+    resorted = D.copy()
+    verified = np.zeros(nq, bool)
+    inliers = np.zeros(nq, np.int64)
+    score = np.zeros(nq)
     times = []
-    for i in np.flatnonzero(is_query):
-        cands = [int(j) for j in ranked[i] if j >= 0]
-        cam_i = cameras[i] if cameras is not None else None
+    for q in range(nq):
+        cands = [k for k in range(I.shape[1]) if I[q, k] >= 0]
         t0 = time.perf_counter()
-        order, checks = verify_candidates(
-            cands, lambda j: verify_pair(features[i], features[j], c, cam_i, cameras[j] if cameras else None), c)
+        order, checks = verify_candidates(cands, lambda k: check(q, int(I[q, k])), c)
         times.append((time.perf_counter() - t0) * 1e3)
-        reranked[i, :len(order)] = order
+        reranked[q, :len(order)] = I[q, order]
+        resorted[q, :len(order)] = D[q, order]
         if checks and checks[0] is not None:
-            best_verified[i], inliers[i], score[i] = checks[0].passed, checks[0].inliers, checks[0].score
-    candidate_mask = np.arange(n)[None, :] < num_candidates[:, None]
-    reachable = (gt & candidate_mask).any(axis=1) & is_query
-    positives = [np.flatnonzero(r) for r in (gt & candidate_mask)[is_query]]
-    recall_before = recall_at_n(ranked[is_query, :max(ns)], positives, ns)
-    recall_after = recall_at_n(reranked[is_query, :max(ns)], positives, ns)
-    rows = np.arange(n)
-    best0, best1 = np.clip(ranked[:, 0], 0, None), np.clip(reranked[:, 0], 0, None)
-    correct0 = is_query & gt[rows, best0]
-    correct1 = is_query & gt[rows, best1]
-    accept0 = is_query & (sim[rows, best0] >= min_similarity)
-    accept1 = is_query & best_verified & (sim[rows, best1] >= min_similarity)
-    curve = precision_recall_curve(np.where(best_verified, score, 0.0)[is_query], correct1[is_query],
-                                   reachable[is_query])
-    result = VerifiedComparison(recall_before, recall_after, _accepted(accept0, correct0, reachable),
-                                _accepted(accept1, correct1, reachable), curve, float(min_similarity),
-                                np.asarray(times), np.where(is_query, reranked[:, 0], -1), best_verified & is_query,
-                                inliers, c)
-    _logger.info("loop closure with verification: precision %.3f recall %.3f (without: precision %.3f recall %.3f); "
-                 "%s after re-ranking (before: %s)", result.with_verification["precision"],
-                 result.with_verification["recall"], result.without["precision"], result.without["recall"],
-                 recall_after.summary(), recall_before.summary())
+            verified[q], inliers[q], score[q] = checks[0].passed, checks[0].inliers, checks[0].score
+    k = max(ns)
+    reachable = np.array([p.size > 0 for p in positives], bool)
+    correct0 = np.array([I[q, 0] >= 0 and bool(np.isin(I[q, 0], positives[q])) for q in range(nq)], bool)
+    correct1 = np.array([reranked[q, 0] >= 0 and bool(np.isin(reranked[q, 0], positives[q])) for q in range(nq)],
+                        bool)
+    accept0 = (I[:, 0] >= 0) & (D[:, 0] >= min_similarity)
+    accept1 = verified & (reranked[:, 0] >= 0) & (resorted[:, 0] >= min_similarity)
+    result = VerifiedComparison(recall_at_n(I[:, :k], list(positives), ns), recall_at_n(reranked[:, :k],
+                                                                                        list(positives), ns),
+                                _accepted(accept0, correct0, reachable), _accepted(accept1, correct1, reachable),
+                                precision_recall_curve(np.where(verified, score, 0.0), correct1, reachable),
+                                float(min_similarity), np.asarray(times), reranked[:, 0], verified, inliers, c)
+    _logger.info("with verification: precision %.3f recall %.3f (without: precision %.3f recall %.3f); %s after "
+                 "re-ranking (before: %s)", result.with_verification["precision"], result.with_verification["recall"],
+                 result.without["precision"], result.without["recall"], result.recall_after.summary(),
+                 result.recall_before.summary())
     return result
