@@ -478,6 +478,7 @@ class LocalizerNode(LifecycleNode):
             kmap = KeyframeMap.load(path, expected_fingerprint=self.encoder.fingerprint.to_dict())
             live.replace_map(kmap, index_for_map(kmap, kind=live.index_config.index,
                                                  device=live.index_config.search_device))
+            self._extractor = self._feature_extractor(params.build(FeatureConfig, self._values()))  # its features
             self._apply_calibration(live.matcher_config.min_similarity, self._p("matching.min_similarity"))
         except Exception as exc:  # the old map stays in use
             return self._answer(response, False, f"load of {path} failed, keeping the current map: {exc}")
