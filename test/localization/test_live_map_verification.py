@@ -130,3 +130,48 @@ def test_a_map_without_local_features_runs_with_verification_off(corridor, tmp_p
     outcome = live.process("cam", T0 + 200 * NS, corridor[45][0], None, features=corridor[45][1])
     assert outcome.result.accepted and outcome.result.best.verification is None
     assert outcome.result.best.inliers == 0 and np.isnan(outcome.result.best.verified_score)
+
+
+def test_keyframes_with_depth_give_metric_priors_of_the_robot(data_dir) -> None:
+    """A keyframe recorded with an aligned depth image (a textured plane 3 m away), then the camera moves by a known
+    motion (the photo warped accordingly): the prior is the robot's new pose, metric, not the keyframe's."""
+    import math
+
+    from dinomix_ros.localization.camera_pose import CameraMountConfig, rpy_to_matrix
+    from dinomix_ros.localization.verification import rotation_angle_deg
+    from dinomix_ros.maps.sources.poses import quat_to_matrix
+
+    img = cv2.imread(str(data_dir / "lund_gps" / "images" / "12.jpg"), cv2.IMREAD_GRAYSCALE)
+    h, w = img.shape
+    f = 0.55 * w
+    cam = CameraModel(w, h, np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]]))
+    d, tilt = 3.0, 0.4
+    n = np.array([math.sin(tilt), 0.0, math.cos(tilt)])
+    R, t = rpy_to_matrix(0.01, 0.04, -0.03), np.array([0.5, 0.1, 0.4])  # camera motion: X_q = R X_k + t
+    query = cv2.warpPerspective(img, cam.K @ (R + np.outer(t, n) / d) @ np.linalg.inv(cam.K), (w, h))
+    u, v = np.meshgrid(np.arange(w), np.arange(h))
+    depth_mm = (1000 * d / (((u - w / 2) / f) * n[0] + n[2])).astype(np.uint16)  # a 16UC1 depth image
+    ex = FeatureExtractor()
+    descriptor = _thumbnail(img)
+    live = LiveMap(KeyframeMap.empty(FINGERPRINT), matcher=MatcherConfig(min_similarity=-1.0),
+                   has_pose_source=True, features=FeatureConfig())
+    live.set_camera_model("cam", cam)
+    live.start_recording()
+    yaw = 0.3
+    heading = np.array([0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2)])
+    kf_pose = PoseSample(T0, "map", np.array([2.0, 1.0, 0.0]), heading)
+    assert live.process("cam", T0, descriptor, kf_pose, features=ex.extract(img, depth_mm)).recorded
+    live.stop_recording()
+    outcome = live.process("cam", T0 + 10 * NS, descriptor, None, features=ex.extract(query))
+    assert outcome.result.accepted and outcome.publish_prior and outcome.prior_case == "metric"
+    T_map_kf = np.eye(4)
+    T_map_kf[:3, :3], T_map_kf[:3, 3] = quat_to_matrix(kf_pose.orientation), kf_pose.position
+    T_base_cam = CameraMountConfig().matrix()
+    T_q_k = np.eye(4)
+    T_q_k[:3, :3], T_q_k[:3, 3] = R, t
+    expected = T_map_kf @ T_base_cam @ np.linalg.inv(T_q_k) @ np.linalg.inv(T_base_cam)
+    prior = outcome.result.prior
+    assert np.linalg.norm(prior.position - expected[:3, 3]) < 0.05 * np.linalg.norm(t)
+    assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ expected[:3, :3].T) < 1.0
+    assert np.linalg.norm(expected[:3, 3] - kf_pose.position) > 0.5  # the robot moved: not the keyframe's pose
+    assert 0.05 ** 2 <= prior.covariance[0, 0] < 0.2 ** 2  # metric: a few cm, not no_depth_sigma_m
