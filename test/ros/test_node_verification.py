@@ -117,3 +117,77 @@ def test_verified_loop_closures_priors_and_matches_fields(tmp_path, data_dir) ->
     assert int(values["verified_matches"]) >= len(accepted)  # verified; a few fail another rule (min_similarity)
     assert int(values["verified_matches"]) + int(values["verification_rejected"]) == 40
     assert float(values["verification_p50_ms"]) > 0 and float(values["verification_p95_ms"]) > 0
+
+
+def _depth_image(stamp_ns: int, depth_mm: np.ndarray) -> object:
+    T = TYPESTORE.types
+    h, w = depth_mm.shape
+    return T["sensor_msgs/msg/Image"](header=header(stamp_ns, "camera_optical_frame"), height=h, width=w,
+                                      encoding="16UC1", is_bigendian=0, step=w * 2,
+                                      data=np.frombuffer(depth_mm.astype("<u2").tobytes(), np.uint8))
+
+
+def test_aligned_depth_makes_the_prior_metric(tmp_path, data_dir) -> None:
+    """Live recording with an aligned depth topic (a photo as a textured plane 3 m away), then the camera moves by
+    a known motion (the photo warped by it): the node's prior is the robot's new pose, metric."""
+    from dinomix_ros.localization.camera_pose import CameraMountConfig, rpy_to_matrix
+    from dinomix_ros.localization.verification import rotation_angle_deg
+    from dinomix_ros.maps.sources.poses import quat_to_matrix
+
+    rgb = cv2.cvtColor(cv2.imread(str(data_dir / "lund_gps" / "images" / "12.jpg")), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    f = 0.55 * w
+    Kmat = np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]])
+    d, tilt = 3.0, 0.4
+    n = np.array([math.sin(tilt), 0.0, math.cos(tilt)])
+    R, t = rpy_to_matrix(0.01, 0.04, -0.03), np.array([0.5, 0.1, 0.4])  # camera motion: X_q = R X_k + t
+    query = cv2.warpPerspective(rgb, Kmat @ (R + np.outer(t, n) / d) @ np.linalg.inv(Kmat), (w, h))
+    u = np.arange(w)[None, :].repeat(h, axis=0)
+    depth_mm = (1000 * d / (((u - w / 2) / f) * n[0] + n[2])).astype(np.uint16)
+    k = [f, 0.0, w / 2, 0.0, f, h / 2, 0.0, 0.0, 1.0]
+
+    def info(stamp: int) -> BagMessage:
+        T = TYPESTORE.types
+        msg = T["sensor_msgs/msg/CameraInfo"](
+            header=header(stamp, "camera_optical_frame"), height=h, width=w, distortion_model="plumb_bob",
+            d=np.zeros(5), k=np.array(k), r=np.eye(3).ravel(), p=np.zeros(12), binning_x=0, binning_y=0,
+            roi=T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+        return BagMessage("/camera/camera_info", "sensor_msgs/msg/CameraInfo", stamp - 2_000_000, msg)
+
+    record = write_camera_bag(tmp_path / "record", frames=[rgb], image_topics=(CAMERA,), image_format="jpeg",
+                              extra_messages=[info(STAMP0_NS), BagMessage(
+                                  "/camera/depth/image_raw", "sensor_msgs/msg/Image", STAMP0_NS - 1_000_000,
+                                  _depth_image(STAMP0_NS, depth_mm))])
+    later = STAMP0_NS + 100 * NS
+    revisit = write_camera_bag(tmp_path / "revisit", frames=[query], image_topics=(CAMERA,), image_format="jpeg",
+                               motion=Motion(start_ns=later), pose_kind=None, extra_messages=[info(later)])
+    domain = next_domain_id()
+    node = NodeProcess.localizer(tmp_path, domain, params={
+        "model.random_weights": True, "map.path": str(tmp_path / "live.dinomap"), "map.create_if_missing": True,
+        "pose.topic": "/odom", "recording.autostart": True, "cameras.topics": [CAMERA],
+        "cameras.depth_topics": ["/camera/depth/image_raw"], "matching.min_similarity": -1.0})
+    client = RosClient(domain)
+    try:
+        matches = client.collect(PointCloud2, f"{NODE}/matches")
+        priors = client.collect(PoseWithCovarianceStamped, f"{NODE}/pose_prior")
+        assert node.wait_for_log("geometric verification on", timeout=60), node.log
+
+        def answered(topic: str, stamp: int):  # the depth image is an Image too: no answer to wait for
+            return lambda: topic != CAMERA or any(stamp_ns(m) == stamp for _, m in matches)
+
+        replay_bag(client, record.path, after_image=answered)
+        replay_bag(client, revisit.path, after_image=answered)
+        client.spin_until(lambda: len(priors) >= 1, 10.0)
+    finally:
+        client.close()
+        assert node.stop() == 0, node.log[-3000:]
+    (_, prior), = priors
+    assert stamp_ns(prior) == later and prior.header.frame_id == "odom"
+    T_base_cam = CameraMountConfig().matrix()
+    T_q_k = np.eye(4)
+    T_q_k[:3, :3], T_q_k[:3, 3] = R, t
+    expected = T_base_cam @ np.linalg.inv(T_q_k) @ np.linalg.inv(T_base_cam)  # the keyframe is at the odom origin
+    p, o = prior.pose.pose.position, prior.pose.pose.orientation
+    assert np.linalg.norm(np.array([p.x, p.y, p.z]) - expected[:3, 3]) < 0.05 * np.linalg.norm(t)
+    assert rotation_angle_deg(quat_to_matrix(np.array([o.x, o.y, o.z, o.w])) @ expected[:3, :3].T) < 1.0
+    assert prior.pose.covariance[0] < 0.2 ** 2  # metric: a few cm (without depth it would be 1 m^2)
