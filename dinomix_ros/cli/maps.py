@@ -291,6 +291,10 @@ def run_info(args: argparse.Namespace) -> int:
     ]
     if "note" in info["metadata"]:
         lines.append(("note", str(info["metadata"]["note"])))
+    local = info["local_features"]
+    lines.append(("features", "none (geometric verification off for this map)" if local is None else
+                  f"{local['type']}, {local['slots']} per keyframe, {local['bytes'] / 2**20:.2f} MiB; intrinsics: "
+                  f"{', '.join(local['intrinsics']) or 'none'}"))
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
     return 0
@@ -321,7 +325,18 @@ def _map_info(path: Path, m: dict[str, Any]) -> dict[str, Any]:
         "calibration": metadata.pop("calibration", None),
         "bytes": sum(int(r["bytes"]) for r in records),
         "metadata": metadata,
+        "local_features": _local_features_info(m),
     }
+
+
+def _local_features_info(m: dict[str, Any]) -> dict[str, Any] | None:
+    """The map's local features (format 2): type, slots, bytes on disk, cameras with intrinsics; None without."""
+    entry = m.get("local_features")
+    if entry is None:
+        return None
+    chunks = m["files"].get("features") or []
+    return {"type": entry["type"], "slots": entry["slots"], "bytes": sum(int(r["bytes"]) for r in chunks),
+            "intrinsics": sorted(entry["intrinsics"])}
 
 
 def _add_topics_arguments(p: argparse.ArgumentParser) -> None:
