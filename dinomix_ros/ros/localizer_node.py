@@ -393,9 +393,10 @@ class LocalizerNode(LifecycleNode):
 
     def _frame_features(self, camera: str, image: object, encoding: str, stamp_ns: int) -> LocalFeatures | None:
         """The decoded frame's local features, with depths from the camera's newest aligned depth image (if its stamp
-        is within 0.1 s); None when features are off or cannot be computed (the frame then verifies nothing)."""
-        if self._extractor is None:
-            return None
+        is within 0.1 s); None when nothing needs them or they cannot be computed (the frame then verifies nothing)."""
+        live = self.live
+        if self._extractor is None or live is None or not (live.verifying or live.recording):
+            return None  # nothing would use them (verification off and not recording)
         depth = None
         depth_msg = self._depth.get(camera)
         if depth_msg is not None and abs(header_stamp_ns(depth_msg, fallback_ns=0) - stamp_ns) <= _DEPTH_MAX_GAP_NS:
