@@ -85,8 +85,8 @@ def colcon_install(tmp_path_factory) -> Path:
         pytest.fail(f"colcon is not installed next to {sys.executable}: run `make setup`")
     ws = tmp_path_factory.mktemp("ws")
     src = ws / "src" / "dinomix_ros"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "install", "log", "runs",
-                                                             "__pycache__", "data"))
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "install", "log", "runs",
+                                                             "__pycache__", ".pytest_cache", "data"))
     env = dict(os.environ, PATH=f"{colcon.parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run([str(colcon), "build", "--base-paths", "src"], cwd=ws, env=env, capture_output=True,
                             text=True, timeout=600)

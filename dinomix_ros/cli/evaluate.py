@@ -2,9 +2,10 @@
 
 Recall@N, precision/recall of the best match and the similarity threshold reaching a target precision, for (a) two
 folders, positives from geotags or from an index ground truth (the standard VPR layout), (b) a map against a bag, or
-(c) loop closure against RTAB-Map ground truth. Writes ``report.json`` and PNG plots into one run folder;
-``--calibrate MAP`` stores the threshold in the map's ``metadata["calibration"]`` for the live node, when enough
-correct matches support it (``--min-positives``).
+(c) loop closure against RTAB-Map ground truth; and the same queries with geometric verification (``report.json``'s
+``verification``, ``pr_verified.png``). Writes ``report.json`` and PNG plots into one run folder; ``--calibrate MAP``
+stores the threshold in the map's ``metadata["calibration"]`` for the live node, when enough correct matches support
+it (``--min-positives``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--loop-gt", type=Path, metavar="GT.bmp",
                    help="N x N ground-truth image (rtabmap-console -gt format), N = number of images")
     add_flags(c, MatcherConfig, fields=("exclude_recent_count",), exclude_recent_count=EVAL_EXCLUDE_RECENT_COUNT)
+    _add_verification_flags(p.add_argument_group(
+        "geometric verification of the same queries (all setups; (b) uses the features the map stores)"))
     common = p.add_argument_group("output and calibration")
     common.add_argument("--out", type=Path, metavar="DIR", default=argparse.SUPPRESS,
                         help="run folder for report.json and the plots (default: runs/eval-<UTC time>)")
@@ -158,13 +161,18 @@ def run(args: argparse.Namespace) -> int:
     elif setup == "folders":
         result = runs.evaluate_folders(encoder, args.database, args.queries, geotags=args.geotags,
                                        database_csv=args.database_csv, queries_csv=args.queries_csv,
-                                       radius_m=radius_m, search_device=search_device, progress=progress)
+                                       radius_m=radius_m, search_device=search_device, progress=progress,
+                                       **_verification_settings(args))
     elif setup == "bag":
+        settings = _verification_settings(args)
+        del settings["features"]  # the map's own
         result = runs.evaluate_map_against_bag(encoder, args.map, args.bag, bag_config, gate_queries=args.gate_queries,
-                                               radius_m=radius_m, search_device=search_device, progress=progress)
+                                               radius_m=radius_m, search_device=search_device, progress=progress,
+                                               **settings)
     else:
         result = runs.evaluate_loop_closure(encoder, args.images, args.loop_gt, exclude_recent=exclude_recent,
-                                            target_precision=args.target_precision, progress=progress)
+                                            target_precision=args.target_precision, progress=progress,
+                                            **_verification_settings(args))
     report = runs.save_run(result, out, model=fingerprint, target_precision=args.target_precision,
                            random_weights=args.random_weights, calibrate=args.calibrate, calibration=cal_config)
     print(json.dumps(reports.summarize(report, out / reports.REPORT_FILE), indent=2))
@@ -199,6 +207,28 @@ def _check_flags(args: argparse.Namespace, setup: str) -> int:
     if not 0.0 < args.target_precision <= 1.0:
         raise ValueError(f"--target-precision is {args.target_precision}; expected a value in (0, 1], e.g. 0.95")
     return from_flags(MatcherConfig, args, fields=("exclude_recent_count",)).exclude_recent_count
+
+
+def _add_verification_flags(group: argparse._ArgumentGroup) -> None:
+    """Geometric verification of the same queries (``--verification-*``, ``--features-*``) and the similarity
+    threshold both accept rules use (``--min-similarity``)."""
+    from dinomix_ros.imaging.features import FeatureConfig
+    from dinomix_ros.localization.matching import MatcherConfig
+    from dinomix_ros.localization.verification import VerificationConfig
+
+    add_flags(group, MatcherConfig, fields=("min_similarity",))
+    add_flags(group, VerificationConfig)
+    add_flags(group, FeatureConfig, fields=("type", "max_features", "max_image_side"))
+
+
+def _verification_settings(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the evaluation setups for verification (verification, features, min_similarity)."""
+    from dinomix_ros.imaging.features import FeatureConfig
+    from dinomix_ros.localization.matching import MatcherConfig
+    from dinomix_ros.localization.verification import VerificationConfig
+
+    return {"verification": from_flags(VerificationConfig, args), "features": from_flags(FeatureConfig, args),
+            "min_similarity": from_flags(MatcherConfig, args, fields=("min_similarity",)).min_similarity}
 
 
 def _bag_config(args: argparse.Namespace) -> BagMapConfig:

@@ -113,9 +113,44 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
                      help="add to the existing map OUT (it must have been built by the same model)")
     add_flags(out, StorageConfig)
     add_flags(out, IndexConfig, fields=("index",))
+    _add_feature_flags(out)
     out.add_argument("--name", help="map name stored in its metadata (OUT's name without .dinomap when left out)")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_flags(p)
+
+
+def _add_feature_flags(group: argparse._ArgumentGroup) -> None:
+    """Local features stored per keyframe (``--features-*``) and the cameras' calibration (``--calibration``)."""
+    from dinomix_ros.imaging.features import FeatureConfig
+
+    add_flags(group, FeatureConfig)
+    group.add_argument("--calibration", action="append", type=Path, metavar="YAML",
+                       help="ROS camera_info YAML of the camera (camera_calibration's ost.yaml), stored in the map for "
+                            "verification with intrinsics; bag: once per --image-topic, in the same order (a bag's "
+                            "own camera_info topics are used when left out); folder: once")
+
+
+def _feature_settings(args: argparse.Namespace) -> tuple:
+    """(FeatureConfig, calibrations read from --calibration) of a build."""
+    from dinomix_ros.imaging.camera import camera_from_info_yaml
+    from dinomix_ros.imaging.features import FeatureConfig
+
+    return from_flags(FeatureConfig, args), [camera_from_info_yaml(p) for p in args.calibration or []]
+
+
+def _bag_calibrations(config: BagMapConfig, calibrations: list) -> dict | None:
+    if not calibrations:
+        return None
+    if len(calibrations) != len(config.cameras):
+        raise ValueError(f"--calibration was given {len(calibrations)} times for {len(config.cameras)} image topics; "
+                         "give one per --image-topic, in the same order, or none (the bag's camera_info)")
+    return dict(zip(config.cameras, calibrations))
+
+
+def _folder_calibration(calibrations: list) -> object:
+    if len(calibrations) > 1:
+        raise ValueError(f"--calibration was given {len(calibrations)} times; a folder build has one camera")
+    return calibrations[0] if calibrations else None
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -130,6 +165,7 @@ def run_build(args: argparse.Namespace) -> int:
     config, resolved = _bag_source(args) if args.bag is not None else (None, _folder_source(args))
     storage = from_flags(StorageConfig, args).storage_dtype
     index_kind = from_flags(IndexConfig, args, fields=("index",)).index
+    features, calibrations = _feature_settings(args)  # a bad calibration fails before the model loads
     # "storage" is the key earlier builds recorded in the map's metadata: kept so that every build reads alike.
     resolved.update(out=str(args.out), append=args.append, storage=storage, index=index_kind)
     _logger.info("map build: %s", json.dumps(resolved))
@@ -139,11 +175,13 @@ def run_build(args: argparse.Namespace) -> int:
     kmap = _open_map(args, fingerprint, storage)
     if config is not None:
         kmap, report = build_map_from_bag(args.bag, encoder, config, kmap=kmap, progress=show_progress(args),
-                                          pose_bag=args.pose_bag)
+                                          pose_bag=args.pose_bag, features=features,
+                                          intrinsics=_bag_calibrations(config, calibrations))
     else:
         kmap, report = build_map_from_folder(args.images, encoder, args.geotags, args.csv, kmap=kmap,
                                              camera=resolved["camera"], progress=show_progress(args),
-                                             batch_size=args.batch_size)
+                                             batch_size=args.batch_size, features=features,
+                                             intrinsics=_folder_calibration(calibrations))
     if report.added == 0 and not args.append:
         raise ValueError(f"no keyframe was added, nothing saved ({report.summary()}); check the topics, the pose "
                          "gap and that the poses cover the images' time span")
@@ -274,6 +312,10 @@ def run_info(args: argparse.Namespace) -> int:
     ]
     if "note" in info["metadata"]:
         lines.append(("note", str(info["metadata"]["note"])))
+    local = info["local_features"]
+    lines.append(("features", "none (geometric verification off for this map)" if local is None else
+                  f"{local['type']}, {local['slots']} per keyframe, {local['bytes'] / 2**20:.2f} MiB; intrinsics: "
+                  f"{', '.join(local['intrinsics']) or 'none'}"))
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
     return 0
@@ -304,7 +346,18 @@ def _map_info(path: Path, m: dict[str, Any]) -> dict[str, Any]:
         "calibration": metadata.pop("calibration", None),
         "bytes": sum(int(r["bytes"]) for r in records),
         "metadata": metadata,
+        "local_features": _local_features_info(m),
     }
+
+
+def _local_features_info(m: dict[str, Any]) -> dict[str, Any] | None:
+    """The map's local features (format 2): type, slots, bytes on disk, cameras with intrinsics; None without."""
+    entry = m.get("local_features")
+    if entry is None:
+        return None
+    chunks = m["files"].get("features") or []
+    return {"type": entry["type"], "slots": entry["slots"], "bytes": sum(int(r["bytes"]) for r in chunks),
+            "intrinsics": sorted(entry["intrinsics"])}
 
 
 def _add_topics_arguments(p: argparse.ArgumentParser) -> None:

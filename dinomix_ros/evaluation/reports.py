@@ -40,7 +40,7 @@ RANDOM_WEIGHTS_NOTE = "random weights: scores are meaningless"
 REPORT_FILE = "report.json"
 #: Report keys repeated in the summary (those a setup does not report are left out).
 _SUMMARY_KEYS = ("setup", "note", "num_queries", "num_database", "radius_m", "recall", "average_precision",
-                 "calibration", "seconds")
+                 "calibration", "verification", "seconds")
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +56,7 @@ class RunResult:
         seconds: wall time of the run (describing, searching, scoring).
         similarity: loop closure: the (N, N) frame similarity, for ``similarity.png``; None otherwise.
         ground_truth: loop closure: the (N, N) ground truth as read; None otherwise.
+        verified_curve: with verification, the PR curve of the verified score (``pr_verified.png``); else None.
     """
 
     setup: str
@@ -65,6 +66,7 @@ class RunResult:
     seconds: float
     similarity: np.ndarray | None = None
     ground_truth: np.ndarray | None = None
+    verified_curve: PRCurve | None = None
 
 
 def json_ready(value: Any) -> Any:
@@ -147,6 +149,11 @@ def write_plots(out: Path, result: RunResult, threshold: float | None, random_we
         plots["similarity"] = out / "similarity.png"
         ground_truth = None if result.ground_truth is None else result.ground_truth | result.ground_truth.T
         plot_similarity_matrix(result.similarity, ground_truth, plots["similarity"])
+    if result.verified_curve is not None:  # both accept rules on the same queries, side by side
+        plots["pr_verified"] = out / "pr_verified.png"
+        plot_pr_curve({label + ": similarity of the best": result.pr_curve,
+                       label + ": verified score of the re-ranked best": result.verified_curve},
+                      plots["pr_verified"])
     return {name: str(path) for name, path in plots.items()}
 
 
@@ -167,5 +174,7 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
 def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
     """The headline of a report (setup, counts, Recall@N, AP, calibration, time) and where the full report is."""
     summary = {k: report[k] for k in _SUMMARY_KEYS if k in report}
+    if "verification" in summary:  # the headline numbers; the curve stays in the report
+        summary["verification"] = {k: v for k, v in summary["verification"].items() if k != "verified_score_pr_curve"}
     summary["report"] = str(report_path)
     return json_ready(summary)

@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # imported where used: maps.build and maps.index import torch and faiss
+    from dinomix_ros.evaluation.verified import VerifiedComparison
+    from dinomix_ros.imaging.features import FeatureConfig
+    from dinomix_ros.localization.verification import Verification, VerificationConfig
     from dinomix_ros.maps.build import BagMapConfig, BuildReport, PosedImageStream
     from dinomix_ros.maps.index import PlaceIndex
     from dinomix_ros.maps.keyframes import KeyframeMap
@@ -130,7 +133,8 @@ def _sequence_and_ground_truth(images: Path, loop_gt: Path) -> tuple[list[Path],
 def evaluate_folders(encoder: Any, database: Path, queries: Path, *, geotags: str = "auto",
                      database_csv: Path | None = None, queries_csv: Path | None = None,
                      radius_m: float = DEFAULT_RADIUS_M, search_device: str = "auto",
-                     progress: bool = False) -> RunResult:
+                     progress: bool = False, verification: VerificationConfig | None = None,
+                     features: FeatureConfig | None = None, min_similarity: float = 0.5) -> RunResult:
     """Setup (a): every query image against an exact index of the database images.
 
     Unreadable images and images without a position are skipped and counted (``report["skipped"]``); an unreadable
@@ -146,6 +150,10 @@ def evaluate_folders(encoder: Any, database: Path, queries: Path, *, geotags: st
         radius_m: a database image within this distance of the query is a correct match.
         search_device: where the exact search runs (``map.search_device``: auto, cpu or cuda).
         progress: show progress bars.
+        verification: when given and enabled, the same queries verified geometrically (``report["verification"]``,
+            see :func:`evaluate_loop_closure`); features from the image files, no intrinsics.
+        features: local features for verification.
+        min_similarity: similarity threshold of the accept rules compared with and without verification.
 
     Returns:
         The result; ``report["frame"]`` is ``map`` for x/y positions, else the UTM zone's frame.
@@ -187,7 +195,13 @@ def evaluate_folders(encoder: Any, database: Path, queries: Path, *, geotags: st
                     "queries_unreadable": int((~q_ok).sum()), "queries_without_position": int((~q_has_xy).sum())},
         "queries_detail": detail,
     }
-    return RunResult("folders", report, curve, recall, time.perf_counter() - t0)
+    verified_curve = None
+    if verification is not None and verification.enabled:
+        db_features = _LazyFeatures([t.path for t in db_tags], features)
+        q_features = _LazyFeatures([q_tags[q].path for q in q_rows], features)
+        verified_curve = _verify_setup(report, D, I, positives, lambda q, row: _check_files(
+            q_features, q, db_features, row, verification), verification, min_similarity)
+    return RunResult("folders", report, curve, recall, time.perf_counter() - t0, verified_curve=verified_curve)
 
 
 def _search_folders(encoder: Any, db_paths: list[Path], q_paths: list[Path], q_usable: np.ndarray, database: Path,
@@ -355,7 +369,8 @@ def evaluate_folders_ground_truth(encoder: Any, database: Path, queries: Path, g
 def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: BagMapConfig, *,
                              gate_queries: bool = False,
                              radius_m: float = DEFAULT_RADIUS_M, search_device: str = "auto",
-                             progress: bool = False) -> RunResult:
+                             progress: bool = False, verification: VerificationConfig | None = None,
+                             min_similarity: float = 0.5) -> RunResult:
     """Setup (b): the bag's images, paired with their interpolated poses, as queries against the map.
 
     Args:
@@ -367,6 +382,10 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
         radius_m: a keyframe within this distance of the query's position is a correct match.
         search_device: where an exact search runs (``map.search_device``); hnsw and ivfpq run on the CPU.
         progress: show a progress bar over the bag's images.
+        verification: when given and enabled and the map has local features, the same queries verified
+            geometrically as the node does (its features and intrinsics; the bag's camera_info for the queries):
+            ``report["verification"]`` (see :func:`evaluate_loop_closure`).
+        min_similarity: similarity threshold of the accept rules compared with and without verification.
 
     Returns:
         The result; keyframes in other frames than the pose topic's are never positives (counted as skipped).
@@ -393,7 +412,11 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
     counts = BuildReport(source=f"bag:{bag}", frame_id=track.frame_id)
     stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s,
                               gate=config.gate if gate_queries else None, report=counts, progress=progress)
-    D, I, q_xy, meta = _search_stream(encoder, index, stream, counts, max(DEFAULT_NS))
+    verifying = verification is not None and verification.enabled and kmap.local_features is not None
+    if verification is not None and verification.enabled and not verifying:
+        _logger.warning("the map at %s has no local features (format 1): no verification", map_path)
+    extractor = _map_extractor(kmap) if verifying else None
+    D, I, q_xy, meta, q_features = _search_stream(encoder, index, stream, counts, max(DEFAULT_NS), extractor)
     positives = positives_within(map_xy, q_xy, radius_m)
     recall, curve, correct = _score_search(D, I, positives, len(kmap))
     detail = [{
@@ -420,7 +443,20 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
                     "map_keyframes_in_other_frames": int((~in_frame).sum())},
         "queries_detail": detail,
     }
-    return RunResult("bag", report, curve, recall, time.perf_counter() - t0)
+    verified_curve = None
+    if verifying:
+        from dinomix_ros.localization.verification import verify_pair
+        from dinomix_ros.maps.sources.bags import read_camera_info
+
+        store = kmap.local_features
+        cameras = {topic: read_camera_info(bag, topic) for topic in config.image_topics}
+
+        def check(q: int, row: int) -> Verification:
+            return verify_pair(q_features[q], store.row(row), verification, cameras.get(meta[q][0]),
+                               store.intrinsics.get(str(kmap.cameras[row])))
+
+        verified_curve = _verify_setup(report, D, I, positives, check, verification, min_similarity)
+    return RunResult("bag", report, curve, recall, time.perf_counter() - t0, verified_curve=verified_curve)
 
 
 def _keyframes_in_frame(kmap: KeyframeMap, frame: str, pose_topic: str) -> tuple[np.ndarray, np.ndarray]:
@@ -438,17 +474,22 @@ def _keyframes_in_frame(kmap: KeyframeMap, frame: str, pose_topic: str) -> tuple
 
 
 def _search_stream(encoder: Any, index: PlaceIndex, stream: PosedImageStream, counts: BuildReport,
-                   k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, int]]]:
+                   k: int, extractor: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, int]],
+                                                           list[Any]]:
     """Describe the stream's images in batches of ``encoder.config.batch_size`` and search each batch.
 
     An undecodable image is skipped with a warning and counted in ``counts.bad``.
 
     Returns:
-        (Q, k) similarities, (Q, k) map rows (-1 padding), (Q, 2) query positions, and (topic, stamp_ns) per query.
+        (Q, k) similarities, (Q, k) map rows (-1 padding), (Q, 2) query positions, (topic, stamp_ns) per query, and
+        the queries' local features (with ``extractor``, a :class:`~dinomix_ros.imaging.features.FeatureExtractor`;
+        else empty).
     """
+    from dinomix_ros.imaging.features import to_gray
+
     from dinomix_ros.imaging.decode import ImageDecodeError
 
-    Ds, Is, xy, meta, batch = [], [], [], [], []
+    Ds, Is, xy, meta, batch, local = [], [], [], [], [], []
 
     def flush() -> None:
         if batch:
@@ -460,7 +501,10 @@ def _search_stream(encoder: Any, index: PlaceIndex, stream: PosedImageStream, co
 
     for posed in stream:
         try:
-            prepared = encoder.prepare(*posed.image.decode(encoder.image.max_pixels))
+            decoded = posed.image.decode(encoder.image.max_pixels)
+            prepared = encoder.prepare(*decoded)
+            if extractor is not None:
+                local.append(extractor.extract(to_gray(*decoded)))
         except ImageDecodeError as exc:
             counts.bad += 1
             _logger.warning("skipping undecodable query %s@%d: %s", posed.image.topic, posed.image.stamp_ns, exc)
@@ -473,7 +517,7 @@ def _search_stream(encoder: Any, index: PlaceIndex, stream: PosedImageStream, co
     flush()
     D = np.concatenate(Ds) if Ds else np.zeros((0, k), np.float32)
     I = np.concatenate(Is) if Is else np.zeros((0, k), np.int64)
-    return D, I, np.array(xy, dtype=np.float64).reshape(-1, 2), meta
+    return D, I, np.array(xy, dtype=np.float64).reshape(-1, 2), meta, local
 
 
 def stored_index_kind(kmap: KeyframeMap) -> str:
@@ -509,7 +553,9 @@ def _score_search(D: np.ndarray, I: np.ndarray, positives: list[np.ndarray],
 
 
 def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_recent: int = 10,
-                          target_precision: float = 0.95, progress: bool = False) -> RunResult:
+                          target_precision: float = 0.95, progress: bool = False,
+                          verification: VerificationConfig | None = None, features: FeatureConfig | None = None,
+                          min_similarity: float = 0.5) -> RunResult:
     """Setup (c): causal loop closure over an image sequence (natural file order) against RTAB-Map ground truth.
 
     Args:
@@ -519,6 +565,13 @@ def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_
         exclude_recent: frames just before the query that are never loop candidates.
         target_precision: the first-pass false loops are counted at the threshold reaching this precision.
         progress: show a progress bar.
+        verification: when given and enabled, the same queries are also verified geometrically (local features,
+            ``features``) and re-ranked: ``report["verification"]`` compares both
+            (:func:`~dinomix_ros.evaluation.verified.compare_loop_closures`) and the PR curve of the verified score
+            is plotted.
+        features: local features for verification (default: :class:`~dinomix_ros.imaging.features.FeatureConfig`).
+        min_similarity: the similarity threshold of the accepted loop closures compared with and without
+            verification.
 
     Returns:
         The result, with the frame similarity matrix and the ground truth for the similarity plot.
@@ -551,8 +604,76 @@ def evaluate_loop_closure(encoder: Any, images: Path, loop_gt: Path, *, exclude_
             for p, b, s, c in zip(paths, full["best_match"], full["best_score"], full["correct"])
         ],
     }
+    verified_curve = None
+    if verification is not None and verification.enabled:
+        comparison = _verified_comparison(paths, sim, gt, exclude_recent, verification, features, min_similarity)
+        report["verification"] = comparison.to_dict()
+        verified_curve = comparison.verified_curve
     return RunResult("loop_closure", report, result.pr_curve, result.recall, time.perf_counter() - t0,
-                     similarity=sim, ground_truth=gt)
+                     similarity=sim, ground_truth=gt, verified_curve=verified_curve)
+
+
+def _verify_setup(report: dict[str, Any], D: np.ndarray, I: np.ndarray, positives: list[np.ndarray],
+                  check: Any, verification: VerificationConfig, min_similarity: float) -> PRCurve:
+    """Verify the same queries, put the comparison into ``report["verification"]``; the verified-score PR curve."""
+    from dinomix_ros.evaluation.verified import compare_search
+
+    comparison = compare_search(D, I, positives, check, config=verification, min_similarity=min_similarity,
+                                ns=tuple(n for n in DEFAULT_NS if n <= I.shape[1]))
+    report["verification"] = comparison.to_dict()
+    return comparison.verified_curve
+
+
+class _LazyFeatures:
+    """Local features of image files, extracted on first use (only the candidates that get verified)."""
+
+    def __init__(self, paths: list[Path], config: FeatureConfig | None) -> None:
+        from dinomix_ros.imaging.features import FeatureExtractor
+
+        self._paths, self._cache = paths, {}
+        self._extractor = FeatureExtractor(config)
+
+    def __getitem__(self, i: int) -> Any:
+        from dinomix_ros.imaging.decode import read_image_file
+        from dinomix_ros.imaging.features import to_gray
+
+        if i not in self._cache:
+            self._cache[i] = self._extractor.extract(to_gray(*read_image_file(self._paths[i])))
+        return self._cache[i]
+
+
+def _check_files(queries: _LazyFeatures, q: int, database: _LazyFeatures, row: int,
+                 verification: VerificationConfig) -> Verification | None:
+    """One (query image, database image) verification; None when an image cannot be read."""
+    from dinomix_ros.imaging.decode import ImageDecodeError
+    from dinomix_ros.localization.verification import verify_pair
+
+    try:
+        return verify_pair(queries[q], database[row], verification)
+    except (ImageDecodeError, OSError):
+        return None
+
+
+def _map_extractor(kmap: KeyframeMap) -> Any:
+    """The extractor of the features the map stores (its type and slot count)."""
+    from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
+
+    store = kmap.local_features
+    return FeatureExtractor(FeatureConfig(type=store.kind, max_features=store.slots))
+
+
+def _verified_comparison(paths: list[Path], sim: np.ndarray, gt: np.ndarray, exclude_recent: int,
+                         verification: VerificationConfig, features: FeatureConfig | None,
+                         min_similarity: float) -> VerifiedComparison:
+    """Local features of every frame (no intrinsics: fundamental matrix), then the comparison on the same queries."""
+    from dinomix_ros.evaluation.verified import compare_loop_closures
+    from dinomix_ros.imaging.decode import read_image_file
+    from dinomix_ros.imaging.features import FeatureExtractor, to_gray
+
+    extractor = FeatureExtractor(features)
+    local = [extractor.extract(to_gray(*read_image_file(p))) for p in paths]
+    return compare_loop_closures(sim, gt, local, exclude_recent=exclude_recent, config=verification,
+                                 min_similarity=min_similarity)
 
 
 # ------------------------------------------------------------------------------------------------------ run folder

@@ -5,7 +5,10 @@
 
 1. restarts the camera's keyframe gate, the match-consistency streak and the pose-prior rate limit when the camera's
    time jumps back by more than :data:`TIME_JUMP_S` (a bag replayed again, a simulator reset);
-2. matches the descriptor against the map (gated by the robot's pose when ``matching.gate_radius_m`` is on);
+2. matches the descriptor against the map (gated by the robot's pose when ``matching.gate_radius_m`` is on) and,
+   when the map has local features and ``verification.enabled``, verifies the best candidates geometrically with the
+   frame's local features and re-ranks them (:mod:`.verification`): then only a verified best is accepted, and its
+   pose prior is the current robot's pose (:mod:`.camera_pose`), not the keyframe's;
 3. records the frame as a keyframe while recording, if the camera's gate accepts it: with the pose source's pose
    and frame, geotagged when that frame is UTM (a NavSatFix source); without a pose source, with no pose;
 4. decides what to publish: the pose prior (rate-limited forward in time by ``output.pose_prior_min_period_s``)
@@ -19,18 +22,24 @@ next save writes it). Thread-safe: one lock around the map, the index, the match
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from dinomix_ros.localization.matching import Matcher, MatcherConfig, MatchResult
+from dinomix_ros.imaging.camera import CameraModel
+from dinomix_ros.imaging.features import FeatureConfig, LocalFeatures
+from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig, verified_prior
+from dinomix_ros.localization.matching import Candidate, Matcher, MatcherConfig, MatchResult
+from dinomix_ros.localization.verification import VerificationConfig, verify_candidates, verify_pair
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
 from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
 from dinomix_ros.maps.keyframes import KeyframeMap
@@ -75,6 +84,8 @@ class FrameOutcome:
         recorded: the frame was added to the map as a keyframe.
         time_jump_s: seconds the camera's time went back (the match state was restarted), else None.
         record_error: why the frame could not be recorded (it still got its match outputs), else None.
+        prior_case: how ``result.prior`` was made: "keyframe" (the best keyframe's pose), "rotation" (verified:
+            orientation corrected) or "metric" (verified with depth: 6-DoF); see :mod:`.camera_pose`.
     """
 
     result: MatchResult
@@ -83,6 +94,7 @@ class FrameOutcome:
     recorded: bool = False
     time_jump_s: float | None = None
     record_error: str | None = None
+    prior_case: str = "keyframe"
 
 
 @dataclass(frozen=True)
@@ -141,12 +153,25 @@ class LiveMap:
         has_pose_source: a pose source is configured: then frames without a pose near their stamp are not recorded
             (counted); without one, keyframes are recorded without a pose (frame ``none``).
         index: the index of ``kmap`` when the caller built it already (e.g. outside a lock); else built here.
+        verification: geometric verification rules (on when the map has local features).
+        features: the local features recorded with new keyframes: a new, empty map gets a feature store (None:
+            it gets none and records no local features; verification stays off for it).
+        mount: the camera-to-base extrinsic (verified pose priors).
+        prior: the covariance model of verified pose priors.
     """
 
     def __init__(self, kmap: KeyframeMap, *, index_config: IndexConfig | None = None,
                  matcher: MatcherConfig | None = None, gate: KeyframeGateConfig | None = None,
                  output: OutputConfig | None = None, has_pose_source: bool = False,
-                 index: PlaceIndex | None = None) -> None:
+                 index: PlaceIndex | None = None, verification: VerificationConfig | None = None,
+                 features: FeatureConfig | None = None, mount: CameraMountConfig | None = None,
+                 prior: VerifiedPriorConfig | None = None) -> None:
+        self.verification = verification or VerificationConfig()
+        self.features = features
+        self.mount = mount or CameraMountConfig()
+        self.prior_config = prior or VerifiedPriorConfig()
+        self._cameras: dict[str, CameraModel] = {}
+        self._verify_ms: deque[float] = deque(maxlen=200)
         self.index_config = index_config or IndexConfig()
         self._matcher_config = matcher or MatcherConfig()
         self.gate_config = gate or KeyframeGateConfig()
@@ -159,7 +184,7 @@ class LiveMap:
         self._last_prior_ns: int | None = None
         self.last_best_similarity = math.nan
         self.counters = {"keyframes_recorded": 0, "frames_without_pose": 0, "frames_without_pose_total": 0,
-                         "record_errors": 0, "queries": 0, "accepted": 0}
+                         "record_errors": 0, "queries": 0, "accepted": 0, "verified": 0, "verification_rejected": 0}
         self._install(kmap, index)
 
     # ------------------------------------------------------------------------------------------------ the map
@@ -170,6 +195,13 @@ class LiveMap:
         if index.ntotal != len(kmap):
             raise ValueError(f"the index holds {index.ntotal} rows but the map {len(kmap)}: build it from this map")
         calibrated = self.map_calibration(kmap)
+        if len(kmap) == 0 and kmap.local_features is None and self.features is not None \
+                and self.features.max_features > 0:
+            kmap.enable_local_features(self.features.type, self.features.max_features)  # a new map: format 2
+        if kmap.local_features is None and self.verification.enabled:
+            _logger.warning("the map has no local features (map format 1, or built without them): geometric "
+                            "verification is OFF for it, loop closures and pose priors come from appearance "
+                            "alone; rebuild the map (`dinomix map build`) to verify matches")
         config = self._matcher_config
         if calibrated is not None and config.use_map_calibration:
             config = dataclasses.replace(config, min_similarity=calibrated)
@@ -207,6 +239,27 @@ class LiveMap:
             if self.unsaved > 0:
                 raise ValueError(f"the current map has {self.unsaved} unsaved keyframes: save it first")
         return self._install(kmap, index)
+
+    @property
+    def verifying(self) -> bool:
+        """Whether candidates are verified: ``verification.enabled`` and the map has local features."""
+        return self.verification.enabled and self.kmap.local_features is not None
+
+    def set_verification_config(self, config: VerificationConfig) -> None:
+        with self._lock:
+            self.verification = config
+
+    def set_camera_model(self, camera: str, model: CameraModel) -> None:
+        """The intrinsics of ``camera`` (from its camera_info); stored in the map for the keyframes it records."""
+        with self._lock:
+            self._cameras[camera] = model
+            store = self.kmap.local_features
+            if store is not None and self.recording and store.intrinsics.get(camera) != model:
+                store.intrinsics[camera] = model
+
+    def camera_model(self, camera: str) -> CameraModel | None:
+        with self._lock:
+            return self._cameras.get(camera)
 
     @property
     def utm_zone(self) -> int | None:
@@ -271,7 +324,7 @@ class LiveMap:
     # ------------------------------------------------------------------------------------------------ frames
 
     def process(self, camera: str, stamp_ns: int, descriptor: np.ndarray,
-                pose: PoseSample | None = None) -> FrameOutcome:
+                pose: PoseSample | None = None, features: LocalFeatures | None = None) -> FrameOutcome:
         """Match one described frame, record it when recording, and decide its outputs.
 
         Args:
@@ -279,16 +332,25 @@ class LiveMap:
             stamp_ns: the image stamp.
             descriptor: (D,) unit descriptor.
             pose: the pose source's pose at ``stamp_ns`` (see :attr:`needs_pose`), None when there is none.
+            features: the frame's local features (verification, and stored with a recorded keyframe); without
+                them a verifying map accepts nothing for this frame.
         """
         with self._lock:
             jump = self._check_time_jump(camera, stamp_ns)
             hint = (pose.frame_id, pose.position) if pose is not None and pose.frame_id in self._frames else None
-            result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint)
+            verify = functools.partial(self._verify, camera, features) if self.verifying else None
+            result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint, verify=verify)
+            case = "keyframe"
+            if result.best is not None and result.best.verified and result.prior is not None:
+                result.prior, case = verified_prior(result.prior, result.best.verification, self.mount,
+                                                    self.prior_config)
+            if verify is not None and result.best is not None:
+                self.counters["verified" if result.best.verified else "verification_rejected"] += 1
             session_row = result.best is not None and result.best.row >= self._session_start_row
             recorded, error = False, None
             if self.recording:
                 try:  # a recording problem never costs the frame its localization outputs
-                    recorded = self._maybe_record(camera, stamp_ns, descriptor, pose)
+                    recorded = self._maybe_record(camera, stamp_ns, descriptor, pose, features)
                 except Exception as exc:  # reported in the outcome and counted; the map is unchanged
                     self.counters["record_errors"] += 1
                     error = f"{type(exc).__name__}: {exc}"
@@ -299,7 +361,23 @@ class LiveMap:
                 self.counters["accepted"] += 1
                 prior = result.prior is not None and self._prior_due(stamp_ns)
                 loop = session_row or self.output.loop_closure_scope == "all"
-            return FrameOutcome(result, prior, loop, recorded, jump, error)
+            return FrameOutcome(result, prior, loop, recorded, jump, error, case)
+
+    def _verify(self, camera: str, features: LocalFeatures | None, cands: list[Candidate]) -> list[Candidate]:
+        """The candidates verified against ``features`` and re-ranked (ranks renumbered); timed for diagnostics."""
+        t0 = time.perf_counter()
+        store, query_camera = self.kmap.local_features, self._cameras.get(camera)
+
+        def one(cand: Candidate):
+            if features is None or store is None:
+                return None
+            # a keyframe without features (a blank wall, or none recorded) verifies as 0 inliers, not as "unknown"
+            return verify_pair(features, store.row(cand.row), self.verification, query_camera,
+                               store.intrinsics.get(cand.camera))
+
+        ordered, checks = verify_candidates(cands, one, self.verification)
+        self._verify_ms.append((time.perf_counter() - t0) * 1e3)
+        return [dataclasses.replace(c, rank=i, verification=v) for i, (c, v) in enumerate(zip(ordered, checks))]
 
     def _check_time_jump(self, camera: str, stamp_ns: int) -> float | None:
         last = self._last_stamps.get(camera)
@@ -321,7 +399,8 @@ class LiveMap:
         self._last_prior_ns = stamp_ns
         return True
 
-    def _maybe_record(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None) -> bool:
+    def _maybe_record(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None,
+                      features: LocalFeatures | None = None) -> bool:
         if self.has_pose_source and pose is None:
             self.counters["frames_without_pose"] += 1
             self.counters["frames_without_pose_total"] += 1
@@ -335,10 +414,11 @@ class LiveMap:
             orientation = pose.orientation if pose.has_orientation else None
         if not gate.accept(stamp_ns, position, orientation):
             return False
-        self._add_keyframe(camera, stamp_ns, descriptor, pose)
+        self._add_keyframe(camera, stamp_ns, descriptor, pose, features)
         return True
 
-    def _add_keyframe(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None) -> None:
+    def _add_keyframe(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None,
+                      features: LocalFeatures | None = None) -> None:
         """Append one keyframe to the map and its index, which stay in step (caller holds the lock)."""
         frame = pose.frame_id if pose is not None else NO_POSE_FRAME
         columns: dict[str, Any] = {}
@@ -348,7 +428,11 @@ class LiveMap:
         self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=camera, frame_ids=frame,
                       positions=None if pose is None else pose.position[None],
                       orientations=None if pose is None or not pose.has_orientation else pose.orientation[None],
-                      sources=f"live:{camera}", **columns)
+                      sources=f"live:{camera}", features=[features] if self.kmap.local_features is not None else None,
+                      **columns)
+        store = self.kmap.local_features
+        if store is not None and camera in self._cameras and camera not in store.intrinsics:
+            store.intrinsics[camera] = self._cameras[camera]
         try:
             self.index.add(descriptor[None].astype(np.float32))
         except Exception as exc:  # the map took the row: rebuild the index from it, never diverge
@@ -388,4 +472,15 @@ class LiveMap:
                 "queries": self.counters["queries"],
                 "accepted_matches": self.counters["accepted"],
                 "min_similarity": self._matcher_config.min_similarity if self.matcher is not None else math.nan,
+                **self._verification_stats(),
             }
+
+    def _verification_stats(self) -> dict[str, Any]:
+        """Verification state, verified/rejected counts and time per frame (p50/p95 over the last 200 frames)."""
+        ms = np.asarray(self._verify_ms, dtype=float)
+        state = "on" if self.verifying else ("off: the map has no local features" if self.verification.enabled
+                                             else "off")
+        return {"verification": state, "verified_matches": self.counters["verified"],
+                "verification_rejected": self.counters["verification_rejected"],
+                "verification_p50_ms": float(np.percentile(ms, 50)) if ms.size else math.nan,
+                "verification_p95_ms": float(np.percentile(ms, 95)) if ms.size else math.nan}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -92,10 +92,26 @@ class Candidate:
     position: np.ndarray  # (3,), NaN when unknown
     orientation: np.ndarray  # (4,) x y z w, NaN when unknown
     gps: np.ndarray  # (3,) lat lon alt, NaN when unknown
+    # geometric verification (dinomix_ros.localization.verification.Verification), None when not verified
+    verification: Any = field(default=None, compare=False, repr=False)
 
     @property
     def has_position(self) -> bool:
         return bool(np.isfinite(self.position).all())
+
+    @property
+    def verified(self) -> bool:
+        """Verified and passed the verification rules."""
+        return self.verification is not None and bool(self.verification.passed)
+
+    @property
+    def inliers(self) -> int:
+        return 0 if self.verification is None else int(self.verification.inliers)
+
+    @property
+    def verified_score(self) -> float:
+        """The verified score (NaN when not verified)."""
+        return math.nan if self.verification is None else float(self.verification.score)
 
 
 @dataclass(frozen=True)
@@ -180,7 +196,8 @@ class Matcher:
         return out
 
     def query(self, descriptor: np.ndarray, stamp_ns: int, camera: str = "",
-              position_hint: tuple[str, np.ndarray] | None = None) -> MatchResult:
+              position_hint: tuple[str, np.ndarray] | None = None,
+              verify: Callable[[list[Candidate]], list[Candidate]] | None = None) -> MatchResult:
         """Match one descriptor and decide whether to accept the best candidate.
 
         Args:
@@ -188,11 +205,15 @@ class Matcher:
             stamp_ns: the query image's stamp (recency exclusion, consistency).
             camera: name reported in the result.
             position_hint: (frame_id, position) of the robot from its pose source, for gating.
+            verify: geometric verification: takes the candidates best first and returns them verified and
+                re-ranked (ranks renumbered); then the best must also be verified (rule "verification").
         """
         c = self.config
         searched = self.candidates(descriptor, stamp_ns, position_hint,
                                    k=max(c.top_k, MARGIN_SEARCH_K) if c.min_margin > 0 else c.top_k)
         cands = searched[: c.top_k]
+        if verify is not None and cands:
+            cands = verify(cands)
         result = MatchResult(stamp_ns, camera, cands, accepted=False)
         if not cands:
             result.rejected_by.append("no_candidates")
@@ -204,6 +225,8 @@ class Matcher:
             result.rejected_by.append("min_similarity")
         if c.min_margin > 0 and result.margin < c.min_margin:
             result.rejected_by.append("margin")
+        if verify is not None and not best.verified:
+            result.rejected_by.append("verification")
         if result.rejected_by:
             self.reset()
         else:

@@ -47,9 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from dinomix_ros.imaging.decode import ImageDecodeError
+from dinomix_ros.imaging.camera import CameraModel
+from dinomix_ros.imaging.decode import ImageDecodeError, read_image_file
+from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, GpsTrack, geotag_columns
 from dinomix_ros.maps.keyframes import KeyframeMap, MapError
+from dinomix_ros.maps.local_features import FeatureRecorder
 from dinomix_ros.maps.sources.bags import (
     IMAGE_TYPES,
     NAVSATFIX_TYPE,
@@ -60,6 +63,7 @@ from dinomix_ros.maps.sources.bags import (
     count_messages,
     iter_images,
     read_gps_fixes,
+    read_camera_info,
     read_pose_track,
 )
 from dinomix_ros.maps.sources.geo import parse_utm_frame, utm_frame_id
@@ -394,10 +398,11 @@ class _Row:
     position: np.ndarray
     orientation: np.ndarray
     source: str
+    features: Any = None  # LocalFeatures of the keyframe, when the build records them
 
 
-def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Exception], None], max_pixels: int
-                       ) -> Iterator[tuple[np.ndarray, str, _Row]]:
+def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Exception], None], max_pixels: int,
+                       recorder: FeatureRecorder | None = None) -> Iterator[tuple[np.ndarray, str, _Row]]:
     """The stream's keyframes as (image, encoding, row) items for :meth:`Encoder.describe_stream`.
 
     Images are decoded here, on the thread that pulls the items (the caller of describe_stream), not in a worker: an
@@ -408,6 +413,7 @@ def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Excepti
         row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation, f"bag:{img.topic}@{img.stamp_ns}")
         try:
             array, encoding = img.decode(max_pixels)
+            row.features = recorder.extract(array, encoding) if recorder is not None else None
         except ImageDecodeError as exc:
             on_bad(row, exc)
             stream.reject_last()
@@ -423,6 +429,8 @@ def build_map_from_bag(
     progress: bool = True,
     *,
     pose_bag: str | Path | None = None,
+    features: FeatureConfig | None = None,
+    intrinsics: dict[str, CameraModel] | None = None,
 ) -> tuple[KeyframeMap, BuildReport]:
     """Keyframes of a ROS 2 bag: gated by pose, described with ``encoder``, added to a map.
 
@@ -434,6 +442,9 @@ def build_map_from_bag(
         progress: show a progress bar over the image messages.
         pose_bag: the bag with the pose and GPS topics, when they were recorded apart from the images (same clock);
             None: ``bag``.
+        features: local features stored per keyframe (None: none, the map has no verification).
+        intrinsics: camera name -> intrinsics stored in the map; cameras left out take them from their
+            camera_info topic in the bag, when it has one.
 
     Returns:
         The map (``kmap`` itself when given) and the build report.
@@ -480,7 +491,8 @@ def build_map_from_bag(
             geo = tags
         kmap.add(desc, stamps_ns=stamps, cameras=[r.camera for r in rows], frame_ids=frame_id,
                  positions=np.stack([r.position for r in rows]), orientations=np.stack([r.orientation for r in rows]),
-                 sources=[r.source for r in rows], **geo)
+                 sources=[r.source for r in rows], features=[r.features for r in rows] if recorder.active else None,
+                 **geo)
         report.added += len(rows)
         for r in rows:
             report.per_camera[r.camera] = report.per_camera.get(r.camera, 0) + 1
@@ -491,9 +503,10 @@ def build_map_from_bag(
             logger.warning("skipping undecodable image %s: %s", row.source, exc)
         bad_logged[0] += 1
 
+    recorder = FeatureRecorder(kmap, features, _bag_intrinsics(bag, config, intrinsics))
     stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s, cameras=config.cameras,
                               gate=config.gate, report=report, progress=progress)
-    items = _decoded_keyframes(stream, on_bad, encoder.image.max_pixels)
+    items = _decoded_keyframes(stream, on_bad, encoder.image.max_pixels, recorder)
     with closing(items), closing(encoder.describe_stream(items)) as batches:
         for batch in batches:
             for row, exc in batch.failed:
@@ -509,6 +522,20 @@ def build_map_from_bag(
                        "both use the same clock (header stamps)", bag, config.pairing.max_gap_s, config.pose_topic)
     logger.info("%s", report.summary())
     return kmap, report
+
+
+def _bag_intrinsics(bag: str | Path, config: BagMapConfig, given: dict[str, CameraModel] | None
+                    ) -> dict[str, CameraModel]:
+    """Intrinsics per camera: those given, else the bag's camera_info of each image topic (when it has one)."""
+    out = dict(given or {})
+    for topic, camera in zip(config.image_topics, config.cameras):
+        if camera not in out:
+            found = read_camera_info(bag, topic)
+            if found is not None:
+                out[camera] = found
+                logger.info("camera %s: intrinsics from the bag's camera_info (%dx%d %s)", camera, found.width,
+                            found.height, found.distortion_model)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- folder builder
@@ -554,6 +581,8 @@ def build_map_from_folder(
     *,
     recursive: bool = False,
     batch_size: int | None = None,
+    features: FeatureConfig | None = None,
+    intrinsics: CameraModel | None = None,
 ) -> tuple[KeyframeMap, BuildReport]:
     """One keyframe per image of a folder (natural file order), geotagged from file names, a CSV or EXIF.
 
@@ -572,6 +601,9 @@ def build_map_from_folder(
         progress: show a progress bar.
         recursive: include sub-folders.
         batch_size: images per forward pass (default: the encoder's).
+        features: local features stored per keyframe (None: none, the map has no verification); the images are
+            read once more for them.
+        intrinsics: the camera's intrinsics (e.g. from a calibration YAML), stored in the map.
 
     Returns:
         The map (``kmap`` itself when given) and the build report.
@@ -596,6 +628,7 @@ def build_map_from_folder(
     report.frame_id = distinct[0] if len(distinct) == 1 else ",".join(distinct)
     logger.info("building from %s: %d images, frames %s, %d without a position", folder, len(tags), distinct,
                 report.no_geotag)
+    recorder = FeatureRecorder(kmap, features, {camera: intrinsics} if intrinsics is not None else None)
     bar = progress_bar(len(tags), "map build", progress)
     try:
         with closing(encoder.describe_stream(((t.path, None, i) for i, t in enumerate(tags)),
@@ -607,7 +640,10 @@ def build_map_from_folder(
                     logger.warning("skipping image %d (%s): %s", i, tags[i].path, exc)
                 if batch.tags:
                     sel = np.asarray(batch.tags)
+                    local = ([recorder.extract(*read_image_file(tags[i].path, encoder.image.max_pixels)) for i in sel]
+                             if recorder.active else None)
                     kmap.add(batch.descriptors, stamps_ns=np.zeros(sel.size, dtype=np.int64), cameras=camera,
+                             features=local,
                              **{k: [v[i] for i in sel] if isinstance(v, list) else v[sel] for k, v in rows.items()})
                     report.added += int(sel.size)
                 bar.update(len(batch))

@@ -32,6 +32,8 @@ from dinomix_ros.maps.errors import (  # defined there, importable from here (se
     KeyframeNotFoundError, MapConflictError, MapError, MapFormatError, MapLockedError, MapMismatchError,
     MapNotFoundError,
 )
+from dinomix_ros.imaging.features import LocalFeatures
+from dinomix_ros.maps.local_features import KeyframeFeatures
 from dinomix_ros.maps.validation import (
     STORAGE_DTYPES, as_float_rows, as_index_blob, as_int_column, as_str_column, as_zone_column, check_columns,
     check_descriptors, check_fingerprint, check_index_kind, check_metadata, check_same_model, dtype_name, empty_columns,
@@ -143,6 +145,8 @@ class KeyframeMap:
         # What this object knows is committed on disk, per map directory: owned by dinomix_ros.maps.storage (which
         # uses it to append and to detect other writers) and opaque here. A new object (subset()) starts with none.
         self._storage_state: Any = None
+        # Local features per row and intrinsics per camera (map format 2), None for maps without them (format 1).
+        self.local_features: KeyframeFeatures | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -199,6 +203,7 @@ class KeyframeMap:
         utm_bands: str | Sequence[str] | None = None,
         utm: np.ndarray | None = None,
         sources: str | Sequence[str] | None = None,
+        features: Sequence[LocalFeatures | None] | None = None,
     ) -> np.ndarray:
         """Append keyframes; everything is validated before anything is changed.
 
@@ -217,6 +222,8 @@ class KeyframeMap:
             utm: (N, 2) easting, northing in metres; NaN row = unknown. Zone, band and utm go together.
             sources: Where each keyframe came from (image path, "bag:<topic>@<stamp>", "live:<topic>"), or one
                 string for all rows. Default "".
+            features: Local features per row (None: none for that row), for a map with :attr:`local_features`
+                (see :meth:`enable_local_features`); ignored (must be None) for a map without.
 
         Returns:
             (N,) int64 ids of the new keyframes.
@@ -245,15 +252,44 @@ class KeyframeMap:
         }
         block["ids"] = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         check_columns(block, lambda i: f"row {i} of this add()", MapError)
+        feature_block = self._feature_block(features, n)
         if n == 0:
             return block["ids"]
         seg = desc.astype(self._dtype)  # always a copy: the caller's array is never aliased
         seg.flags.writeable = False
         self._pending.append(block)
         self._segments.append(seg)
+        if feature_block is not None:
+            self.local_features.append_block(feature_block)
         self._next_id += n
         self._count += n
         return block["ids"].copy()
+
+    def enable_local_features(self, kind: str, slots: int) -> KeyframeFeatures:
+        """Give the map a local-feature store (rows already in the map get none); returns it (kept if it exists).
+
+        Raises:
+            MapError: the map stores another feature type.
+        """
+        if self.local_features is None:
+            self.local_features = KeyframeFeatures(kind, slots)
+            self.local_features.append([None] * self._count)
+        elif self.local_features.kind != kind:
+            raise MapError(f"this map stores {self.local_features.kind} local features, not {kind}: set "
+                           f"features.type to {self.local_features.kind} for it, or build a new map")
+        return self.local_features
+
+    def _feature_block(self, features: Sequence[LocalFeatures | None] | None, n: int) -> np.ndarray | None:
+        """Packed local-feature rows for an add() of ``n`` rows (validated), None for a map without features."""
+        if self.local_features is None:
+            if features is not None and any(f is not None for f in features):
+                raise MapError("features given to add() but this map has no local-feature store (a format 1 map); "
+                               "call enable_local_features() first")
+            return None
+        features = [None] * n if features is None else list(features)
+        if len(features) != n:
+            raise MapError(f"features has {len(features)} entries for {n} rows; give one per row (None: none)")
+        return self.local_features.pack_block(features)
 
     # ------------------------------------------------------------------ accessors
 
@@ -464,9 +500,12 @@ class KeyframeMap:
             inside = (rows >= offset) & (rows < offset + seg.shape[0])
             gathered[inside] = seg[rows[inside] - offset]
             offset += seg.shape[0]
-        return KeyframeMap(copy.deepcopy(self.fingerprint), descriptor_dim=self._dim, storage_dtype=self._dtype_name,
-                           metadata=copy.deepcopy(self.metadata), created=self.created, next_id=self._next_id,
-                           columns=cols, segments=[gathered])
+        out = KeyframeMap(copy.deepcopy(self.fingerprint), descriptor_dim=self._dim, storage_dtype=self._dtype_name,
+                          metadata=copy.deepcopy(self.metadata), created=self.created, next_id=self._next_id,
+                          columns=cols, segments=[gathered])
+        if self.local_features is not None:
+            out.local_features = self.local_features.subset(rows)
+        return out
 
     def check_compatible(self, fingerprint: dict[str, Any]) -> None:
         """Raise unless ``fingerprint`` is the model that built this map (equal ``id``).

@@ -68,7 +68,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "dinomix_ros.map"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: local features per keyframe and intrinsics per camera (files.features, local_features)
 MANIFEST = "manifest.json"
 #: The manifest's own checksum key (see the module docstring).
 SEAL_KEY = "manifest_sha256"
@@ -80,7 +80,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 # The only names a manifest may reference: plain file names (no path), each carrying the generation that wrote it.
 _GEN_FILE_RE = re.compile(
-    r"^(?:keyframes\.g(\d{6,})\.csv|descriptors\.g(\d{6,})\.npy|index\.g(\d{6,})\.(?:faiss|bin))$")
+    r"^(?:keyframes\.g(\d{6,})\.csv|descriptors\.g(\d{6,})\.npy|index\.g(\d{6,})\.(?:faiss|bin)"
+    r"|features\.g(\d{6,})\.npy)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -96,7 +97,8 @@ def generation_of(name: str) -> int | None:
 
 
 def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: dict[str, Any],
-                 descriptors: list[dict[str, Any]], index: dict[str, Any] | None) -> dict[str, Any]:
+                 descriptors: list[dict[str, Any]], index: dict[str, Any] | None,
+                 features: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest that commits ``kmap`` as ``generation``, given the records of the files that hold it.
 
     Args:
@@ -106,6 +108,7 @@ def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: di
         keyframes: ``{"file", "rows", "bytes", "sha256"}`` of the keyframe CSV.
         descriptors: Records of the descriptor chunks, in row order.
         index: ``{"file", "kind", "rows", "bytes", "sha256"}`` of the search index, or None.
+        features: Records of the local-feature chunks in row order, None for a map without local features.
 
     Returns:
         The manifest as a JSON-able dict (see ``maps/README.md`` for its keys).
@@ -125,7 +128,8 @@ def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: di
         "created": kmap.created,
         "updated": updated,
         "writer": f"dinomix_ros {__version__}",
-        "files": {"keyframes": keyframes, "descriptors": descriptors, "index": index},
+        "files": {"keyframes": keyframes, "descriptors": descriptors, "index": index, "features": features},
+        "local_features": None if kmap.local_features is None else kmap.local_features.manifest_entry(),
     }
 
 
@@ -167,6 +171,7 @@ def listed_files(manifest: dict[str, Any]) -> set[str]:
     names.update(rec["file"] for rec in files["descriptors"])
     if files["index"] is not None:
         names.add(files["index"]["file"])
+    names.update(rec["file"] for rec in files.get("features") or [])
     return names
 
 
@@ -397,5 +402,41 @@ def _validate_manifest(m: dict[str, Any], mpath: Path) -> None:
         raise fail(f"descriptor chunks hold {total} rows but count is {count}: the manifest is inconsistent")
     if files.get("index") is not None:
         record(files["index"], "index", extra=("kind",))
+    _validate_features(m, fail, record, count)
     if len(set(names)) != len(names):
         raise fail(f"a file is listed twice in files: {sorted(n for n in set(names) if names.count(n) > 1)}")
+
+
+def _validate_features(m: dict[str, Any], fail: Any, record: Any, count: int) -> None:
+    """The local-feature part of a manifest (format 2): ``local_features`` and ``files.features`` go together."""
+    from dinomix_ros.imaging.camera import CameraModel, CameraModelError
+    from dinomix_ros.imaging.features import DESCRIPTOR_BYTES
+
+    entry, chunks = m.get("local_features"), m["files"].get("features")
+    if entry is None and chunks is None:
+        return
+    if m["version"] < 2:
+        raise fail("local features in a format 1 manifest: the files are inconsistent")
+    if not isinstance(entry, dict) or not isinstance(chunks, list):
+        raise fail("local_features and files.features must both be present (an object and a list) or both null")
+    if entry.get("type") not in DESCRIPTOR_BYTES:
+        raise fail(f"local_features.type is {entry.get('type')!r}, expected one of {sorted(DESCRIPTOR_BYTES)}")
+    if type(entry.get("slots")) is not int or entry["slots"] < 1:
+        raise fail(f"local_features.slots is {entry.get('slots')!r}, expected a positive integer")
+    if entry.get("keypoint_scale") != 4:
+        raise fail(f"local_features.keypoint_scale is {entry.get('keypoint_scale')!r}, expected 4")
+    intrinsics = entry.get("intrinsics")
+    if not isinstance(intrinsics, dict):
+        raise fail(f"local_features.intrinsics is {intrinsics!r}, expected an object (camera -> intrinsics)")
+    for name, data in intrinsics.items():
+        try:
+            CameraModel.from_dict(data if isinstance(data, dict) else {})
+        except CameraModelError as exc:
+            raise fail(f"local_features.intrinsics[{name!r}]: {exc}") from None
+    for i, rec in enumerate(chunks):
+        record(rec, f"features[{i}]")
+        if rec["rows"] < 1:
+            raise fail(f"files.features[{i}].rows is {rec['rows']}, expected >= 1")
+    total = sum(rec["rows"] for rec in chunks)
+    if total != count:
+        raise fail(f"local-feature chunks hold {total} rows but count is {count}: the manifest is inconsistent")

@@ -57,7 +57,9 @@ import numpy as np
 
 from dinomix_ros.maps.errors import MapConflictError, MapError, MapFormatError, MapLockedError, MapNotFoundError
 from dinomix_ros.maps.keyframe_csv import parse_csv, write_csv
+from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.maps.keyframes import KeyframeMap, utc_now_iso
+from dinomix_ros.maps.local_features import KeyframeFeatures, slot_dtype
 from dinomix_ros.maps.manifest import (
     MANIFEST, claimed_generation, corrupted, generation_file, generation_of, listed_files, manifest_bytes, new_manifest,
     open_map_file, read_manifest,
@@ -87,6 +89,7 @@ class _DiskState:
     rows: int
     chunks: list[dict[str, Any]]
     index: dict[str, Any] | None
+    features: list[dict[str, Any]] | None = None  # local-feature chunk records (format 2), None without
 
 
 @dataclass(frozen=True)
@@ -223,12 +226,14 @@ def _commit_generation(kmap: KeyframeMap, directory: Path, key: str, plan: _Save
         sha, size = _write_file(directory, name, lambda w: write_csv(w, kmap), created)
         kf_rec = {"file": name, "rows": len(kmap), "bytes": size, "sha256": sha}
         index_rec = _index_for_save(kmap, directory, gen, plan.base, created)
+        feature_recs = _features_for_save(kmap, directory, gen, plan, created)
         fsync_dir(directory)  # the new names are durable before a manifest references them
-        manifest = new_manifest(kmap, gen, utc_now_iso(), kf_rec, chunks, index_rec)
+        manifest = new_manifest(kmap, gen, utc_now_iso(), kf_rec, chunks, index_rec, feature_recs)
         data = manifest_bytes(manifest)
         _write_file(directory, MANIFEST, lambda w: w.write(data), None)
         committed = True  # os.replace onto manifest.json happened: this is the commit point
-        _remember(kmap, key, _DiskState(generation=gen, rows=len(kmap), chunks=chunks, index=index_rec))
+        _remember(kmap, key, _DiskState(generation=gen, rows=len(kmap), chunks=chunks, index=index_rec,
+                                        features=feature_recs))
         fsync_dir(directory)
     except BaseException:
         if not committed:
@@ -254,6 +259,45 @@ def _write_chunk(kmap: KeyframeMap, directory: Path, gen: int, start: int, creat
 
     sha, size = _write_file(directory, name, write, created)
     return {"file": name, "rows": rows, "bytes": size, "sha256": sha}
+
+
+def _features_for_save(kmap: KeyframeMap, directory: Path, gen: int, plan: _SavePlan,
+                       created: list[Path]) -> list[dict[str, Any]] | None:
+    """Records of the local-feature chunks to commit: the committed ones plus rows added since, or a full write.
+
+    Appends like the descriptors when the committed map has feature chunks of the same slot count; otherwise (a
+    format 1 map gaining features, a full write) one chunk holds every row.
+    """
+    store = kmap.local_features
+    if store is None:
+        return None
+    base = plan.base.features if plan.append and plan.base is not None else None
+    start = plan.start if base is not None and _feature_slots(base, store.slots) else 0
+    recs = list(base) if start else []
+    if len(kmap) > start:
+        recs.append(_write_feature_chunk(store, directory, gen, start, len(kmap) - start, created))
+    return recs
+
+
+def _feature_slots(recs: list[dict[str, Any]], slots: int) -> bool:
+    """Whether committed feature chunks can be appended to (every chunk has ``slots`` slots)."""
+    return all(rec.get("slots", slots) == slots for rec in recs)
+
+
+def _write_feature_chunk(store: Any, directory: Path, gen: int, start: int, rows: int,
+                         created: list[Path]) -> dict[str, Any]:
+    """Write local-feature rows [start, start + rows) as features.g<gen>.npy; return its manifest record."""
+    name = generation_file("features", gen, "npy")
+    dtype = slot_dtype(store.kind)
+
+    def write(w: _HashingWriter) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, store.slots)}
+        np.lib.format.write_array_header_1_0(w, header)
+        for part in store.blocks(start):
+            w.write(memoryview(part).cast("B"))
+
+    sha, size = _write_file(directory, name, write, created)
+    return {"file": name, "rows": rows, "bytes": size, "sha256": sha, "slots": store.slots}
 
 
 def _index_for_save(kmap: KeyframeMap, directory: Path, gen: int, base: _DiskState | None,
@@ -454,6 +498,7 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
         kf_file = _open_referenced(directory, kf_rec, stack)
         chunk_files = [_open_referenced(directory, rec, stack) for rec in files["descriptors"]]
         starts = np.cumsum([0] + [rec["rows"] for rec in files["descriptors"]]).tolist()
+        feature_files = [_open_referenced(directory, rec, stack) for rec in files.get("features") or []]
         index_file = None
         if index_rec is not None and load_index:
             try:
@@ -469,6 +514,7 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
         _check_table_matches(manifest, cols, kf_rec["file"])
         segments = [_open_chunk(f, rec, dim, dtype, start, mmap=mmap, verify=verify)
                     for f, rec, start in zip(chunk_files, files["descriptors"], starts)]
+        local = _load_features(manifest, feature_files, mmap=mmap, verify=verify)
         blob = None
         if index_file is not None:
             try:
@@ -479,14 +525,31 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
     obj = map_type(manifest["fingerprint"], descriptor_dim=dim, storage_dtype=manifest["descriptor_dtype"],
                    metadata=manifest["metadata"], created=manifest["created"], next_id=manifest["next_id"],
                    columns=cols, segments=segments)
+    obj.local_features = local
     if blob is not None:
         obj._attach_verified_index(np.frombuffer(blob, dtype=np.uint8), index_rec["kind"], index_rec["sha256"])
     _remember(obj, os.path.realpath(directory), _DiskState(
-        generation=manifest["generation"], rows=count, chunks=files["descriptors"], index=index_rec))
+        generation=manifest["generation"], rows=count, chunks=files["descriptors"], index=index_rec,
+        features=files.get("features")))
     logger.info("loaded map %s: generation %d, %d keyframes x %d %s in %d chunk(s), index %s, %.3f s",
                 directory, manifest["generation"], count, dim, manifest["descriptor_dtype"], len(segments),
                 obj.index_kind, time.monotonic() - t0)
     return obj
+
+
+def _load_features(manifest: dict[str, Any], files: list[io.BufferedReader], *, mmap: bool,
+                   verify: bool) -> KeyframeFeatures | None:
+    """The map's local features from its open, verified feature chunks (None for a map without: format 1)."""
+    entry = manifest.get("local_features")
+    if entry is None:
+        return None
+    kind, slots = entry["type"], entry["slots"]
+    segments = []
+    for f, rec in zip(files, manifest["files"]["features"]):
+        segments.append(_open_chunk(f, rec, rec.get("slots", slots), slot_dtype(kind), None, mmap=mmap,
+                                    verify=verify))
+    intrinsics = {name: CameraModel.from_dict(data) for name, data in entry["intrinsics"].items()}
+    return KeyframeFeatures(kind, slots, segments, intrinsics)
 
 
 def _check_table_matches(manifest: dict[str, Any], cols: dict[str, np.ndarray], name: str) -> None:
@@ -543,10 +606,11 @@ def _sha256_of(f: io.BufferedReader) -> str:
         h.update(view[:n])
 
 
-def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.dtype, start: int, *, mmap: bool,
-                verify: bool) -> np.ndarray:
-    """Read or map one open descriptor chunk (map rows from ``start``); checks size, sha256, .npy header, dtype and
-    shape against the manifest, and with ``verify`` that every row is a finite unit vector."""
+def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.dtype, start: int | None, *,
+                mmap: bool, verify: bool) -> np.ndarray:
+    """Read or map one open chunk (map rows from ``start``); checks size, sha256, .npy header, dtype and shape
+    against the manifest, and with ``verify`` that every row of a descriptor chunk (``start`` given) is a finite
+    unit vector (``start`` None: a chunk of another kind, e.g. local features)."""
     name = rec["file"]
     size = os.fstat(f.fileno()).st_size
     if size != rec["bytes"]:
@@ -576,7 +640,7 @@ def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.d
         if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
             raise corrupted(name, "short read")
         arr.flags.writeable = False
-    if verify:  # a sealed manifest and matching hashes do not make a row a descriptor: search assumes unit vectors
+    if verify and start is not None:  # a sealed, hashed file is not yet a descriptor: search assumes unit vectors
         check_unit_rows(arr, lambda i: f"{name} row {i} (map row {start + i})", MapFormatError,
                         hint="; the file is not a dinomix descriptor chunk (edited or damaged): restore the map "
                              "directory from a backup or rebuild the map")

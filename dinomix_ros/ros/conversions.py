@@ -21,6 +21,8 @@ altitude           FLOAT64   keyframe GPS altitude in metres (NaN when unknown)
 accepted           UINT8     1 on the best candidate when the match passed every rule, else 0
 position_x, _y,    FLOAT64   the keyframe position at full precision (NaN when unknown)
 _z
+inliers            UINT32    geometric verification inliers (0 when not verified)
+verified_score     FLOAT32   inliers x inlier ratio (NaN when not verified); candidates are re-ranked by it
 =================  ========  =====================================================================
 
 ``header.stamp`` is the query image's stamp and ``header.frame_id`` the map frame of the best candidate; an empty
@@ -40,6 +42,7 @@ from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
+from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.localization.matching import MatchResult, PosePrior
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "markers_msg",
     "diagnostics_msg",
     "diagnostic_values",
+    "camera_from_info_msg",
     "msg_class",
 ]
 
@@ -67,6 +71,7 @@ MATCH_FIELDS: list[tuple[str, int]] = [
     ("latitude", PointField.FLOAT64), ("longitude", PointField.FLOAT64), ("altitude", PointField.FLOAT64),
     ("accepted", PointField.UINT8),
     ("position_x", PointField.FLOAT64), ("position_y", PointField.FLOAT64), ("position_z", PointField.FLOAT64),
+    ("inliers", PointField.UINT32), ("verified_score", PointField.FLOAT32),
 ]
 MATCH_DTYPE = np.dtype([(name, _TYPES[kind]) for name, kind in MATCH_FIELDS])  # packed, no padding
 
@@ -99,7 +104,7 @@ def matches_msg(result: MatchResult) -> PointCloud2:
     for i, c in enumerate(cands):
         sec, nanosec = divmod(c.stamp_ns, 1_000_000_000)
         rows[i] = (*c.position, *c.orientation, c.similarity, c.rank, c.keyframe_id, sec, nanosec, *c.gps,
-                   1 if (result.accepted and i == 0) else 0, *c.position)
+                   1 if (result.accepted and i == 0) else 0, *c.position, c.inliers, c.verified_score)
     msg = PointCloud2()
     msg.header = Header(stamp=ns_to_time(result.stamp_ns), frame_id=cands[0].frame_id if cands else "")
     msg.height, msg.width = 1, len(cands)
@@ -188,6 +193,16 @@ def diagnostics_msg(stamp_ns: int, name: str, hardware_id: str, level: int, mess
 def diagnostic_values(msg: DiagnosticArray) -> dict[str, str]:
     """Key/values of the first status of a DiagnosticArray (what :func:`diagnostics_msg` wrote)."""
     return {kv.key: kv.value for kv in msg.status[0].values}
+
+
+def camera_from_info_msg(msg: object) -> CameraModel:
+    """The intrinsics in a ``sensor_msgs/CameraInfo`` (K, distortion model and D, image size).
+
+    Raises:
+        CameraModelError: an uncalibrated camera (K all zero) or an unsupported distortion model.
+    """
+    return CameraModel(int(msg.width), int(msg.height), np.asarray(msg.k, dtype=np.float64),
+                       str(msg.distortion_model or "none"), np.asarray(msg.d, dtype=np.float64))
 
 
 def msg_class(msgtype: str) -> type:

@@ -9,7 +9,10 @@ image on ``/camera/image_raw``:
 3. the revisits (images 41-84) are localized against that map: the script prints each match, recall@N and
    precision/recall against the ground truth, the latency from publishing an image to receiving its matches, and
    saves plots (matches, precision/recall), ``report.json`` and ``report.md`` (the same table and numbers for a
-   person, with the plots embedded and explained) in the output folder.
+   person, with the plots embedded and explained) in the output folder. Both accept rules are shown on the same
+   queries: without verification (the candidate of highest similarity, accepted at ``--min-similarity``, what the
+   node does with ``verification.enabled:=false``) and with it (the node's re-ranked, geometrically verified best,
+   as published in ``~/matches``: its ``accepted``, ``inliers`` and ``verified_score`` fields).
 
 Without ``--checkpoint`` the model has seeded random weights: the pipeline runs end to end, but similarity
 scores carry no place information and the numbers are meaningless. With the official DINO-Mix weights
@@ -152,38 +155,63 @@ def run(client: RosClient, node: NodeProcess, images: list[Path], gt: np.ndarray
     call("load_map")
 
     print(f"\n2. localizing the revisits (images {n_first + 1}-{len(images)}) against the map")
-    print(f"  {'query':>7}  {'best match':>10}  {'similarity':>10}  accepted  correct  (ground-truth loops)")
+    print(f"  {'query':>7}  {'best match':>10}  {'similarity':>10}  {'inliers':>7}  accepted  correct  "
+          "| by similarity alone: match, accepted, correct  (ground-truth loops)")
     rows = []
     for i in range(n_first, len(images)):
-        cands = publish(i)
-        truth = np.flatnonzero(gt[i, :n_first])
-        predicted = [int((int(c["stamp_sec"]) * 10**9 + int(c["stamp_nanosec"]) - STAMP0_NS) // FRAME_PERIOD_NS)
-                     for c in cands]
-        best = predicted[0] if predicted else -1
-        rows.append({"query": images[i].name, "matches": [images[j].name for j in predicted],
-                     "similarity": [float(c["similarity"]) for c in cands],
-                     "accepted": bool(len(cands) and cands[0]["accepted"]), "truth": [images[j].name for j in truth],
-                     "correct": bool(best in truth), "has_loop": bool(truth.size)})
+        rows.append(query_row(publish(i), images, i, np.flatnonzero(gt[i, :n_first]), args.min_similarity))
         r = rows[-1]
-        print(f"  {images[i].name:>7}  {images[best].name if best >= 0 else '-':>10}  "
-              f"{r['similarity'][0] if r['similarity'] else float('nan'):>10.4f}  {'yes' if r['accepted'] else 'no':>8}"
-              f"  {'yes' if r['correct'] else ('no' if truth.size else '-'):>7}  "
-              f"({', '.join(images[j].name for j in truth) or 'none'})")
+        print(f"  {r['query']:>7}  {r['matches'][0] if r['matches'] else '-':>10}  "
+              f"{r['similarity'][0] if r['similarity'] else float('nan'):>10.4f}  {r['inliers']:>7}  "
+              f"{'yes' if r['accepted'] else 'no':>8}  {'yes' if r['correct'] else ('no' if r['has_loop'] else '-'):>7}"
+              f"  | {r['best_by_similarity'] or '-':>7}  {'yes' if r['accepted_by_similarity'] else 'no':>3}  "
+              f"{'yes' if r['correct_by_similarity'] else ('no' if r['has_loop'] else '-'):>3}  "
+              f"({', '.join(r['truth']) or 'none'})")
 
     report = summarize(rows, latencies, n_first, args, random_weights)
     print(f"\n3. results{'  (RANDOM WEIGHTS: meaningless)' if random_weights else ''}")
     for line in report["summary"]:
         print(f"  {line}")
     shown = plot_matches(rows, images, out / "matches.png", random_weights)
-    curve = precision_recall_curve(np.array([r["similarity"][0] if r["similarity"] else -1.0 for r in rows]),
-                                   np.array([r["correct"] for r in rows]), np.array([r["has_loop"] for r in rows]))
-    plot_pr_curve({"DINO-Mix (node)": curve}, out / "precision_recall.png", mark_threshold=args.min_similarity,
+    has_loop = np.array([r["has_loop"] for r in rows])
+    curve = precision_recall_curve(np.array([max(r["similarity"], default=-1.0) for r in rows]),
+                                   np.array([r["correct_by_similarity"] for r in rows]), has_loop)
+    verified_curve = precision_recall_curve(np.array([r["verified_score"] for r in rows]),
+                                            np.array([r["correct"] for r in rows]), has_loop)
+    plot_pr_curve({"similarity of the best (no verification)": curve,
+                   "verified score of the re-ranked best": verified_curve}, out / "precision_recall.png",
                   title="corridor revisits vs first-pass map" + (" - RANDOM WEIGHTS" if random_weights else ""))
     with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(dict(report, queries=rows, pr_curve=curve.to_dict()), indent=2))
+        tmp.write_text(json.dumps(dict(report, queries=rows, pr_curve=curve.to_dict(),
+                                       verified_pr_curve=verified_curve.to_dict()), indent=2))
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown_report(report, rows, shown, args))
     return True
+
+
+def query_row(cands: np.ndarray, images: list[Path], i: int, truth: np.ndarray, min_similarity: float) -> dict:
+    """One revisit query: the node's verified, re-ranked answer and the similarity-only answer to the same query."""
+    predicted = [int((int(c["stamp_sec"]) * 10**9 + int(c["stamp_nanosec"]) - STAMP0_NS) // FRAME_PERIOD_NS)
+                 for c in cands]
+    by_sim = int(np.argmax(cands["similarity"])) if len(cands) else -1
+    names = [images[j].name for j in predicted]
+    score = float(cands[0]["verified_score"]) if len(cands) else float("nan")
+    return {"query": images[i].name, "matches": names, "similarity": [float(c["similarity"]) for c in cands],
+            "accepted": bool(len(cands) and cands[0]["accepted"]), "truth": [images[j].name for j in truth],
+            "correct": bool(predicted and predicted[0] in truth), "has_loop": bool(truth.size),
+            "inliers": int(cands[0]["inliers"]) if len(cands) else 0,
+            "verified_score": score if np.isfinite(score) else 0.0,
+            "best_by_similarity": names[by_sim] if by_sim >= 0 else None,
+            "correct_by_similarity": bool(by_sim >= 0 and predicted[by_sim] in truth),
+            "accepted_by_similarity": bool(by_sim >= 0 and cands[by_sim]["similarity"] >= min_similarity),
+            "similarity_order": [names[k] for k in np.argsort(-cands["similarity"], kind="stable")]}
+
+
+def _accepted(rows: list[dict], accepted: str, correct: str, with_loop: int) -> tuple[int, float, float]:
+    """(accepted, precision, recall) of one accept rule."""
+    taken = [r for r in rows if r[accepted]]
+    precision = float(np.mean([r[correct] for r in taken])) if taken else float("nan")
+    return len(taken), precision, sum(r[correct] for r in taken) / max(with_loop, 1)
 
 
 def markdown_report(report: dict, rows: list[dict], shown: list[dict], args: argparse.Namespace) -> str:
@@ -196,9 +224,12 @@ def markdown_report(report: dict, rows: list[dict], shown: list[dict], args: arg
                   '`make demo ARGS="--checkpoint /path/to/dinov2_vitb14_mix.ckpt"`.', ""]
     lines += [f"The first {report['first_pass']} images were recorded as the map; each of the {len(rows)} later "
               f"images was published as a camera frame and matched by the node ({with_loop} of them revisit a place "
-              "of the map according to the ground truth). A match is *accepted* when its similarity reaches "
-              f"`matching.min_similarity` = {args.min_similarity}; it is *correct* when the ground truth marks the "
-              "matched map image as the same place.", "", "## Numbers", ""]
+              "of the map according to the ground truth). Two accept rules on the same queries: *without "
+              "verification* the candidate of highest similarity is accepted when it reaches "
+              f"`matching.min_similarity` = {args.min_similarity}; *with verification* (the node's output) the "
+              "candidates are re-ranked by their geometric verification and the best is accepted when it also has "
+              "enough inliers. A match is *correct* when the ground truth marks the matched map image as the same "
+              "place.", "", "## Numbers", ""]
     lines += [f"- {line}" for line in report["summary"]]
     lines += ["", "## Plots", "",
               "![best matches](matches.png)", "",
@@ -207,19 +238,22 @@ def markdown_report(report: dict, rows: list[dict], shown: list[dict], args: arg
               "best match in the map with the similarity. Title colours: **green** = the best match is correct, "
               "**red** = it is not.", "",
               "![precision and recall](precision_recall.png)", "",
-              f"`precision_recall.png`: all {len(rows)} queries. The step curve is precision against recall when "
-              "every query whose best similarity reaches a threshold is accepted, over all thresholds; the dot is "
-              f"the node's `min_similarity` ({args.min_similarity}), with its precision and recall. AP is the area "
-              "under the curve. Recall counts the queries that have a ground-truth loop.", "",
+              f"`precision_recall.png`: all {len(rows)} queries. Each step curve is precision against recall when "
+              "every query whose score reaches a threshold is accepted, over all thresholds: the similarity of the "
+              "most similar candidate (no verification), and the verified score (inliers x inlier ratio) of the "
+              "node's re-ranked best. AP in the legend is the area under each curve. Recall counts the queries that "
+              "have a ground-truth loop.", "",
               f"## All {len(rows)} queries", "",
-              "| query | best match | similarity | accepted | correct | ground-truth loops |",
-              "|---|---|---|---|---|---|"]
+              "| query | best match (re-ranked) | similarity | inliers | accepted | correct | most similar | "
+              "accepted without verification | ground-truth loops |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         best = r["matches"][0] if r["matches"] else "-"
         sim = f"{r['similarity'][0]:.4f}" if r["similarity"] else "-"
         correct = "yes" if r["correct"] else ("no" if r["has_loop"] else "- (no loop)")
-        lines.append(f"| {r['query']} | {best} | {sim} | {'yes' if r['accepted'] else 'no'} | {correct} | "
-                     f"{', '.join(r['truth']) or 'none'} |")
+        lines.append(f"| {r['query']} | {best} | {sim} | {r.get('inliers', 0)} | {'yes' if r['accepted'] else 'no'} "
+                     f"| {correct} | {r.get('best_by_similarity') or '-'} | "
+                     f"{'yes' if r.get('accepted_by_similarity') else 'no'} | {', '.join(r['truth']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,21 +262,29 @@ def summarize(rows: list[dict], latencies: dict[int, float], n_first: int, args:
     with_loop = [r for r in rows if r["has_loop"]]
     recall = {n: float(np.mean([any(m in r["truth"] for m in r["matches"][:n]) for r in with_loop]))
               for n in (1, 5)} if with_loop else {}
-    accepted = [r for r in rows if r["accepted"]]
-    precision = float(np.mean([r["correct"] for r in accepted])) if accepted else float("nan")
-    recall_at_thr = sum(r["correct"] for r in accepted) / max(len(with_loop), 1)
+    recall_by_similarity = {n: float(np.mean([any(m in r["truth"] for m in r["similarity_order"][:n])
+                                              for r in with_loop])) for n in (1, 5)} if with_loop else {}
+    n_acc, precision, recall_at_thr = _accepted(rows, "accepted", "correct", len(with_loop))
+    n_sim, precision_sim, recall_sim = _accepted(rows, "accepted_by_similarity", "correct_by_similarity",
+                                                 len(with_loop))
     lat_ms = np.array(list(latencies.values())) * 1e3
     summary = [
         f"{len(rows)} revisit queries, {len(with_loop)} with a ground-truth loop into the map",
-        f"recall@1 {recall.get(1, float('nan')):.3f}  recall@5 {recall.get(5, float('nan')):.3f}",
-        f"at min_similarity {args.min_similarity}: {len(accepted)} accepted, precision {precision:.3f}, "
+        f"recall@1 {recall_by_similarity.get(1, float('nan')):.3f} by similarity, "
+        f"{recall.get(1, float('nan')):.3f} after re-ranking by verified score; "
+        f"recall@5 {recall.get(5, float('nan')):.3f}",
+        f"without verification (min_similarity {args.min_similarity}): {n_sim} accepted, precision "
+        f"{precision_sim:.3f}, recall {recall_sim:.3f}",
+        f"with verification (the node's output): {n_acc} accepted, precision {precision:.3f}, "
         f"recall {recall_at_thr:.3f}",
         f"latency publish -> matches received: p50 {np.percentile(lat_ms, 50):.1f} ms, "
         f"p95 {np.percentile(lat_ms, 95):.1f} ms over {lat_ms.size} images",
     ]
     return {"random_weights": random_weights, "note": "random weights: scores are meaningless" if random_weights
-            else "", "first_pass": n_first, "recall": recall, "accepted": len(accepted), "precision": precision,
-            "recall_at_threshold": recall_at_thr, "min_similarity": args.min_similarity,
+            else "", "first_pass": n_first, "recall": recall, "recall_by_similarity": recall_by_similarity,
+            "accepted": n_acc, "precision": precision, "recall_at_threshold": recall_at_thr,
+            "without_verification": {"accepted": n_sim, "precision": precision_sim, "recall": recall_sim},
+            "min_similarity": args.min_similarity,
             "latency_ms": {"p50": float(np.percentile(lat_ms, 50)), "p95": float(np.percentile(lat_ms, 95))},
             "summary": summary}
 

@@ -1,8 +1,10 @@
 """The localization node: a thin ROS adapter over :class:`~dinomix_ros.localization.live_map.LiveMap`.
 
 A frame's path: camera callback -> newest-frame slot of its camera -> worker thread -> decode -> describe
-(:class:`~dinomix_ros.model.encoder.Encoder`) -> the pose at its stamp (:class:`~dinomix_ros.localization.
-pose_buffer.PoseBuffer`) -> ``LiveMap.process`` (search, match, record) -> publish what the outcome says.
+(:class:`~dinomix_ros.model.encoder.Encoder`) -> local features of the decoded frame (with the camera's newest
+aligned depth image, if any) -> the pose at its stamp (:class:`~dinomix_ros.localization.pose_buffer.PoseBuffer`)
+-> ``LiveMap.process`` (search, verify, match, record) -> publish what the outcome says. Each camera's
+``camera_info`` (image_transport naming) gives the live map its intrinsics.
 
 A managed (lifecycle) node; ``autostart`` (default true) configures and activates it at start-up.
 
@@ -32,16 +34,20 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import PointCloud2
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
+from dinomix_ros.imaging.camera import camera_info_topic
 from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
+from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor, LocalFeatures, to_gray
+from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
 from dinomix_ros.localization.health import HealthMonitor, StampGaps
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map, rescue_paths
 from dinomix_ros.localization.matching import MatcherConfig
+from dinomix_ros.localization.verification import VerificationConfig
 from dinomix_ros.localization.pose_buffer import PoseBuffer
 from dinomix_ros.maps.index import index_for_map
 from dinomix_ros.maps.keyframes import KeyframeMap
@@ -56,7 +62,9 @@ from dinomix_ros.util.stamps import header_stamp_ns
 
 __all__ = ["LocalizerNode", "main"]
 
-_RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig)
+_RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
+                    VerifiedPriorConfig, CameraMountConfig)
+_DEPTH_MAX_GAP_NS = 100_000_000  # a depth image further than this from the color frame's stamp is not used
 
 
 class LocalizerNode(LifecycleNode):
@@ -83,8 +91,10 @@ class LocalizerNode(LifecycleNode):
         self._outputs: dict = {}
         self._service_handles: list = []
         self._diag_timer = None
-        self._counters = {"bad_images": 0, "bad_poses": 0, "callback_errors": 0, "qos_incompatible": 0,
-                          "processed": 0}
+        self._counters = {"bad_images": 0, "bad_poses": 0, "bad_camera_info": 0, "callback_errors": 0,
+                          "qos_incompatible": 0, "processed": 0}
+        self._extractor: FeatureExtractor | None = None
+        self._depth: dict[str, object] = {}  # camera -> newest depth image message
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -133,6 +143,9 @@ class LocalizerNode(LifecycleNode):
         if live is not None:
             live.set_matcher_config(params.build(MatcherConfig, values))
             live.set_output_config(params.build(OutputConfig, values))
+            live.set_verification_config(params.build(VerificationConfig, values))
+            live.mount = params.build(CameraMountConfig, values)
+            live.prior_config = params.build(VerifiedPriorConfig, values)
             if any(name.startswith("recording.") for name in changed):
                 live.set_gate_config(params.build(KeyframeGateConfig, values))
         self.poses.config = params.build(PosePairingConfig, values)
@@ -169,7 +182,9 @@ class LocalizerNode(LifecycleNode):
         if len(kmap) == 0 and s.node.mode == "localize":
             self.get_logger().warning("starting with an EMPTY map: record one with ~/start_recording, or load one")
         self.live = LiveMap(kmap, index_config=s.index, matcher=s.matcher, gate=s.gate, output=s.output,
-                            has_pose_source=bool(s.pose.topic))
+                            has_pose_source=bool(s.pose.topic), verification=s.verification, features=s.features,
+                            mount=s.mount, prior=s.verified_prior)
+        self._extractor = self._feature_extractor(s.features)
         self._apply_calibration(self.live.matcher_config.min_similarity, s.matcher.min_similarity)
         self.poses = PoseBuffer(s.pairing)
         if s.node.mode == "self_map" or s.recording.autostart:
@@ -180,6 +195,18 @@ class LocalizerNode(LifecycleNode):
             f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} ({info['dtype']}), "
             f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {s.index.index}")
         self._create_interfaces()
+
+    def _feature_extractor(self, config: FeatureConfig) -> FeatureExtractor | None:
+        """The extractor for the map's feature type (a map's stored type wins over features.type), None if off."""
+        store = self.live.kmap.local_features
+        if store is None and config.max_features == 0:
+            return None
+        if store is not None and (store.kind, store.slots) != (config.type, config.max_features):
+            self.get_logger().info(f"the map stores {store.slots} {store.kind} features per keyframe: extracting "
+                                   "those (not features.type / features.max_features)")
+            config = FeatureConfig(type=store.kind, max_features=store.slots, max_image_side=config.max_image_side)
+        self.get_logger().info(f"geometric verification {self.live.stats()['verification']}")
+        return FeatureExtractor(config)
 
     def _apply_calibration(self, in_use: float, declared: float) -> None:
         """Show a map's calibrated threshold (applied by the live map) as the parameter's value."""
@@ -231,6 +258,7 @@ class LocalizerNode(LifecycleNode):
         if self._p("cameras.reliability") == "auto":  # publishers come and go: follow their QoS
             self._camera_watch = self.create_timer(1.0, self._guarded("camera QoS", self._follow_publishers),
                                                    callback_group=self._cb_sensors)
+        self._subscribe_camera_extras(resolved, subscribe)
         if self._p("pose.topic"):
             # best effort connects to reliable and best-effort odometry/GNSS publishers alike
             pose_type = conv.msg_class(POSE_KINDS[self._p("pose.type")])
@@ -280,6 +308,20 @@ class LocalizerNode(LifecycleNode):
     def _on_image(self, topic: str, msg: object) -> None:
         self._frames.put(topic, msg)
         self._gaps.add(topic, header_stamp_ns(msg))
+
+    def _subscribe_camera_extras(self, topics: list[str], subscribe: functools.partial) -> None:
+        """Each camera's camera_info and its aligned depth image (cameras.depth_topics), when configured."""
+        self._depth = {}
+        sensor = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)  # connects to any publisher
+        if self._p("cameras.use_camera_info"):
+            for topic in topics:
+                self._subs.append(subscribe(CameraInfo, camera_info_topic(topic), self._guarded(
+                    "camera_info", functools.partial(self._on_camera_info, topic)), sensor))
+        depth_topics = list(self._p("cameras.depth_topics"))
+        for topic, depth_topic in zip(topics, depth_topics):
+            if depth_topic:
+                self._subs.append(subscribe(Image, depth_topic, functools.partial(self._depth.__setitem__, topic),
+                                            sensor))
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
@@ -366,6 +408,21 @@ class LocalizerNode(LifecycleNode):
                                   sample.gps)
         self.poses.add(sample)
 
+    def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
+        live = self.live
+        if live is None:
+            return
+        try:
+            model = conv.camera_from_info_msg(msg)
+        except ValueError as exc:  # CameraModelError: uncalibrated (K = 0) or an unsupported model
+            self._counters["bad_camera_info"] += 1
+            self.get_logger().warning(f"{camera}: camera_info ignored: {exc}", throttle_duration_sec=10.0)
+            return
+        if live.camera_model(camera) != model:
+            live.set_camera_model(camera, model)
+            self.get_logger().info(f"{camera}: intrinsics {model.width}x{model.height} {model.distortion_model} "
+                                   f"fx {model.K[0, 0]:.1f}")
+
     # -------------------------------------------------------------------------------------------------------------
     # worker
 
@@ -383,7 +440,8 @@ class LocalizerNode(LifecycleNode):
         started_at = time.monotonic()
         stamp_ns = header_stamp_ns(msg, fallback_ns=self.get_clock().now().nanoseconds)
         try:
-            descriptor = self.encoder.describe_one(*decode_image_msg(msg, self.encoder.image.max_pixels))
+            image, encoding = decode_image_msg(msg, self.encoder.image.max_pixels)
+            descriptor = self.encoder.describe_one(image, encoding)
         except ImageDecodeError as exc:
             self._counters["bad_images"] += 1
             self.get_logger().warning(f"{camera}: bad image skipped: {exc}", throttle_duration_sec=5.0)
@@ -391,7 +449,9 @@ class LocalizerNode(LifecycleNode):
         live = self.live
         if live is None:
             return
-        outcome = live.process(camera, stamp_ns, descriptor, self.poses.at(stamp_ns) if live.needs_pose else None)
+        features = self._frame_features(camera, image, encoding, stamp_ns)
+        outcome = live.process(camera, stamp_ns, descriptor, self.poses.at(stamp_ns) if live.needs_pose else None,
+                               features=features)
         self._counters["processed"] += 1
         self._publish(outcome)
         if outcome.time_jump_s is not None:
@@ -402,6 +462,25 @@ class LocalizerNode(LifecycleNode):
                                     throttle_duration_sec=5.0)
         done = time.monotonic()
         self._health.record(done - received_at, done - started_at)
+
+    def _frame_features(self, camera: str, image: object, encoding: str, stamp_ns: int) -> LocalFeatures | None:
+        """The decoded frame's local features, with depths from the camera's newest aligned depth image (if its stamp
+        is within 0.1 s); None when nothing needs them or they cannot be computed (the frame then verifies nothing)."""
+        live = self.live
+        if self._extractor is None or live is None or not (live.verifying or live.recording):
+            return None  # nothing would use them (verification off and not recording)
+        depth = None
+        depth_msg = self._depth.get(camera)
+        if depth_msg is not None and abs(header_stamp_ns(depth_msg, fallback_ns=0) - stamp_ns) <= _DEPTH_MAX_GAP_NS:
+            try:
+                depth = decode_image_msg(depth_msg)[0]
+            except ImageDecodeError as exc:
+                self.get_logger().warning(f"{camera}: depth image ignored: {exc}", throttle_duration_sec=5.0)
+        try:
+            return self._extractor.extract(to_gray(image, encoding), depth)
+        except (ValueError, ImageDecodeError) as exc:  # an odd encoding or depth format: this frame goes unverified
+            self.get_logger().warning(f"{camera}: no local features: {exc}", throttle_duration_sec=5.0)
+            return None
 
     def _publish(self, outcome: FrameOutcome) -> None:
         result = outcome.result
@@ -474,6 +553,7 @@ class LocalizerNode(LifecycleNode):
             kmap = KeyframeMap.load(path, expected_fingerprint=self.encoder.fingerprint.to_dict())
             live.replace_map(kmap, index_for_map(kmap, kind=live.index_config.index,
                                                  device=live.index_config.search_device))
+            self._extractor = self._feature_extractor(params.build(FeatureConfig, self._values()))  # its features
             self._apply_calibration(live.matcher_config.min_similarity, self._p("matching.min_similarity"))
         except Exception as exc:  # the old map stays in use
             return self._answer(response, False, f"load of {path} failed, keeping the current map: {exc}")

@@ -18,9 +18,12 @@ from typing import Any, ClassVar
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
+from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
+from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
 from dinomix_ros.localization.live_map import OutputConfig
 from dinomix_ros.localization.matching import MatcherConfig
+from dinomix_ros.localization.verification import VerificationConfig
 from dinomix_ros.maps.index import IndexConfig
 from dinomix_ros.maps.keyframes import StorageConfig
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS
@@ -109,6 +112,14 @@ class CameraConfig:
                          min=1, max=1000, reconfigure=True)
     min_period_s: float = setting(0.0, "process at most one frame per camera per this many seconds (0: as fast as "
                                        "the model runs)", min=0.0, max=3600.0)
+    # default [""], not []: ROS cannot declare a parameter whose default is an empty (untyped) array
+    depth_topics: tuple[str, ...] = setting(("",), "aligned depth image topic per camera, in the order of "
+                                                   "cameras.topics (16UC1 mm or 32FC1 m, registered to the color "
+                                                   "image); \"\" (or no entry) for a camera without. Makes verified "
+                                                   "pose priors metric", reconfigure=True)
+    use_camera_info: bool = setting(True, "subscribe to each camera's camera_info (the image topic's namespace + "
+                                          "camera_info) for verification with intrinsics and pose priors",
+                                    reconfigure=True)
 
     def __post_init__(self) -> None:
         check(self)
@@ -180,6 +191,10 @@ PARAMETERS: dict[str, Entry] = table(
     RecordingConfig,
     KeyframeGateConfig,
     MatcherConfig,
+    FeatureConfig,
+    VerificationConfig,
+    VerifiedPriorConfig,
+    CameraMountConfig,
     OutputConfig,
     NodeOutputConfig,
     DiagnosticsConfig,
@@ -223,7 +238,7 @@ def validate(values: dict[str, Any]) -> str | None:
     return None
 
 
-_TOPIC_PARAMETERS = ("cameras.topics", "pose.topic")
+_TOPIC_PARAMETERS = ("cameras.topics", "pose.topic", "cameras.depth_topics")
 
 
 def _topic_problem(name: str, value: str | tuple[str, ...]) -> str | None:
@@ -231,6 +246,8 @@ def _topic_problem(name: str, value: str | tuple[str, ...]) -> str | None:
     from rclpy.validate_topic_name import validate_topic_name
 
     for topic in (value if isinstance(value, tuple) else (value,) if value else ()):
+        if not topic:  # cameras.depth_topics: "" is a camera without depth (cameras.topics refuses empty entries)
+            continue
         try:
             validate_topic_name(topic)
         except InvalidTopicNameException as exc:
@@ -270,6 +287,10 @@ class NodeSettings:
     recording: RecordingConfig
     gate: KeyframeGateConfig
     matcher: MatcherConfig
+    features: FeatureConfig
+    verification: VerificationConfig
+    verified_prior: VerifiedPriorConfig
+    mount: CameraMountConfig
     output: OutputConfig
     node_output: NodeOutputConfig
     diagnostics: DiagnosticsConfig

@@ -10,17 +10,9 @@ import pytest
 from PIL import Image
 
 from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
+from thumbnails import thumbnail
 
 CORRIDOR_FRAMES = 84
-
-
-def thumbnail(path: Path) -> np.ndarray:
-    """The thumbnail descriptor of one image: the recipe of :func:`corridor_thumbnails`, as float32."""
-    with Image.open(path) as img:
-        thumb = img.convert("L").resize((32, 24), Image.BILINEAR)
-    x = np.asarray(thumb, dtype=np.float64).ravel()
-    x -= x.mean()
-    return (x / np.linalg.norm(x)).astype(np.float32)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from dinomix_ros.evaluation.runs import (
 )
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
+from thumbnails import thumbnail
 
 
 @pytest.fixture
@@ -194,8 +195,6 @@ VPR_POSITIVES = [[2], [4, 5], [3], [], [0]]
 def _vpr_reference(database: Path, queries: Path, ns: tuple[int, ...]) -> dict[int, float]:
     """Recall@N as gmberton/VPR-methods-evaluation computes it (its main loop, over every evaluated query, those
     without a positive counting as misses), from the thumbnails directly."""
-    from conftest import thumbnail
-
     db = np.stack([thumbnail(p) for p in sorted(database.iterdir())])
     q = np.stack([thumbnail(queries / f"q{k}.jpg") for k in range(4)])
     predictions = np.argsort(-(q @ db.T), axis=1, kind="stable")

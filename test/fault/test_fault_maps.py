@@ -114,7 +114,7 @@ def run_all(commands: dict[str, list[str]], parallel: int = 3) -> dict[str, tupl
 def one_line_error(result: tuple[int | None, str, str]) -> str | None:
     """Why a CLI result is not a clean refusal (exit 2, one ERROR line, no traceback, nothing on stdout), or None."""
     code, out, err = result
-    errors = [line for line in err.splitlines() if " ERROR " in line]
+    errors = [line for line in err.splitlines() if line.startswith("dinomix: error: ")]
     if code != 2:
         return f"exit {code}"
     if "Traceback" in err or len(errors) != 1 or out.strip():

@@ -300,8 +300,8 @@ def test_newer_version_and_foreign_manifests_are_refused(tmp_path: Path, rng: np
     m.save(tmp_path / "m")
     writer = KeyframeMap.load(tmp_path / "m")
     man = manifest_of(tmp_path / "m")
-    rewrite_manifest(tmp_path / "m", {**man, "version": 2})
-    with pytest.raises(MapFormatError, match=r"written by a newer dinomix_ros \(map format version 2"):
+    rewrite_manifest(tmp_path / "m", {**man, "version": 3})
+    with pytest.raises(MapFormatError, match=r"written by a newer dinomix_ros \(map format version 3"):
         KeyframeMap.load(tmp_path / "m")
     with pytest.raises(MapFormatError, match="newer dinomix_ros"):
         read_manifest(tmp_path / "m")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dinomix_ros.imaging.camera import CameraModel, CameraModelError, camera_info_topic
 from dinomix_ros.imaging.decode import DEFAULT_MAX_PIXELS, decode_image_msg
 from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, PoseSample, kind_of_msgtype, pose_from_msg
@@ -39,6 +40,7 @@ __all__ = [
     "iter_images",
     "open_reader",
     "count_messages",
+    "read_camera_info",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -234,3 +236,24 @@ def count_messages(path: str | Path, topics: Sequence[str]) -> int:
     """How many messages the topics hold (for progress bars)."""
     counts = bag_topics(path)
     return sum(counts[t][1] for t in topics if t in counts)
+
+
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+
+
+def read_camera_info(path: str | Path, image_topic: str) -> CameraModel | None:
+    """The intrinsics of the camera of ``image_topic``: the first valid ``sensor_msgs/CameraInfo`` on its
+    camera_info topic (image_transport naming: the image topic's namespace + ``camera_info``), None when the bag has
+    none (or only uncalibrated ones: K all zero)."""
+    topic = camera_info_topic(image_topic)
+    with open_reader(path) as reader:
+        if not any(c.topic == topic and c.msgtype == CAMERA_INFO_TYPE for c in reader.connections):
+            return None
+        for conn, _, raw in reader.messages(connections=_connections(reader, [topic], (CAMERA_INFO_TYPE,))):
+            msg = reader.deserialize(raw, conn.msgtype)
+            try:
+                return CameraModel(int(msg.width), int(msg.height), np.asarray(msg.k, dtype=np.float64),
+                                   str(msg.distortion_model or "none"), np.asarray(msg.d, dtype=np.float64))
+            except CameraModelError as exc:
+                _logger.warning("%s: camera_info skipped: %s", topic, exc)
+    return None

@@ -1,0 +1,193 @@
+"""Geometric verification on real images: known warps (relative pose accuracy), unrelated places rejected, the other
+corridor pass accepted, re-ranking, and the verified pose prior's composition."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
+from dinomix_ros.imaging.camera import CameraModel
+from dinomix_ros.imaging.features import FeatureExtractor, LocalFeatures
+from dinomix_ros.localization.camera_pose import (
+    CameraMountConfig, VerifiedPriorConfig, matrix_to_quat, rpy_to_matrix, verified_prior,
+)
+from dinomix_ros.localization.matching import PosePrior
+from dinomix_ros.localization.verification import (
+    Verification, VerificationConfig, match_features, rotation_angle_deg, verify_candidates, verify_pair,
+)
+from dinomix_ros.maps.sources.poses import quat_to_matrix
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+CORRIDOR = DATA / "rtabmap_corridor" / "samples"
+LUND = DATA / "lund_gps" / "images"
+
+
+def _gray(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def _camera(image: np.ndarray) -> CameraModel:
+    """A wide pinhole camera for the image (f = 0.55 x width, ~85 degrees across)."""
+    h, w = image.shape
+    f = 0.55 * w
+    return CameraModel(w, h, np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]]))
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b), -1.0, 1.0)))
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return FeatureExtractor()
+
+
+@pytest.mark.parametrize("path", [CORRIDOR / "10.jpg", CORRIDOR / "30.jpg", LUND / "05.jpg", LUND / "20.jpg"])
+def test_rotation_of_a_camera_turning_in_place(path, extractor) -> None:
+    """The query is the real photo warped by H = K R K^-1 (the camera turned by R): the rotation is recovered."""
+    img = _gray(path)
+    cam = _camera(img)
+    R = rpy_to_matrix(0.02, 0.05, 0.08)  # 5.5 degrees in all
+    query = cv2.warpPerspective(img, cam.K @ R @ np.linalg.inv(cam.K), img.shape[::-1])
+    v = verify_pair(extractor.extract(query), extractor.extract(img), VerificationConfig(), cam, cam)
+    assert v.passed and v.R is not None and not v.metric
+    assert rotation_angle_deg(v.R @ R.T) < 1.0, (v.model, rotation_angle_deg(v.R @ R.T))
+
+
+@pytest.mark.parametrize("tilt", [0.0, 0.4])
+@pytest.mark.parametrize("path", [CORRIDOR / "10.jpg", CORRIDOR / "30.jpg", LUND / "05.jpg", LUND / "12.jpg",
+                                  LUND / "20.jpg"])
+def test_metric_pose_of_a_camera_moving_past_a_textured_plane(path, tilt, extractor) -> None:
+    """The photo is a plane 3 m away (facing the camera, or tilted 23 degrees; each keypoint has a known depth); the
+    camera rotates by R and moves by t (0.65 m): H = K (R + t n^T / d) K^-1. PnP on the keyframe's depths recovers R
+    and t."""
+    img = _gray(path)
+    cam = _camera(img)
+    h, w = img.shape
+    d = 3.0
+    n = np.array([math.sin(tilt), 0.0, math.cos(tilt)])
+    R, t = rpy_to_matrix(0.01, 0.04, -0.03), np.array([0.5, 0.1, 0.4])
+    query = cv2.warpPerspective(img, cam.K @ (R + np.outer(t, n) / d) @ np.linalg.inv(cam.K), (w, h))
+    u, v = np.meshgrid(np.arange(w), np.arange(h))
+    rays = np.stack([(u - cam.K[0, 2]) / cam.K[0, 0], (v - cam.K[1, 2]) / cam.K[1, 1]], axis=-1)
+    depth = (d / (rays @ n[:2] + n[2])).astype(np.float32)  # metres along the optical axis
+    kf = extractor.extract(img, depth)
+    result = verify_pair(extractor.extract(query), kf, VerificationConfig(), cam, cam)
+    assert result.passed and result.model == "pnp" and result.metric
+    assert rotation_angle_deg(result.R @ R.T) < 1.0
+    assert _angle_deg(result.t, t) < 5.0
+    assert np.linalg.norm(result.t - t) / np.linalg.norm(t) < 0.05
+
+
+def _lund_positions() -> np.ndarray:
+    with open(DATA / "lund_gps" / "gps_from_exif.csv") as f:
+        return np.array([[float(r["utm_east"]), float(r["utm_north"])] for r in csv.DictReader(f)])
+
+
+def test_unrelated_real_places_are_rejected_at_the_defaults(extractor) -> None:
+    lund = [extractor.extract(_gray(LUND / f"{i:02d}.jpg")) for i in range(1, 30)]
+    xy = _lund_positions()
+    far = [(i, j) for i in range(29) for j in range(i) if np.linalg.norm(xy[i] - xy[j]) > 40.0]
+    assert len(far) > 200
+    assert not any(verify_pair(lund[i], lund[j]).passed for i, j in far)
+    corridor = [extractor.extract(_gray(CORRIDOR / f"{i}.jpg")) for i in (1, 10, 20, 30, 40)]
+    assert not any(verify_pair(c, s).passed for c in corridor for s in lund[::4])  # indoors vs streets
+    # and first-pass corridor frames 20+ frames apart (different places of the same corridor)
+    first = [extractor.extract(_gray(CORRIDOR / f"{i}.jpg")) for i in range(1, 41, 3)]
+    assert not any(verify_pair(first[a], first[b]).passed for a in range(len(first)) for b in range(a)
+                   if abs(a - b) * 3 >= 20)
+
+
+def test_the_same_place_from_the_other_corridor_pass_is_accepted(extractor) -> None:
+    gt = load_loop_closure_ground_truth(DATA / "rtabmap_corridor" / "samples_GT.bmp")
+    frames = [extractor.extract(_gray(CORRIDOR / f"{i}.jpg")) for i in range(1, 85)]
+    rows = np.flatnonzero(gt.any(axis=1))
+    accepted = [any(verify_pair(frames[i], frames[j]).passed for j in np.flatnonzero(gt[i])) for i in rows]
+    assert len(rows) == 44
+    assert np.mean(accepted) >= 0.85, f"{sum(accepted)} of 44 revisits accepted"
+
+
+def test_matching_refuses_mixed_feature_types_and_handles_empty(extractor) -> None:
+    f = extractor.extract(_gray(CORRIDOR / "1.jpg"))
+    sift = LocalFeatures(f.keypoints, np.zeros((len(f), 128), np.uint8), f.depths, f.image_size, "sift")
+    with pytest.raises(ValueError, match="cannot match orb features against sift"):
+        match_features(f, sift)
+    empty = LocalFeatures.empty()
+    iq, ik = match_features(f, empty)
+    assert iq.size == ik.size == 0
+    v = verify_pair(f, empty)
+    assert not v.passed and v.inliers == 0 and v.score == 0.0
+    # a frame against itself: every match mutual, every match an inlier
+    self_check = verify_pair(f, f)
+    assert self_check.passed and self_check.inlier_ratio > 0.95
+
+
+def test_rules_switch_off_and_reranking_puts_verified_first() -> None:
+    c = VerificationConfig(min_inliers=0, min_inlier_ratio=0.0)
+    assert c.min_inliers == 0
+    checks = {"a": Verification(matches=50, inliers=10, passed=False), "b": Verification(matches=60, inliers=50,
+                                                                                         passed=True),
+              "c": None, "d": Verification(matches=40, inliers=38, passed=True)}
+    order, found = verify_candidates(["a", "b", "c", "d"], checks.get, VerificationConfig(candidates=4))
+    assert order == ["b", "d", "a", "c"]  # passed by score (41.7 vs 36.1), then the rest by score, unverified last
+    assert found[0] is checks["b"]
+    order, _ = verify_candidates(["a", "b", "c", "d"], checks.get, VerificationConfig(candidates=4, rerank=False))
+    assert order == ["a", "b", "c", "d"]
+    order, found = verify_candidates(["a", "b", "c", "d"], checks.get, VerificationConfig(candidates=1))
+    assert found[1:] == [None, None, None] and order[0] == "a"
+
+
+def _pose(R: np.ndarray, p: np.ndarray) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, p
+    return T
+
+
+def test_verified_prior_is_the_current_robot_pose() -> None:
+    """Composition check: a robot at the keyframe pose, then moved (base frame) by a known motion; its camera's
+    relative motion as verification reports it; the prior must be the moved robot's pose."""
+    mount = CameraMountConfig(x=0.2, z=0.5)
+    T_base_cam = mount.matrix()
+    T_map_kf = _pose(rpy_to_matrix(0.0, 0.0, 0.7), np.array([3.0, -1.0, 0.0]))
+    motion = _pose(rpy_to_matrix(0.0, 0.0, 0.2), np.array([0.8, 0.3, 0.0]))  # in the keyframe's base frame
+    T_map_q = T_map_kf @ motion
+    T_q_k = np.linalg.inv(T_base_cam) @ np.linalg.inv(motion) @ T_base_cam  # keyframe camera -> query camera
+    base = PosePrior("map", T_map_kf[:3, 3].copy(), matrix_to_quat(T_map_kf[:3, :3]), np.eye(6) * 0.25)
+    metric = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
+                          error=0.05, median_depth_m=4.0, passed=True)
+    prior, case = verified_prior(base, metric, mount, VerifiedPriorConfig())
+    assert case == "metric"
+    np.testing.assert_allclose(prior.position, T_map_q[:3, 3], atol=1e-9)
+    assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
+    sigma = 3.0 * 0.05 / math.sqrt(80)  # 0.017 rad, 0.067 m: above the floors min_sigma_rad and min_sigma_m
+    np.testing.assert_allclose(np.diag(prior.covariance), [(sigma * 4.0) ** 2] * 3 + [sigma ** 2] * 3)
+    tight = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
+                         error=0.0001, median_depth_m=4.0, passed=True)
+    np.testing.assert_allclose(np.diag(verified_prior(base, tight, mount, VerifiedPriorConfig())[0].covariance),
+                               [0.05 ** 2] * 3 + [0.01 ** 2] * 3)  # never more certain than the floors
+    # without depth: the orientation is corrected, the position stays the keyframe's with no_depth_sigma_m
+    rotation = Verification(matches=100, inliers=80, model="essential", R=T_q_k[:3, :3], t=np.array([1.0, 0, 0]),
+                            error=0.002, passed=True)
+    prior, case = verified_prior(base, rotation, mount, VerifiedPriorConfig(no_depth_sigma_m=2.0))
+    assert case == "rotation"
+    np.testing.assert_allclose(prior.position, T_map_kf[:3, 3])
+    assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
+    np.testing.assert_allclose(np.diag(prior.covariance)[:3], 4.0)
+    # no intrinsics (fundamental matrix): the keyframe prior unchanged
+    same, case = verified_prior(base, Verification(matches=50, inliers=40, model="fundamental", passed=True), mount,
+                                VerifiedPriorConfig())
+    assert case == "keyframe" and same is base
+
+
+def test_default_mount_is_a_forward_looking_optical_frame() -> None:
+    R = CameraMountConfig().matrix()[:3, :3]
+    np.testing.assert_allclose(R @ [0, 0, 1], [1, 0, 0], atol=1e-12)  # optical z = base x (forward)
+    np.testing.assert_allclose(R @ [1, 0, 0], [0, -1, 0], atol=1e-12)  # optical x = base -y (right)
+    q = matrix_to_quat(R)
+    np.testing.assert_allclose(quat_to_matrix(q), R, atol=1e-12)
