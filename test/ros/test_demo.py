@@ -20,10 +20,13 @@ def _rows() -> list[dict]:
     for k in range(12):
         query, best = f"{41 + k}.jpg", f"{1 + k}.jpg"
         loop = k % 2 == 0
+        correct = loop and k % 4 == 0
         rows.append({"query": query, "matches": [best, f"{2 + k}.jpg"], "similarity": [0.9 - 0.01 * k, 0.5],
-                     "accepted": k < 8, "truth": [best] if loop and k % 4 == 0 else ([f"{20 + k}.jpg"] if loop else
-                                                                                     []),
-                     "correct": loop and k % 4 == 0, "has_loop": loop})
+                     "accepted": k < 8, "truth": [best] if correct else ([f"{20 + k}.jpg"] if loop else []),
+                     "correct": correct, "has_loop": loop, "inliers": 40 - k, "verified_score": 30.0 - k,
+                     # the fields query_row() gives: the similarity-only answer to the same query
+                     "best_by_similarity": best, "correct_by_similarity": correct, "accepted_by_similarity": k < 6,
+                     "similarity_order": [best, f"{2 + k}.jpg"]})
     return rows
 
 
@@ -44,7 +47,8 @@ def test_report_md_has_the_numbers_the_table_and_explained_plots(tmp_path: Path)
     assert "![best matches](matches.png)" in text and "![precision and recall](precision_recall.png)" in text
     assert "`matches.png`: 4 of the 6 queries that have a ground-truth loop" in text
     assert "**green** = the best match is correct" in text and "**red** = it is not" in text
-    assert "`precision_recall.png`: all 12 queries" in text and "the dot is the node's `min_similarity` (0.5)" in text
+    assert "`precision_recall.png`: all 12 queries" in text and "`matching.min_similarity` = 0.5" in text
     table = [line for line in text.splitlines() if re.match(r"\| \d+\.jpg", line)]
-    assert len(table) == 12 and table[0] == "| 41.jpg | 1.jpg | 0.9000 | yes | yes | 1.jpg |"
-    assert table[1] == "| 42.jpg | 2.jpg | 0.8900 | yes | - (no loop) | none |"
+    assert len(table) == 12 and table[0] == "| 41.jpg | 1.jpg | 0.9000 | 40 | yes | yes | 1.jpg | yes | 1.jpg |"
+    assert table[1] == "| 42.jpg | 2.jpg | 0.8900 | 39 | yes | - (no loop) | 2.jpg | yes | none |"
+    assert table[7] == "| 48.jpg | 8.jpg | 0.8300 | 33 | yes | - (no loop) | 8.jpg | no | none |"
