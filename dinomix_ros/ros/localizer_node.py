@@ -3,6 +3,9 @@
 A frame's path: camera callback -> newest-frame slot of its camera -> worker thread -> decode -> describe
 (:class:`~dinomix_ros.model.encoder.Encoder`) -> the pose at its stamp (:class:`~dinomix_ros.localization.
 pose_buffer.PoseBuffer`) -> ``LiveMap.process`` (search, match, record) -> publish what the outcome says.
+When frames of several cameras wait, the worker takes them all and describes them in one forward pass; each
+frame then goes on by itself, with its own stamp (:meth:`LocalizerNode._localize_frame`). The worker times each
+stage (decode, preprocess, model, search, verify, publish); /diagnostics reports their percentiles.
 
 A managed (lifecycle) node; ``autostart`` (default true) configures and activates it at start-up.
 
@@ -22,7 +25,10 @@ import functools
 import math
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
@@ -37,6 +43,7 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
+from dinomix_ros.imaging.preprocess import StagedImage
 from dinomix_ros.localization.health import HealthMonitor
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map
@@ -55,6 +62,29 @@ from dinomix_ros.util.stamps import header_stamp_ns
 __all__ = ["LocalizerNode", "main"]
 
 _RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig)
+
+
+@dataclass
+class DecodedFrame:
+    """One camera frame on its way through the worker.
+
+    Attributes:
+        camera: its topic.
+        stamp_ns: the image stamp (header; receive time when the header has none).
+        image: the decoded image (H, W[, C]) as the message holds it, in ``encoding``.
+        encoding: ROS encoding of ``image``.
+        staged: ``image`` ready for the model (:meth:`~dinomix_ros.model.encoder.Encoder.stage`).
+        received_at: monotonic time the camera callback stored the message.
+        stages: seconds per stage (decode, preprocess, model, search, verify, publish) for /diagnostics.
+    """
+
+    camera: str
+    stamp_ns: int
+    image: np.ndarray
+    encoding: str
+    staged: StagedImage
+    received_at: float
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class LocalizerNode(LifecycleNode):
@@ -77,6 +107,7 @@ class LocalizerNode(LifecycleNode):
         self._service_handles: list = []
         self._diag_timer = None
         self._counters = {"bad_images": 0, "bad_poses": 0, "processed": 0}
+        self._max_batch = 0  # most frames described in one forward pass (diagnostics)
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -152,8 +183,10 @@ class LocalizerNode(LifecycleNode):
         if s.node.mode == "self_map" or s.recording.autostart:
             self.live.start_recording()
         info = self.encoder.describe_info()
+        runtime = info["backend"] + (f" ({', '.join(info['providers'])})" if info["providers"] else "")
         self.get_logger().info(
-            f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} ({info['dtype']}), "
+            f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} with {runtime} in "
+            f"{info['dtype']} ({info['dtype_reason']}), preprocessing on the {info['preprocess']}, "
             f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {s.index.index}")
         self._create_interfaces()
 
@@ -299,37 +332,65 @@ class LocalizerNode(LifecycleNode):
 
     def _work(self, stop: threading.Event) -> None:
         frames = self._frames
-        while (item := frames.get(stop)) is not None:
+        while batch := frames.get_ready(stop):
             try:
-                self._process(*item)
-            except Exception as exc:  # one bad frame must never stop the node
-                self._counters["bad_images"] += 1
-                self.get_logger().error(f"{item[0]}: frame dropped after an unexpected error: {exc!r}",
-                                        throttle_duration_sec=5.0)
+                self._process(batch)
+            except Exception as exc:  # one bad batch must never stop the node
+                self._counters["bad_images"] += len(batch)
+                self.get_logger().error(f"{', '.join(c for c, _, _ in batch)}: frames dropped after an unexpected "
+                                        f"error: {exc!r}", throttle_duration_sec=5.0)
 
-    def _process(self, camera: str, msg: object, received_at: float) -> None:
+    def _process(self, batch: list[tuple[str, object, float]]) -> None:
+        """The waiting frames of one or more cameras: decode each, describe all in one forward pass, then localize
+        each by itself."""
         started_at = time.monotonic()
+        frames = [f for f in (self._decode(*item) for item in batch) if f is not None]
+        if not frames:
+            return
+        timing: dict[str, float] = {}
+        descriptors = self.encoder.describe_staged([f.staged for f in frames], timing)
+        self._max_batch = max(self._max_batch, len(frames))
+        for frame, descriptor in zip(frames, descriptors):
+            frame.stages["preprocess"] += timing["preprocess_s"]  # the batch's on-device share
+            frame.stages["model"] = timing["model_s"]
+            self._localize_frame(frame, descriptor)
+            done = time.monotonic()
+            self._health.record(done - frame.received_at, done - started_at, frame.stages)
+
+    def _decode(self, camera: str, msg: object, received_at: float) -> DecodedFrame | None:
+        """Decode and stage one message (None for a bad image: logged and counted)."""
+        t0 = time.perf_counter()
         stamp_ns = header_stamp_ns(msg, fallback_ns=self.get_clock().now().nanoseconds)
         try:
-            descriptor = self.encoder.describe_one(*decode_image_msg(msg))
+            image, encoding = decode_image_msg(msg)
+            t1 = time.perf_counter()
+            staged = self.encoder.stage(image, encoding)
         except ImageDecodeError as exc:
             self._counters["bad_images"] += 1
             self.get_logger().warning(f"{camera}: bad image skipped: {exc}", throttle_duration_sec=5.0)
-            return
+            return None
+        stages = {"decode": t1 - t0, "preprocess": time.perf_counter() - t1}
+        return DecodedFrame(camera, stamp_ns, image, encoding, staged, received_at, stages)
+
+    def _localize_frame(self, frame: DecodedFrame, descriptor: np.ndarray) -> None:
+        """One described frame, as if it had come alone: pose at its stamp -> ``LiveMap.process`` -> publish."""
         live = self.live
         if live is None:
             return
+        t0 = time.perf_counter()
+        stamp_ns, camera = frame.stamp_ns, frame.camera
         outcome = live.process(camera, stamp_ns, descriptor, self.poses.at(stamp_ns) if live.needs_pose else None)
+        t1 = time.perf_counter()
+        frame.stages.setdefault("verify", 0.0)  # no geometric verification (yet)
         self._counters["processed"] += 1
         self._publish(outcome)
+        frame.stages.update(search=t1 - t0, publish=time.perf_counter() - t1)
         if outcome.time_jump_s is not None:
             self.get_logger().info(f"{camera}: image time jumped back by {outcome.time_jump_s:.1f} s: restarting "
                                    "its keyframe gate and match consistency", throttle_duration_sec=5.0)
         if outcome.record_error is not None:
             self.get_logger().error(f"{camera}: keyframe not recorded: {outcome.record_error}",
                                     throttle_duration_sec=5.0)
-        done = time.monotonic()
-        self._health.record(done - received_at, done - started_at)
 
     def _publish(self, outcome: FrameOutcome) -> None:
         result = outcome.result
@@ -412,7 +473,10 @@ class LocalizerNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         encoder, live = self.encoder, self.live
         info = encoder.describe_info() if encoder is not None else {}
-        extra = {"mode": self._p("mode"), "device": info.get("device", ""),
+        extra = {"mode": self._p("mode"), "device": info.get("device", ""), "backend": info.get("backend", ""),
+                 "providers": ",".join(info.get("providers", [])), "dtype": info.get("dtype", ""),
+                 "dtype_reason": info.get("dtype_reason", ""), "preprocess": info.get("preprocess", ""),
+                 "cuda_graph": info.get("cuda_graph", False), "max_batch": self._max_batch,
                  "gpu_memory_mib": encoder.gpu_memory_mib() if encoder is not None else math.nan,
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  "model_fingerprint": info.get("fingerprint", {}).get("id", "")}
