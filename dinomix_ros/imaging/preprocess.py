@@ -54,6 +54,7 @@ __all__ = [
     "StagedImage",
     "stage_for_device",
     "resize_on_device",
+    "pixels_tensor",
 ]
 
 INPUT_SIZE = 224
@@ -231,27 +232,38 @@ def stage_for_device(image: np.ndarray, encoding: str, *, range16: str = "full")
     image = _check_array(image, encoding)
     if encoding.startswith("bayer_") or encoding in _YUV_CODES:
         return StagedImage(*_canonical(image, encoding, range16))
+    if any(stride < 0 for stride in image.strides):  # a flipped view: torch takes positive strides only
+        image = np.ascontiguousarray(image)
     return StagedImage(image, "mono" if encoding.startswith("mono") else encoding[:3])
 
 
+def pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing ``pixels`` (uint16 as int16 bits: older PyTorch has no uint16; see resize_on_device)."""
+    return torch.from_numpy(pixels.view(np.int16) if pixels.dtype == np.uint16 else pixels)
+
+
 def resize_on_device(pixels: torch.Tensor, order: str, *, range16: str = "full") -> torch.Tensor:
-    """(H, W[, C]) uint8/uint16 tensor on any device -> (224, 224, 3) uint8 RGB on the same device.
+    """(H, W[, C]) uint8 or 16-bit tensor on any device -> (224, 224, 3) uint8 RGB on the same device.
 
     The torch twin of :func:`resize_to_input` (same steps, same rounding of 16-bit values; the resize in float32,
-    rounded). No host synchronisation: it can be captured in a CUDA graph.
+    rounded). 16-bit pixels come as uint16 or as int16 holding their bits (:func:`pixels_tensor`). No host
+    synchronisation: it can be captured in a CUDA graph.
     """
     x = pixels if pixels.ndim == 3 else pixels[:, :, None]
     x = x[:, :, :3]  # drop alpha as PIL's convert("RGB") does
     if x.dtype == torch.uint8:
         x = x.float()
-    elif range16 == "full":  # 0..65535 -> 0..255, rounded: integer arithmetic as in _to_8bit
-        x = torch.div(x.to(torch.int32) * 255 + 32767, 65535, rounding_mode="floor").float()
-    elif range16 == "minmax":
-        wide = x.to(torch.int32)
-        lo, hi = wide.amin().float(), wide.amax().float()
-        x = torch.round((wide.float() - lo) * (255.0 / torch.clamp(hi - lo, min=1.0)))
-    else:
+    elif range16 not in RANGE16_MODES:
         raise ValueError(f"range16 must be one of {', '.join(RANGE16_MODES)}, got {range16!r}")
+    else:
+        wide = x.to(torch.int32)
+        if x.dtype == torch.int16:
+            wide = wide & 0xFFFF  # the uint16 value of the bits
+        if range16 == "full":  # 0..65535 -> 0..255, rounded: integer arithmetic as in _to_8bit
+            x = torch.div(wide * 255 + 32767, 65535, rounding_mode="floor").float()
+        else:  # minmax
+            lo, hi = wide.amin().float(), wide.amax().float()
+            x = torch.round((wide.float() - lo) * (255.0 / torch.clamp(hi - lo, min=1.0)))
     # PIL (and PyTorch's uint8 kernel, which copies it) resizes horizontally, rounds to 8 bits, then vertically;
     # doing the same in float32 brings the share of pixels one grey level off from ~9% to ~1%.
     t = x.permute(2, 0, 1)[None]  # (H, W, C) -> (1, C, H, W)

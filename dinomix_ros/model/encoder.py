@@ -47,6 +47,7 @@ from dinomix_ros.imaging.preprocess import (
     ImageInput,
     StagedImage,
     load_input,
+    pixels_tensor,
     resize_on_device,
     resize_to_input,
     stage_for_device,
@@ -439,7 +440,7 @@ class Encoder:
 
     def _resize_staged(self, frame: StagedImage, slot: int) -> torch.Tensor:
         """(224, 224, 3) uint8 of one staged frame on the backend's input device; caller holds the lock."""
-        host = self._upload(torch.from_numpy(frame.pixels), slot)
+        host = self._upload(pixels_tensor(frame.pixels), slot)
         if frame.resized:
             return host.to(self.backend.input_device, non_blocking=True)
         graphs = getattr(self.backend, "graphs", None)

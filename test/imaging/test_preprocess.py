@@ -13,6 +13,7 @@ from dinomix_ros.imaging.preprocess import (
     MEAN,
     STD,
     normalize,
+    pixels_tensor,
     preprocess,
     resize_on_device,
     resize_to_input,
@@ -164,7 +165,8 @@ def test_odd_width_packed_yuv_is_a_clear_error() -> None:
 
 def _device_path(image: np.ndarray, encoding: str, range16: str = "full", device: str = "cpu") -> np.ndarray:
     staged = stage_for_device(image, encoding, range16=range16)
-    return resize_on_device(torch.from_numpy(staged.pixels).to(device), staged.order, range16=range16).cpu().numpy()
+    pixels = pixels_tensor(staged.pixels).to(device)  # 16-bit as int16 bits, as the encoder uploads it
+    return resize_on_device(pixels, staged.order, range16=range16).cpu().numpy()
 
 
 def _device_cases(rgb: np.ndarray) -> list[tuple[np.ndarray, str]]:
@@ -174,7 +176,8 @@ def _device_cases(rgb: np.ndarray) -> list[tuple[np.ndarray, str]]:
     mosaic = rgb[:, :, 1].copy()
     mosaic[0::2, 0::2], mosaic[1::2, 1::2] = rgb[0::2, 0::2, 0], rgb[1::2, 1::2, 2]  # RGGB
     return [
-        (rgb, "rgb8"), (bgr, "bgr8"), (cv2.resize(bgr, (1280, 720)), "bgr8"), (rgb[:, :, 1].copy(), "mono8"),
+        (rgb, "rgb8"), (bgr, "bgr8"), (rgb[:, ::-1], "rgb8"), (cv2.resize(bgr, (1280, 720)), "bgr8"),
+        (rgb[:, :, 1].copy(), "mono8"),
         (np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)]), "rgba8"), (deep, "rgb16"), (deep[:, :, 0], "mono16"),
         ((deep[:, :, 0] >> 4), "mono16"), (mosaic, "bayer_rggb8"),
         (rng.integers(0, 256, (100, 50, 3), np.uint8), "rgb8"),
@@ -221,7 +224,10 @@ def test_device_path_refuses_what_the_host_path_refuses() -> None:
     with pytest.raises(ImageDecodeError, match=r"rgb8 needs a \(H, W, 3\) uint8 array"):
         stage_for_device(np.zeros((4, 4), np.uint8), "rgb8")
     with pytest.raises(ValueError, match="range16 must be one of"):
-        resize_on_device(torch.zeros((4, 4), dtype=torch.int32), "mono", range16="log")
+        resize_on_device(torch.zeros((4, 4), dtype=torch.int16), "mono", range16="log")
+    deep = np.array([[0, 255, 256, 65535]], np.uint16)  # the uint16 value comes back from its int16 bits
+    as_uint16 = resize_on_device(torch.from_numpy(deep.astype(np.int32)).to(torch.uint16), "mono")
+    np.testing.assert_array_equal(resize_on_device(pixels_tensor(deep), "mono"), as_uint16)
 
 
 @cuda
