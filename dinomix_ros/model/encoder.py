@@ -346,12 +346,11 @@ class Encoder:
 
         Each run of ``batch_size`` consecutive items is one batch (the last may be shorter). ``config.workers``
         threads decode and stage (:meth:`stage`: resize on the host, or only check for the device) the items of the
-        batch being filled while one model thread
-        describes the previous batch. At most two batches are in flight (one in the model, one being filled), so
-        memory stays bounded by about two batches whatever the length of ``items``: items are pulled lazily, on the
-        caller's thread, as the returned iterator advances (a generator may decode, log or count there). An item
-        that cannot be decoded or resized (ImageDecodeError, FileNotFoundError) is reported in its batch's
-        ``failed`` and the batch goes on without it.
+        batch being filled while one model thread describes the previous batch. At most two batches are in flight
+        (one in the model, one being filled), so memory stays bounded by about two batches whatever the length of
+        ``items``: items are pulled lazily, on the caller's thread, as the returned iterator advances (a generator
+        may decode, log or count there). An item that cannot be decoded or resized (ImageDecodeError,
+        FileNotFoundError) is reported in its batch's ``failed`` and the batch goes on without it.
 
         Stopping early: close the iterator (``contextlib.closing``) or drop it; closing cancels the work queued and
         waits for the batch in the model. After an error the batches not yet handed over are dropped.
@@ -432,7 +431,7 @@ class Encoder:
         key = (tuple(host.shape), host.dtype, slot)
         pinned = self._staging.get(key)
         if pinned is None:
-            if len(self._staging) >= 32:  # cameras come and go: bound the pinned memory
+            if len(self._staging) >= 2 * self.config.batch_size + 16:  # sizes come and go: bound the pinned memory
                 self._staging.clear()
             pinned = self._staging[key] = torch.empty(host.shape, dtype=host.dtype).pin_memory()
         pinned.copy_(host)
@@ -443,7 +442,7 @@ class Encoder:
         host = self._upload(pixels_tensor(frame.pixels), slot)
         if frame.resized:
             return host.to(self.backend.input_device, non_blocking=True)
-        graphs = getattr(self.backend, "graphs", None)
+        graphs = getattr(self.backend, "preprocess_graphs", None)
         if graphs is not None:
             key = ("preprocess", tuple(host.shape), host.dtype, frame.order, self.image.range16)
             out = graphs.run(key, functools.partial(resize_on_device, order=frame.order,

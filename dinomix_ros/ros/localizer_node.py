@@ -353,7 +353,13 @@ class LocalizerNode(LifecycleNode):
         for frame, descriptor in zip(frames, descriptors):
             frame.stages["preprocess"] += timing["preprocess_s"]  # the batch's on-device share
             frame.stages["model"] = timing["model_s"]
-            self._localize_frame(frame, descriptor)
+            try:
+                self._localize_frame(frame, descriptor)
+            except Exception as exc:  # one bad frame must not cost the other cameras' frames of its batch
+                self._counters["bad_images"] += 1
+                self.get_logger().error(f"{frame.camera}: frame dropped after an unexpected error: {exc!r}",
+                                        throttle_duration_sec=5.0)
+                continue
             done = time.monotonic()
             self._health.record(done - frame.received_at, done - started_at, frame.stages)
 

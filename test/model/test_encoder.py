@@ -235,7 +235,7 @@ def test_cuda_camera_batches_with_graphs_equal_one_by_one(corridor: list[Path]) 
         one = np.stack([enc.describe_one(*f) for f in frames])
         batched = enc.describe_staged([enc.stage(*f) for f in frames])
         np.testing.assert_allclose(batched, one, atol=1e-5)
-    assert len(enc.backend.graphs) >= 5  # model batch 1 and 3, preprocessing for three camera shapes
+    assert len(enc.backend.graphs) == 2 and len(enc.backend.preprocess_graphs) == 4  # batch 1, 3; 224 + 3 cameras
     cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu", dtype="float32"))
     assert (np.stack([cpu.describe_one(*f) for f in frames]) * batched).sum(1).min() > 0.9999
 
