@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
         node.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the synthetic map: 80 MB per 10k keyframes
     import torch
 
     stages = {name: {"p50_ms": _number(internal.get(f"stage_{name}_p50_ms")),

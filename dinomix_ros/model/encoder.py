@@ -164,10 +164,13 @@ class Encoder:
         self.image = image or ImageConfig()
         self.loaded = loaded
         self.device = resolve_device(self.config.device)
-        requested = self.config.dtype
-        if self.config.backend == "onnxruntime" and requested == "auto":
-            requested = "float16" if self.device.type == "cuda" else "float32"  # what ONNX Runtime can run
-        self.dtype_choice: DtypeChoice = choose_dtype(requested, self.device, loaded.model)
+        if self.config.backend == "onnxruntime" and self.config.dtype == "auto":  # what ONNX Runtime can run
+            on_cuda = self.device.type == "cuda"
+            self.dtype_choice = DtypeChoice("float16" if on_cuda else "float32", "auto",
+                                            "onnxruntime on CUDA: float16 (TensorRT's mode)" if on_cuda else
+                                            "onnxruntime on the CPU: the exported float32 graph")
+        else:
+            self.dtype_choice = choose_dtype(self.config.dtype, self.device, loaded.model)
         if self.device.type == "cpu" and self.dtype_choice.dtype == "float16":
             _logger.warning("float16 on the CPU is slow and no more accurate than bfloat16; prefer float32 on the CPU")
         self.backend = make_backend(self.config.backend, loaded, self.device, self.dtype_choice.dtype,

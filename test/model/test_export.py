@@ -100,8 +100,10 @@ def test_encoder_with_the_onnxruntime_backend(exported, prepared: np.ndarray, ca
 
 def test_backend_exports_at_start_up_without_a_file(prepared: np.ndarray) -> None:
     loaded = random_model("vits14", seed=12)
-    enc = Encoder(loaded, EncoderConfig(device="cpu", backend="onnxruntime"))
-    assert enc.describe_info()["onnx"] == "exported at start-up"
+    enc = Encoder(loaded, EncoderConfig(device="cpu", backend="onnxruntime"))  # dtype auto
+    info = enc.describe_info()
+    assert info["onnx"] == "exported at start-up" and info["dtype"] == "float32"
+    assert info["dtype_reason"] == "onnxruntime on the CPU: the exported float32 graph"
     assert (enc.describe_prepared(prepared[:2]) * _torch_fp32(loaded, prepared[:2])).sum(1).min() >= 0.99999
 
 
