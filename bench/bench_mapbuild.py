@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Map-build throughput (prints ONE JSON object): a JPEG folder and a bag of the same images, with random weights.
 
-Four numbers, all images per second on the chosen device:
+Five numbers, all images per second on the chosen device:
 
 * ``model_only``: ``Encoder.describe_prepared`` on already resized 224x224 images (the ceiling);
+* ``decoded``: ``Encoder.describe_stream`` on the decoded full-size frames (arrays, as a camera or a bag reader
+  gives them: resize, on the host or the device per ``--preprocess``, overlapped with the model; no map);
 * ``pipeline``: ``Encoder.describe_stream`` on the JPEG files (decode and resize in worker threads, overlapped with
   the model; no map);
 * ``folder``: :func:`dinomix_ros.maps.build.build_map_from_folder` on the folder (JPEG decode, resize, describe, add);
@@ -33,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -68,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder of JPEG images (all of them are used)")
     p.add_argument("--variant", default="vits14", help="backbone (vits14, vitb14, vitl14, vitg14)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="inference precision")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="inference precision")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="model runtime")
+    p.add_argument("--preprocess", default="auto", choices=["auto", "host", "device"], help="where images are resized")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="decode/resize threads")
     p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"], help="storage plugin of the bag")
@@ -97,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     jpegs = list_images(args.images)
-    encoder = Encoder.from_random(args.variant, 0, EncoderConfig(device=args.device, dtype=args.dtype,
-                                                                 batch_size=args.batch_size, workers=args.workers))
+    encoder = Encoder.from_random(args.variant, 0, EncoderConfig(
+        device=args.device, dtype=args.dtype, backend=args.backend, preprocess=args.preprocess,
+        batch_size=args.batch_size, workers=args.workers))
     # Warm-up: one full batch through the model (first-call allocations, kernel selection).
     prepared = np.stack([encoder.prepare(p) for p in jpegs])
     encoder.describe_prepared(prepared[:args.batch_size])
@@ -107,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, len(prepared), args.batch_size):
         encoder.describe_prepared(prepared[start:start + args.batch_size])
     model_s = time.perf_counter() - t0
+
+    decoded = [cv2.imread(str(p)) for p in jpegs]
+    t0 = time.perf_counter()
+    from_arrays = sum(len(batch.tags) for batch in encoder.describe_stream((a, "bgr8", i) for i, a in
+                                                                           enumerate(decoded)))
+    decoded_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     described = sum(len(batch.tags) for batch in encoder.describe_stream((p, None, p) for p in jpegs))
@@ -132,12 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "variant": args.variant,
-        "dtype": args.dtype,
+        "dtype": info["dtype"],
+        "dtype_reason": info["dtype_reason"],
+        "backend": info["backend"],
+        "providers": info["providers"],
+        "preprocess": info["preprocess"],
         "batch_size": args.batch_size,
         "workers": args.workers,
         "images": len(jpegs),
         "image_size": _size(jpegs[0]),
         "model_only": {"seconds": round(model_s, 3), "images_per_s": round(len(jpegs) / model_s, 2)},
+        "decoded": {"seconds": round(decoded_s, 3), "images_per_s": round(len(jpegs) / decoded_s, 2),
+                    "described": from_arrays},
         "pipeline": {"seconds": round(pipeline_s, 3), "images_per_s": round(len(jpegs) / pipeline_s, 2),
                      "described": described},
         "folder": {"seconds": round(folder.seconds, 3), "images_per_s": round(folder.images_per_s, 2),

@@ -5,18 +5,25 @@ A synthetic map of --map-size keyframes (random unit descriptors, random poses) 
 started on it in a subprocess with ``matching.min_similarity = -1`` (every query is accepted, so every image yields a
 pose prior), and --images camera frames of --resolution are published one at a time (bgr8 sensor_msgs/Image, shared
 memory transport). The latency includes DDS transport both ways, decoding, resize, the model, search, matching and
-message building.
+message building. The node's own view comes from its last /diagnostics: receive -> publish percentiles and the
+per-stage split (decode, preprocess, model, search, verify, publish; over its last 200 frames, warm-up included).
+
+Settings left out (--dtype, --backend torch) are not passed, so the script also measures older versions of the
+node for a baseline: ``PYTHONPATH=/path/to/other/checkout python bench/bench_node.py ...``.
 
 Examples:
     .venv/bin/python bench/bench_node.py                                  # CPU here: ViT-S, 10k keyframes
-    python bench/bench_node.py --variant vitb14 --map-size 100000 --dtype bfloat16 --device cuda   # a GPU robot
+    .venv/bin/python bench/bench_node.py --backend onnxruntime --variant vitb14
+    python bench/bench_node.py --variant vitb14 --map-size 100000 --device cuda   # a GPU robot (dtype auto)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -29,18 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="vits14", help="backbone (random weights)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="model precision")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="model precision (default: the node's)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="model runtime")
+    parser.add_argument("--onnx", default="", help="exported ONNX file (backend onnxruntime; default: exported at "
+                                                   "start-up)")
     parser.add_argument("--map-size", type=int, default=10000, help="keyframes in the synthetic map")
     parser.add_argument("--index", default="exact", choices=["exact", "hnsw", "ivfpq"], help="search index")
     parser.add_argument("--images", type=int, default=50, help="timed images (after 5 warm-up images)")
     parser.add_argument("--resolution", default="1280x720", help="camera resolution WxH")
+    parser.add_argument("--domain", type=int, help="ROS domain id of the private graph (default: random 150-229)")
     args = parser.parse_args(argv)
 
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseWithCovarianceStamped
     from sensor_msgs.msg import Image, PointCloud2
 
+    import dinomix_ros
     from dinomix_ros.model.benchmark import percentiles
     from dinomix_ros.maps.keyframes import KeyframeMap
     from dinomix_ros.model import random_model
@@ -60,11 +72,17 @@ def main(argv: list[str] | None = None) -> int:
                  positions=rng.uniform(-100, 100, (n, 3)))
     map_path = kmap.save(work / "synthetic.dinomap")
 
-    domain = random.Random().randrange(150, 230)
-    node = NodeProcess.localizer(work, domain, {
-        "model.random_weights": True, "model.variant": args.variant, "model.device": args.device,
-        "model.dtype": args.dtype, "map.path": str(map_path), "map.index": args.index,
-        "matching.min_similarity": -1.0, "cameras.reliability": "reliable", "diagnostics.period_s": 0.5})
+    domain = args.domain if args.domain is not None else random.Random().randrange(150, 230)
+    params = {"model.random_weights": True, "model.variant": args.variant, "model.device": args.device,
+              "map.path": str(map_path), "map.index": args.index, "matching.min_similarity": -1.0,
+              "cameras.reliability": "reliable", "diagnostics.period_s": 0.5}
+    if args.dtype:
+        params["model.dtype"] = args.dtype
+    if args.backend != "torch":
+        params["model.backend"] = args.backend
+    if args.onnx:
+        params["model.onnx"] = args.onnx
+    node = NodeProcess.localizer(work, domain, params)
     client = RosClient(domain, name="bench_node")
     try:
         priors = client.collect(PoseWithCovarianceStamped, "/dinomix_localizer/pose_prior")
@@ -91,20 +109,42 @@ def main(argv: list[str] | None = None) -> int:
                 to_matches.append(next(t for t, m in matches if time_to_ns(m.header.stamp) == stamp) - t0)
         client.spin_for(1.0)
         internal = diagnostic_values(diagnostics[-1][1]) if diagnostics else {}
+        configured = next((line for line in node.log.splitlines() if "configured:" in line), "")
     finally:
         client.close()
         node.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the synthetic map: 80 MB per 10k keyframes
     import torch
 
+    stages = {name: {"p50_ms": _number(internal.get(f"stage_{name}_p50_ms")),
+                     "p95_ms": _number(internal.get(f"stage_{name}_p95_ms"))} for name in STAGE_NAMES}
     print(json.dumps({
         "benchmark": "dinomix_ros node end-to-end latency",
-        "variant": args.variant, "device": internal.get("device"), "dtype": args.dtype, "map_size": args.map_size,
-        "index": args.index, "resolution": f"{width}x{height}", "images": args.images,
+        "package": str(Path(dinomix_ros.__file__).resolve().parent),
+        "variant": args.variant, "device": internal.get("device"), "backend": internal.get("backend", "torch"),
+        "providers": internal.get("providers"), "dtype": internal.get("dtype", args.dtype),
+        "dtype_reason": internal.get("dtype_reason"), "preprocess": internal.get("preprocess"),
+        "map_size": args.map_size, "index": args.index, "resolution": f"{width}x{height}", "images": args.images,
         "publish_to_pose_prior": percentiles(to_prior), "publish_to_matches": percentiles(to_matches),
-        "node_internal_latency_ms": {"p50": internal.get("latency_p50_ms"), "p95": internal.get("latency_p95_ms")},
+        "node_internal_latency_ms": {"p50": _number(internal.get("latency_p50_ms")),
+                                     "p95": _number(internal.get("latency_p95_ms"))},
+        "node_stages_ms": stages if any(v["p50_ms"] is not None for v in stages.values()) else None,
+        "node_configured": configured.split("configured:", 1)[-1].strip(),
         "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
     }, indent=2))
     return 0
+
+
+STAGE_NAMES = ("decode", "preprocess", "model", "search", "verify", "publish")
+
+
+def _number(value: str | None) -> float | None:
+    """A diagnostics value as a number (None when the node did not report it, e.g. an older version)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

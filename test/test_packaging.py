@@ -27,7 +27,8 @@ ROSDEP_KEYS = {
     "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rclpy",
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
 }
-OPTIONAL_IMPORTS = {"safetensors"}  # no rosdep key: imported lazily, the error names `pip install safetensors`
+# no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment)
+OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime"}
 
 
 def _imports(paths: list[Path]) -> set[str]:

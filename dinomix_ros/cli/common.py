@@ -187,7 +187,8 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The weights (--checkpoint or --random-weights, --variant, --seed), the engine and the 16-bit image range."""
+    """The weights (--checkpoint or --random-weights, --variant, --seed), the engine (device, dtype, backend, ONNX
+    file, where preprocessing runs, batching) and the 16-bit image range."""
     from dinomix_ros.imaging.preprocess import ImageConfig
     from dinomix_ros.model.checkpoint import ModelSource
     from dinomix_ros.model.encoder import EncoderConfig
@@ -199,7 +200,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--random-weights", action="store_true",
                         help=spec_of(ModelSource, "random_weights").description)
     add_flags(group, ModelSource, fields=("variant", "seed"))
-    add_flags(group, EncoderConfig, fields=("device", "dtype", "batch_size", "workers"))
+    add_flags(group, EncoderConfig,
+              fields=("device", "dtype", "backend", "onnx", "preprocess", "batch_size", "workers"))
     add_flags(group, ImageConfig)
 
 

@@ -7,6 +7,17 @@ here matches it to within one grey level on a few pixels per thousand (test_prep
 
 Resizing happens before channel reordering or grey-to-RGB expansion where the two commute (they are per-pixel
 permutations), so a 720p BGR frame costs one 224x224 resize and no full-size copy.
+
+Two implementations of the same recipe:
+
+* host (:func:`resize_to_input`): PyTorch's uint8 CPU resize kernel, numpy and OpenCV. The exact path: the
+  default on the CPU, what maps are built with there, and the reference of every test.
+* device (:func:`stage_for_device` on the host, then :func:`resize_on_device` as torch ops on the model's device):
+  the raw frame is uploaded once and 16-bit scaling, alpha, channel order, grey expansion and the resize run where
+  the model runs (captured in a CUDA graph per camera image shape). The resize computes in float32 and rounds to
+  uint8, so it can differ from the host path by one grey level on some pixels (test_preprocess bounds it); Bayer
+  and packed YUV are still demosaiced by OpenCV on the host (its demosaic is not cheap to reproduce exactly).
+  The default on CUDA (``model.preprocess``); the same code runs on the CPU, where CI tests it.
 """
 
 from __future__ import annotations
@@ -41,6 +52,11 @@ __all__ = [
     "preprocess",
     "ImageConfig",
     "RANGE16_MODES",
+    "PREPROCESS_PLACES",
+    "StagedImage",
+    "stage_for_device",
+    "resize_on_device",
+    "pixels_tensor",
 ]
 
 INPUT_SIZE = 224
@@ -53,6 +69,8 @@ PREPROCESSING_ID = (
 )
 
 RANGE16_MODES = ("full", "minmax")
+#: ``model.preprocess``: auto (device on CUDA with the torch backend, else host), host or device.
+PREPROCESS_PLACES = ("auto", "host", "device")
 
 
 @dataclass(frozen=True)
@@ -213,6 +231,86 @@ def resize_to_input(image: np.ndarray, encoding: str, *, range16: str = "full") 
     if order == "mono":
         return np.repeat(image[:, :, None], 3, axis=2)
     return np.ascontiguousarray(image[:, :, ::-1] if order == "bgr" else image)
+
+
+@dataclass(frozen=True, eq=False)  # holds an array
+class StagedImage:
+    """One image ready for :func:`resize_on_device` (or already resized by the host path).
+
+    Attributes:
+        pixels: (H, W) or (H, W, C) uint8 or uint16 array, C = 3 or 4 (a 4th channel is alpha and is dropped).
+        order: channel order of ``pixels``: ``rgb``, ``bgr`` or ``mono``.
+        resized: ``pixels`` is already the (224, 224, 3) uint8 RGB model input (host path).
+    """
+
+    pixels: np.ndarray
+    order: str
+    resized: bool = False
+
+
+def stage_for_device(image: np.ndarray, encoding: str, *, range16: str = "full") -> StagedImage:
+    """The host's share of on-device preprocessing: check the array; demosaic Bayer and unpack YUV (OpenCV).
+
+    Raises:
+        UnsupportedEncodingError: unknown encoding.
+        ImageDecodeError: array shape/dtype does not fit the encoding.
+    """
+    encoding = _GENERIC.get(encoding, encoding)
+    image = _check_array(image, encoding)
+    if encoding.startswith("bayer_") or encoding in _YUV_CODES:
+        return StagedImage(*_canonical(image, encoding, range16))
+    if any(stride < 0 for stride in image.strides):  # a flipped view: torch takes positive strides only
+        image = np.ascontiguousarray(image)
+    return StagedImage(image, "mono" if encoding.startswith("mono") else encoding[:3])
+
+
+def pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing ``pixels`` (uint16 as int16 bits: older PyTorch has no uint16; see resize_on_device)."""
+    return torch.from_numpy(pixels.view(np.int16) if pixels.dtype == np.uint16 else pixels)
+
+
+def resize_on_device(pixels: torch.Tensor, order: str, *, range16: str = "full") -> torch.Tensor:
+    """(H, W[, C]) uint8 or 16-bit tensor on any device -> (224, 224, 3) uint8 RGB on the same device.
+
+    The torch twin of :func:`resize_to_input` (same steps, same rounding of 16-bit values; the resize in float32,
+    rounded). 16-bit pixels come as uint16 or as int16 holding their bits (:func:`pixels_tensor`). No host
+    synchronisation: it can be captured in a CUDA graph.
+    """
+    x = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    x = x[:, :, :3]  # drop alpha as PIL's convert("RGB") does
+    if x.dtype == torch.uint8:
+        x = x.float()
+    elif range16 not in RANGE16_MODES:
+        raise ValueError(f"range16 must be one of {', '.join(RANGE16_MODES)}, got {range16!r}")
+    else:
+        wide = x.to(torch.int32)
+        if x.dtype == torch.int16:
+            wide = wide & 0xFFFF  # the uint16 value of the bits
+        if range16 == "full":  # 0..65535 -> 0..255, rounded: integer arithmetic as in _to_8bit
+            x = torch.div(wide * 255 + 32767, 65535, rounding_mode="floor").float()
+        else:  # minmax
+            lo, hi = wide.amin().float(), wide.amax().float()
+            x = torch.round((wide.float() - lo) * (255.0 / torch.clamp(hi - lo, min=1.0)))
+    # PIL (and PyTorch's uint8 kernel, which copies it) resizes horizontally, rounds to 8 bits, then vertically;
+    # doing the same in float32 brings the share of pixels one grey level off from ~9% to ~1%.
+    t = x.permute(2, 0, 1)[None]  # (H, W, C) -> (1, C, H, W)
+    if t.shape[3] != INPUT_SIZE:
+        t = _round_u8(F.interpolate(t, size=(t.shape[2], INPUT_SIZE), mode="bilinear", align_corners=False,
+                                    antialias=True))
+    if t.shape[2] != INPUT_SIZE:
+        t = _round_u8(F.interpolate(t, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False,
+                                    antialias=True))
+    x = t[0].permute(1, 2, 0).to(torch.uint8)
+    if order == "mono":
+        x = x.expand(INPUT_SIZE, INPUT_SIZE, 3)
+    elif order == "bgr":
+        x = x.flip(2)
+    return x.contiguous()
+
+
+def _round_u8(x: torch.Tensor) -> torch.Tensor:
+    """Round half up and clip to 0..255 (still float), as the fixed-point uint8 kernels do."""
+    return x.add(0.5).floor_().clamp_(0, 255)
 
 
 def normalization_constants(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 Cameras publish faster than a model on a robot describes; queued frames only add latency. :class:`LatestFrames`
 keeps one slot per camera: :meth:`LatestFrames.put` (a subscription callback: O(1), never blocks) replaces the
 waiting frame and counts the replaced one as dropped; :meth:`LatestFrames.get` (the worker) takes the frame of the
-camera that has waited longest, at most one per camera per ``min_period_s``.
+camera that has waited longest, at most one per camera per ``min_period_s``; :meth:`LatestFrames.get_ready` takes
+the waiting frame of every camera that is due at once, so the worker can describe them in one forward pass.
 """
 
 from __future__ import annotations
@@ -61,19 +62,31 @@ class LatestFrames:
 
     def get(self, stop: threading.Event) -> tuple[str, Any, float] | None:
         """Wait for a frame: (camera, item, monotonic receive time), or None once ``stop`` is set."""
+        frames = self.get_ready(stop, limit=1)
+        return frames[0] if frames else None
+
+    def get_ready(self, stop: threading.Event, limit: int | None = None) -> list[tuple[str, Any, float]]:
+        """Wait for frames: the waiting frame of every camera that is due, at most ``limit`` of them.
+
+        Returns:
+            (camera, item, monotonic receive time) per camera, the camera served longest ago first (round robin
+            when ``limit`` cuts the list); empty once ``stop`` is set.
+        """
         with self._cond:
             while not stop.is_set():
                 now, period = time.monotonic(), float(self._min_period_s())
-                ready = [(s.taken_at, name) for name, s in self._slots.items()
-                         if s.item is not None and now - s.taken_at >= period]
+                ready = sorted((s.taken_at, name) for name, s in self._slots.items()
+                               if s.item is not None and now - s.taken_at >= period)
                 if ready:
-                    name = min(ready)[1]  # round robin: the camera served longest ago first
-                    slot = self._slots[name]
-                    item, slot.item, slot.taken_at = slot.item, None, now
-                    slot.counts.taken += 1
-                    return name, item, slot.received_at
+                    return [self._take(name, now) for _, name in ready[:limit]]
                 self._cond.wait(timeout=0.05 if period > 0 else 0.5)
-        return None
+        return []
+
+    def _take(self, name: str, now: float) -> tuple[str, Any, float]:
+        slot = self._slots[name]
+        item, slot.item, slot.taken_at = slot.item, None, now
+        slot.counts.taken += 1
+        return name, item, slot.received_at
 
     def wake(self) -> None:
         """Wake a waiting :meth:`get` (e.g. after setting its stop event)."""

@@ -86,6 +86,7 @@ class FrameOutcome:
         record_error: why the frame could not be recorded (it still got its match outputs), else None.
         prior_case: how ``result.prior`` was made: "keyframe" (the best keyframe's pose), "rotation" (verified:
             orientation corrected) or "metric" (verified with depth: 6-DoF); see :mod:`.camera_pose`.
+        verify_s: seconds spent verifying candidates geometrically (part of :meth:`LiveMap.process`).
     """
 
     result: MatchResult
@@ -95,6 +96,7 @@ class FrameOutcome:
     time_jump_s: float | None = None
     record_error: str | None = None
     prior_case: str = "keyframe"
+    verify_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ class LiveMap:
         self.prior_config = prior or VerifiedPriorConfig()
         self._cameras: dict[str, CameraModel] = {}
         self._verify_ms: deque[float] = deque(maxlen=200)
+        self._verify_s = 0.0  # the current frame's verification time
         self.index_config = index_config or IndexConfig()
         self._matcher_config = matcher or MatcherConfig()
         self.gate_config = gate or KeyframeGateConfig()
@@ -339,6 +342,7 @@ class LiveMap:
             jump = self._check_time_jump(camera, stamp_ns)
             hint = (pose.frame_id, pose.position) if pose is not None and pose.frame_id in self._frames else None
             verify = functools.partial(self._verify, camera, features) if self.verifying else None
+            self._verify_s = 0.0
             result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint, verify=verify)
             case = "keyframe"
             if result.best is not None and result.best.verified and result.prior is not None:
@@ -361,7 +365,7 @@ class LiveMap:
                 self.counters["accepted"] += 1
                 prior = result.prior is not None and self._prior_due(stamp_ns)
                 loop = session_row or self.output.loop_closure_scope == "all"
-            return FrameOutcome(result, prior, loop, recorded, jump, error, case)
+            return FrameOutcome(result, prior, loop, recorded, jump, error, case, self._verify_s)
 
     def _verify(self, camera: str, features: LocalFeatures | None, cands: list[Candidate]) -> list[Candidate]:
         """The candidates verified against ``features`` and re-ranked (ranks renumbered); timed for diagnostics."""
@@ -376,7 +380,8 @@ class LiveMap:
                                store.intrinsics.get(cand.camera))
 
         ordered, checks = verify_candidates(cands, one, self.verification)
-        self._verify_ms.append((time.perf_counter() - t0) * 1e3)
+        self._verify_s = time.perf_counter() - t0
+        self._verify_ms.append(self._verify_s * 1e3)
         return [dataclasses.replace(c, rank=i, verification=v) for i, (c, v) in enumerate(zip(ordered, checks))]
 
     def _check_time_jump(self, camera: str, stamp_ns: int) -> float | None:

@@ -1,4 +1,4 @@
-"""Model benchmark: batch-1 latency and batched throughput per backbone and dtype, as a JSON-able dict.
+"""Model benchmark: batch-1 latency and batched throughput per backbone, dtype and backend, as a JSON-able dict.
 
 Timing is wall-clock around complete calls that return numpy arrays (so GPU work is synchronised), after warm-up
 iterations. Random weights: speed does not depend on the weight values.
@@ -50,12 +50,14 @@ def bench_model(
     warmup: int = 3,
     throughput_iters: int | None = None,
     cuda_graphs: bool = True,
+    backends: list[str] | tuple[str, ...] = ("torch",),
 ) -> dict:
-    """Measure each (variant, dtype).
+    """Measure each (variant, dtype, backend); bfloat16 is skipped for onnxruntime (it has no such mode).
 
     Returns:
-        {"environment": {...}, "results": [{"variant", "dtype", "latency_224": {p50_ms...},
+        {"environment": {...}, "results": [{"variant", "dtype", "backend", "latency_224": {p50_ms...},
         "latency_720p_bgr8": {...}, "throughput": {"batch", "images_per_s"}, "cosine_to_float32": {min, mean}}]}
+        (cosine to the torch float32 descriptors of the same variant, when float32 is among ``dtypes``).
     """
     rng = np.random.default_rng(0)
     frame_224 = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
@@ -66,30 +68,38 @@ def bench_model(
     results = []
     env: dict = {}
     dtypes = sorted(dtypes, key=lambda d: d != "float32")  # float32 first: the reference for cosine_to_float32
+    runs = [(b, d) for b in sorted(backends, key=lambda b: b != "torch") for d in dtypes
+            if not (b == "onnxruntime" and d == "bfloat16")]
     for variant in variants:
         reference = None
-        for dtype in dtypes:
+        for backend, dtype in runs:
             encoder = Encoder(random_model(variant, seed=0), EncoderConfig(device=device, dtype=dtype,
-                                                                           cuda_graphs=cuda_graphs))
+                                                                           cuda_graphs=cuda_graphs, backend=backend,
+                                                                           batch_size=max(batch, 8)))
             env = env or _environment(encoder)
-            _logger.info("bench %s %s on %s", variant, dtype, encoder.device)
+            _logger.info("bench %s %s %s on %s", variant, backend, dtype, encoder.device)
             lat = _time(lambda: encoder.describe_one(frame_224, "rgb8"), iters, warmup)
             lat_720 = _time(lambda: encoder.describe_one(frame_720p, "bgr8"), iters, warmup)
             thr = _time(lambda: encoder.describe_prepared(batch_u8), throughput_iters, 1)
             desc = encoder.describe_prepared(check_u8)
-            if dtype == "float32":
+            if dtype == "float32" and backend == "torch":
                 reference = desc
+            info = encoder.describe_info()
             entry = {
                 "variant": encoder.loaded.spec.name,
-                "dtype": dtype,
+                "dtype": info["dtype"],
+                "dtype_requested": dtype,
+                "backend": backend,
+                "providers": info["providers"],
+                "preprocess": info["preprocess"],
                 "device": str(encoder.device),
-                "cuda_graph": encoder.describe_info()["cuda_graph"],
+                "cuda_graph": info["cuda_graph"],
                 "latency_224": percentiles(lat),
                 "latency_720p_bgr8": percentiles(lat_720),
                 "throughput": {"batch": batch, "images_per_s": round(batch / float(np.median(thr)), 1),
                                "batch_ms_p50": round(float(np.median(thr)) * 1e3, 2)},
             }
-            if reference is not None and dtype != "float32":
+            if reference is not None and (dtype, backend) != ("float32", "torch"):
                 cos = (reference * desc).sum(1)
                 entry["cosine_to_float32"] = {"min": float(cos.min()), "mean": float(cos.mean())}
             if encoder.device.type == "cuda":

@@ -1,14 +1,21 @@
 """Inference engine: images in, (N, 4096) float32 DINO-Mix descriptors out, on CUDA or CPU.
 
 * ``device="auto"`` picks CUDA when PyTorch sees a GPU, else the CPU, and says which in the log.
-* ``dtype`` float32 / float16 / bfloat16 sets the weights and activations; the final L2 normalisation is always float32.
-* :meth:`Encoder.describe_stream` is the one batch pipeline (map building): worker threads decode and resize the
-  batch being filled while one model thread describes the previous batch; at most two batches are in flight, so memory
-  stays bounded whatever the number of images; batches come back in input order. :meth:`Encoder.describe` runs a list
-  of images through it.
-* :meth:`Encoder.describe_one` is the low-latency path of the live node. On CUDA it replays a CUDA graph captured
-  once for batch 1 (normalisation included), which removes the kernel-launch overhead that bounds eager batch-1
-  inference; if capture fails it logs why and stays eager.
+* ``dtype`` auto (default; :mod:`~dinomix_ros.model.precision`: float16 on CUDA, on the CPU the faster of float32 and
+  bfloat16) or float32 / float16 / bfloat16 sets the weights and activations; the final L2 normalisation is always
+  float32.
+* ``backend`` torch or onnxruntime runs the model (:mod:`~dinomix_ros.model.backends`); the API is the same.
+* ``preprocess``: where the resize runs. host: the exact path of :func:`~dinomix_ros.imaging.preprocess.
+  resize_to_input` (default on the CPU); device: the raw frame goes to the model's device once and is resized there
+  (default on CUDA with the torch backend; one grey level from the host path on ~1% of pixels).
+* :meth:`Encoder.describe_stream` is the one batch pipeline (map building): worker threads decode and stage the
+  batch being filled while one model thread describes the previous batch; at most two batches are in flight, so
+  memory stays bounded whatever the number of images; batches come back in input order. :meth:`Encoder.describe`
+  runs a list of images through it.
+* :meth:`Encoder.describe_staged` describes the frames of several cameras in one forward pass (the live node);
+  :meth:`Encoder.describe_one` is its one-image form. On CUDA the model replays a CUDA graph captured per batch
+  size (up to 8) and the on-device preprocessing one per camera image shape, which removes the kernel-launch
+  overhead that bounds small batches; if a capture fails it logs why and that step stays eager.
 * One lock serialises the model, so a node may call the encoder from a worker thread while a service thread builds
   maps with it.
 """
@@ -16,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import numbers
 import re
@@ -32,19 +40,24 @@ import numpy as np
 import torch
 
 from dinomix_ros.imaging.decode import ImageDecodeError
-from dinomix_ros.model.checkpoint import LoadedModel, ModelFingerprint, load_model, random_model
-from dinomix_ros.settings import SettingError, check, setting
-from dinomix_ros.util.dtypes import FLOAT_DTYPES, torch_dtype
-from dinomix_ros.util.progress import progress_bar
 from dinomix_ros.imaging.preprocess import (
     INPUT_SIZE,
+    PREPROCESS_PLACES,
     ImageConfig,
     ImageInput,
+    StagedImage,
     load_input,
-    normalization_constants,
-    normalize,
+    pixels_tensor,
+    resize_on_device,
     resize_to_input,
+    stage_for_device,
 )
+from dinomix_ros.model.backends import BACKENDS, TorchBackend, make_backend
+from dinomix_ros.model.checkpoint import LoadedModel, ModelFingerprint, load_model, random_model
+from dinomix_ros.model.precision import DtypeChoice, choose_dtype
+from dinomix_ros.settings import SettingError, check, setting
+from dinomix_ros.util.dtypes import MODEL_DTYPES, torch_dtype
+from dinomix_ros.util.progress import progress_bar
 
 __all__ = ["EncoderConfig", "Encoder", "DescribedBatch", "resolve_device"]
 
@@ -84,17 +97,32 @@ class EncoderConfig:
 
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu or cuda[:N]", nonempty=True,
                           reconfigure=True)
-    dtype: str = setting("float32", "inference precision of weights and activations (descriptors are always "
-                                    "float32)", choices=FLOAT_DTYPES, reconfigure=True)
-    cuda_graphs: bool = setting(True, "replay a captured CUDA graph for each image (CUDA only; lower latency)",
+    dtype: str = setting("auto", "inference precision of weights and activations (descriptors are always float32); "
+                                 "auto: float16 on CUDA, on the CPU the faster of float32 and bfloat16 (logged)",
+                         choices=MODEL_DTYPES, reconfigure=True)
+    cuda_graphs: bool = setting(True, "replay captured CUDA graphs (model per batch size, preprocessing per camera "
+                                      "image shape; CUDA with the torch backend only; lower latency)",
                                 reconfigure=True)
+    backend: str = setting("torch", "what runs the model: torch, or onnxruntime (TensorRT/CUDA providers where "
+                                    "installed, else CPU)", choices=BACKENDS, reconfigure=True)
+    onnx: str = setting("", "ONNX file from `dinomix model export` for backend onnxruntime (checked against the "
+                            "weights' fingerprint); empty: export the loaded weights at start-up", reconfigure=True)
+    preprocess: str = setting("auto", "where images are resized and normalised: host (exact), device (the model's "
+                                      "device, one grey level from host on ~1% of pixels) or auto (device on CUDA "
+                                      "with the torch backend, else host)", choices=PREPROCESS_PLACES,
+                              reconfigure=True)
     batch_size: int = setting(32, "images per forward pass when describing many images", min=1, max=4096)
-    workers: int = setting(2, "threads that decode and resize images for batched describing", min=1, max=64)
+    workers: int = setting(2, "threads that decode (and resize, on the host) images for batched describing", min=1,
+                           max=64)
 
     def __post_init__(self) -> None:
         check(self)
         if not _DEVICE_RE.match(self.device):
             raise SettingError("model.device", f"model.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.backend == "onnxruntime" and self.dtype == "bfloat16":
+            raise SettingError("model.dtype", "model.dtype bfloat16 does not apply to backend onnxruntime (it runs the "
+                                              "exported float32 graph; float16 through TensorRT): use auto, float32 "
+                                              "or float16")
 
 
 @dataclass(frozen=True, eq=False)  # holds an array: compare its fields explicitly
@@ -122,8 +150,12 @@ class Encoder:
 
     Args:
         loaded: a model from :func:`~dinomix_ros.model.load_model` or :func:`~dinomix_ros.model.random_model`.
-        config: device, dtype, batching.
+        config: device, dtype, backend, batching.
         image: how images become model input (16-bit range).
+
+    Raises:
+        ValueError: a device that is not there.
+        ImportError, FileNotFoundError, OnnxExportError: backend onnxruntime without the package or with a bad file.
     """
 
     def __init__(self, loaded: LoadedModel, config: EncoderConfig | None = None,
@@ -132,19 +164,29 @@ class Encoder:
         self.image = image or ImageConfig()
         self.loaded = loaded
         self.device = resolve_device(self.config.device)
-        self.dtype = torch_dtype(self.config.dtype)
-        if self.device.type == "cpu" and self.dtype == torch.float16:
+        if self.config.backend == "onnxruntime" and self.config.dtype == "auto":  # what ONNX Runtime can run
+            on_cuda = self.device.type == "cuda"
+            self.dtype_choice = DtypeChoice("float16" if on_cuda else "float32", "auto",
+                                            "onnxruntime on CUDA: float16 (TensorRT's mode)" if on_cuda else
+                                            "onnxruntime on the CPU: the exported float32 graph")
+        else:
+            self.dtype_choice = choose_dtype(self.config.dtype, self.device, loaded.model)
+        if self.device.type == "cpu" and self.dtype_choice.dtype == "float16":
             _logger.warning("float16 on the CPU is slow and no more accurate than bfloat16; prefer float32 on the CPU")
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        self._norm = normalization_constants(self.device)  # made once: no host copies inside CUDA-graph capture
+        self.backend = make_backend(self.config.backend, loaded, self.device, self.dtype_choice.dtype,
+                                    cuda_graphs=self.config.cuda_graphs, onnx_path=self.config.onnx,
+                                    max_batch=self.config.batch_size)
+        self.dtype = torch_dtype(self.backend.dtype_name)  # ONNX Runtime may run another precision than asked
+        self.model = loaded.model
+        place = self.config.preprocess
+        if place == "auto":
+            place = "device" if self.device.type == "cuda" and isinstance(self.backend, TorchBackend) else "host"
+        self.preprocess_on = place
+        self._staging: dict[tuple, torch.Tensor] = {}  # pinned host buffers per frame shape (CUDA uploads)
         self._lock = threading.Lock()
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_in: torch.Tensor | None = None
-        self._graph_out: torch.Tensor | None = None
-        self._graph_host: torch.Tensor | None = None
-        self._graph_failed = False
-        _logger.info("encoder: %s on %s in %s (fingerprint %s)", loaded.spec.model_name, self.device,
-                     self.config.dtype, loaded.fingerprint.id)
+        _logger.info("encoder: %s on %s with %s in %s, preprocessing on the %s (fingerprint %s)",
+                     loaded.spec.model_name, self.device, self.backend.name, self.dtype_name, self.preprocess_on,
+                     loaded.fingerprint.id)
 
     # ---------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -166,6 +208,11 @@ class Encoder:
     def descriptor_dim(self) -> int:
         return self.model.descriptor_dim
 
+    @property
+    def dtype_name(self) -> str:
+        """The precision the model runs in (float32, float16 or bfloat16)."""
+        return str(self.dtype).removeprefix("torch.")
+
     def gpu_memory_mib(self) -> float:
         """GPU memory allocated by torch on the encoder's device in MiB (NaN on the CPU)."""
         if self.device.type != "cuda":
@@ -175,14 +222,32 @@ class Encoder:
     def describe_info(self) -> dict:
         """JSON-able summary (for logs, diagnostics and benchmark output)."""
         info = self.loaded.describe()
-        info.update(device=str(self.device), dtype=self.config.dtype, cuda_graph=self._graph is not None,
-                    device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
+        backend = self.backend.info()
+        info.update(device=str(self.device), dtype=self.dtype_name, dtype_requested=self.config.dtype,
+                    dtype_reason=self.dtype_choice.reason, backend=backend.pop("backend"),
+                    providers=backend.pop("providers"), preprocess=self.preprocess_on,
+                    cuda_graph=backend.pop("cuda_graphs") > 0,
+                    device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                    **backend)
         return info
 
     # ---------------------------------------------------------------------------------------------------------------
     def prepare(self, image: ImageInput, encoding: str | None = None) -> np.ndarray:
-        """Decode (bytes, paths) and resize one image to (224, 224, 3) uint8 RGB; thread-safe, model-free."""
+        """Decode (bytes, paths) and resize one image to (224, 224, 3) uint8 RGB on the host (the exact path);
+        thread-safe, model-free."""
         return resize_to_input(*load_input(image, encoding, self.image.max_pixels), range16=self.image.range16)
+
+    def stage(self, image: ImageInput, encoding: str | None = None) -> StagedImage:
+        """The host's share of preprocessing one image (thread-safe, model-free): decode and check it, then resize
+        it here (``preprocess`` host) or leave the resize to :meth:`describe_staged` on the model's device.
+
+        Raises:
+            ImageDecodeError / FileNotFoundError: an undecodable or missing image, or an array that does not fit
+                its encoding.
+        """
+        if self.preprocess_on == "host":
+            return StagedImage(self.prepare(image, encoding), "rgb", resized=True)
+        return stage_for_device(*load_input(image, encoding, self.image.max_pixels), range16=self.image.range16)
 
     @torch.inference_mode()
     def describe_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -194,25 +259,41 @@ class Encoder:
             raise ValueError(f"describe_prepared takes (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) uint8 RGB, got "
                              f"{tuple(batch_t.shape)} {batch_t.dtype}; use prepare() first")
         with self._lock:
-            if self.device.type == "cuda":
-                batch_t = batch_t.pin_memory().to(self.device, non_blocking=True)
-            out = self._forward_u8(batch_t)
-            return out.cpu().numpy()
+            return self.backend.forward(self._upload(batch_t))
+
+    @torch.inference_mode()
+    def describe_staged(self, frames: Sequence[StagedImage], timing: dict[str, float] | None = None) -> np.ndarray:
+        """(B, D) float32 descriptors of staged images (:meth:`stage`), in one forward pass.
+
+        The frames may differ in size and encoding (several cameras): each is resized on its own (on the model's
+        device unless already resized), then all go through the model together. Row i describes ``frames[i]`` and
+        equals what :meth:`describe_one` gives for that image.
+
+        Args:
+            frames: staged images (at least one).
+            timing: if given, receives ``preprocess_s`` (the on-device resizes) and ``model_s`` (the forward pass
+                and the copy back) in seconds; on CUDA the split is where the host waited, the sum is exact.
+        """
+        if not frames:
+            raise ValueError("describe_staged got no frames")
+        with self._lock:
+            t0 = time.perf_counter()
+            if all(f.resized for f in frames):
+                batch = self._upload(torch.from_numpy(np.stack([f.pixels for f in frames])))
+            else:
+                batch = torch.empty((len(frames), INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8,
+                                    device=self.backend.input_device)
+                for i, frame in enumerate(frames):
+                    batch[i].copy_(self._resize_staged(frame, slot=i))
+            t1 = time.perf_counter()
+            out = self.backend.forward(batch)
+            if timing is not None:
+                timing.update(preprocess_s=t1 - t0, model_s=time.perf_counter() - t1)
+            return out
 
     def describe_one(self, image: ImageInput, encoding: str | None = None) -> np.ndarray:
         """Low-latency descriptor (D,) float32 of one image (CUDA-graph replay on CUDA when enabled)."""
-        prepared = self.prepare(image, encoding)
-        if self.device.type == "cuda" and self.config.cuda_graphs and not self._graph_failed:
-            # the graph belongs to self.device: make it current (cuda:1 on a multi-GPU robot)
-            with self._lock, torch.inference_mode(), torch.cuda.device(self.device):
-                if self._graph is None:
-                    self._capture_graph()
-                if self._graph is not None:
-                    self._graph_host.copy_(torch.from_numpy(prepared))
-                    self._graph_in.copy_(self._graph_host, non_blocking=True)
-                    self._graph.replay()
-                    return self._graph_out.cpu().numpy()[0]
-        return self.describe_prepared(prepared)[0]
+        return self.describe_staged([self.stage(image, encoding)])[0]
 
     def describe(
         self,
@@ -267,12 +348,12 @@ class Encoder:
         """Describe a stream of images batch by batch, decoding and resizing them while the model runs.
 
         Each run of ``batch_size`` consecutive items is one batch (the last may be shorter). ``config.workers``
-        threads decode and resize (:meth:`prepare`) the items of the batch being filled while one model thread
-        describes the previous batch. At most two batches are in flight (one in the model, one being filled), so
-        memory stays bounded by about two batches whatever the length of ``items``: items are pulled lazily, on the
-        caller's thread, as the returned iterator advances (a generator may decode, log or count there). An item
-        that cannot be decoded or resized (ImageDecodeError, FileNotFoundError) is reported in its batch's
-        ``failed`` and the batch goes on without it.
+        threads decode and stage (:meth:`stage`: resize on the host, or only check for the device) the items of the
+        batch being filled while one model thread describes the previous batch. At most two batches are in flight
+        (one in the model, one being filled), so memory stays bounded by about two batches whatever the length of
+        ``items``: items are pulled lazily, on the caller's thread, as the returned iterator advances (a generator
+        may decode, log or count there). An item that cannot be decoded or resized (ImageDecodeError,
+        FileNotFoundError) is reported in its batch's ``failed`` and the batch goes on without it.
 
         Stopping early: close the iterator (``contextlib.closing``) or drop it; closing cancels the work queued and
         waits for the batch in the model. After an error the batches not yet handed over are dropped.
@@ -285,11 +366,12 @@ class Encoder:
 
         Returns:
             An iterator of :class:`DescribedBatch`, one per batch, in input order. Descriptors equal
-            :meth:`describe_prepared` of the stacked good items of the batch.
+            :meth:`describe_staged` of the good items of the batch (with host preprocessing:
+            :meth:`describe_prepared` of their stacked :meth:`prepare` results).
 
         Raises:
             ValueError: ``batch_size`` < 1 (raised at the call, not at the first batch).
-            Exception: any other error of ``items``, :meth:`prepare` or the model propagates from the iterator, at
+            Exception: any other error of ``items``, :meth:`stage` or the model propagates from the iterator, at
                 the batch where it happened.
         """
         bs = self.config.batch_size if batch_size is None else batch_size
@@ -305,7 +387,7 @@ class Encoder:
         in_model: deque[Future] = deque()
         try:
             for image, encoding, tag in items:
-                filling.append((prep.submit(self.prepare, image, encoding), tag))
+                filling.append((prep.submit(self.stage, image, encoding), tag))
                 if len(filling) == bs:
                     in_model.append(model.submit(self._describe_batch, filling))
                     filling = []
@@ -323,57 +405,55 @@ class Encoder:
             prep.shutdown(wait=True)
 
     def _describe_batch(self, batch: list[tuple[Future, T]]) -> DescribedBatch[T]:
-        """Model thread: wait for a batch's prepared images and describe the good ones in one forward pass."""
-        arrays, tags, failed = [], [], []
+        """Model thread: wait for a batch's staged images and describe the good ones in one forward pass."""
+        staged, tags, failed = [], [], []
         for fut, tag in batch:
             try:
-                arrays.append(fut.result())
+                staged.append(fut.result())
                 tags.append(tag)
             except _ITEM_ERRORS as exc:
                 failed.append((tag, exc))
-        if arrays:
-            descriptors = self.describe_prepared(np.stack(arrays))
+        if staged:
+            descriptors = self.describe_staged(staged)
         else:
             descriptors = np.empty((0, self.descriptor_dim), dtype=np.float32)
         return DescribedBatch(descriptors, tags, failed)
 
     def warmup(self) -> None:
-        """Run the model once (and capture the CUDA graph) so the first real image is not slow."""
+        """Run the model once (and capture the batch-1 CUDA graph) so the first real image is not slow."""
         self.describe_one(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8), "rgb8")
 
     # ---------------------------------------------------------------------------------------------------------------
-    def _forward_u8(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 224, 224, 3) on the model's device -> float32 (B, D); caller holds the lock."""
-        with self._precision_guard():
-            return self.model(normalize(batch_u8, self.dtype, self._norm))
+    def _upload(self, host: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A host tensor on its way to the backend's input device: through a pinned buffer (asynchronous copy) on
+        CUDA, as it is otherwise. Caller holds the lock: a buffer is reused per shape and ``slot`` (the frame's
+        place in its batch, so two frames of one batch never share one while its copy may be in flight), and every
+        call ends with a synchronising copy of the descriptors to the host."""
+        if self.backend.input_device.type != "cuda":
+            return host
+        key = (tuple(host.shape), host.dtype, slot)
+        pinned = self._staging.get(key)
+        if pinned is None:
+            if len(self._staging) >= 2 * self.config.batch_size + 16:  # sizes come and go: bound the pinned memory
+                self._staging.clear()
+            pinned = self._staging[key] = torch.empty(host.shape, dtype=host.dtype).pin_memory()
+        pinned.copy_(host)
+        return pinned
 
-    def _precision_guard(self) -> contextlib.AbstractContextManager:
-        # cuDNN may run float32 convolutions in TF32 by default; the fp32 path must give fp32 results.
-        if self.device.type == "cuda" and self.dtype == torch.float32:
-            return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
-        return contextlib.nullcontext()
-
-    @torch.inference_mode()
-    def _capture_graph(self) -> None:
-        try:
-            t0 = time.perf_counter()
-            static_in = torch.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8, device=self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # warm up kernels and allocator outside the graph
-                    self._forward_u8(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._forward_u8(static_in)
-            self._graph, self._graph_in, self._graph_out = graph, static_in, static_out
-            self._graph_host = torch.empty_like(static_in, device="cpu").pin_memory()
-            _logger.info("captured the batch-1 CUDA graph in %.2f s", time.perf_counter() - t0)
-        except Exception as exc:  # any capture failure means: run eager
-            self._graph_failed = True
-            self._graph = None
-            _logger.warning("CUDA graph capture failed, running eager: %s", exc)
+    def _resize_staged(self, frame: StagedImage, slot: int) -> torch.Tensor:
+        """(224, 224, 3) uint8 of one staged frame on the backend's input device; caller holds the lock."""
+        host = self._upload(pixels_tensor(frame.pixels), slot)
+        if frame.resized:
+            return host.to(self.backend.input_device, non_blocking=True)
+        graphs = getattr(self.backend, "preprocess_graphs", None)
+        if graphs is not None:
+            key = ("preprocess", tuple(host.shape), host.dtype, frame.order, self.image.range16)
+            out = graphs.run(key, functools.partial(resize_on_device, order=frame.order,
+                                                    range16=self.image.range16), host)
+            if out is not None:
+                return out  # copied into the batch before the next replay of this graph
+        return resize_on_device(host.to(self.backend.input_device, non_blocking=True), frame.order,
+                                range16=self.image.range16)
 
 
 def _name(item: object) -> str:

@@ -1,10 +1,13 @@
 """The localization node: a thin ROS adapter over :class:`~dinomix_ros.localization.live_map.LiveMap`.
 
 A frame's path: camera callback -> newest-frame slot of its camera -> worker thread -> decode -> describe
-(:class:`~dinomix_ros.model.encoder.Encoder`) -> local features of the decoded frame (with the camera's newest
-aligned depth image, if any) -> the pose at its stamp (:class:`~dinomix_ros.localization.pose_buffer.PoseBuffer`)
--> ``LiveMap.process`` (search, verify, match, record) -> publish what the outcome says. Each camera's
-``camera_info`` (image_transport naming) gives the live map its intrinsics.
+(:class:`~dinomix_ros.model.encoder.Encoder`; the waiting frames of several cameras in one forward pass) -> each
+frame by itself, with its own stamp: local features (with the camera's newest aligned depth image, if any) -> the
+pose at its stamp (:class:`~dinomix_ros.localization.pose_buffer.PoseBuffer`) -> ``LiveMap.process`` (search,
+verify, match, record) -> publish what the outcome says. The ROS-free part of that path is
+:class:`~dinomix_ros.localization.frame_pipeline.FramePipeline`; it times each stage (decode, preprocess, model,
+search, verify, publish) and /diagnostics reports their percentiles. Each camera's ``camera_info`` (image_transport
+naming) gives the live map its intrinsics.
 
 A managed (lifecycle) node; ``autostart`` (default true) configures and activates it at start-up.
 
@@ -40,9 +43,10 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from dinomix_ros.imaging.camera import camera_info_topic
-from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
-from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor, LocalFeatures, to_gray
+from dinomix_ros.imaging.decode import ImageDecodeError
+from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
 from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
+from dinomix_ros.localization.frame_pipeline import FramePipeline
 from dinomix_ros.localization.health import HealthMonitor, StampGaps
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map, rescue_paths
@@ -64,7 +68,6 @@ __all__ = ["LocalizerNode", "main"]
 
 _RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
                     VerifiedPriorConfig, CameraMountConfig)
-_DEPTH_MAX_GAP_NS = 100_000_000  # a depth image further than this from the color frame's stamp is not used
 
 
 class LocalizerNode(LifecycleNode):
@@ -93,8 +96,7 @@ class LocalizerNode(LifecycleNode):
         self._diag_timer = None
         self._counters = {"bad_images": 0, "bad_poses": 0, "bad_camera_info": 0, "callback_errors": 0,
                           "qos_incompatible": 0, "processed": 0}
-        self._extractor: FeatureExtractor | None = None
-        self._depth: dict[str, object] = {}  # camera -> newest depth image message
+        self._pipeline: FramePipeline | None = None
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -184,15 +186,18 @@ class LocalizerNode(LifecycleNode):
         self.live = LiveMap(kmap, index_config=s.index, matcher=s.matcher, gate=s.gate, output=s.output,
                             has_pose_source=bool(s.pose.topic), verification=s.verification, features=s.features,
                             mount=s.mount, prior=s.verified_prior)
-        self._extractor = self._feature_extractor(s.features)
-        self._apply_calibration(self.live.matcher_config.min_similarity, s.matcher.min_similarity)
         self.poses = PoseBuffer(s.pairing)
+        warn = functools.partial(self.get_logger().warning, throttle_duration_sec=5.0)
+        self._pipeline = FramePipeline(self.encoder, self.poses, self._feature_extractor(s.features), warn)
+        self._apply_calibration(self.live.matcher_config.min_similarity, s.matcher.min_similarity)
         if s.node.mode == "self_map" or s.recording.autostart:
             self.live.start_recording()
             self.get_logger().info(f"recording from the start: {self.live.recording_rule}")
         info = self.encoder.describe_info()
+        runtime = info["backend"] + (f" ({', '.join(info['providers'])})" if info["providers"] else "")
         self.get_logger().info(
-            f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} ({info['dtype']}), "
+            f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} with {runtime} in "
+            f"{info['dtype']} ({info['dtype_reason']}), preprocessing on the {info['preprocess']}, "
             f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {s.index.index}")
         self._create_interfaces()
 
@@ -311,7 +316,7 @@ class LocalizerNode(LifecycleNode):
 
     def _subscribe_camera_extras(self, topics: list[str], subscribe: functools.partial) -> None:
         """Each camera's camera_info and its aligned depth image (cameras.depth_topics), when configured."""
-        self._depth = {}
+        self._pipeline.depth.clear()
         sensor = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)  # connects to any publisher
         if self._p("cameras.use_camera_info"):
             for topic in topics:
@@ -320,8 +325,8 @@ class LocalizerNode(LifecycleNode):
         depth_topics = list(self._p("cameras.depth_topics"))
         for topic, depth_topic in zip(topics, depth_topics):
             if depth_topic:
-                self._subs.append(subscribe(Image, depth_topic, functools.partial(self._depth.__setitem__, topic),
-                                            sensor))
+                store = functools.partial(self._pipeline.depth.__setitem__, topic)
+                self._subs.append(subscribe(Image, depth_topic, store, sensor))
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
@@ -427,62 +432,43 @@ class LocalizerNode(LifecycleNode):
     # worker
 
     def _work(self, stop: threading.Event) -> None:
-        frames = self._frames
-        while (item := frames.get(stop)) is not None:
+        while batch := self._frames.get_ready(stop):
             try:
-                self._process(*item)
-            except Exception as exc:  # one bad frame must never stop the node
-                self._counters["bad_images"] += 1
-                self.get_logger().error(f"{item[0]}: frame dropped after an unexpected error: {exc!r}",
-                                        throttle_duration_sec=5.0)
+                self._process(batch)
+            except Exception as exc:  # one bad batch must never stop the node
+                self._counters["bad_images"] += len(batch)
+                self.get_logger().error(f"{', '.join(c for c, _, _ in batch)}: frames dropped after an unexpected "
+                                        f"error: {exc!r}", throttle_duration_sec=5.0)
 
-    def _process(self, camera: str, msg: object, received_at: float) -> None:
-        started_at = time.monotonic()
-        stamp_ns = header_stamp_ns(msg, fallback_ns=self.get_clock().now().nanoseconds)
-        try:
-            image, encoding = decode_image_msg(msg, self.encoder.image.max_pixels)
-            descriptor = self.encoder.describe_one(image, encoding)
-        except ImageDecodeError as exc:
-            self._counters["bad_images"] += 1
-            self.get_logger().warning(f"{camera}: bad image skipped: {exc}", throttle_duration_sec=5.0)
-            return
-        live = self.live
-        if live is None:
-            return
-        features = self._frame_features(camera, image, encoding, stamp_ns)
-        outcome = live.process(camera, stamp_ns, descriptor, self.poses.at(stamp_ns) if live.needs_pose else None,
-                               features=features)
-        self._counters["processed"] += 1
-        self._publish(outcome)
-        if outcome.time_jump_s is not None:
-            self.get_logger().info(f"{camera}: image time jumped back by {outcome.time_jump_s:.1f} s: restarting "
-                                   "its keyframe gate and match consistency", throttle_duration_sec=5.0)
-        if outcome.record_error is not None:
-            self.get_logger().error(f"{camera}: keyframe not recorded: {outcome.record_error}",
-                                    throttle_duration_sec=5.0)
-        done = time.monotonic()
-        self._health.record(done - received_at, done - started_at)
-
-    def _frame_features(self, camera: str, image: object, encoding: str, stamp_ns: int) -> LocalFeatures | None:
-        """The decoded frame's local features, with depths from the camera's newest aligned depth image (if its stamp
-        is within 0.1 s); None when nothing needs them or they cannot be computed (the frame then verifies nothing)."""
-        live = self.live
-        if self._extractor is None or live is None or not (live.verifying or live.recording):
-            return None  # nothing would use them (verification off and not recording)
-        depth = None
-        depth_msg = self._depth.get(camera)
-        if depth_msg is not None and abs(header_stamp_ns(depth_msg, fallback_ns=0) - stamp_ns) <= _DEPTH_MAX_GAP_NS:
+    def _process(self, batch: list[tuple[str, object, float]]) -> None:
+        """The waiting frames of one or more cameras: decode each, describe all in one forward pass, then localize
+        and publish each by itself."""
+        started_at, pipeline, frames = time.monotonic(), self._pipeline, []
+        for camera, msg, received_at in batch:
             try:
-                depth = decode_image_msg(depth_msg)[0]
+                frames.append(pipeline.decode(camera, msg, received_at, self.get_clock().now().nanoseconds))
             except ImageDecodeError as exc:
-                self.get_logger().warning(f"{camera}: depth image ignored: {exc}", throttle_duration_sec=5.0)
-        try:
-            return self._extractor.extract(to_gray(image, encoding), depth)
-        except (ValueError, ImageDecodeError) as exc:  # an odd encoding or depth format: this frame goes unverified
-            self.get_logger().warning(f"{camera}: no local features: {exc}", throttle_duration_sec=5.0)
-            return None
+                self._counters["bad_images"] += 1
+                self.get_logger().warning(f"{camera}: bad image skipped: {exc}", throttle_duration_sec=5.0)
+        for frame, descriptor in zip(frames, pipeline.describe(frames) if frames else []):
+            live = self.live
+            if live is None:
+                return
+            try:  # one bad frame must not cost the other cameras' frames of its batch
+                outcome = pipeline.localize(frame, descriptor, live)
+                t0 = time.perf_counter()
+                self._publish(frame.camera, outcome)
+                frame.stages["publish"] = time.perf_counter() - t0
+            except Exception as exc:
+                self._counters["bad_images"] += 1
+                self.get_logger().error(f"{frame.camera}: frame dropped after an unexpected error: {exc!r}",
+                                        throttle_duration_sec=5.0)
+                continue
+            self._counters["processed"] += 1
+            done = time.monotonic()
+            self._health.record(done - frame.received_at, done - started_at, frame.stages)
 
-    def _publish(self, outcome: FrameOutcome) -> None:
+    def _publish(self, camera: str, outcome: FrameOutcome) -> None:
         result = outcome.result
         self._outputs["matches"].publish(conv.matches_msg(result))
         if self._p("output.markers"):
@@ -491,6 +477,12 @@ class LocalizerNode(LifecycleNode):
             self._outputs["pose_prior"].publish(conv.pose_prior_msg(result.prior, result.stamp_ns))
         if outcome.publish_loop_closure:
             self._outputs["loop_closure"].publish(conv.loop_closure_msg(result.stamp_ns, result.best.stamp_ns))
+        if outcome.time_jump_s is not None:
+            self.get_logger().info(f"{camera}: image time jumped back by {outcome.time_jump_s:.1f} s: restarting "
+                                   "its keyframe gate and match consistency", throttle_duration_sec=5.0)
+        if outcome.record_error is not None:
+            self.get_logger().error(f"{camera}: keyframe not recorded: {outcome.record_error}",
+                                    throttle_duration_sec=5.0)
 
     # -------------------------------------------------------------------------------------------------------------
     # services: answer with counts, paths and errors
@@ -553,7 +545,7 @@ class LocalizerNode(LifecycleNode):
             kmap = KeyframeMap.load(path, expected_fingerprint=self.encoder.fingerprint.to_dict())
             live.replace_map(kmap, index_for_map(kmap, kind=live.index_config.index,
                                                  device=live.index_config.search_device))
-            self._extractor = self._feature_extractor(params.build(FeatureConfig, self._values()))  # its features
+            self._pipeline.extractor = self._feature_extractor(params.build(FeatureConfig, self._values()))
             self._apply_calibration(live.matcher_config.min_similarity, self._p("matching.min_similarity"))
         except Exception as exc:  # the old map stays in use
             return self._answer(response, False, f"load of {path} failed, keeping the current map: {exc}")
@@ -568,6 +560,10 @@ class LocalizerNode(LifecycleNode):
         info = encoder.describe_info() if encoder is not None else {}
         extra = {"mode": self._p("mode"), "frames_lost_estimate": self._gaps.lost,
                  "input_loss_estimate": self._gaps.loss_fraction, "device": info.get("device", ""),
+                 "backend": info.get("backend", ""), "providers": ",".join(info.get("providers", [])),
+                 "dtype": info.get("dtype", ""), "dtype_reason": info.get("dtype_reason", ""),
+                 "preprocess": info.get("preprocess", ""), "cuda_graph": info.get("cuda_graph", False),
+                 "max_batch": self._pipeline.max_batch if self._pipeline is not None else 0,
                  "gpu_memory_mib": encoder.gpu_memory_mib() if encoder is not None else math.nan,
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  "model_fingerprint": info.get("fingerprint", {}).get("id", "")}

@@ -180,7 +180,7 @@ class DiagnosticsConfig:
 PARAMETERS: dict[str, Entry] = table(
     NodeConfig,
     ModelSource,
-    (EncoderConfig, ("device", "dtype", "cuda_graphs")),
+    (EncoderConfig, ("device", "dtype", "backend", "onnx", "preprocess", "cuda_graphs")),
     NodeMapConfig,
     IndexConfig,
     StorageConfig,

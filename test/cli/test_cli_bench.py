@@ -24,4 +24,4 @@ def test_bench_prints_json(capsys) -> None:
 def test_bench_refuses_unknown_dtypes_before_running(capsys: pytest.CaptureFixture,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     message = run_error(capsys, caplog, "bench", "--variants", "vits14", "--dtypes", "float32,fp16", "--device", "cpu")
-    assert message == "--dtypes holds fp16; expected a comma-separated list of float32, float16, bfloat16"
+    assert message == "--dtypes holds fp16; expected a comma-separated list of auto, float32, float16, bfloat16"

@@ -23,7 +23,7 @@ from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 from dinomix_ros.model.checkpoint import ModelSource
 from dinomix_ros.model.encoder import EncoderConfig
 from dinomix_ros.settings import entries, flag_of, spec_of
-from dinomix_ros.util.dtypes import FLOAT_DTYPES
+from dinomix_ros.util.dtypes import MODEL_DTYPES
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = (EncoderConfig, ModelSource, ImageConfig, IndexConfig, StorageConfig, KeyframeGateConfig,
@@ -57,7 +57,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_command_is_reachable(parsers: dict) -> None:
-    assert set(parsers) == {"describe", "model", "model info", "model convert", "bench", "map", "map build",
+    assert set(parsers) == {"describe", "model", "model info", "model convert", "model export", "bench", "map",
+                            "map build",
                             "map info", "map topics", "map query", "map eval"}
 
 
@@ -80,7 +81,7 @@ def test_setting_flags_have_the_settings_default_help_and_choices(parsers: dict)
                 if entry.spec.choices is not None:
                     assert tuple(action.choices) == entry.spec.choices, (command, flag)
     model_flags = {"--checkpoint", "--random-weights", "--variant", "--seed", "--device", "--dtype", "--batch-size",
-                   "--workers", "--range16"}
+                   "--workers", "--range16", "--backend", "--onnx", "--preprocess"}
     for command in ("describe", "map build", "map query", "map eval"):
         assert {(command, f) for f in model_flags} <= seen
     gate = {"--min-distance-m", "--min-rotation-deg", "--min-interval-s", "--max-interval-s"}
@@ -110,7 +111,7 @@ def test_old_flag_spellings_are_gone(parsers: dict) -> None:
         assert not flags & OLD_FLAGS, command
         for flag, action in options(parser).items():
             if "dtype" in flag and action.choices is not None:  # one spelling of precisions everywhere
-                assert set(action.choices) <= set(FLOAT_DTYPES), (command, flag)
+                assert set(action.choices) <= set(MODEL_DTYPES), (command, flag)
     with pytest.raises(SystemExit):  # not an abbreviation of anything any more
         build_parser().parse_args(["map", "build", "out", "--images", "x", "--random-weights",
                                    "--max-pose-gap-s", "1"])

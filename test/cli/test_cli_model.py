@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dinomix_ros.cli.main import main
-from dinomix_ros.model import random_model
+from dinomix_ros.model import random_model, save_model
 
 
 def test_model_info_and_convert(tmp_path: Path, capsys) -> None:
@@ -24,3 +25,20 @@ def test_model_info_and_convert(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["model", "info", str(converted)]) == 0
     assert json.loads(capsys.readouterr().out)["fingerprint"]["id"] == loaded.fingerprint.id
+
+
+def test_model_export_writes_a_verified_onnx_file(tmp_path: Path, capsys) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (requirements.txt)")
+    loaded = random_model("vits14", seed=4)
+    weights = tmp_path / "model.safetensors"
+    save_model(loaded, weights)
+    out = tmp_path / "model.onnx"
+    assert main(["model", "export", str(weights), str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fingerprint"] == loaded.fingerprint.id and report["input"] == "uint8_nhwc"
+    assert report["verify"]["min_cosine"] >= 0.99999
+    meta = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert meta["dinomix.fingerprint_id"] == loaded.fingerprint.id
+    assert main(["model", "export", str(weights), str(tmp_path / "nchw.onnx"), "--input", "float32_nchw",
+                 "--no-verify"]) == 0
+    assert "verify" not in json.loads(capsys.readouterr().out)

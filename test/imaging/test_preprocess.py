@@ -9,7 +9,19 @@ import torch
 from PIL import Image
 
 from dinomix_ros.imaging.decode import ImageDecodeError, UnsupportedEncodingError
-from dinomix_ros.imaging.preprocess import MEAN, STD, normalize, preprocess, resize_to_input, to_rgb8
+from dinomix_ros.imaging.preprocess import (
+    MEAN,
+    STD,
+    normalize,
+    pixels_tensor,
+    preprocess,
+    resize_on_device,
+    resize_to_input,
+    stage_for_device,
+    to_rgb8,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture
@@ -145,3 +157,82 @@ def test_other_inputs_are_refused_clearly() -> None:
 def test_odd_width_packed_yuv_is_a_clear_error() -> None:
     with pytest.raises(ImageDecodeError, match="width must be even, got 7"):
         to_rgb8(np.zeros((4, 7, 2), np.uint8), "yuv422")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the on-device path (torch ops; the same code on the CPU here and on CUDA on a GPU)
+
+
+def _device_path(image: np.ndarray, encoding: str, range16: str = "full", device: str = "cpu") -> np.ndarray:
+    staged = stage_for_device(image, encoding, range16=range16)
+    pixels = pixels_tensor(staged.pixels).to(device)  # 16-bit as int16 bits, as the encoder uploads it
+    return resize_on_device(pixels, staged.order, range16=range16).cpu().numpy()
+
+
+def _device_cases(rgb: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    rng = np.random.default_rng(7)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    deep = rgb.astype(np.uint16) * 257 + rng.integers(0, 257, rgb.shape).astype(np.uint16)
+    mosaic = rgb[:, :, 1].copy()
+    mosaic[0::2, 0::2], mosaic[1::2, 1::2] = rgb[0::2, 0::2, 0], rgb[1::2, 1::2, 2]  # RGGB
+    return [
+        (rgb, "rgb8"), (bgr, "bgr8"), (rgb[:, ::-1], "rgb8"), (cv2.resize(bgr, (1280, 720)), "bgr8"),
+        (rgb[:, :, 1].copy(), "mono8"),
+        (np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)]), "rgba8"), (deep, "rgb16"), (deep[:, :, 0], "mono16"),
+        ((deep[:, :, 0] >> 4), "mono16"), (mosaic, "bayer_rggb8"),
+        (rng.integers(0, 256, (100, 50, 3), np.uint8), "rgb8"),
+        (rgb[:224, :300].copy(), "rgb8"), (rgb[:300, :224].copy(), "rgb8"),
+    ]
+
+
+@pytest.mark.parametrize("range16", ["full", "minmax"])
+def test_device_path_matches_the_host_path_within_one_grey_level(rgb: np.ndarray, range16: str) -> None:
+    """What CUDA runs, run on the CPU: the same recipe as the exact host path, one grey level at most, rarely."""
+    for image, encoding in _device_cases(rgb):
+        host = resize_to_input(image, encoding, range16=range16).astype(int)
+        device = _device_path(image, encoding, range16)
+        assert device.shape == (224, 224, 3) and device.dtype == np.uint8
+        diff = np.abs(device.astype(int) - host)
+        assert diff.max() <= 1, (encoding, image.shape, diff.max())
+        assert (diff > 0).mean() < 0.03, (encoding, image.shape, (diff > 0).mean())
+
+
+def test_device_path_is_exact_where_nothing_is_resampled(rgb: np.ndarray) -> None:
+    crop = np.ascontiguousarray(rgb[:224, :224])
+    np.testing.assert_array_equal(_device_path(crop, "rgb8"), crop)
+    np.testing.assert_array_equal(_device_path(np.ascontiguousarray(crop[:, :, ::-1]), "bgr8"), crop)
+    np.testing.assert_array_equal(_device_path(crop[:, :, 0].copy(), "mono8")[:, :, 2], crop[:, :, 0])
+
+
+def test_device_path_descriptors_match_the_host_path(data_dir) -> None:
+    from dinomix_ros.model.encoder import Encoder, EncoderConfig
+
+    paths = [data_dir / "rtabmap_corridor" / "samples" / f"{i}.jpg" for i in (1, 9, 17)]
+    host = Encoder.from_random("s", 3, EncoderConfig(device="cpu", preprocess="host"))
+    device = Encoder.from_random("s", 3, EncoderConfig(device="cpu", preprocess="device"))
+    assert host.describe_info()["preprocess"] == "host" and device.describe_info()["preprocess"] == "device"
+    assert Encoder.from_random("s", 3, EncoderConfig(device="cpu")).preprocess_on == "host"  # auto: exact on the CPU
+    a, b = host.describe(paths), device.describe(paths)
+    assert (a * b).sum(1).min() > 0.9999
+    frame = cv2.imread(str(paths[0]))
+    assert float(host.describe_one(frame, "bgr8") @ device.describe_one(frame, "bgr8")) > 0.9999
+
+
+def test_device_path_refuses_what_the_host_path_refuses() -> None:
+    with pytest.raises(UnsupportedEncodingError, match="unsupported image encoding 'jpeg'"):
+        stage_for_device(np.zeros((4, 4, 3), np.uint8), "jpeg")
+    with pytest.raises(ImageDecodeError, match=r"rgb8 needs a \(H, W, 3\) uint8 array"):
+        stage_for_device(np.zeros((4, 4), np.uint8), "rgb8")
+    with pytest.raises(ValueError, match="range16 must be one of"):
+        resize_on_device(torch.zeros((4, 4), dtype=torch.int16), "mono", range16="log")
+    deep = np.array([[0, 255, 256, 65535]], np.uint16)  # the uint16 value comes back from its int16 bits
+    as_uint16 = resize_on_device(torch.from_numpy(deep.astype(np.int32)).to(torch.uint16), "mono")
+    np.testing.assert_array_equal(resize_on_device(pixels_tensor(deep), "mono"), as_uint16)
+
+
+@cuda
+def test_device_path_on_cuda_matches_the_host_path(rgb: np.ndarray) -> None:
+    for image, encoding in _device_cases(rgb):
+        host = resize_to_input(image, encoding).astype(int)
+        diff = np.abs(_device_path(image, encoding, device="cuda").astype(int) - host)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.03, (encoding, image.shape)

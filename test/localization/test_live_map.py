@@ -202,3 +202,18 @@ def test_stamp_gaps_estimate_lost_frames() -> None:
         steady.add("cam", T0 + k * period)
     steady.add("cam", T0)  # a replay starting over: no loss
     assert steady.lost == 0 and steady.loss_fraction == 0.0
+
+
+def test_health_report_has_stage_percentiles() -> None:
+    from dinomix_ros.localization.health import STAGES
+    from dinomix_ros.localization.latest_frames import FrameCounts
+
+    health = HealthMonitor()
+    _, _, values = health.report(FrameCounts(), 0, {}, {}, {}, False)
+    assert math.isnan(values["stage_model_p50_ms"])  # nothing recorded yet
+    for k in range(1, 5):
+        health.record(0.5, 0.4, {"decode": 0.001 * k, "model": 0.1 * k, "search": 0.01})  # no verify step
+    _, _, values = health.report(FrameCounts(4, 0, 4), 4, {}, {}, {}, False)
+    assert [k for k in values if k.startswith("stage_")] == [f"stage_{s}_p{q}_ms" for s in STAGES for q in (50, 95)]
+    assert values["stage_model_p50_ms"] == pytest.approx(250.0) and values["stage_decode_p95_ms"] == pytest.approx(3.85)
+    assert values["stage_verify_p50_ms"] == 0.0 and values["stage_search_p95_ms"] == pytest.approx(10.0)

@@ -214,7 +214,35 @@ def test_cuda_matches_cpu_fp32(corridor: list[Path], dtype: str, min_cosine: flo
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_cuda_graph_replay_equals_eager(corridor: list[Path], dtype: str) -> None:
     enc = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda", dtype=dtype, cuda_graphs=True))
-    eager = enc.describe(corridor)
+    eager = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda", dtype=dtype, cuda_graphs=False))
     graphed = np.stack([enc.describe_one(p) for p in corridor])
-    assert enc.describe_info()["cuda_graph"] is True
-    np.testing.assert_allclose(graphed, eager, atol=2e-3 if dtype != "float32" else 1e-5)
+    assert enc.describe_info()["cuda_graph"] is True and eager.describe_info()["cuda_graph"] is False
+    np.testing.assert_allclose(graphed, eager.describe(corridor), atol=2e-3 if dtype != "float32" else 1e-5)
+
+
+@cuda
+def test_cuda_camera_batches_with_graphs_equal_one_by_one(corridor: list[Path]) -> None:
+    """Frames of three cameras (sizes and encodings differ): one forward pass, graphs per batch size and per camera
+    image shape, results equal to one at a time and close to the CPU's exact path."""
+    import cv2
+
+    enc = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda", dtype="float32"))
+    assert enc.preprocess_on == "device"
+    bgr = cv2.imread(str(corridor[0]))
+    frames = [(bgr, "bgr8"), (cv2.resize(cv2.imread(str(corridor[1])), (1280, 720)), "bgr8"),
+              (cv2.imread(str(corridor[2]))[:, :, 1].copy(), "mono8")]
+    for _ in range(2):  # the second round replays the captured graphs
+        one = np.stack([enc.describe_one(*f) for f in frames])
+        batched = enc.describe_staged([enc.stage(*f) for f in frames])
+        np.testing.assert_allclose(batched, one, atol=1e-5)
+    assert len(enc.backend.graphs) == 2 and len(enc.backend.preprocess_graphs) == 4  # batch 1, 3; 224 + 3 cameras
+    cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu", dtype="float32"))
+    assert (np.stack([cpu.describe_one(*f) for f in frames]) * batched).sum(1).min() > 0.9999
+
+
+@cuda
+def test_cuda_auto_dtype_is_float16_and_close_to_cpu_float32(corridor: list[Path]) -> None:
+    enc = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda"))
+    assert enc.describe_info()["dtype"] == "float16"
+    cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu", preprocess="device")).describe(corridor)
+    assert (cpu * enc.describe(corridor)).sum(1).min() >= 0.99999 - 1e-6
