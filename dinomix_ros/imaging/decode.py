@@ -41,6 +41,8 @@ __all__ = [
     "ImageTooLargeError",
     "UnsupportedEncodingError",
     "RAW_ENCODINGS",
+    "DEPTH_ENCODINGS",
+    "decode_depth_msg",
     "check_pixels",
     "compressed_image_size",
     "image_from_buffer",
@@ -92,6 +94,11 @@ RAW_ENCODINGS: dict[str, tuple[int, np.dtype]] = {
     **{f"bayer_{p}8": (1, np.dtype(np.uint8)) for p in ("rggb", "bggr", "gbrg", "grbg")},
     **{f"bayer_{p}16": (1, np.dtype(np.uint16)) for p in ("rggb", "bggr", "gbrg", "grbg")},
 }
+# Depth images (REP 118), read by decode_depth_msg only: 16UC1 millimetres, 32FC1 metres.
+DEPTH_ENCODINGS: dict[str, tuple[int, np.dtype]] = {
+    "16UC1": (1, np.dtype(np.uint16)),
+    "32FC1": (1, np.dtype(np.float32)),
+}
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
@@ -135,6 +142,7 @@ def image_from_buffer(
     step: int,
     is_bigendian: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    encodings: dict[str, tuple[int, np.dtype]] = RAW_ENCODINGS,
 ) -> np.ndarray:
     """View a raw ``sensor_msgs/Image`` buffer as an (H, W) or (H, W, C) array, honouring ``step`` padding.
 
@@ -142,15 +150,15 @@ def image_from_buffer(
     is byte-swapped into a new native array.
 
     Raises:
-        UnsupportedEncodingError: encoding not in :data:`RAW_ENCODINGS`.
+        UnsupportedEncodingError: encoding not in ``encodings`` (:data:`RAW_ENCODINGS`, or :data:`DEPTH_ENCODINGS`).
         ImageTooLargeError: more than ``max_pixels`` pixels (checked before anything is allocated).
         ImageDecodeError: non-positive size, step smaller than a row, or a buffer shorter than height * step.
     """
-    if encoding not in RAW_ENCODINGS:
+    if encoding not in encodings:
         raise UnsupportedEncodingError(
-            f"unsupported image encoding {encoding!r}; supported: {', '.join(sorted(RAW_ENCODINGS))}"
+            f"unsupported image encoding {encoding!r}; supported: {', '.join(sorted(encodings))}"
         )
-    channels, dtype = RAW_ENCODINGS[encoding]
+    channels, dtype = encodings[encoding]
     height, width, step = int(height), int(width), int(step)
     if height <= 0 or width <= 0:
         raise ImageDecodeError(f"image size {width}x{height} is empty")
@@ -281,12 +289,14 @@ def _grey_filled(image: np.ndarray) -> bool:
     return bool((corner == _FILL_VALUE).all()) and not bool((image == _FILL_VALUE).all())
 
 
-def decode_image_msg(msg: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+def decode_image_msg(msg: object, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     encodings: dict[str, tuple[int, np.dtype]] = RAW_ENCODINGS) -> tuple[np.ndarray, str]:
     """Array and encoding of a ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage`` (rclpy or rosbags).
 
     Args:
         msg: the message.
         max_pixels: refuse larger images (from ``height * width``, or the compressed header) before decoding.
+        encodings: the raw encodings accepted (camera images; :func:`decode_depth_msg` passes the depth ones).
 
     Raises:
         ImageTooLargeError: more than ``max_pixels`` pixels.
@@ -305,8 +315,20 @@ def decode_image_msg(msg: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     except (TypeError, ValueError) as exc:
         raise ImageDecodeError(f"image size fields are not integers: {exc}") from exc
     image = image_from_buffer(_as_bytes(msg.data), height, width, encoding, step, bigendian,  # type: ignore
-                              max_pixels)
+                              max_pixels, encodings)
     return image, encoding
+
+
+def decode_depth_msg(msg: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A depth ``sensor_msgs/Image`` as (H, W): uint16 millimetres (16UC1) or float32 metres (32FC1).
+
+    Raises:
+        ImageDecodeError: not a raw depth image of those encodings (a ``CompressedImage`` included), or a bad one.
+    """
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
+        raise ImageDecodeError("a CompressedImage is not read as a depth image: use the raw depth topic (16UC1 or "
+                               "32FC1)")
+    return decode_image_msg(msg, max_pixels, DEPTH_ENCODINGS)[0]
 
 
 def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:

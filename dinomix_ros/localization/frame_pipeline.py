@@ -19,10 +19,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from dinomix_ros.imaging.decode import ImageDecodeError, decode_image_msg
+from dinomix_ros.imaging.decode import ImageDecodeError, decode_depth_msg, decode_image_msg
 from dinomix_ros.imaging.features import FeatureExtractor, LocalFeatures, to_gray
 from dinomix_ros.imaging.preprocess import StagedImage
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap
@@ -77,6 +78,14 @@ class FramePipeline:
         self.depth: dict[str, object] = {}  # camera -> newest aligned depth image message (a subscription sets it)
         self.max_batch = 0  # most frames described in one forward pass (diagnostics)
 
+    def diagnostics(self) -> dict[str, Any]:
+        """The model's runtime and the largest batch so far, for /diagnostics."""
+        info = self.encoder.describe_info()
+        return {"device": info["device"], "backend": info["backend"], "providers": ",".join(info["providers"]),
+                "dtype": info["dtype"], "dtype_reason": info["dtype_reason"], "preprocess": info["preprocess"],
+                "cuda_graph": info.get("cuda_graph", False), "max_batch": self.max_batch,
+                "gpu_memory_mib": self.encoder.gpu_memory_mib(), "model_fingerprint": info["fingerprint"]["id"]}
+
     def decode(self, camera: str, msg: object, received_at: float, fallback_ns: int) -> DecodedFrame:
         """Decode and stage one message; a header without a stamp gets ``fallback_ns``.
 
@@ -123,7 +132,7 @@ class FramePipeline:
         if depth_msg is not None and abs(header_stamp_ns(depth_msg, fallback_ns=0) - frame.stamp_ns) \
                 <= DEPTH_MAX_GAP_NS:
             try:
-                depth = decode_image_msg(depth_msg)[0]
+                depth = decode_depth_msg(depth_msg, self.encoder.image.max_pixels)
             except ImageDecodeError as exc:
                 self._warn(f"{frame.camera}: depth image ignored: {exc}")
         try:

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -49,7 +48,7 @@ from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig
 from dinomix_ros.settings import check, setting
 from dinomix_ros.util.stamps import NS_PER_S, seconds_to_ns
 
-__all__ = ["TIME_JUMP_S", "OutputConfig", "FrameOutcome", "SaveResult", "LiveMap", "open_map", "rescue_paths"]
+__all__ = ["TIME_JUMP_S", "OutputConfig", "FrameOutcome", "SaveResult", "LiveMap", "open_map"]
 
 _logger = logging.getLogger(__name__)
 
@@ -131,16 +130,6 @@ def open_map(path: str, fingerprint: dict[str, Any], *, storage_dtype: str = "fl
         raise FileNotFoundError(f"map.path {path} does not exist; build one (`dinomix map build`, or the "
                                 "~/start_recording service) or set map.create_if_missing:=true")
     return KeyframeMap.empty(fingerprint, storage_dtype=storage_dtype, metadata=metadata)
-
-
-def rescue_paths(path: str | Path) -> list[Path]:
-    """Where to save a map that could not be saved to ``path`` at shutdown: beside it, then under ROS_HOME (another
-    place, maybe another file system), each named after the map and the time."""
-    path = Path(path)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    name = f"{path.name}.rescued-{stamp}"
-    ros_home = Path(os.environ.get("ROS_HOME") or Path.home() / ".ros")
-    return [path.parent / name, ros_home / "dinomix_rescued_maps" / name]
 
 
 class LiveMap:

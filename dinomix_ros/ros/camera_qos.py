@@ -6,23 +6,29 @@ reliable subscription to a BEST_EFFORT publisher gets no connection at all. So w
 each camera is subscribed reliable when every publisher of its topic is reliable, and best effort otherwise (also
 while it has no publisher yet), and re-subscribed when its publishers change. ``best_effort`` or ``reliable`` force
 a policy; a forced mismatch is reported through the middleware's incompatible-QoS event.
+
+:class:`CameraSubscriptions` holds a node's camera inputs: the image subscriptions (with those rules), each camera's
+``camera_info`` (image_transport naming) and its aligned depth image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+
+from dinomix_ros.imaging.camera import camera_info_topic
 
 try:  # rclpy >= Iron
     from rclpy.event_handler import SubscriptionEventCallbacks
 except ImportError:  # Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
 
-__all__ = ["RELIABILITY_MODES", "SubscriptionEventCallbacks", "choose_reliability", "camera_qos", "image_type",
-           "resolve"]
+__all__ = ["RELIABILITY_MODES", "CameraSubscriptions", "SubscriptionEventCallbacks", "choose_reliability",
+           "camera_qos", "image_type", "resolve"]
 
 #: Values of ``cameras.reliability``.
 RELIABILITY_MODES = ("auto", "best_effort", "reliable")
@@ -58,3 +64,87 @@ def resolve(node: Node, topic: str) -> str:
     from rclpy.expand_topic_name import expand_topic_name  # older rclpy: namespace applied, remappings are not
 
     return expand_topic_name(topic, node.get_name(), node.get_namespace())
+
+
+class CameraSubscriptions:
+    """A node's camera inputs: one image subscription per camera with the reliability its publishers need (followed
+    once a second under ``auto``), and optionally each camera's camera_info and aligned depth image.
+
+    Args:
+        node: the node that owns the subscriptions.
+        group: their callback group.
+        on_image: ``(camera, msg)`` for each image.
+        on_incompatible: ``(camera, event)`` when a publisher offers a QoS the subscription cannot connect to.
+        guard: wraps a callback so that nothing it raises reaches the executor (``guard(what, callback)``).
+    """
+
+    def __init__(self, node: Node, group: object, on_image: Callable[[str, object], None],
+                 on_incompatible: Callable[[str, object], None],
+                 guard: Callable[[str, Callable], Callable]) -> None:
+        self._node, self._group, self._guard = node, group, guard
+        self._on_image, self._on_incompatible = on_image, on_incompatible
+        self._mode, self._depth = "auto", 1
+        self.cameras: dict[str, tuple[object, ReliabilityPolicy]] = {}  # resolved topic -> (subscription, policy)
+        self._extras: list = []
+        self._watch = None
+
+    def start(self, topics: list[str], mode: str, depth: int) -> None:
+        """Subscribe to the cameras (resolved topic names) with ``mode`` (:data:`RELIABILITY_MODES`)."""
+        self._mode, self._depth = mode, depth
+        for topic in topics:
+            self._subscribe(topic)
+        if mode == "auto":  # publishers come and go: follow their QoS
+            self._watch = self._node.create_timer(1.0, self._guard("camera QoS", self.follow_publishers),
+                                                  callback_group=self._group)
+
+    def add_extras(self, topics: list[str], camera_info: Callable[[str, CameraInfo], None] | None,
+                   depth_topics: list[str], on_depth: Callable[[str, object], None]) -> None:
+        """Each camera's camera_info (when ``camera_info`` is given) and its depth image (a non-empty entry of
+        ``depth_topics``, in the order of ``topics``); best effort, which connects to any publisher."""
+        sensor = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+        subscribe = functools.partial(self._node.create_subscription, callback_group=self._group)
+        if camera_info is not None:
+            for topic in topics:
+                self._extras.append(subscribe(CameraInfo, camera_info_topic(topic), self._guard(
+                    "camera_info", functools.partial(camera_info, topic)), sensor))
+        for topic, depth_topic in zip(topics, depth_topics):
+            if depth_topic:
+                self._extras.append(subscribe(Image, depth_topic, functools.partial(on_depth, topic), sensor))
+
+    def _subscribe(self, topic: str) -> None:
+        """(Re)subscribe to one camera with the QoS its publishers need."""
+        node = self._node
+        offered = [info.qos_profile.reliability for info in node.get_publishers_info_by_topic(topic)]
+        policy = choose_reliability(self._mode, offered)
+        events = SubscriptionEventCallbacks(incompatible_qos=functools.partial(self._on_incompatible, topic))
+        old = self.cameras.pop(topic, None)
+        if old is not None:
+            node.destroy_subscription(old[0])
+        sub = node.create_subscription(image_type(topic), topic, functools.partial(self._on_image, topic),
+                                       camera_qos(policy, self._depth), event_callbacks=events,
+                                       callback_group=self._group)
+        self.cameras[topic] = (sub, policy)
+
+    def follow_publishers(self) -> None:
+        """Re-subscribe each camera whose publishers now need another reliability."""
+        for topic, (_, policy) in list(self.cameras.items()):
+            offered = [info.qos_profile.reliability for info in self._node.get_publishers_info_by_topic(topic)]
+            wanted = choose_reliability("auto", offered)
+            if wanted != policy:
+                self._node.get_logger().info(f"camera {topic}: its publishers changed, subscribing "
+                                             f"{wanted.name.lower()} (was {policy.name.lower()})")
+                self._subscribe(topic)
+
+    def describe(self) -> str:
+        """``topic (Image, reliable), ...`` for the log."""
+        return ", ".join(f"{topic} ({sub.msg_type.__name__}, {policy.name.lower()})"
+                         for topic, (sub, policy) in self.cameras.items())
+
+    def stop(self) -> None:
+        """Destroy every subscription and the QoS watch."""
+        for sub in self._extras + [sub for sub, _ in self.cameras.values()]:
+            self._node.destroy_subscription(sub)
+        self._extras, self.cameras = [], {}
+        if self._watch is not None:
+            self._node.destroy_timer(self._watch)
+            self._watch = None

@@ -37,26 +37,20 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from dinomix_ros.imaging.camera import camera_info_topic
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
-from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
 from dinomix_ros.localization.frame_pipeline import FramePipeline
 from dinomix_ros.localization.health import HealthMonitor, StampGaps
+from dinomix_ros.localization import map_commands
 from dinomix_ros.localization.latest_frames import LatestFrames
-from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, OutputConfig, open_map, rescue_paths
-from dinomix_ros.localization.matching import MatcherConfig
-from dinomix_ros.localization.verification import VerificationConfig
+from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, open_map
 from dinomix_ros.localization.pose_buffer import PoseBuffer
-from dinomix_ros.maps.index import index_for_map
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, pose_from_msg
-from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import camera_qos
 from dinomix_ros.ros import conversions as conv
@@ -65,9 +59,6 @@ from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
 from dinomix_ros.util.stamps import header_stamp_ns
 
 __all__ = ["LocalizerNode", "main"]
-
-_RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
-                    VerifiedPriorConfig, CameraMountConfig)
 
 
 class LocalizerNode(LifecycleNode):
@@ -87,9 +78,7 @@ class LocalizerNode(LifecycleNode):
         self.encoder: Encoder | None = None
         self.live: LiveMap | None = None
         self.poses = PoseBuffer()
-        self._subs: list = []
-        self._cameras: dict = {}  # resolved camera topic -> (subscription, reliability)
-        self._camera_watch = None
+        self._pose_sub = None
         self._gaps = StampGaps()
         self._outputs: dict = {}
         self._service_handles: list = []
@@ -101,6 +90,8 @@ class LocalizerNode(LifecycleNode):
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
+        self._inputs = camera_qos.CameraSubscriptions(self, self._cb_sensors, self._on_image, self._on_incompatible_qos,
+                                                      self._guarded)
 
     # -------------------------------------------------------------------------------------------------------------
     # parameters
@@ -136,21 +127,11 @@ class LocalizerNode(LifecycleNode):
     def _on_set_parameters(self, changes: list) -> SetParametersResult:
         """Validate a change (all or nothing, the same rules as at start); run-time settings apply at once."""
         changed = {p.name: p.value for p in changes}
-        reason = params.validate(changed)
         values = self._values(changed)
-        reason = reason or params.config_problem(values, _RUNTIME_CONFIGS)
+        reason = params.runtime_change_problem(changed, values)
         if reason:
             return SetParametersResult(successful=False, reason=reason)
-        live = self.live
-        if live is not None:
-            live.set_matcher_config(params.build(MatcherConfig, values))
-            live.set_output_config(params.build(OutputConfig, values))
-            live.set_verification_config(params.build(VerificationConfig, values))
-            live.mount = params.build(CameraMountConfig, values)
-            live.prior_config = params.build(VerifiedPriorConfig, values)
-            if any(name.startswith("recording.") for name in changed):
-                live.set_gate_config(params.build(KeyframeGateConfig, values))
-        self.poses.config = params.build(PosePairingConfig, values)
+        params.apply_runtime(self.live, self.poses, values, changed)
         return SetParametersResult(successful=True)
 
     # -------------------------------------------------------------------------------------------------------------
@@ -256,19 +237,16 @@ class LocalizerNode(LifecycleNode):
         self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"))
         self._gaps = StampGaps()
         self.poses.clear()
-        self._cameras = {}
-        for topic in resolved:
-            self._subscribe_camera(topic)
-        subscribe = functools.partial(self.create_subscription, callback_group=self._cb_sensors)
-        if self._p("cameras.reliability") == "auto":  # publishers come and go: follow their QoS
-            self._camera_watch = self.create_timer(1.0, self._guarded("camera QoS", self._follow_publishers),
-                                                   callback_group=self._cb_sensors)
-        self._subscribe_camera_extras(resolved, subscribe)
+        self._pipeline.depth.clear()
+        self._inputs.start(resolved, self._p("cameras.reliability"), int(self._p("cameras.depth")))
+        self._inputs.add_extras(resolved, self._on_camera_info if self._p("cameras.use_camera_info") else None,
+                                list(self._p("cameras.depth_topics")), self._pipeline.depth.__setitem__)
         if self._p("pose.topic"):
             # best effort connects to reliable and best-effort odometry/GNSS publishers alike
-            pose_type = conv.msg_class(POSE_KINDS[self._p("pose.type")])
-            self._subs.append(subscribe(pose_type, self._p("pose.topic"), self._guarded("pose", self._on_pose),
-                                        QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)))
+            self._pose_sub = self.create_subscription(
+                conv.msg_class(POSE_KINDS[self._p("pose.type")]), self._p("pose.topic"),
+                self._guarded("pose", self._on_pose), QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT),
+                callback_group=self._cb_sensors)
         self._worker_stop = threading.Event()
         self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="dinomix-worker",
                                         daemon=True)
@@ -276,33 +254,8 @@ class LocalizerNode(LifecycleNode):
         self._diag_timer = self.create_timer(float(self._p("diagnostics.period_s")),
                                              self._guarded("diagnostics", self._publish_diagnostics),
                                              callback_group=self._cb_timer)
-        pose = f", pose source {self._subs[-1].topic_name}" if self._p("pose.topic") else ""
-        cameras = ", ".join(f"{topic} ({sub.msg_type.__name__}, {policy.name.lower()})"
-                            for topic, (sub, policy) in self._cameras.items())
-        self.get_logger().info(f"active: cameras [{cameras}]{pose}")
-
-    def _subscribe_camera(self, topic: str) -> None:
-        """(Re)subscribe to one camera with the QoS its publishers need (see ros/camera_qos.py)."""
-        offered = [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]
-        policy = camera_qos.choose_reliability(self._p("cameras.reliability"), offered)
-        events = camera_qos.SubscriptionEventCallbacks(
-            incompatible_qos=functools.partial(self._on_incompatible_qos, topic))
-        old = self._cameras.pop(topic, None)
-        if old is not None:
-            self.destroy_subscription(old[0])
-        sub = self.create_subscription(camera_qos.image_type(topic), topic, functools.partial(self._on_image, topic),
-                                       camera_qos.camera_qos(policy, int(self._p("cameras.depth"))),
-                                       event_callbacks=events, callback_group=self._cb_sensors)
-        self._cameras[topic] = (sub, policy)
-
-    def _follow_publishers(self) -> None:
-        for topic, (_, policy) in list(self._cameras.items()):
-            offered = [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]
-            wanted = camera_qos.choose_reliability("auto", offered)
-            if wanted != policy:
-                self.get_logger().info(f"camera {topic}: its publishers changed, subscribing "
-                                       f"{wanted.name.lower()} (was {policy.name.lower()})")
-                self._subscribe_camera(topic)
+        pose = f", pose source {self._pose_sub.topic_name}" if self._pose_sub is not None else ""
+        self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}")
 
     def _on_incompatible_qos(self, topic: str, event: object) -> None:
         self._counters["qos_incompatible"] += 1
@@ -313,20 +266,6 @@ class LocalizerNode(LifecycleNode):
     def _on_image(self, topic: str, msg: object) -> None:
         self._frames.put(topic, msg)
         self._gaps.add(topic, header_stamp_ns(msg))
-
-    def _subscribe_camera_extras(self, topics: list[str], subscribe: functools.partial) -> None:
-        """Each camera's camera_info and its aligned depth image (cameras.depth_topics), when configured."""
-        self._pipeline.depth.clear()
-        sensor = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)  # connects to any publisher
-        if self._p("cameras.use_camera_info"):
-            for topic in topics:
-                self._subs.append(subscribe(CameraInfo, camera_info_topic(topic), self._guarded(
-                    "camera_info", functools.partial(self._on_camera_info, topic)), sensor))
-        depth_topics = list(self._p("cameras.depth_topics"))
-        for topic, depth_topic in zip(topics, depth_topics):
-            if depth_topic:
-                store = functools.partial(self._pipeline.depth.__setitem__, topic)
-                self._subs.append(subscribe(Image, depth_topic, store, sensor))
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
@@ -354,12 +293,10 @@ class LocalizerNode(LifecycleNode):
             if self._worker.is_alive():
                 self.get_logger().error("the worker thread did not stop within 30 s; it will exit after its frame")
             self._worker = None
-        for sub in self._subs + [sub for sub, _ in self._cameras.values()]:
-            self.destroy_subscription(sub)
-        self._subs, self._cameras = [], {}
-        if self._camera_watch is not None:
-            self.destroy_timer(self._camera_watch)
-            self._camera_watch = None
+        self._inputs.stop()
+        if self._pose_sub is not None:
+            self.destroy_subscription(self._pose_sub)
+            self._pose_sub = None
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
@@ -377,24 +314,19 @@ class LocalizerNode(LifecycleNode):
         self._outputs = {}
         self.live = None
         self.encoder = None
+        self._pipeline = None
 
     def _autosave(self) -> None:
-        unsaved = self.live.unsaved if self.live is not None else 0
-        if unsaved <= 0:
+        if self.live is None:
             return
-        path = self._p("map.path")
-        if not (path and self._p("map.autosave")):
-            self.get_logger().warning(f"discarding {unsaved} unsaved keyframes (set map.path and map.autosave, or "
-                                      "call ~/save_map before shutting down)")
-            return
-        ok, message = self._save(path)
-        self._answer(Trigger.Response(), ok, f"autosave: {message}")
-        if not ok:  # shutting down: nowhere to keep them but disk, so try beside the map, then under ROS_HOME
-            for rescue in rescue_paths(path):
-                ok, message = self._save(str(rescue))
-                self._answer(Trigger.Response(), ok, f"autosave rescue: {message}")
-                if ok:
-                    break
+        log, name = self.get_logger(), self.get_fully_qualified_name()
+        for level, message in map_commands.autosave(self.live, self._p("map.path"), self._p("map.autosave"), name):
+            if level == "info":  # one call site per severity: rclpy requires it
+                log.info(message)
+            elif level == "warning":
+                log.warning(message)
+            else:
+                log.error(message)
 
     # -------------------------------------------------------------------------------------------------------------
     # pose callback (camera callbacks only store the newest frame: LatestFrames.put)
@@ -499,80 +431,45 @@ class LocalizerNode(LifecycleNode):
     def _srv_start_recording(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.live is None:
             return self._answer(response, False, "not configured")
-        self.live.start_recording()
-        source = self._p("pose.topic") or "no pose source (keyframes without poses)"
-        return self._answer(response, True, f"recording keyframes from {list(self._p('cameras.topics'))} with "
-                                            f"{source}: {self.live.recording_rule}; map has {len(self.live)}")
+        return self._answer(response, *map_commands.start_recording(self.live, list(self._p("cameras.topics")),
+                                                                    self._p("pose.topic")))
 
     def _srv_stop_recording(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.live is None:
             return self._answer(response, False, "not configured")
-        was, s = self.live.stop_recording(), self.live.stats()
-        return self._answer(response, True, f"stopped recording: {s['keyframes_recorded']} keyframes added "
-                                            f"({self.live.counters['frames_without_pose']} frames had no pose); map "
-                                            f"has {s['map_keyframes']}, {s['keyframes_unsaved']} unsaved" if was else
-                            f"was not recording; map has {s['map_keyframes']}")
-
-    def _save(self, path: str) -> tuple[bool, str]:
-        """Save the map to ``path``; (success, message). A failure keeps every keyframe in memory."""
-        try:
-            saved = self.live.save(path)
-        except Exception as exc:  # reported to the caller; the previous map on disk is intact
-            return False, (f"save to {path} failed: {exc}. The {self.live.unsaved} unsaved keyframes are kept in "
-                           "memory: remove the cause and call ~/save_map again, or save them elsewhere (ros2 param "
-                           f"set {self.get_fully_qualified_name()} map.path /new/path.dinomap, then ~/save_map)")
-        return True, f"saved {saved.keyframes} keyframes to {path} in {saved.seconds:.2f} s"
+        return self._answer(response, *map_commands.stop_recording(self.live))
 
     def _srv_save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        path = self._p("map.path")
         if self.live is None:
             return self._answer(response, False, "not configured")
-        if not path:
-            return self._answer(response, False, "map.path is empty: set it (ros2 param set <node> map.path "
-                                                 "/path/to/map.dinomap)")
-        return self._answer(response, *self._save(path))
+        return self._answer(response, *map_commands.save_map(self.live, self._p("map.path"),
+                                                             self.get_fully_qualified_name()))
 
     def _srv_load_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        path, live = self._p("map.path"), self.live
+        live = self.live
         if live is None or self.encoder is None:
             return self._answer(response, False, "not configured")
-        if live.unsaved > 0:
-            return self._answer(response, False, f"the current map has {live.unsaved} unsaved keyframes: call "
-                                                 "~/save_map first")
-        if not path or not Path(path).exists():
-            return self._answer(response, False, f"map.path {path!r} does not exist")
-        try:  # load and index outside the map lock: the camera pipeline keeps matching the old map meanwhile
-            kmap = KeyframeMap.load(path, expected_fingerprint=self.encoder.fingerprint.to_dict())
-            live.replace_map(kmap, index_for_map(kmap, kind=live.index_config.index,
-                                                 device=live.index_config.search_device))
+        ok, message = map_commands.load_map(live, self._p("map.path"), self.encoder.fingerprint.to_dict())
+        if ok:  # the new map's feature type and calibrated threshold
             self._pipeline.extractor = self._feature_extractor(params.build(FeatureConfig, self._values()))
             self._apply_calibration(live.matcher_config.min_similarity, self._p("matching.min_similarity"))
-        except Exception as exc:  # the old map stays in use
-            return self._answer(response, False, f"load of {path} failed, keeping the current map: {exc}")
-        return self._answer(response, True, f"loaded {len(kmap)} keyframes from {path} (fingerprint "
-                                            f"{kmap.fingerprint['id']})")
+        return self._answer(response, ok, message)
 
     # -------------------------------------------------------------------------------------------------------------
     # diagnostics
 
     def _publish_diagnostics(self) -> None:
-        encoder, live = self.encoder, self.live
-        info = encoder.describe_info() if encoder is not None else {}
+        pipeline, live = self._pipeline, self.live
         extra = {"mode": self._p("mode"), "frames_lost_estimate": self._gaps.lost,
-                 "input_loss_estimate": self._gaps.loss_fraction, "device": info.get("device", ""),
-                 "backend": info.get("backend", ""), "providers": ",".join(info.get("providers", [])),
-                 "dtype": info.get("dtype", ""), "dtype_reason": info.get("dtype_reason", ""),
-                 "preprocess": info.get("preprocess", ""), "cuda_graph": info.get("cuda_graph", False),
-                 "max_batch": self._pipeline.max_batch if self._pipeline is not None else 0,
-                 "gpu_memory_mib": encoder.gpu_memory_mib() if encoder is not None else math.nan,
+                 "input_loss_estimate": self._gaps.loss_fraction,
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
-                 "model_fingerprint": info.get("fingerprint", {}).get("id", "")}
+                 **(pipeline.diagnostics() if pipeline is not None else {})}
         counters = {k: v for k, v in self._counters.items() if k != "processed"}
         level, message, values = self._health.report(
             self._frames.counts(), self._counters["processed"], counters, live.stats() if live is not None else {},
             extra, empty_map_warns=self._p("mode") == "localize")
         self._outputs["diagnostics"].publish(conv.diagnostics_msg(
-            self.get_clock().now().nanoseconds, f"{self.get_name()}: place recognition", info.get("device", ""),
+            self.get_clock().now().nanoseconds, f"{self.get_name()}: place recognition", extra.get("device", ""),
             level, message, values))
 
 

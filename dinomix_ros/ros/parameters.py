@@ -55,6 +55,9 @@ __all__ = [
     "Entry",
     "descriptor",
     "validate",
+    "RUNTIME_CONFIGS",
+    "runtime_change_problem",
+    "apply_runtime",
     "build",
     "config_problem",
     "NodeSettings",
@@ -317,6 +320,31 @@ def config_problem(values: dict[str, Any], classes: Iterable[type]) -> str | Non
         except SettingError as exc:
             return str(exc)
     return None
+
+
+#: The settings a running node applies at once (``ros2 param set``); the others are read at configure.
+RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
+                   VerifiedPriorConfig, CameraMountConfig)
+
+
+def runtime_change_problem(changed: dict[str, Any], values: dict[str, Any]) -> str | None:
+    """Why a parameter change is refused (all or nothing: the same rules as at start, cross-field rules of the
+    run-time settings included), or None. ``values``: every parameter's value after the change."""
+    return validate(changed) or config_problem(values, RUNTIME_CONFIGS)
+
+
+def apply_runtime(live: Any, poses: Any, values: dict[str, Any], changed: dict[str, Any]) -> None:
+    """Apply the run-time settings in ``values`` to a live map (None: not configured) and the pose buffer; the
+    keyframe gates restart only when a ``recording.*`` parameter changed."""
+    if live is not None:
+        live.set_matcher_config(build(MatcherConfig, values))
+        live.set_output_config(build(OutputConfig, values))
+        live.set_verification_config(build(VerificationConfig, values))
+        live.mount = build(CameraMountConfig, values)
+        live.prior_config = build(VerifiedPriorConfig, values)
+        if any(name.startswith("recording.") for name in changed):
+            live.set_gate_config(build(KeyframeGateConfig, values))
+    poses.config = build(PosePairingConfig, values)
 
 
 _YAML_HEADER = """\

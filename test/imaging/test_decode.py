@@ -229,3 +229,29 @@ def test_16_bit_images_reduce_to_8_bit_without_widening(rng: np.random.Generator
     minmax = np.rint((image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1))).astype(np.uint8)
     np.testing.assert_array_equal(preprocess._to_8bit(image, "minmax"), minmax)
     assert full.dtype == np.uint8 and full.flags.c_contiguous
+
+
+@pytest.mark.parametrize("bigendian", [False, True])
+def test_depth_images_decode_as_millimetres_or_metres(bigendian: bool) -> None:
+    from types import SimpleNamespace
+
+    from dinomix_ros.imaging.decode import decode_depth_msg
+
+    order = ">" if bigendian else "<"
+    metres = np.array([[0.5, 1.25, np.nan], [2.0, 0.0, 7.5]], np.float32)
+    mm = np.array([[500, 1250, 0], [2000, 0, 7500]], np.uint16)
+    for pixels, encoding in ((metres, "32FC1"), (mm, "16UC1")):
+        data = np.ascontiguousarray(pixels.astype(pixels.dtype.newbyteorder(order))).view(np.uint8).reshape(-1)
+        msg = SimpleNamespace(height=2, width=3, encoding=encoding, step=3 * pixels.itemsize, is_bigendian=bigendian,
+                              data=data.tobytes())
+        depth = decode_depth_msg(msg)
+        assert depth.dtype == pixels.dtype and depth.dtype.isnative
+        np.testing.assert_array_equal(depth, pixels)
+    colour = SimpleNamespace(height=2, width=3, encoding="rgb8", step=9, is_bigendian=False, data=bytes(18))
+    with pytest.raises(UnsupportedEncodingError, match="supported: 16UC1, 32FC1"):
+        decode_depth_msg(colour)
+    with pytest.raises(ImageDecodeError, match="CompressedImage is not read as a depth image"):
+        decode_depth_msg(SimpleNamespace(format="png", data=b""))
+    float_camera = SimpleNamespace(height=2, width=3, encoding="32FC1", step=12, is_bigendian=False, data=bytes(24))
+    with pytest.raises(UnsupportedEncodingError):
+        decode_image_msg(float_camera)  # a camera image is never float depth
