@@ -118,7 +118,8 @@ class FramePipeline:
         pose = self.poses.at(frame.stamp_ns) if live.needs_pose else None
         outcome = live.process(frame.camera, frame.stamp_ns, descriptor, pose, features=features)
         searched = time.perf_counter() - t1
-        frame.stages.update(verify=t1 - t0 + outcome.verify_s, search=searched - outcome.verify_s)
+        extracted = t1 - t0 if features is not None else 0.0  # verify: 0 when nothing was extracted or verified
+        frame.stages.update(verify=extracted + outcome.verify_s, search=searched - outcome.verify_s)
         return outcome
 
     def features(self, frame: DecodedFrame, live: LiveMap) -> LocalFeatures | None:
