@@ -8,8 +8,9 @@ Five numbers, all images per second on the chosen device:
   gives them: resize, on the host or the device per ``--preprocess``, overlapped with the model; no map);
 * ``pipeline``: ``Encoder.describe_stream`` on the JPEG files (decode and resize in worker threads, overlapped with
   the model; no map);
-* ``folder``: :func:`dinomix_ros.maps.build.build_map_from_folder` on the folder (JPEG decode, resize, describe, add);
-* ``bag``: :func:`dinomix_ros.maps.build.build_map_from_bag` on a temporary ROS 2 bag holding the same JPEGs as
+* ``folder``: :func:`dinomix_ros.maps.build_folder.build_map_from_folder` on the folder (JPEG decode, resize,
+  describe, add);
+* ``bag``: :func:`dinomix_ros.maps.build_bag.build_map_from_bag` on a temporary ROS 2 bag holding the same JPEGs as
   ``sensor_msgs/CompressedImage`` (the original bytes) plus ``nav_msgs/Odometry`` at 50 Hz along a line with
   0.6 m between frames, so the 0.5 m gate keeps every frame (bag reading, pose interpolation, gating, decode,
   resize, describe, add).
@@ -59,7 +60,8 @@ from bagfactory import (  # noqa: E402
 
 from dinomix_ros.model.encoder import Encoder, EncoderConfig  # noqa: E402
 from dinomix_ros.maps.sources.imagefolder import list_images  # noqa: E402
-from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag, build_map_from_folder  # noqa: E402
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag  # noqa: E402
+from dinomix_ros.maps.build_folder import build_map_from_folder  # noqa: E402
 
 LOG = logging.getLogger("bench_mapbuild")
 

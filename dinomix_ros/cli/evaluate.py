@@ -1,4 +1,6 @@
-"""``dinomix map eval``: the flags of the three evaluation setups, over :mod:`dinomix_ros.evaluation.runs`.
+"""``dinomix map eval``: the flags of the three evaluation setups, over :mod:`dinomix_ros.evaluation.runs` and the
+setups' modules (:mod:`~dinomix_ros.evaluation.runs_folders`, :mod:`~dinomix_ros.evaluation.runs_bag`,
+:mod:`~dinomix_ros.evaluation.runs_loop_closure`).
 
 Recall@N, precision/recall of the best match and the similarity threshold reaching a target precision, for (a) two
 folders, positives from geotags or from an index ground truth (the standard VPR layout), (b) a map against a bag, or
@@ -30,8 +32,8 @@ from dinomix_ros.cli.common import (
 )
 from dinomix_ros.settings import add_flags, from_flags
 
-if TYPE_CHECKING:  # imported where used: maps.build imports torch
-    from dinomix_ros.maps.build import BagMapConfig
+if TYPE_CHECKING:  # imported where used: maps.build_bag imports torch
+    from dinomix_ros.maps.build_bag import BagMapConfig
 
 __all__ = ["register"]
 
@@ -124,7 +126,7 @@ def _check_early(raw: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``dinomix map eval``: check flags, outputs and inputs, load the model, run the setup, write the run folder."""
-    from dinomix_ros.evaluation import calibration, reports, runs
+    from dinomix_ros.evaluation import calibration, reports, runs, runs_bag, runs_folders, runs_loop_closure
     from dinomix_ros.evaluation.retrieval import DEFAULT_RADIUS_M
     from dinomix_ros.util.files import check_output_dir
 
@@ -140,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
     bag_config = _bag_config(args) if setup == "bag" else None
     # Missing files, topics or a ground-truth size mismatch fail before the model loads.
     if setup == "folders" and args.ground_truth is not None:
-        runs.check_ground_truth_inputs(args.database, args.queries, args.ground_truth)
+        runs_folders.check_ground_truth_inputs(args.database, args.queries, args.ground_truth)
     elif setup == "folders":
-        runs.check_folder_inputs(args.database, args.queries)
+        runs_folders.check_folder_inputs(args.database, args.queries)
     elif setup == "bag":
-        runs.check_bag_inputs(args.map, args.bag, bag_config)
+        runs_bag.check_bag_inputs(args.map, args.bag, bag_config)
     else:
-        runs.check_loop_closure_inputs(args.images, args.loop_gt)
+        runs_loop_closure.check_loop_closure_inputs(args.images, args.loop_gt)
     _logger.info("map eval (%s): out=%s radius_m=%s target_precision=%s calibrate=%s", setup, out, radius_m,
                  args.target_precision, args.calibrate)
     encoder = make_encoder(args)
@@ -156,23 +158,24 @@ def run(args: argparse.Namespace) -> int:
 
     progress, search_device = show_progress(args), exact_search_device(args.device)
     if setup == "folders" and args.ground_truth is not None:
-        result = runs.evaluate_folders_ground_truth(encoder, args.database, args.queries, args.ground_truth,
-                                                    search_device=search_device, progress=progress)
+        result = runs_folders.evaluate_folders_ground_truth(encoder, args.database, args.queries, args.ground_truth,
+                                                            search_device=search_device, progress=progress)
     elif setup == "folders":
-        result = runs.evaluate_folders(encoder, args.database, args.queries, geotags=args.geotags,
-                                       database_csv=args.database_csv, queries_csv=args.queries_csv,
-                                       radius_m=radius_m, search_device=search_device, progress=progress,
-                                       **_verification_settings(args))
+        result = runs_folders.evaluate_folders(encoder, args.database, args.queries, geotags=args.geotags,
+                                               database_csv=args.database_csv, queries_csv=args.queries_csv,
+                                               radius_m=radius_m, search_device=search_device, progress=progress,
+                                               **_verification_settings(args))
     elif setup == "bag":
         settings = _verification_settings(args)
         del settings["features"]  # the map's own
-        result = runs.evaluate_map_against_bag(encoder, args.map, args.bag, bag_config, gate_queries=args.gate_queries,
-                                               radius_m=radius_m, search_device=search_device, progress=progress,
-                                               **settings)
+        result = runs_bag.evaluate_map_against_bag(encoder, args.map, args.bag, bag_config,
+                                                   gate_queries=args.gate_queries, radius_m=radius_m,
+                                                   search_device=search_device, progress=progress, **settings)
     else:
-        result = runs.evaluate_loop_closure(encoder, args.images, args.loop_gt, exclude_recent=exclude_recent,
-                                            target_precision=args.target_precision, progress=progress,
-                                            **_verification_settings(args))
+        result = runs_loop_closure.evaluate_loop_closure(encoder, args.images, args.loop_gt,
+                                                         exclude_recent=exclude_recent,
+                                                         target_precision=args.target_precision, progress=progress,
+                                                         **_verification_settings(args))
     report = runs.save_run(result, out, model=fingerprint, target_precision=args.target_precision,
                            random_weights=args.random_weights, calibrate=args.calibrate, calibration=cal_config)
     print(json.dumps(reports.summarize(report, out / reports.REPORT_FILE), indent=2))
@@ -233,7 +236,7 @@ def _verification_settings(args: argparse.Namespace) -> dict:
 
 def _bag_config(args: argparse.Namespace) -> BagMapConfig:
     """Setup (b)'s BagMapConfig: topics, pose pairing and the keyframe gate (used with --gate-queries)."""
-    from dinomix_ros.maps.build import BagMapConfig
+    from dinomix_ros.maps.build_bag import BagMapConfig
     from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 
     return BagMapConfig(image_topics=tuple(args.image_topics), pose_topic=args.pose_topic, gps_topic="",

@@ -37,8 +37,8 @@ from dinomix_ros.cli.common import (
 )
 from dinomix_ros.settings import add_flags, from_flags, spec_of
 
-if TYPE_CHECKING:  # imported where used: maps.build imports torch
-    from dinomix_ros.maps.build import BagMapConfig
+if TYPE_CHECKING:  # imported where used: maps.build_bag imports torch
+    from dinomix_ros.maps.build_bag import BagMapConfig
     from dinomix_ros.maps.keyframes import KeyframeMap
 
 __all__ = ["register"]
@@ -77,7 +77,7 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_build_arguments(p: argparse.ArgumentParser) -> None:
-    from dinomix_ros.maps.build import BagMapConfig
+    from dinomix_ros.maps.build_bag import BagMapConfig
     from dinomix_ros.maps.index import IndexConfig
     from dinomix_ros.maps.keyframes import StorageConfig
     from dinomix_ros.maps.sources.imagefolder import GEOTAG_SOURCES
@@ -156,7 +156,8 @@ def _folder_calibration(calibrations: list) -> object:
 def run_build(args: argparse.Namespace) -> int:
     """``dinomix map build``: OUT and every input are checked before the model loads; the map is saved atomically."""
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE
-    from dinomix_ros.maps.build import build_map_from_bag, build_map_from_folder
+    from dinomix_ros.maps.build_bag import build_map_from_bag
+    from dinomix_ros.maps.build_folder import build_map_from_folder
     from dinomix_ros.maps.index import index_for_map, save_map
     from dinomix_ros.maps.index import IndexConfig
     from dinomix_ros.maps.keyframes import StorageConfig, utc_now_iso
@@ -199,7 +200,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def _bag_source(args: argparse.Namespace) -> tuple[BagMapConfig, dict[str, Any]]:
     """The bag build's config (topics checked against the bag: a wrong topic fails in a second) and its record."""
-    from dinomix_ros.maps.build import BagMapConfig, check_bag_config
+    from dinomix_ros.maps.build_bag import BagMapConfig, check_bag_config
     from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 
     refuse(args, {"csv": "--csv"}, "to --bag (it is a folder option)")
@@ -411,7 +412,7 @@ def _add_query_arguments(p: argparse.ArgumentParser) -> None:
 def run_query(args: argparse.Namespace) -> int:
     """``dinomix map query``: top-k keyframes per image, with the map's calibrated threshold when it has one."""
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE, json_ready
-    from dinomix_ros.evaluation.runs import stored_index_kind
+    from dinomix_ros.evaluation.runs_bag import stored_index_kind
     from dinomix_ros.localization.matching import MatcherConfig
     from dinomix_ros.maps.index import index_for_map
     from dinomix_ros.maps.keyframes import KeyframeMap

@@ -4,7 +4,9 @@
 * :mod:`~dinomix_ros.evaluation.curves`: precision/recall of the best match, thresholds for a target precision;
 * :mod:`~dinomix_ros.evaluation.loops`: RTAB-Map ground truth, loop closure and relocalization;
 * :mod:`~dinomix_ros.evaluation.plots`: the PNG plots (matplotlib, imported lazily);
-* :mod:`~dinomix_ros.evaluation.runs`: the three setups of ``dinomix map eval`` as library calls;
+* :mod:`~dinomix_ros.evaluation.runs_folders`, :mod:`~dinomix_ros.evaluation.runs_bag` and
+  :mod:`~dinomix_ros.evaluation.runs_loop_closure`: the three setups of ``dinomix map eval`` as library calls;
+  :mod:`~dinomix_ros.evaluation.runs`: what they share, and the run folder;
 * :mod:`~dinomix_ros.evaluation.reports` and :mod:`~dinomix_ros.evaluation.calibration`: the run folder, and the
   calibrated threshold stored in a map.
 

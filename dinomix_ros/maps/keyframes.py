@@ -10,10 +10,10 @@ and is a zero-copy memory map when the map has a single chunk (``save(..., compa
 one). :meth:`KeyframeMap.iter_descriptors_f32` streams float32 blocks without concatenating.
 
 :meth:`KeyframeMap.save` and :meth:`KeyframeMap.load` are the map's persistence; the on-disk format, its atomic
-generations and its lock live in :mod:`dinomix_ros.maps.storage` (engine) and :mod:`dinomix_ros.maps.manifest`
-(format), and are documented in ``maps/README.md``. What a valid row is lives in :mod:`dinomix_ros.maps.validation`,
-shared by :meth:`KeyframeMap.add` and loading. The map's errors are defined in :mod:`dinomix_ros.maps.errors` and
-importable from here.
+generations and its lock live in :mod:`dinomix_ros.maps.storage` (engine), :mod:`dinomix_ros.maps.loading` (verified
+loading) and :mod:`dinomix_ros.maps.manifest` (format), and are documented in ``maps/README.md``. What a valid row
+is lives in :mod:`dinomix_ros.maps.validation`, shared by :meth:`KeyframeMap.add` and loading. The map's errors are
+defined in :mod:`dinomix_ros.maps.errors` and importable from here.
 """
 
 from __future__ import annotations
@@ -142,8 +142,9 @@ class KeyframeMap:
         self._segments: list[np.ndarray] = segments if segments is not None else []
         self._count = int(self._cols["ids"].shape[0])
         self._index: _AttachedIndex | None = None
-        # What this object knows is committed on disk, per map directory: owned by dinomix_ros.maps.storage (which
-        # uses it to append and to detect other writers) and opaque here. A new object (subset()) starts with none.
+        # What this object knows is committed on disk, per map directory: owned by dinomix_ros.maps.storage and
+        # .loading (which use it to append and to detect other writers) and opaque here. A new object (subset())
+        # starts with none.
         self._storage_state: Any = None
         # Local features per row and intrinsics per camera (map format 2), None for maps without them (format 1).
         self.local_features: KeyframeFeatures | None = None
@@ -627,13 +628,14 @@ class KeyframeMap:
                 with the manifest (the message names the file).
             MapMismatchError: ``expected_fingerprint`` has a different id than the map's.
         """
-        from dinomix_ros.maps import storage  # storage builds on this module: imported on use, not at import time
+        from dinomix_ros.maps import loading  # loading builds on this module: imported on use, not at import time
 
-        return storage.load_map(path, expected_fingerprint=expected_fingerprint, mmap=mmap, verify=verify,
+        return loading.load_map(path, expected_fingerprint=expected_fingerprint, mmap=mmap, verify=verify,
                                 load_index=load_index, map_type=cls)
 
     # ------------------------------------------------------------------ storage interface
-    # For dinomix_ros.maps.storage only: what a save or load needs beyond the public API, without copying rows.
+    # For dinomix_ros.maps.storage and .loading only: what a save or load needs beyond the public API, without
+    # copying rows.
 
     def _attached_index(self) -> _AttachedIndex | None:
         """The attached index, fresh or stale (stale: its ``rows`` differ from ``len(self)``)."""

@@ -10,8 +10,9 @@ feature first, unused slots marked by ``x == EMPTY``::
 
 With ORB and 400 slots that is 400 x 38 = 15,200 bytes per keyframe. On disk, chunks are ``features.gNNNNNN.npy``
 files of shape (rows, slots) with this structured dtype (numpy's .npy header, no pickle), written, listed and
-sha256-checked by the map's storage engine like the descriptor chunks (:mod:`dinomix_ros.maps.storage`). The
-intrinsics (:class:`~dinomix_ros.imaging.camera.CameraModel` per camera name) are JSON in the manifest.
+sha256-checked by the map's storage engine like the descriptor chunks (:mod:`dinomix_ros.maps.storage`,
+:mod:`dinomix_ros.maps.loading`). The intrinsics (:class:`~dinomix_ros.imaging.camera.CameraModel` per camera
+name) are JSON in the manifest.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class KeyframeFeatures:
 
 
 class FeatureRecorder:
-    """Local features for the keyframes an offline build adds (:mod:`dinomix_ros.maps.build`).
+    """Local features for the keyframes an offline build adds (:mod:`dinomix_ros.maps.build_bag`,
+    :mod:`dinomix_ros.maps.build_folder`).
 
     A new (empty) map gets a feature store; a map that has one keeps its feature type and slot count; a map without
     one (format 1, appended to) gets none, and the log says so. Intrinsics given per camera are stored in the map.

@@ -16,7 +16,7 @@ from dinomix_ros.cli.main import build_parser, main
 from dinomix_ros.evaluation.calibration import CalibrationConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
 from dinomix_ros.localization.matching import MatcherConfig
-from dinomix_ros.maps.build import BagMapConfig
+from dinomix_ros.maps.build_bag import BagMapConfig
 from dinomix_ros.maps.index import IndexConfig
 from dinomix_ros.maps.keyframes import KeyframeMap, StorageConfig
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig

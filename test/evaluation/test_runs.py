@@ -1,4 +1,5 @@
-"""Tests for dinomix_ros.evaluation.runs: the evaluation setups as library calls (no argparse, no model).
+"""Tests for dinomix_ros.evaluation.runs, runs_folders and runs_loop_closure: the evaluation setups as library calls
+(no argparse, no model).
 
 The thumbnail encoder of conftest.py stands in for the model: an image and its copy score 1.0 and different corridor
 images less, so the expected matches are known. The bag setup (b) needs a map built by the real encoder and is
@@ -19,15 +20,14 @@ from dinomix_ros.evaluation.calibration import CalibrationConfig, CalibrationErr
 from dinomix_ros.evaluation.groundtruth import GroundTruthError
 from dinomix_ros.evaluation.loops import LOOP_NS, load_loop_closure_ground_truth
 from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE, REPORT_FILE, RunResult
-from dinomix_ros.evaluation.runs import (
+from dinomix_ros.evaluation.runs import save_run
+from dinomix_ros.evaluation.runs_folders import (
     check_folder_inputs,
     check_ground_truth_inputs,
-    check_loop_closure_inputs,
     evaluate_folders,
     evaluate_folders_ground_truth,
-    evaluate_loop_closure,
-    save_run,
 )
+from dinomix_ros.evaluation.runs_loop_closure import check_loop_closure_inputs, evaluate_loop_closure
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 from thumbnails import thumbnail

@@ -9,10 +9,12 @@ import cv2
 import pytest
 from bagfactory import write_camera_bag
 
-from dinomix_ros.evaluation.runs import evaluate_folders, evaluate_map_against_bag, save_run
+from dinomix_ros.evaluation.runs import save_run
+from dinomix_ros.evaluation.runs_bag import evaluate_map_against_bag
+from dinomix_ros.evaluation.runs_folders import evaluate_folders
 from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.localization.verification import VerificationConfig
-from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
 

@@ -1,4 +1,5 @@
-"""dinomix_ros.maps.build: maps from synthetic bags and real image folders, and appending to a saved map.
+"""dinomix_ros.maps.build, build_bag and build_folder: maps from synthetic bags and real image folders, and appending
+to a saved map.
 
 The encoder has seeded random weights (descriptors carry no place information), so these tests check the pipeline:
 which frames become keyframes, their poses, geotags, stamps and sources, and that row i describes image i.
@@ -15,14 +16,9 @@ import numpy as np
 import pytest
 from bagfactory import GeoOrigin, Motion, photo_frames, write_camera_bag
 
-from dinomix_ros.maps.build import (
-    BagMapConfig,
-    BuildReport,
-    MapBuildError,
-    build_map_from_bag,
-    build_map_from_folder,
-    check_bag_config,
-)
+from dinomix_ros.maps.build import BuildReport, MapBuildError
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag, check_bag_config
+from dinomix_ros.maps.build_folder import build_map_from_folder
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, GpsTrack
 from dinomix_ros.maps.keyframes import KeyframeMap, MapMismatchError
 from dinomix_ros.maps.manifest import read_manifest
@@ -151,7 +147,7 @@ def test_an_undecodable_keyframe_is_counted_and_gives_its_gate_slot_back(
     bag = write_camera_bag(tmp_path / "bag", frames=photo_frames(8), image_format="jpeg", bad_indices=[3],
                            motion=Motion(velocity=(1.0, 0.0, 0.0)))
     config = BagMapConfig(image_topics=["/camera/image_raw"], pose_topic="/odom")
-    with caplog.at_level(logging.WARNING, logger="dinomix_ros.maps.build"):
+    with caplog.at_level(logging.WARNING, logger="dinomix_ros.maps.build_bag"):
         kmap, report = build_map_from_bag(bag.path, encoder, config, progress=False)
     assert (report.bad, report.added, report.no_pose) == (1, 3, 0)
     assert_report_adds_up(report)

@@ -11,7 +11,8 @@ from bagfactory import TYPESTORE, BagMessage, header, photo_frames, write_camera
 
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import FeatureConfig
-from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag, build_map_from_folder
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
+from dinomix_ros.maps.build_folder import build_map_from_folder
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.maps.sources.bags import read_camera_info

@@ -1,5 +1,5 @@
-"""Tests for dinomix_ros.maps.storage (KeyframeMap.save / load): round trips, append-only chunks, verification on
-load, index freshness, crash safety, concurrency, hostile files.
+"""Tests for dinomix_ros.maps.storage and .loading (KeyframeMap.save / load): round trips, append-only chunks,
+verification on load, index freshness, crash safety, concurrency, hostile files.
 
 The kill test runs this file's ``kill_block`` in a child process (imported from the test directory), so the child
 and the parent agree on every row without sharing state.
@@ -488,7 +488,7 @@ def test_index_kept_when_fresh_and_dropped_when_stale(tmp_path: Path, rng: np.ra
 
 def test_stale_or_corrupted_index_on_disk_is_ignored(tmp_path: Path, rng: np.random.Generator,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.storage")
+    caplog.set_level(logging.INFO, logger="dinomix_ros.maps.loading")
     path = tmp_path / "m"
     m, _ = full_map(rng)
     m.save(path, b"0123456789", "faiss_test")

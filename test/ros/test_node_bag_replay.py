@@ -11,7 +11,7 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64MultiArray
 
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
-from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.ros.conversions import matches_to_array
 

@@ -16,7 +16,7 @@ from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id
 from sensor_msgs.msg import Image, PointCloud2, PointField
 
 from dinomix_ros.localization.matching import Candidate, MatchResult
-from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig

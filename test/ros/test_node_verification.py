@@ -18,7 +18,7 @@ from std_msgs.msg import Float64MultiArray
 
 from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
 from dinomix_ros.imaging.features import FeatureConfig
-from dinomix_ros.maps.build import BagMapConfig, build_map_from_bag
+from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.ros.conversions import MATCH_FIELDS, diagnostic_values, matches_to_array
