@@ -274,6 +274,7 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         limits = entry.spec.limits_text()
         if limits and entry.spec.choices is None:
             help_text += f" ({limits})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal "1%" must be escaped
         kwargs: dict[str, Any] = {"dest": _dest(cls, entry.field), "default": default, "help": help_text}
         if entry.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -72,7 +72,7 @@ def test_setting_flags_have_the_settings_default_help_and_choices(parsers: dict)
                 if action is None:
                     continue
                 seen.add((command, flag))
-                assert action.help.startswith(entry.spec.description), (command, flag)
+                assert action.help.replace("%%", "%").startswith(entry.spec.description), (command, flag)
                 if (None, flag) in BY_HAND or (command, flag) in BY_HAND:
                     continue
                 expected = DEFAULT_OVERRIDES.get((command, flag), entry.default)
