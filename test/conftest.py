@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 # ignored by this ROS 2 release), rclpy logs go to a temporary folder, and large images use shared memory.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"  # the only RMW of the wheels, whatever the shell says
-os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="dinomix_test_roslog_"))
+if "ROS_LOG_DIR" not in os.environ:  # a folder of this run's own, removed when it ends
+    os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="dinomix_test_roslog_")
+    atexit.register(shutil.rmtree, os.environ["ROS_LOG_DIR"], ignore_errors=True)
 os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_images.xml"))
 
 

@@ -5,3 +5,7 @@
 :mod:`~dinomix_ros.cli.maps`, :mod:`~dinomix_ros.cli.evaluate`) registers its subcommands; what they share is in
 :mod:`~dinomix_ros.cli.common`.
 """
+
+from dinomix_ros.util.openmp import sleep_idle_threads
+
+sleep_idle_threads()  # before torch and faiss load
