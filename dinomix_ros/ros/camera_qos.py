@@ -5,7 +5,9 @@ best-effort connection, and most large frames are lost on the way (measured: 12-
 reliable subscription to a BEST_EFFORT publisher gets no connection at all. So with ``cameras.reliability: auto``
 each camera is subscribed reliable when every publisher of its topic is reliable, and best effort otherwise (also
 while it has no publisher yet), and re-subscribed when its publishers change. ``best_effort`` or ``reliable`` force
-a policy; a forced mismatch is reported through the middleware's incompatible-QoS event.
+a policy; a forced mismatch is reported through the middleware's incompatible-QoS event. A re-subscription is
+make-before-break: the old subscription keeps delivering until the next check (a second later, when the new one has
+matched the publishers), and a frame that arrives through both is passed on once.
 
 :class:`CameraSubscriptions` holds a node's camera inputs: the image subscriptions (with those rules), each camera's
 ``camera_info`` (image_transport naming) and its aligned depth image.
@@ -14,6 +16,7 @@ a policy; a forced mismatch is reported through the middleware's incompatible-Qo
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from rclpy.node import Node
@@ -21,6 +24,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from dinomix_ros.imaging.camera import camera_info_topic
+from dinomix_ros.util.stamps import header_stamp_ns
 
 try:  # rclpy >= Iron
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -85,6 +89,8 @@ class CameraSubscriptions:
         self._on_image, self._on_incompatible = on_image, on_incompatible
         self._mode, self._depth = "auto", 1
         self.cameras: dict[str, tuple[object, ReliabilityPolicy]] = {}  # resolved topic -> (subscription, policy)
+        self._retiring: dict[str, object] = {}  # topic -> the subscription a re-subscription replaced
+        self._recent: dict[str, deque[int]] = {}  # topic -> stamps of its last images (duplicates while retiring)
         self._extras: list = []
         self._watch = None
 
@@ -112,21 +118,36 @@ class CameraSubscriptions:
                 self._extras.append(subscribe(Image, depth_topic, functools.partial(on_depth, topic), sensor))
 
     def _subscribe(self, topic: str) -> None:
-        """(Re)subscribe to one camera with the QoS its publishers need."""
+        """(Re)subscribe to one camera with the QoS its publishers need; a replaced subscription retires at the next
+        check, so that no frame in flight is lost while the new one connects."""
         node = self._node
         offered = [info.qos_profile.reliability for info in node.get_publishers_info_by_topic(topic)]
         policy = choose_reliability(self._mode, offered)
         events = SubscriptionEventCallbacks(incompatible_qos=functools.partial(self._on_incompatible, topic))
-        old = self.cameras.pop(topic, None)
-        if old is not None:
-            node.destroy_subscription(old[0])
-        sub = node.create_subscription(image_type(topic), topic, functools.partial(self._on_image, topic),
+        sub = node.create_subscription(image_type(topic), topic, functools.partial(self._deliver, topic),
                                        camera_qos(policy, self._depth), event_callbacks=events,
                                        callback_group=self._group)
+        old = self.cameras.get(topic)
+        if old is not None:
+            if topic in self._retiring:  # changed again within a second: the oldest goes now
+                node.destroy_subscription(self._retiring.pop(topic))
+            self._retiring[topic] = old[0]
         self.cameras[topic] = (sub, policy)
 
+    def _deliver(self, topic: str, msg: object) -> None:
+        """Pass an image on, once: while a replaced subscription retires, both may deliver the same frame."""
+        stamp = header_stamp_ns(msg)
+        recent = self._recent.setdefault(topic, deque(maxlen=16))
+        if topic in self._retiring and stamp != 0 and stamp in recent:
+            return
+        recent.append(stamp)
+        self._on_image(topic, msg)
+
     def follow_publishers(self) -> None:
-        """Re-subscribe each camera whose publishers now need another reliability."""
+        """Retire replaced subscriptions, then re-subscribe each camera whose publishers now need another
+        reliability."""
+        for topic in list(self._retiring):
+            self._node.destroy_subscription(self._retiring.pop(topic))
         for topic, (_, policy) in list(self.cameras.items()):
             offered = [info.qos_profile.reliability for info in self._node.get_publishers_info_by_topic(topic)]
             wanted = choose_reliability("auto", offered)
@@ -142,9 +163,9 @@ class CameraSubscriptions:
 
     def stop(self) -> None:
         """Destroy every subscription and the QoS watch."""
-        for sub in self._extras + [sub for sub, _ in self.cameras.values()]:
+        for sub in self._extras + list(self._retiring.values()) + [sub for sub, _ in self.cameras.values()]:
             self._node.destroy_subscription(sub)
-        self._extras, self.cameras = [], {}
+        self._extras, self.cameras, self._retiring, self._recent = [], {}, {}, {}
         if self._watch is not None:
             self._node.destroy_timer(self._watch)
             self._watch = None
