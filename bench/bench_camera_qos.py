@@ -76,10 +76,13 @@ def run_one(publisher: str, node_setting: str, profile: bool, args: argparse.Nam
 
 
 def main() -> int:
+    from dinomix_ros.ros.session import PROFILE_VARIABLES  # no participant yet: the profile is read at the first
+
     args = parse_args()
     if args.one:
-        if not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):  # empty: this process uses the default transports
-            os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+        if not os.environ.get(PROFILE_VARIABLES[0]):  # empty: this process uses the default transports
+            for name in PROFILE_VARIABLES:
+                os.environ.pop(name, None)
         publisher, node_setting, profile = args.one.split(",")
         print(json.dumps(run_one(publisher, node_setting, profile == "on", args)))
         return 0
@@ -88,8 +91,8 @@ def main() -> int:
         # Fast DDS reads its profile once per process: each combination runs in a fresh one, the node too; an
         # empty variable means the default transports (dinomix_ros.ros.session.ros_env)
         env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
-                   FASTDDS_DEFAULT_PROFILES_FILE=str(REPO / "config" / "fastdds_large_images.xml")
-                   if profile == "on" else "")
+                   **{name: str(REPO / "config" / "fastdds_large_images.xml") if profile == "on" else ""
+                      for name in PROFILE_VARIABLES})
         for publisher in ("reliable", "best_effort"):
             for node_setting in ("auto", "best_effort", "reliable"):
                 out = subprocess.run([sys.executable, __file__, "--size", args.size, "--rate", str(args.rate),

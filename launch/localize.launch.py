@@ -93,8 +93,10 @@ def make_node(context, extra_parameters: dict | None = None) -> list:
     remappings = [(topic, arg(name)) for name, topic in REMAP_ARGS.items() if arg(name)]
     env = {}
     if arg("large_image_profile").lower() == "true":
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = PathJoinSubstitution(
+        profile = PathJoinSubstitution(
             [FindPackageShare("dinomix_ros"), "config", "fastdds_large_images.xml"]).perform(context)
+        # Fast DDS 3 (Kilted and later) reads the first variable, Fast DDS 2 (Humble, Jazzy) the second
+        env.update(FASTDDS_DEFAULT_PROFILES_FILE=profile, FASTRTPS_DEFAULT_PROFILES_FILE=profile)
     return [LifecycleNode(
         package="dinomix_ros",
         executable="localize_node",

@@ -21,7 +21,8 @@ os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"  # the only RMW of the whe
 if "ROS_LOG_DIR" not in os.environ:  # a folder of this run's own, removed when it ends
     os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="dinomix_test_roslog_")
     atexit.register(shutil.rmtree, os.environ["ROS_LOG_DIR"], ignore_errors=True)
-os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_images.xml"))
+for _name in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"):  # Fast DDS 3 and 2 (Jazzy) read
+    os.environ.setdefault(_name, str(REPO / "config" / "fastdds_large_images.xml"))  # one each: session.py
 
 
 @pytest.fixture

@@ -99,11 +99,25 @@ def run_lifecycle_node(make_node: Callable[[], LifecycleNode], args: list[str] |
             spinner.join(timeout=5.0)
         if node is not None:
             node.get_logger().info(f"stopped in {time.monotonic() - t0:.2f} s")
+            _finalise_state_machine(node)
             node.destroy_node()
         rclpy.try_shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def _finalise_state_machine(node: LifecycleNode) -> None:
+    """Finalise the node's lifecycle state machine, which rclpy's ``LifecycleNode.destroy_node`` leaves alive.
+
+    It holds the rcl node, so the DDS participant outlived the node, and with it the shared-memory segments Fast DDS
+    made for it (35 MB each with the large-image profile): measured, a stopped node left them in /dev/shm (RAM until
+    reboot) on every run; with this, none (Kilted and Jazzy).
+    """
+    state_machine = getattr(node, "_state_machine", None)
+    destroy = getattr(state_machine, "destroy_when_not_in_use", None)
+    if destroy is not None:
+        destroy()  # effective once destroy_node() has released the services that use it
 
 
 def exit_process(code: int) -> None:

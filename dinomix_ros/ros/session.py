@@ -26,10 +26,14 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.publisher import Publisher
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-__all__ = ["fastdds_profile", "ros_env", "NodeProcess", "RosClient"]
+__all__ = ["PROFILE_VARIABLES", "fastdds_profile", "ros_env", "NodeProcess", "RosClient"]
 
 LOCALIZER_MODULE = "dinomix_ros.ros.localizer_node"
 _REPO = Path(__file__).resolve().parents[2]
+#: Where Fast DDS looks for its XML profile: Fast DDS 3 (ROS 2 Kilted and later) reads the first, Fast DDS 2 (Humble,
+#: Jazzy) only the second. Both are set to the same file (measured on Jazzy: with the first alone the profile was
+#: ignored and 5 of 16 best-effort 640x480 frames arrived; with the second, 16 of 16).
+PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 
 
 def fastdds_profile() -> Path | None:
@@ -50,11 +54,16 @@ def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None) -
     env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(domain_id), ROS_LOG_DIR=str(log_dir),
                PYTHONUNBUFFERED="1")
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-    profile = fastdds_profile()
-    if profile is not None:
-        env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
-    if not env.get("FASTDDS_DEFAULT_PROFILES_FILE"):  # set empty: Fast DDS's default transports
-        env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    # the caller's profile (either spelling) wins; an empty one means Fast DDS's default transports
+    chosen = next((env[name] for name in PROFILE_VARIABLES if name in env), None)
+    if chosen is None:
+        profile = fastdds_profile()
+        chosen = str(profile) if profile is not None else ""
+    for name in PROFILE_VARIABLES:
+        if chosen:
+            env[name] = chosen
+        else:
+            env.pop(name, None)
     if (_REPO / "dinomix_ros").is_dir():  # running from the source tree: make the package importable
         env["PYTHONPATH"] = str(_REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -210,3 +210,25 @@ def test_bad_poses_are_dropped_and_ctrl_c_autosaves_the_recording(tmp_path) -> N
     kmap = KeyframeMap.load(map_path)
     np.testing.assert_allclose(kmap.positions[:, 0], np.arange(5), atol=0.06)
     assert np.isnan(kmap.orientations).all() and set(kmap.frame_ids) == {"map"}
+
+
+def _dds_segments() -> set[str]:
+    """Fast DDS shared-memory data segments in /dev/shm (Fast DDS 3: fastdds_<id>, Fast DDS 2: fastrtps_<id>)."""
+    import re
+    from pathlib import Path
+
+    return {p.name for p in Path("/dev/shm").iterdir() if re.fullmatch(r"fast(dds|rtps)_[0-9a-f]{16}", p.name)}
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="needs Linux /dev/shm")
+def test_a_stopped_node_leaves_no_shared_memory_behind(tmp_path) -> None:
+    """Each Fast DDS participant maps segments in /dev/shm (RAM, 35 MB each with the large-image profile); rclpy's
+    LifecycleNode kept its participant alive, so every run of the node left them behind until reboot."""
+    before = _dds_segments()
+    node = NodeProcess.localizer(tmp_path, next_domain_id(), params={"model.random_weights": True})
+    assert node.wait_for_log("active: cameras", timeout=120), node.log[-3000:]
+    during = _dds_segments() - before
+    assert during, "the node made no shared-memory segment: is the large-image profile in its environment?"
+    assert node.stop() == 0, node.log[-3000:]
+    left = during & _dds_segments()
+    assert not left, f"{len(left)} of the node's {len(during)} segments are still in /dev/shm: {sorted(left)}"
