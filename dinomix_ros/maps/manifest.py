@@ -393,13 +393,7 @@ def _validate_manifest(m: dict[str, Any], mpath: Path) -> None:
     chunks = files.get("descriptors")
     if not isinstance(chunks, list):
         raise fail(f"files.descriptors is {_short(chunks)}, expected a list of chunk records")
-    for i, rec in enumerate(chunks):
-        record(rec, f"descriptors[{i}]")
-        if rec["rows"] < 1:
-            raise fail(f"files.descriptors[{i}].rows is {rec['rows']}, expected >= 1")
-    total = sum(rec["rows"] for rec in chunks)
-    if total != count:
-        raise fail(f"descriptor chunks hold {total} rows but count is {count}: the manifest is inconsistent")
+    _validate_chunks(chunks, "descriptors", "descriptor", fail, record, count)
     if files.get("index") is not None:
         record(files["index"], "index", extra=("kind",))
     _validate_features(m, fail, record, count)
@@ -433,10 +427,15 @@ def _validate_features(m: dict[str, Any], fail: Any, record: Any, count: int) ->
             CameraModel.from_dict(data if isinstance(data, dict) else {})
         except CameraModelError as exc:
             raise fail(f"local_features.intrinsics[{name!r}]: {exc}") from None
+    _validate_chunks(chunks, "features", "local-feature", fail, record, count)
+
+
+def _validate_chunks(chunks: list, key: str, what: str, fail: Any, record: Any, count: int) -> None:
+    """The chunk records of ``files[key]``: each valid with at least one row, together exactly ``count`` rows."""
     for i, rec in enumerate(chunks):
-        record(rec, f"features[{i}]")
+        record(rec, f"{key}[{i}]")
         if rec["rows"] < 1:
-            raise fail(f"files.features[{i}].rows is {rec['rows']}, expected >= 1")
+            raise fail(f"files.{key}[{i}].rows is {rec['rows']}, expected >= 1")
     total = sum(rec["rows"] for rec in chunks)
     if total != count:
-        raise fail(f"local-feature chunks hold {total} rows but count is {count}: the manifest is inconsistent")
+        raise fail(f"{what} chunks hold {total} rows but count is {count}: the manifest is inconsistent")

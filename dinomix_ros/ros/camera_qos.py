@@ -90,7 +90,7 @@ class CameraSubscriptions:
         self._mode, self._depth = "auto", 1
         self.cameras: dict[str, tuple[object, ReliabilityPolicy]] = {}  # resolved topic -> (subscription, policy)
         self._retiring: dict[str, object] = {}  # topic -> the subscription a re-subscription replaced
-        self._recent: dict[str, deque[int]] = {}  # topic -> stamps of its last images (duplicates while retiring)
+        self._recent: dict[str, deque[int]] = {}  # topic -> stamps of its images while a subscription retires
         self._extras: list = []
         self._watch = None
 
@@ -135,12 +135,14 @@ class CameraSubscriptions:
         self.cameras[topic] = (sub, policy)
 
     def _deliver(self, topic: str, msg: object) -> None:
-        """Pass an image on, once: while a replaced subscription retires, both may deliver the same frame."""
-        stamp = header_stamp_ns(msg)
-        recent = self._recent.setdefault(topic, deque(maxlen=16))
-        if topic in self._retiring and stamp != 0 and stamp in recent:
-            return
-        recent.append(stamp)
+        """Pass an image on, once: while a replaced subscription retires, both may deliver the same frame (only
+        then are stamps looked at: the camera path costs nothing otherwise)."""
+        if topic in self._retiring:
+            stamp = header_stamp_ns(msg)
+            recent = self._recent.setdefault(topic, deque(maxlen=16))
+            if stamp != 0 and stamp in recent:
+                return
+            recent.append(stamp)
         self._on_image(topic, msg)
 
     def follow_publishers(self) -> None:
@@ -148,6 +150,7 @@ class CameraSubscriptions:
         reliability."""
         for topic in list(self._retiring):
             self._node.destroy_subscription(self._retiring.pop(topic))
+            self._recent.pop(topic, None)
         for topic, (_, policy) in list(self.cameras.items()):
             offered = [info.qos_profile.reliability for info in self._node.get_publishers_info_by_topic(topic)]
             wanted = choose_reliability("auto", offered)

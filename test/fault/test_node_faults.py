@@ -129,6 +129,15 @@ def test_failed_saves_keep_every_keyframe_and_a_later_save_writes_them(tmp_path,
         assert len(KeyframeMap.load(map_path)) == 15
 
 
+def _append_as_another_writer(map_path: Path, rows: int) -> None:
+    """Another process loads the map, appends ``rows`` keyframes and saves it: the node's next save conflicts."""
+    other = KeyframeMap.load(map_path)
+    x = np.random.default_rng(9).standard_normal((rows, other.descriptor_dim)).astype(np.float32)
+    other.add(x / np.linalg.norm(x, axis=1, keepdims=True), stamps_ns=list(range(1, rows + 1)), cameras="other",
+              frame_ids="map")
+    other.save(map_path)
+
+
 def test_another_writer_conflict_says_what_happened_and_offers_a_way(tmp_path, fault_probe) -> None:
     map_path = tmp_path / "shared.dinomap"
     s = Session(tmp_path, {**RECORD_ALL, "map.path": str(map_path), "map.create_if_missing": True})
@@ -136,10 +145,7 @@ def test_another_writer_conflict_says_what_happened_and_offers_a_way(tmp_path, f
         assert s.call("start_recording").success
         s.record(3)
         assert s.call("save_map").success
-        other = KeyframeMap.load(map_path)  # another process appends to the map behind the node's back
-        x = np.random.default_rng(9).standard_normal((2, other.descriptor_dim)).astype(np.float32)
-        other.add(x / np.linalg.norm(x, axis=1, keepdims=True), stamps_ns=[1, 2], cameras="other", frame_ids="map")
-        other.save(map_path)
+        _append_as_another_writer(map_path, 2)  # another process appends to the map behind the node's back
         s.record(4)
         conflict = s.call("save_map")
         fault_probe("failing save", "another writer changed the map", crashed=not s.node.alive())
@@ -166,10 +172,7 @@ def test_shutdown_with_a_failing_autosave_rescues_the_keyframes(tmp_path, fault_
         s.record(2)
         assert s.call("save_map").success
         s.record(3)
-        other = KeyframeMap.load(map_path)  # a conflicting writer: the autosave to map.path must fail
-        x = np.random.default_rng(9).standard_normal((1, other.descriptor_dim)).astype(np.float32)
-        other.add(x / np.linalg.norm(x), stamps_ns=[1], cameras="other", frame_ids="map")
-        other.save(map_path)
+        _append_as_another_writer(map_path, 1)  # a conflicting writer: the autosave to map.path must fail
     finally:
         code, seconds = s.stop()
     rescued = sorted(tmp_path.glob("run.dinomap.rescued-*"))
