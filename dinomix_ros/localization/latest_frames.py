@@ -9,6 +9,7 @@ the waiting frame of every camera that is due at once, so the worker can describ
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +32,7 @@ class _Slot:
     def __init__(self) -> None:
         self.item: Any = None
         self.received_at = 0.0
-        self.taken_at = 0.0
+        self.taken_at: float | None = None  # never served: due at once (monotonic time starts at boot, not long ago)
         self.counts = FrameCounts()
 
 
@@ -75,8 +76,9 @@ class LatestFrames:
         with self._cond:
             while not stop.is_set():
                 now, period = time.monotonic(), float(self._min_period_s())
-                ready = sorted((s.taken_at, name) for name, s in self._slots.items()
-                               if s.item is not None and now - s.taken_at >= period)
+                ready = sorted((-math.inf if s.taken_at is None else s.taken_at, name)
+                               for name, s in self._slots.items()
+                               if s.item is not None and (s.taken_at is None or now - s.taken_at >= period))
                 if ready:
                     return [self._take(name, now) for _, name in ready[:limit]]
                 self._cond.wait(timeout=0.05 if period > 0 else 0.5)

@@ -40,13 +40,19 @@ def test_get_ready_takes_every_due_camera_at_once() -> None:
 
 
 def test_min_period_holds_per_camera() -> None:
-    frames = LatestFrames(["a", "b"], min_period_s=lambda: 3600.0)
+    # a period longer than any machine's uptime: a camera never served must still be due at once (monotonic time
+    # counts from boot, so "served at 0" would hold every first frame back on a machine booted minutes ago)
+    frames = LatestFrames(["a", "b"], min_period_s=lambda: 1e9)
     stop = threading.Event()
+    guard = threading.Timer(30.0, lambda: (stop.set(), frames.wake()))  # a regression fails instead of hanging
+    guard.daemon = True
+    guard.start()
     frames.put("a", 1)
     assert [c for c, _, _ in frames.get_ready(stop)] == ["a"]
-    frames.put("a", 2)  # a was served just now: not due for an hour
+    frames.put("a", 2)  # a was served just now: not due for 31 years
     frames.put("b", 3)
     assert [(c, i) for c, i, _ in frames.get_ready(stop)] == [("b", 3)]
+    guard.cancel()
 
 
 @pytest.fixture(scope="module")
