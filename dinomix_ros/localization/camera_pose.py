@@ -5,7 +5,11 @@ motion of the camera between the keyframe and the query (:class:`~dinomix_ros.lo
 Verification`: ``X_q = R X_k + t`` in camera coordinates). With the camera's mount on the robot (``camera_mount.*``:
 the optical frame in the base frame, until TF is used) the current robot pose is::
 
-    T_map_base(query) = T_map_base(keyframe) * T_base_cam * inverse([R | t]) * inverse(T_base_cam)
+    T_map_base(query) = T_map_base(keyframe) * T_base_cam(keyframe's camera) * inverse([R | t])
+                        * inverse(T_base_cam(query's camera))
+
+The middle part, the query's base frame in the keyframe's base frame, is :class:`RelativePose` (what a pose graph
+adds as a loop-closure constraint, :func:`relative_base_pose`).
 
 Which case applies (README, "Pose priors"):
 
@@ -29,7 +33,8 @@ from dinomix_ros.localization.verification import Verification
 from dinomix_ros.maps.sources.poses import quat_to_matrix
 from dinomix_ros.settings import check, setting
 
-__all__ = ["CameraMountConfig", "VerifiedPriorConfig", "verified_prior", "matrix_to_quat", "rpy_to_matrix"]
+__all__ = ["CameraMountConfig", "VerifiedPriorConfig", "RelativePose", "relative_base_pose", "verified_prior",
+           "matrix_to_quat", "rpy_to_matrix"]
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,73 @@ def matrix_to_quat(R: np.ndarray) -> np.ndarray:
     return -q if q[3] < 0 else q
 
 
-def verified_prior(keyframe_prior: PosePrior, verification: Verification, mount: CameraMountConfig,
-                   config: VerifiedPriorConfig) -> tuple[PosePrior, str]:
+@dataclass(frozen=True)
+class RelativePose:
+    """The verified motion between the robot at a keyframe and the robot now: a loop-closure constraint.
+
+    Attributes:
+        T: (4, 4) pose of the query's base frame in the keyframe's base frame (``T_kb_qb``).
+        covariance: (6, 6) over (x, y, z, rot_x, rot_y, rot_z), ROS order, of a perturbation ``delta`` in the query's
+            base frame: ``T_true = T @ exp(delta)``.
+        case: "metric" (6-DoF, keyframe depths) or "rotation" (the translation is unknown: ``T`` has the keyframe's
+            base position, and the covariance's position block says how far off that can be).
+        inliers: the inliers of the model the motion comes from.
+    """
+
+    T: np.ndarray
+    covariance: np.ndarray
+    case: str
+    inliers: int
+
+
+def _camera_motion(verification: Verification) -> np.ndarray:
+    """(4, 4) ``T_q_k``: keyframe camera coordinates -> query camera coordinates (translation 0 unless metric)."""
+    T_q_k = np.eye(4)
+    T_q_k[:3, :3] = verification.R
+    if verification.metric:
+        T_q_k[:3, 3] = verification.t
+    return T_q_k
+
+
+def relative_base_pose(verification: Verification, keyframe_mount: np.ndarray, query_mount: np.ndarray,
+                       config: VerifiedPriorConfig) -> RelativePose | None:
+    """The query's base frame in the keyframe's base frame, from the verified camera motion and both cameras' mounts.
+
+    Args:
+        verification: the verified relative camera motion (``R``, ``t``; None without intrinsics).
+        keyframe_mount: (4, 4) ``T_base_cam`` of the camera that recorded the keyframe.
+        query_mount: (4, 4) ``T_base_cam`` of the query's camera.
+        config: covariance model.
+
+    Returns:
+        The relative pose, None when the verification determined no motion (no intrinsics).
+    """
+    if verification.R is None:
+        return None
+    T = np.asarray(keyframe_mount, dtype=np.float64) @ np.linalg.inv(_camera_motion(verification)) \
+        @ np.linalg.inv(np.asarray(query_mount, dtype=np.float64))
+    inliers = max(verification.inliers, 1)
+    residual = verification.error if math.isfinite(verification.error) else 0.0
+    angular = config.fit_sigma_gain * residual / math.sqrt(inliers)
+    sigma_rot = max(config.min_sigma_rad, angular)
+    if verification.metric:
+        sigma_pos, case = max(config.min_sigma_m, angular * verification.median_depth_m), "metric"
+    else:
+        T[:3, 3] = 0.0  # the distance moved is unknown without depth: the keyframe's base position
+        sigma_pos, case = config.no_depth_sigma_m, "rotation"
+    cov = np.diag([sigma_pos ** 2] * 3 + [sigma_rot ** 2] * 3)  # isotropic blocks: the same in every frame
+    return RelativePose(T, cov, case, int(verification.inliers))
+
+
+def verified_prior(keyframe_prior: PosePrior, verification: Verification, keyframe_mount: np.ndarray,
+                   query_mount: np.ndarray, config: VerifiedPriorConfig) -> tuple[PosePrior, str]:
     """The current robot pose from the best keyframe's prior and the verified camera motion.
 
     Args:
         keyframe_prior: the matcher's prior (the best keyframe's pose, its frame and covariance).
         verification: the verified relative camera motion (``R``, ``t``).
-        mount: the camera-to-base extrinsic.
+        keyframe_mount: (4, 4) ``T_base_cam`` of the camera that recorded the keyframe.
+        query_mount: (4, 4) ``T_base_cam`` of the query's camera.
         config: covariance model.
 
     Returns:
@@ -122,27 +186,13 @@ def verified_prior(keyframe_prior: PosePrior, verification: Verification, mount:
     if verification.R is None or not np.isfinite(keyframe_prior.orientation).all() \
             or np.allclose(np.diag(keyframe_prior.covariance)[3:], math.pi ** 2):
         return keyframe_prior, "keyframe"
+    relative = relative_base_pose(verification, keyframe_mount, query_mount, config)
     T_map_kf = np.eye(4)
     T_map_kf[:3, :3] = quat_to_matrix(np.asarray(keyframe_prior.orientation, dtype=np.float64))
     T_map_kf[:3, 3] = keyframe_prior.position
-    T_q_k = np.eye(4)
-    T_q_k[:3, :3] = verification.R
-    if verification.metric:
-        T_q_k[:3, 3] = verification.t
-    T_base_cam = mount.matrix()
-    T_map_q = T_map_kf @ T_base_cam @ np.linalg.inv(T_q_k) @ np.linalg.inv(T_base_cam)
-    inliers = max(verification.inliers, 1)
-    residual = verification.error if math.isfinite(verification.error) else 0.0
-    angular = config.fit_sigma_gain * residual / math.sqrt(inliers)
-    sigma_rot = max(config.min_sigma_rad, angular)
-    cov = np.zeros((6, 6))
-    cov[3:, 3:] = np.eye(3) * sigma_rot ** 2
-    if verification.metric:
-        sigma_pos = max(config.min_sigma_m, angular * verification.median_depth_m)
-        case = "metric"
-    else:
-        T_map_q[:3, 3] = keyframe_prior.position  # the distance moved is unknown without depth
-        sigma_pos = config.no_depth_sigma_m
-        case = "rotation"
-    cov[:3, :3] = np.eye(3) * sigma_pos ** 2
-    return PosePrior(keyframe_prior.frame_id, T_map_q[:3, 3].copy(), matrix_to_quat(T_map_q[:3, :3]), cov), case
+    T_map_q = T_map_kf @ relative.T
+    R_map_q = T_map_q[:3, :3]
+    cov = np.zeros((6, 6))  # the relative covariance (query base frame) in the map frame
+    cov[:3, :3] = R_map_q @ relative.covariance[:3, :3] @ R_map_q.T
+    cov[3:, 3:] = R_map_q @ relative.covariance[3:, 3:] @ R_map_q.T
+    return PosePrior(keyframe_prior.frame_id, T_map_q[:3, 3].copy(), matrix_to_quat(R_map_q), cov), relative.case

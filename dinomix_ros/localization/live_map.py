@@ -36,7 +36,9 @@ import numpy as np
 
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import FeatureConfig, LocalFeatures
-from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig, verified_prior
+from dinomix_ros.localization.camera_pose import (
+    CameraMountConfig, RelativePose, VerifiedPriorConfig, relative_base_pose, verified_prior,
+)
 from dinomix_ros.localization.matching import Candidate, Matcher, MatcherConfig, MatchResult
 from dinomix_ros.localization.verification import VerificationConfig, verify_candidates, verify_pair
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
@@ -86,6 +88,8 @@ class FrameOutcome:
         prior_case: how ``result.prior`` was made: "keyframe" (the best keyframe's pose), "rotation" (verified:
             orientation corrected) or "metric" (verified with depth: 6-DoF); see :mod:`.camera_pose`.
         verify_s: seconds spent verifying candidates geometrically (part of :meth:`LiveMap.process`).
+        relative: the verified motion from the best keyframe's robot to the robot now (a loop-closure constraint
+            for a pose graph), None unless the best candidate was verified with intrinsics.
     """
 
     result: MatchResult
@@ -96,6 +100,7 @@ class FrameOutcome:
     record_error: str | None = None
     prior_case: str = "keyframe"
     verify_s: float = 0.0
+    relative: RelativePose | None = None
 
 
 @dataclass(frozen=True)
@@ -333,10 +338,13 @@ class LiveMap:
             verify = functools.partial(self._verify, camera, features) if self.verifying else None
             self._verify_s = 0.0
             result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint, verify=verify)
-            case = "keyframe"
-            if result.best is not None and result.best.verified and result.prior is not None:
-                result.prior, case = verified_prior(result.prior, result.best.verification, self.mount,
-                                                    self.prior_config)
+            case, relative = "keyframe", None
+            if result.best is not None and result.best.verified:
+                mounts = self.keyframe_mount(result.best), self.query_mount(camera)
+                relative = relative_base_pose(result.best.verification, *mounts, self.prior_config)
+                if result.prior is not None:
+                    result.prior, case = verified_prior(result.prior, result.best.verification, *mounts,
+                                                        self.prior_config)
             if verify is not None and result.best is not None:
                 self.counters["verified" if result.best.verified else "verification_rejected"] += 1
             session_row = result.best is not None and result.best.row >= self._session_start_row
@@ -354,7 +362,15 @@ class LiveMap:
                 self.counters["accepted"] += 1
                 prior = result.prior is not None and self._prior_due(stamp_ns)
                 loop = session_row or self.output.loop_closure_scope == "all"
-            return FrameOutcome(result, prior, loop, recorded, jump, error, case, self._verify_s)
+            return FrameOutcome(result, prior, loop, recorded, jump, error, case, self._verify_s, relative)
+
+    def query_mount(self, camera: str) -> np.ndarray:
+        """(4, 4) ``T_base_cam`` of the camera a query frame comes from (``camera_mount.*``)."""
+        return self.mount.matrix()
+
+    def keyframe_mount(self, candidate: Candidate) -> np.ndarray:
+        """(4, 4) ``T_base_cam`` of the camera that recorded a candidate keyframe (``camera_mount.*``)."""
+        return self.mount.matrix()
 
     def _verify(self, camera: str, features: LocalFeatures | None, cands: list[Candidate]) -> list[Candidate]:
         """The candidates verified against ``features`` and re-ranked (ranks renumbered); timed for diagnostics."""

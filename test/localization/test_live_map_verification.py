@@ -175,3 +175,7 @@ def test_keyframes_with_depth_give_metric_priors_of_the_robot(data_dir) -> None:
     assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ expected[:3, :3].T) < 1.0
     assert np.linalg.norm(expected[:3, 3] - kf_pose.position) > 0.5  # the robot moved: not the keyframe's pose
     assert 0.05 ** 2 <= prior.covariance[0, 0] < 0.2 ** 2  # metric: a few cm, not no_depth_sigma_m
+    # the loop-closure constraint: the robot's motion in the keyframe's base frame
+    motion = np.linalg.inv(T_map_kf) @ expected
+    assert outcome.relative is not None and outcome.relative.case == "metric"
+    assert np.linalg.norm(outcome.relative.T[:3, 3] - motion[:3, 3]) < 0.05 * np.linalg.norm(t)

@@ -15,7 +15,7 @@ from dinomix_ros.evaluation.loops import load_loop_closure_ground_truth
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import FeatureExtractor, LocalFeatures
 from dinomix_ros.localization.camera_pose import (
-    CameraMountConfig, VerifiedPriorConfig, matrix_to_quat, rpy_to_matrix, verified_prior,
+    CameraMountConfig, VerifiedPriorConfig, matrix_to_quat, relative_base_pose, rpy_to_matrix, verified_prior,
 )
 from dinomix_ros.localization.matching import PosePrior
 from dinomix_ros.localization.verification import (
@@ -161,7 +161,7 @@ def test_verified_prior_is_the_current_robot_pose() -> None:
     base = PosePrior("map", T_map_kf[:3, 3].copy(), matrix_to_quat(T_map_kf[:3, :3]), np.eye(6) * 0.25)
     metric = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
                           error=0.05, median_depth_m=4.0, passed=True)
-    prior, case = verified_prior(base, metric, mount, VerifiedPriorConfig())
+    prior, case = verified_prior(base, metric, T_base_cam, T_base_cam, VerifiedPriorConfig())
     assert case == "metric"
     np.testing.assert_allclose(prior.position, T_map_q[:3, 3], atol=1e-9)
     assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
@@ -169,19 +169,21 @@ def test_verified_prior_is_the_current_robot_pose() -> None:
     np.testing.assert_allclose(np.diag(prior.covariance), [(sigma * 4.0) ** 2] * 3 + [sigma ** 2] * 3)
     tight = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
                          error=0.0001, median_depth_m=4.0, passed=True)
-    np.testing.assert_allclose(np.diag(verified_prior(base, tight, mount, VerifiedPriorConfig())[0].covariance),
+    tight_prior, _ = verified_prior(base, tight, T_base_cam, T_base_cam, VerifiedPriorConfig())
+    np.testing.assert_allclose(np.diag(tight_prior.covariance),
                                [0.05 ** 2] * 3 + [0.01 ** 2] * 3)  # never more certain than the floors
     # without depth: the orientation is corrected, the position stays the keyframe's with no_depth_sigma_m
     rotation = Verification(matches=100, inliers=80, model="essential", R=T_q_k[:3, :3], t=np.array([1.0, 0, 0]),
                             error=0.002, passed=True)
-    prior, case = verified_prior(base, rotation, mount, VerifiedPriorConfig(no_depth_sigma_m=2.0))
+    prior, case = verified_prior(base, rotation, T_base_cam, T_base_cam,
+                                 VerifiedPriorConfig(no_depth_sigma_m=2.0))
     assert case == "rotation"
     np.testing.assert_allclose(prior.position, T_map_kf[:3, 3])
     assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
     np.testing.assert_allclose(np.diag(prior.covariance)[:3], 4.0)
     # no intrinsics (fundamental matrix): the keyframe prior unchanged
-    same, case = verified_prior(base, Verification(matches=50, inliers=40, model="fundamental", passed=True), mount,
-                                VerifiedPriorConfig())
+    same, case = verified_prior(base, Verification(matches=50, inliers=40, model="fundamental", passed=True),
+                                T_base_cam, T_base_cam, VerifiedPriorConfig())
     assert case == "keyframe" and same is base
 
 
@@ -191,3 +193,27 @@ def test_default_mount_is_a_forward_looking_optical_frame() -> None:
     np.testing.assert_allclose(R @ [1, 0, 0], [0, -1, 0], atol=1e-12)  # optical x = base -y (right)
     q = matrix_to_quat(R)
     np.testing.assert_allclose(quat_to_matrix(q), R, atol=1e-12)
+
+
+def test_a_prior_composes_the_keyframe_camera_and_the_query_camera() -> None:
+    """A rear-camera keyframe matched by the front camera: the robot turned around; the prior composes the keyframe
+    camera's mount with the query camera's, and the relative pose is the robot's motion in the keyframe's base."""
+    front = CameraMountConfig(x=0.4, z=0.6).matrix()
+    rear = CameraMountConfig(x=-0.5, z=0.6, yaw=math.pi / 2).matrix()  # optical z = base -x (backward)
+    T_map_kf = _pose(rpy_to_matrix(0.0, 0.0, 0.3), np.array([5.0, 2.0, 0.0]))
+    motion = _pose(rpy_to_matrix(0.0, 0.0, math.pi - 0.1), np.array([1.5, -0.2, 0.0]))  # turned around
+    T_q_k = np.linalg.inv(front) @ np.linalg.inv(motion) @ rear  # keyframe (rear) camera -> query (front) camera
+    base = PosePrior("map", T_map_kf[:3, 3].copy(), matrix_to_quat(T_map_kf[:3, :3]), np.eye(6) * 0.25)
+    metric = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
+                          error=0.01, median_depth_m=3.0, passed=True)
+    prior, case = verified_prior(base, metric, rear, front, VerifiedPriorConfig())
+    T_map_q = T_map_kf @ motion
+    assert case == "metric"
+    np.testing.assert_allclose(prior.position, T_map_q[:3, 3], atol=1e-9)
+    assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
+    relative = relative_base_pose(metric, rear, front, VerifiedPriorConfig())
+    np.testing.assert_allclose(relative.T, motion, atol=1e-9)
+    assert relative.case == "metric" and relative.inliers == 80
+    # one mount for both cameras (what the node did before): the prior is 180 degrees off
+    wrong, _ = verified_prior(base, metric, front, front, VerifiedPriorConfig())
+    assert rotation_angle_deg(quat_to_matrix(wrong.orientation) @ T_map_q[:3, :3].T) > 170.0
