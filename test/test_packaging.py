@@ -27,8 +27,9 @@ ROSDEP_KEYS = {
     "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rclpy",
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
 }
-# no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment)
-OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime"}
+# no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment); gtsam only
+# by the pose-graph evaluation (a test requirement)
+OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime", "gtsam"}
 
 
 def _imports(paths: list[Path]) -> set[str]:

@@ -8,7 +8,10 @@
   :mod:`~dinomix_ros.evaluation.runs_loop_closure`: the three setups of ``dinomix map eval`` as library calls;
   :mod:`~dinomix_ros.evaluation.runs`: what they share, and the run folder;
 * :mod:`~dinomix_ros.evaluation.reports` and :mod:`~dinomix_ros.evaluation.calibration`: the run folder, and the
-  calibrated threshold stored in a map.
+  calibrated threshold stored in a map;
+* :mod:`~dinomix_ros.evaluation.pose_graph`: loop closures in a GTSAM pose graph (gtsam imported lazily),
+  :mod:`~dinomix_ros.evaluation.synthetic_sequence`: an RGB-D sequence rendered from photos with exact ground truth,
+  :mod:`~dinomix_ros.evaluation.runs_pose_graph`: the chain from frames to an optimized trajectory.
 
 Input checks and the error every function raises for bad input: :mod:`~dinomix_ros.evaluation.inputs`.
 """

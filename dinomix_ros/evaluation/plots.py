@@ -1,4 +1,4 @@
-"""PNG plots of evaluation results: Recall@N curves, precision/recall curves and similarity matrices.
+"""PNG plots of evaluation results: Recall@N curves, precision/recall curves, similarity matrices, trajectories.
 
 matplotlib is imported inside the functions, on its Agg canvas (no pyplot, no global backend switch), so importing
 this module (or any metric) does not load it. Files are written atomically.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from dinomix_ros.evaluation.curves import PRCurve
 from dinomix_ros.evaluation.inputs import EvaluationError, PathLike, as_bool_matrix, as_similarity
 from dinomix_ros.evaluation.retrieval import RecallResult
 
-__all__ = ["plot_recall_at_n", "plot_pr_curve", "plot_similarity_matrix"]
+__all__ = ["plot_recall_at_n", "plot_pr_curve", "plot_similarity_matrix", "plot_trajectories"]
 
 _logger = logging.getLogger(__name__)
 
@@ -187,4 +187,69 @@ def plot_similarity_matrix(
     ax.set_xlabel("frame j (map)")
     ax.set_ylabel("frame i (query)")
     ax.set_title(title)
+    return _save_png(fig, path)
+
+
+def plot_trajectories(
+    trajectories: Mapping[str, npt.ArrayLike],
+    path: PathLike,
+    *,
+    edges: Sequence[tuple[int, int]] = (),
+    edges_on: str | None = None,
+    rejected: Sequence[tuple[int, int]] = (),
+    title: str = "Trajectories (top view)",
+) -> Path:
+    """Top view (x, y) of trajectories, one line per label, with loop-closure edges drawn between frames.
+
+    Args:
+        trajectories: label -> (N, 2+) positions or (N, 4, 4) poses, in one frame (metres); the first is the
+            reference (drawn black, e.g. the ground truth), the fourth and later are dashed.
+        path: PNG file to write (folders are created).
+        edges: (i, j) frame pairs to join (loop closures), drawn on the ``edges_on`` trajectory.
+        edges_on: the label the edges are drawn on (default: the first).
+        rejected: (i, j) pairs drawn dashed in red (e.g. a closure the robust kernel rejected).
+        title: figure title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        EvaluationError: if ``trajectories`` is empty, a trajectory is not (N, 2+) / (N, 4, 4), or an edge names a
+            frame that does not exist.
+    """
+    if not trajectories:
+        raise EvaluationError("trajectories is empty; expected label -> positions")
+    xy: dict[str, np.ndarray] = {}
+    for label, traj in trajectories.items():
+        arr = np.asarray(traj, dtype=np.float64)
+        if arr.ndim == 3 and arr.shape[1:] == (4, 4):
+            arr = arr[:, :3, 3]
+        if arr.ndim != 2 or arr.shape[1] < 2 or not np.isfinite(arr[:, :2]).all():
+            raise EvaluationError(f"trajectories[{label!r}] has shape {arr.shape}; expected finite (N, 2+) "
+                                  "positions or (N, 4, 4) poses")
+        xy[label] = arr[:, :2]
+    base = xy[edges_on if edges_on is not None else next(iter(xy))]
+    for i, j in list(edges) + list(rejected):
+        if not (0 <= i < len(base) and 0 <= j < len(base)):
+            raise EvaluationError(f"edge ({i}, {j}) names a frame outside 0..{len(base) - 1}")
+
+    fig = _new_figure(7.0, 5.0)
+    ax = fig.add_subplot()
+    for k, (i, j) in enumerate(edges):
+        ax.plot(base[[i, j], 0], base[[i, j], 1], color="0.6", linewidth=0.8,
+                label=f"loop closures ({len(edges)})" if k == 0 else None)
+    for k, (i, j) in enumerate(rejected):
+        ax.plot(base[[i, j], 0], base[[i, j], 1], color="red", linestyle="--", linewidth=1.2,
+                label="rejected by the robust kernel" if k == 0 else None)
+    styles = ["-", "-", "-", "--", ":", "-."]  # the first is the reference (black); later ones dashed: overlaps show
+    for k, (label, points) in enumerate(xy.items()):
+        (line,) = ax.plot(points[:, 0], points[:, 1], label=label, linewidth=2.4 if k == 0 else 1.4,
+                          linestyle=styles[k % len(styles)], color="black" if k == 0 else f"C{k - 1}")
+        ax.plot(points[:1, 0], points[:1, 1], marker="o", color=line.get_color(), linestyle="none")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
     return _save_png(fig, path)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dinomix_ros.evaluation.inputs import EvaluationError
 from dinomix_ros.evaluation.loops import evaluate_loop_closures, evaluate_relocalization
-from dinomix_ros.evaluation.plots import plot_pr_curve, plot_recall_at_n, plot_similarity_matrix
+from dinomix_ros.evaluation.plots import plot_pr_curve, plot_recall_at_n, plot_similarity_matrix, plot_trajectories
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,24 @@ def test_plots_are_written(tmp_path: Path, corridor_thumbnails: np.ndarray, corr
     _assert_png(plot_similarity_matrix(sim, corridor_gt, tmp_path / "sim.png"), (400, 300))
     _assert_png(plot_similarity_matrix(sim[40:, :40], None, tmp_path / "sim_q.png"), (400, 300))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "pr.png", "sim.png", "sim_q.png"]  # no temp files
+
+
+def test_trajectories_are_plotted_with_their_loop_closures(tmp_path: Path) -> None:
+    t = np.linspace(0, 2 * np.pi, 50)
+    truth = np.c_[5 * np.cos(t), 3 * np.sin(t), np.zeros_like(t)]
+    poses = np.repeat(np.eye(4)[None], 50, axis=0)
+    poses[:, :3, 3] = truth * 1.1
+    out = plot_trajectories({"ground truth": truth, "odometry": poses, "graph": truth[:, :2] + 0.05},
+                            tmp_path / "traj.png", edges=[(0, 49), (1, 48)], rejected=[(10, 35)])
+    _assert_png(out, (500, 350))
+    assert [p.name for p in tmp_path.iterdir()] == ["traj.png"]
+    with pytest.raises(EvaluationError, match="trajectories is empty"):
+        plot_trajectories({}, tmp_path / "t.png")
+    with pytest.raises(EvaluationError, match=r"trajectories\['x'\] has shape \(3,\)"):
+        plot_trajectories({"x": np.zeros(3)}, tmp_path / "t.png")
+    with pytest.raises(EvaluationError, match=r"edge \(0, 50\) names a frame outside 0..49"):
+        plot_trajectories({"gt": truth}, tmp_path / "t.png", edges=[(0, 50)])
+    assert [p.name for p in tmp_path.iterdir()] == ["traj.png"]
 
 
 def test_plots_reject_bad_input(tmp_path: Path) -> None:
