@@ -28,7 +28,7 @@ ROSDEP_KEYS = {
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
 }
 # no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment)
-OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime"}
+OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime", "pymilvus", "grpc"}
 
 
 def _imports(paths: list[Path]) -> set[str]:
