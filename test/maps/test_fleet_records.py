@@ -19,7 +19,7 @@ from dinomix_ros.maps.fleet.records import (
 from dinomix_ros.maps.geotags import geotag_columns
 from dinomix_ros.maps.keyframes import KeyframeMap
 
-VECTOR = "descriptor_test"
+VECTOR, MARKER = "descriptor_test", "model_test"
 CAMERA = CameraModel(640, 480, np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]]), "plumb_bob",
                      np.array([0.1, -0.05, 0.0, 0.0, 0.01]))
 
@@ -39,9 +39,10 @@ def _as_server(records: list[dict]) -> list[dict]:
 
 def test_every_column_survives_a_round_trip(rng: np.random.Generator) -> None:
     kmap, desc = full_map(rng, 12)
-    records, truncated = to_records(kmap, np.arange(len(kmap)), "r1", map_uid(kmap), VECTOR)
+    records, truncated = to_records(kmap, np.arange(len(kmap)), "r1", map_uid(kmap), VECTOR, MARKER)
     assert truncated == 0 and [r["key"] for r in records] == [keyframe_key("r1", map_uid(kmap), i) for i in range(12)]
     assert records[2]["x"] is None and records[5]["lat"] is None and records[6]["alt"] is None  # unknown: null
+    assert all(r[MARKER] is True for r in records)
     pulled = PulledKeyframes.from_records(_as_server(records), VECTOR, kmap.descriptor_dim, own_robot="r1")
     assert not pulled.refused and len(pulled) == 12
     copy = KeyframeMap.empty(kmap.fingerprint)
@@ -64,7 +65,7 @@ def test_every_column_survives_a_round_trip(rng: np.random.Generator) -> None:
 
 def test_pulled_keyframes_are_added_once_and_bad_rows_cost_only_themselves(rng: np.random.Generator) -> None:
     kmap, _ = full_map(rng, 12)
-    records = _as_server(to_records(kmap, np.arange(6), "r1", map_uid(kmap), VECTOR)[0])
+    records = _as_server(to_records(kmap, np.arange(6), "r1", map_uid(kmap), VECTOR, MARKER)[0])
     target = KeyframeMap.empty(kmap.fingerprint)
     assert len(PulledKeyframes.from_records(records[:3], VECTOR, kmap.descriptor_dim, "me").add_to(target).ids) == 3
     again = PulledKeyframes.from_records(records, VECTOR, kmap.descriptor_dim, "me").add_to(target)
@@ -115,7 +116,7 @@ def test_features_and_intrinsics_travel_with_the_keyframe(rng: np.random.Generat
     store.intrinsics["front"] = CAMERA
     feats = [synthetic_features(rng, 100), None, synthetic_features(rng, 30)]
     source.add(unit(rng, 3), stamps_ns=[1, 2, 3], cameras=["front", "front", "rear"], frame_ids="map", features=feats)
-    records = _as_server(to_records(source, np.arange(3), "r7", map_uid(source), VECTOR)[0])
+    records = _as_server(to_records(source, np.arange(3), "r7", map_uid(source), VECTOR, MARKER)[0])
     assert records[0]["camera_info"]["intrinsics"] == CAMERA.to_dict()
     assert records[2]["camera_info"] == {"intrinsics": None, "extrinsics": None}
     assert records[1]["features"] == ""
@@ -140,7 +141,7 @@ def test_utm_positions_move_into_the_map_zone(rng: np.random.Generator) -> None:
     other.add(unit(rng, 2), stamps_ns=[5, 6], cameras="c", frame_ids="map", gps=gps, **{
         k: v for k, v in geotag_columns(gps).items() if k != "gps"})
     assert other.utm_zones.tolist() == [32, 32]
-    records = _as_server(to_records(other, np.arange(2), "r2", map_uid(other), VECTOR)[0])
+    records = _as_server(to_records(other, np.arange(2), "r2", map_uid(other), VECTOR, MARKER)[0])
     PulledKeyframes.from_records(records, VECTOR, kmap.descriptor_dim, "me").add_to(kmap)
     want = geotag_columns(gps, zone=33)
     assert kmap.utm_zones[-2:].tolist() == [33, 33] and kmap.utm_bands[-2:].tolist() == want["utm_bands"]

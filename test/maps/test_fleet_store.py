@@ -15,7 +15,7 @@ from fleetfactory import fleet_fingerprint, placed_map, random_map
 from liteserver import free_port
 from mapfactory import unit
 
-from dinomix_ros.maps.fleet.config import FleetConfig, default_collection, vector_field
+from dinomix_ros.maps.fleet.config import FleetConfig, default_collection, model_field, vector_field
 from dinomix_ros.maps.fleet.push import PushLedger, push_backlog
 from dinomix_ros.maps.fleet.records import PULLED_PREFIX, SCALAR_FIELDS, keyframe_key, map_uid
 from dinomix_ros.maps.fleet.region import Region
@@ -161,6 +161,7 @@ def test_one_refused_keyframe_blocks_no_other(lite_db, rng, tmp_path) -> None:
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=160)
     schema.add_field(vector_field(fp), DataType.FLOAT_VECTOR, dim=4096)
+    schema.add_field(model_field(fp), DataType.BOOL)
     for name, kind, params in SCALAR_FIELDS:
         params = {**params, "max_length": 24} if name == "source" else params
         schema.add_field(name, getattr(DataType, kind), **params)

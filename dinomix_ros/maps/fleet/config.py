@@ -1,8 +1,9 @@
 """The fleet settings (node parameters ``fleet.*``, CLI flags ``--fleet-*``) and the names they derive.
 
 A fleet map lives in one Milvus collection per model (:func:`default_collection`); its descriptors are a vector field
-named after the model (:func:`vector_field`), so a robot running another model addresses a field the collection does
-not have, and the server itself refuses its writes and reads (see :mod:`dinomix_ros.maps.fleet.store`).
+named after the model (:func:`vector_field`) and every row carries a marker field named after it
+(:func:`model_field`) that every read filters on, so a robot running another model addresses fields the collection
+does not have, and the server itself refuses its writes and reads (see :mod:`dinomix_ros.maps.fleet.store`).
 ROS-free and pymilvus-free: importing this module never imports pymilvus.
 """
 
@@ -17,7 +18,8 @@ from typing import Any, ClassVar
 
 from dinomix_ros.settings import SettingError, check, setting
 
-__all__ = ["INDEX_TYPES", "FleetConfig", "default_collection", "display_uri", "robot_id", "token_of", "vector_field"]
+__all__ = ["INDEX_TYPES", "FleetConfig", "default_collection", "display_uri", "model_field", "robot_id", "token_of",
+           "vector_field"]
 
 #: Vector index types a new collection may be given (the server builds them; Milvus Lite runs every one as FLAT).
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "GPU_CAGRA", "GPU_IVF_PQ", "GPU_IVF_FLAT",
@@ -131,6 +133,12 @@ def default_collection(fingerprint: dict[str, Any]) -> str:
 def vector_field(fingerprint: dict[str, Any]) -> str:
     """The descriptor field of a model: ``descriptor_`` + its fingerprint id (``-`` -> ``_``)."""
     return f"descriptor_{_model_suffix(fingerprint)}"[:255]
+
+
+def model_field(fingerprint: dict[str, Any]) -> str:
+    """The model's marker field: ``model_`` + its fingerprint id (``-`` -> ``_``), true on every row of its
+    collection and required by every read's filter."""
+    return f"model_{_model_suffix(fingerprint)}"[:255]
 
 
 def display_uri(uri: str) -> str:

@@ -165,7 +165,7 @@ def push_backlog(store: FleetStore, kmap: Any, ledger: PushLedger, robot: str, *
             report.error = "stopped at the deadline"
             break
         batch = rows[start:start + batch_rows]
-        records, truncated = to_records(kmap, batch, robot, uid, store.vector)
+        records, truncated = to_records(kmap, batch, robot, uid, store.vector, store.marker)
         report.features_truncated += truncated
         before = report.pushed
         acked, unavailable = _push_batch(store, records, [int(ids[r]) for r in batch], entry, report)

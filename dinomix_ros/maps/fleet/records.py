@@ -4,7 +4,8 @@ One row per keyframe, keyed ``robot/map/keyframe id`` (:func:`keyframe_key`): th
 it was recorded into (:func:`map_uid`, from the map's creation time and model) and its id there. So several robots
 pushing at once never collide, and pushing a keyframe again replaces it (an upsert) instead of duplicating it.
 
-Fields (:data:`SCALAR_FIELDS`, plus the model's vector field of :func:`~dinomix_ros.maps.fleet.config.vector_field`):
+Fields (:data:`SCALAR_FIELDS`, plus the model's vector field and marker field, named by
+:func:`~dinomix_ros.maps.fleet.config.vector_field` and :func:`~dinomix_ros.maps.fleet.config.model_field`):
 
 * the descriptor: FLOAT_VECTOR of the model's dimension (float32: the only vector type Milvus Lite has; a map's
   float16 descriptors convert to float32 exactly, so search scores equal a local float32 search);
@@ -119,8 +120,10 @@ def _nullable(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def to_records(kmap: Any, rows: np.ndarray, robot: str, uid: str, vector: str) -> tuple[list[dict], int]:
-    """Rows of the fleet collection for map rows ``rows``; returns them and how many lost features to fit."""
+def to_records(kmap: Any, rows: np.ndarray, robot: str, uid: str, vector: str, marker: str
+               ) -> tuple[list[dict], int]:
+    """Rows of the fleet collection for map rows ``rows`` (descriptor field ``vector``, model marker field
+    ``marker``); returns them and how many lost features to fit."""
     store = kmap.local_features
     desc = kmap.descriptors
     ids, stamps, cams, frames = kmap.ids, kmap.stamps_ns, kmap.cameras, kmap.frame_ids
@@ -132,7 +135,7 @@ def to_records(kmap: Any, rows: np.ndarray, robot: str, uid: str, vector: str) -
         truncated += cut
         intrinsics = store.intrinsics.get(cams[r]) if store is not None else None
         rec = {"key": keyframe_key(robot, uid, ids[r]), vector: np.asarray(desc[r], np.float32).tolist(),
-               "robot": robot, "map_uid": uid, "keyframe_id": int(ids[r]), "stamp_ns": int(stamps[r]),
+               marker: True, "robot": robot, "map_uid": uid, "keyframe_id": int(ids[r]), "stamp_ns": int(stamps[r]),
                "camera": cams[r], "frame_id": frames[r], "utm_zone": int(zones[r]), "utm_band": bands[r],
                "source": sources[r], "features": features,
                "camera_info": {"intrinsics": None if intrinsics is None else intrinsics.to_dict(), "extrinsics": None}}

@@ -8,9 +8,11 @@ filters the region's bounding box, the client keeps the circle, then the rows ar
 
 The model is enforced twice. The client refuses a collection whose ``dinomix.fingerprint`` property names another
 model (:class:`FleetModelError`). And the server refuses on its own: the descriptors live in a field named after the
-model (``descriptor_<fingerprint id>``) in a schema without dynamic fields, so a writer of another model sends a
-field the collection does not have and misses the one it requires, and a reader asks for a field that does not
-exist; Milvus rejects both (tested against Milvus Lite's server with raw gRPC requests that skip this client).
+model (``descriptor_<fingerprint id>``) and every row carries a marker field named after it (``model_<fingerprint
+id>``, true) in a schema without dynamic fields; every read here filters on the marker. So a writer of another model
+sends fields the collection does not have and misses those it requires, a reader's filter and a search's vector
+field name fields that do not exist, and Milvus rejects them (tested against Milvus Lite's server with raw gRPC
+writes that skip this client's checks).
 
 pymilvus is imported on first use (robots without a fleet need not install it). Failures become one-line
 :class:`FleetError` s; :class:`FleetUnavailableError` means the server could not be reached (retry later). pymilvus
@@ -28,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from dinomix_ros.maps.fleet.config import FleetConfig, default_collection, display_uri, token_of, vector_field
+from dinomix_ros.maps.fleet.config import (
+    FleetConfig, default_collection, display_uri, model_field, token_of, vector_field,
+)
 from dinomix_ros.maps.fleet.records import KEY_BYTES, SCALAR_FIELDS, PulledKeyframes
 from dinomix_ros.maps.fleet.region import Region, quote
 
@@ -103,6 +107,7 @@ class FleetStore:
         self.dim = int(fingerprint["descriptor_dim"])
         self.collection = config.collection or default_collection(fingerprint)
         self.vector = vector_field(fingerprint)
+        self.marker = model_field(fingerprint)
         self.where = f"{display_uri(config.uri)} collection {self.collection}"
         self._client: Any = None
 
@@ -159,6 +164,7 @@ class FleetStore:
                                       description="dinomix_ros fleet keyframe map")
         schema.add_field("key", data_type.VARCHAR, is_primary=True, max_length=KEY_BYTES)
         schema.add_field(self.vector, data_type.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field(self.marker, data_type.BOOL)
         for name, kind, params in SCALAR_FIELDS:
             schema.add_field(name, getattr(data_type, kind), **params)
         index = client.prepare_index_params()
@@ -197,9 +203,9 @@ class FleetStore:
                              f"{SCHEMA_VERSION}: update dinomix_ros or use another fleet.collection")
         fields = {f["name"]: f for f in described.get("fields", [])}
         dim = (fields.get(self.vector) or {}).get("params", {}).get("dim")
-        if dim is None or int(dim) != self.dim:
-            raise FleetModelError(f"{self.where} has no {self.dim}-d field {self.vector} for this model's "
-                                  f"descriptors (found {sorted(fields)})")
+        if dim is None or int(dim) != self.dim or self.marker not in fields:
+            raise FleetModelError(f"{self.where} has no {self.dim}-d field {self.vector} and marker {self.marker} "
+                                  f"for this model's descriptors (found {sorted(fields)})")
 
     def _error(self, what: str, exc: BaseException) -> FleetError:
         if isinstance(exc, FleetError):
@@ -228,20 +234,26 @@ class FleetStore:
             self._call(f"push of {len(records)} keyframes",
                        lambda c: c.upsert(self.collection, records, timeout=self.config.timeout_s))
 
+    def _only_mine(self, expr: str = "") -> str:
+        """``expr`` restricted to this model's rows: the server refuses it when the marker field is not its own."""
+        return f"{self.marker} == true" + (f" and ({expr})" if expr else "")
+
     def count(self) -> int:
         """Rows in the collection."""
-        rows = self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"],
-                                                     timeout=self.config.timeout_s))
+        rows = self._call("count", lambda c: c.query(self.collection, filter=self._only_mine(),
+                                                     output_fields=["count(*)"], timeout=self.config.timeout_s))
         return int(rows[0]["count(*)"])
+
+    def _keys_filter(self, keys: list[str]) -> str:
+        return self._only_mine(f"key in [{', '.join(map(quote, keys))}]")
 
     def existing(self, keys: list[str]) -> set[str]:
         """Which of ``keys`` are in the collection."""
         found: set[str] = set()
         for start in range(0, len(keys), self.config.batch_rows * 16):
             part = keys[start:start + self.config.batch_rows * 16]
-            rows = self._call("key lookup", lambda c: c.query(
-                self.collection, filter=f"key in [{', '.join(map(quote, part))}]", output_fields=["key"],
-                timeout=self.config.timeout_s))
+            rows = self._call("key lookup", lambda c: c.query(self.collection, filter=self._keys_filter(part),
+                                                              output_fields=["key"], timeout=self.config.timeout_s))
             found |= {r["key"] for r in rows}
         return found
 
@@ -254,8 +266,9 @@ class FleetStore:
         """
         expr = region.box_filter()
         if exclude is not None:
-            mine = f"(robot != {quote(exclude[0])} or map_uid != {quote(exclude[1])})"
-            expr = f"({expr}) and {mine}" if expr else mine
+            others = f"(robot != {quote(exclude[0])} or map_uid != {quote(exclude[1])})"
+            expr = f"({expr}) and {others}" if expr else others
+        expr = self._only_mine(expr)
         cap = limit if region.kind == "all" else limit * _SCAN_FACTOR
         fields = ["key"] + region.coordinate_fields()
 
@@ -285,8 +298,7 @@ class FleetStore:
         for start in range(0, len(keys), self.config.batch_rows):
             part = keys[start:start + self.config.batch_rows]
             rows = self._call(f"fetch of {len(part)} keyframes", lambda c: c.query(
-                self.collection, filter=f"key in [{', '.join(map(quote, part))}]", output_fields=fields,
-                timeout=self.config.timeout_s))
+                self.collection, filter=self._keys_filter(part), output_fields=fields, timeout=self.config.timeout_s))
             got.update((r["key"], dict(r)) for r in rows)
         return [got[k] for k in keys if k in got]
 
@@ -302,9 +314,9 @@ class FleetStore:
         ``{"key", "similarity", **output_fields}``, best first."""
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         res = self._call(f"search of {q.shape[0]} queries", lambda c: c.search(
-            self.collection, data=q.tolist(), anns_field=self.vector, limit=int(k), filter=filter_expr,
-            output_fields=list(output_fields), search_params={"metric_type": "IP", "params": params or {}},
-            timeout=self.config.timeout_s))
+            self.collection, data=q.tolist(), anns_field=self.vector, limit=int(k),
+            filter=self._only_mine(filter_expr), output_fields=list(output_fields),
+            search_params={"metric_type": "IP", "params": params or {}}, timeout=self.config.timeout_s))
         return [[{"key": hit["key"], "similarity": float(hit["distance"]),
                   **{f: hit["entity"].get(f) for f in output_fields}} for hit in hits] for hits in res]
 
