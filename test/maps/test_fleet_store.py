@@ -11,9 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from fleetfactory import fleet_fingerprint, placed_map, random_map
+from fleetfactory import fleet_fingerprint, placed_map, random_map, unit
 from liteserver import free_port
-from mapfactory import unit
 
 from dinomix_ros.maps.fleet.config import FleetConfig, default_collection, model_field, vector_field
 from dinomix_ros.maps.fleet.push import PushLedger, push_backlog

@@ -1,6 +1,6 @@
 """Maps for fleet tests: keyframes placed at known distances (positions and GPS fixes), and points on the sphere.
 
-A helper module, not a test file (``from fleetfactory import ...``).
+A helper module, not a test file (``from fleetfactory import ...``), for the map, localization, CLI and node tests.
 """
 
 from __future__ import annotations
@@ -8,19 +8,25 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from mapfactory import fingerprint, unit
 
 from dinomix_ros.maps.fleet.region import EARTH_RADIUS_M
 from dinomix_ros.maps.geotags import geotag_columns
 from dinomix_ros.maps.keyframes import KeyframeMap
 
-__all__ = ["destination", "fleet_fingerprint", "placed_map", "random_map"]
+__all__ = ["destination", "fleet_fingerprint", "placed_map", "random_map", "unit"]
 
 DIM = 4096  # DINO-Mix's descriptor length: the fleet collection is tested at its real width
 
 
 def fleet_fingerprint(model_id: str = "dmx-f1ee7f1ee7f1ee70", dim: int = DIM) -> dict:
-    return fingerprint(model_id, dim)
+    return {"id": model_id, "architecture": "dinomix_vitb14", "weights_sha256": "ab" * 32,
+            "preprocessing": "rgb resize 224 imagenet-norm", "descriptor_dim": dim}
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    """``n`` random unit vectors."""
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def destination(lat: float, lon: float, bearing_deg: float, distance_m: float) -> tuple[float, float]:
