@@ -36,17 +36,21 @@ Log = Callable[[str, str], None]
 
 @dataclass
 class FleetJob:
-    """A queued pull or push; ``done`` is set when it ran, with ``ok`` and a one-line ``message``."""
+    """A queued pull or push; ``done`` is set when it ran, with ``ok`` and a one-line ``message``. ``announce``: the
+    link logs the outcome (off while a caller waits to say it itself, e.g. a service answer)."""
 
     kind: str
     run: Callable[[], str]
+    announce: bool = True
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
     message: str = "queued"
 
     def wait(self, timeout: float) -> tuple[bool, str]:
-        """``(ok, message)`` once the job ran, or ``(False, why)`` after ``timeout`` (it still runs later)."""
+        """``(ok, message)`` once the job ran, or ``(False, why)`` after ``timeout`` (it still runs, and its outcome
+        is logged then)."""
         if not self.done.wait(timeout):
+            self.announce = True
             return False, f"the fleet {self.kind} did not finish within {timeout:g} s; it goes on in the background"
         return self.ok, self.message
 
@@ -83,7 +87,8 @@ class FleetSync:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running job (queued ones are dropped), then stop; the connection is closed."""
+        """Drop the queued jobs and stop after the running one, waiting for it at most ``timeout`` seconds (then it is
+        left to end by itself: a request is atomic on the server and the ledger is written atomically)."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -96,7 +101,8 @@ class FleetSync:
         thread.join(timeout)
         if thread.is_alive():
             self._log("warning", f"fleet: the running request did not end within {timeout:g} s; left behind")
-        self.store.close()
+        else:
+            self.store.close()
 
     def _work(self) -> None:
         while True:
@@ -111,12 +117,13 @@ class FleetSync:
             try:
                 job.message = job.run()
                 job.ok = True
+                self._succeeded(job.message, job.announce)
             except FleetError as exc:
                 job.message = str(exc)
-                self._failed(str(exc), unreachable=isinstance(exc, FleetUnavailableError))
+                self._failed(str(exc), isinstance(exc, FleetUnavailableError), job.announce)
             except Exception as exc:  # never ends the worker; reported like a refusal
                 job.message = f"fleet {job.kind} failed: {exc!r}"
-                self._failed(job.message, unreachable=False)
+                self._failed(job.message, False, job.announce)
             finally:
                 job.done.set()
 
@@ -130,10 +137,12 @@ class FleetSync:
 
     # ------------------------------------------------------------------------------------------------ jobs
 
-    def pull(self, live: LiveMap, region: Region) -> FleetJob:
+    def pull(self, live: LiveMap, region: Region, announce: bool = True) -> FleetJob:
         """Queue a pull of ``region`` into ``live`` (keyframes it holds, and its own recorded ones, are skipped);
         while the server is unreachable it is retried every ``fleet.retry_period_s`` (the latest pull asked for)."""
-        return self._queue(self._pull_job(live, region))
+        job = self._pull_job(live, region)
+        job.announce = announce
+        return self._queue(job)
 
     def _pull_job(self, live: LiveMap, region: Region) -> FleetJob:
         def run() -> str:
@@ -155,15 +164,16 @@ class FleetSync:
             with self._state_lock:
                 self._state["fleet_pulled"] += len(added.ids)
                 self._state["fleet_last_pull"] = f"{_now()}: {len(added.ids)} keyframes"
-            self._succeeded(message)
             return message
         return FleetJob("pull", run)
 
-    def push(self, live: LiveMap, map_path: str) -> FleetJob:
+    def push(self, live: LiveMap, map_path: str, announce: bool = True) -> FleetJob:
         """Queue a push of the saved keyframes of ``live`` (saved at ``map_path``) that the fleet has not got."""
-        return self._queue(self._push_job(live, map_path))
+        job = self._push_job(live, map_path)
+        job.announce = announce
+        return self._queue(job)
 
-    def _push_job(self, live: LiveMap, map_path: str, retry: bool = False) -> FleetJob:
+    def _push_job(self, live: LiveMap, map_path: str) -> FleetJob:
         def run() -> str:
             if not map_path:
                 return "map.path is empty: pushes follow local saves, and nothing was saved"
@@ -182,11 +192,10 @@ class FleetSync:
                     self._state["fleet_last_push"] = f"{_now()}: {report.pushed} keyframes"
             message = f"fleet push to {self.store.where}: {report.summary()}"
             if report.error is not None:
-                self._retries["push"] = lambda: self._push_job(live, map_path, retry=True)
+                self._retries["push"] = lambda: self._push_job(live, map_path)
                 raise FleetUnavailableError(message + "; the local map keeps them, retried every "
                                                       f"{self.config.retry_period_s:g} s")
             self._retries.pop("push", None)
-            self._succeeded(message, quiet=retry and report.pushed == 0)
             return message
         return FleetJob("push", run)
 
@@ -196,23 +205,23 @@ class FleetSync:
         with self._state_lock:
             self._state.update(values)
 
-    def _succeeded(self, message: str, quiet: bool = False) -> None:
+    def _succeeded(self, message: str, announce: bool) -> None:
         with self._state_lock:
-            back = self._last_failure != ""
+            back = self._last_failure == "unreachable"
             self._state.update(fleet_connected=True, fleet_last_error="")
         self._last_failure = ""
         if back:
             self._log("info", f"fleet {self.store.where} reachable again")
-        if not quiet:
+        if announce:
             self._log("info", message)
 
-    def _failed(self, message: str, unreachable: bool) -> None:
+    def _failed(self, message: str, unreachable: bool, announce: bool) -> None:
         with self._state_lock:
             self._state.update(fleet_last_error=message)
             if unreachable:
                 self._state["fleet_connected"] = False
         reason = "unreachable" if unreachable else message
-        if reason != self._last_failure:  # once per outage or reason, not once per retry
+        if announce and reason != self._last_failure:  # once per outage or reason, not once per retry
             self._log("warning", message if not unreachable else f"{message} (the robot keeps working with its "
                                                                  "local map)")
         self._last_failure = reason
