@@ -16,8 +16,8 @@ writes that skip this client's checks).
 
 pymilvus is imported on first use (robots without a fleet need not install it). Failures become one-line
 :class:`FleetError` s; :class:`FleetUnavailableError` means the server could not be reached (retry later). pymilvus
-logs every failed request with a traceback: its log is limited to CRITICAL once this module connects, since each
-failure is reported here instead.
+logs every failed request with a traceback (and an embedded Milvus Lite logs through gRPC the requests it does not
+implement): their logs are limited to CRITICAL once this module connects, since each failure is reported here.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def _milvus() -> Any:
     except ImportError as exc:
         raise FleetError(f"fleet maps need pymilvus ({exc}): pip install pymilvus==3.0.2 (and milvus-lite==3.2.2 "
                          "for an embedded .db file)") from None
-    for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):
+    # milvus_lite and grpc._server: the embedded Lite server of a .db URI runs in this process and logs the
+    # requests it does not implement (pymilvus then falls back) with tracebacks
+    for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite", "grpc._server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     return pymilvus
 
