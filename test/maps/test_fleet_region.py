@@ -88,12 +88,14 @@ def test_parse_center_forms_and_errors() -> None:
 
 def test_fleet_settings_refuse_what_cannot_work() -> None:
     assert not FleetConfig().enabled and FleetConfig(uri="/tmp/fleet.db").enabled
+    assert FleetConfig(uri="http://fleet:19530", index_type="GPU_CAGRA").index_type == "GPU_CAGRA"  # a GPU server
     for kwargs, name in (({"uri": "localhost:19530"}, "fleet.uri"), ({"robot": "r 1"}, "fleet.robot"),
                          ({"robot": "x" * 65}, "fleet.robot"), ({"collection": "1abc"}, "fleet.collection"),
                          ({"collection": "a-b"}, "fleet.collection"), ({"index_params": "[1]"}, "fleet.index_params"),
                          ({"index_params": "{"}, "fleet.index_params"), ({"pull_center": "1;2"}, "fleet.pull_center"),
                          ({"token_env": "A-B"}, "fleet.token_env"), ({"index_type": "LSH"}, "fleet.index_type"),
-                         ({"batch_rows": 0}, "fleet.batch_rows")):
+                         ({"batch_rows": 0}, "fleet.batch_rows"),
+                         ({"uri": "/var/fleet.db", "index_type": "GPU_CAGRA"}, "fleet.index_type")):
         with pytest.raises(SettingError) as info:
             FleetConfig(**kwargs)
         assert info.value.name == name and "\n" not in str(info.value)

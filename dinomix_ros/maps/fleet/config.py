@@ -18,12 +18,14 @@ from typing import Any, ClassVar
 
 from dinomix_ros.settings import SettingError, check, setting
 
-__all__ = ["INDEX_TYPES", "FleetConfig", "default_collection", "display_uri", "model_field", "robot_id", "token_of",
-           "vector_field"]
+__all__ = ["INDEX_TYPES", "LITE_INDEX_TYPES", "FleetConfig", "default_collection", "display_uri", "model_field",
+           "robot_id", "token_of", "vector_field"]
 
-#: Vector index types a new collection may be given (the server builds them; Milvus Lite runs every one as FLAT).
+#: Vector index types a new collection may be given (the server builds them).
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "GPU_CAGRA", "GPU_IVF_PQ", "GPU_IVF_FLAT",
                "AUTOINDEX")
+#: Those Milvus Lite 3.2 builds (it accepts the others at creation, then fails when it first builds the index).
+LITE_INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus collection and field names
 _ROBOT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _URI_SCHEMES = ("http://", "https://", "tcp://", "grpc://")
@@ -67,8 +69,9 @@ class FleetConfig:
                                reconfigure=True)
     retry_period_s: float = setting(30.0, "while keyframes wait to be pushed, retry every this many seconds",
                                     positive=True, max=86400.0, reconfigure=True)
-    index_type: str = setting("FLAT", "vector index of a new collection (exact FLAT, or an approximate index "
-                                      "for a large fleet map)", choices=INDEX_TYPES, reconfigure=True)
+    index_type: str = setting("FLAT", "vector index of a new collection: exact FLAT, or an approximate index for a "
+                                      "large fleet map (Milvus Lite builds FLAT, HNSW, IVF_FLAT, IVF_SQ8, AUTOINDEX)",
+                              choices=INDEX_TYPES, reconfigure=True)
     index_params: str = setting("{}", "JSON build parameters of fleet.index_type for a new collection, e.g. "
                                       "{\"M\": 32, \"efConstruction\": 200} for HNSW", reconfigure=True)
 
@@ -77,6 +80,9 @@ class FleetConfig:
         if self.uri and not (self.uri.startswith(_URI_SCHEMES) or self.uri.endswith(".db")):
             raise SettingError("fleet.uri", f"fleet.uri must be a Milvus server (http://host:19530) or a Milvus Lite "
                                             f"file ending in .db, got {self.uri!r}")
+        if self.uri.endswith(".db") and self.index_type not in LITE_INDEX_TYPES:
+            raise SettingError("fleet.index_type", f"fleet.index_type {self.index_type} is not built by Milvus Lite (a "
+                                                   f".db fleet.uri): use one of {', '.join(LITE_INDEX_TYPES)}")
         if self.collection and not _NAME.fullmatch(self.collection):
             raise SettingError("fleet.collection", "fleet.collection must be a Milvus collection name (a letter or _, "
                                                    f"then letters, digits, _), got {self.collection!r}")
