@@ -21,7 +21,7 @@ from typing import Any
 
 from dinomix_ros.localization.live_map import LiveMap
 from dinomix_ros.maps.fleet.config import FleetConfig, robot_id
-from dinomix_ros.maps.fleet.push import PushLedger, push_backlog, scope_of
+from dinomix_ros.maps.fleet.push import PushLedger, PushReport, push_backlog, scope_of
 from dinomix_ros.maps.fleet.records import map_uid
 from dinomix_ros.maps.fleet.region import Region
 from dinomix_ros.maps.fleet.store import FleetError, FleetStore, FleetUnavailableError
@@ -32,6 +32,9 @@ _logger = logging.getLogger(__name__)
 
 #: ``log(level, message)``: level "info", "warning" or "error".
 Log = Callable[[str, str], None]
+#: Keyframes copied out of the live map per push slice (about 40 kB each with 4096-d float16 descriptors and 400
+#: ORB features: 80 MB).
+_SLICE_ROWS = 2048
 
 
 @dataclass
@@ -178,20 +181,32 @@ class FleetSync:
             if not map_path:
                 return "map.path is empty: pushes follow local saves, and nothing was saved"
             ledger = PushLedger.for_map(map_path)
-            entry = ledger.entry(scope_of(self.store, self.robot, live.kmap))
-            backlog, through = live.fleet_backlog(entry)
-            if len(backlog) == 0 and through <= entry["pushed_through"]:
-                self._retries.pop("push", None)
-                self._set(fleet_backlog=len(entry["refused"]))
-                return f"fleet push: nothing to push to {self.store.where}"
-            report = push_backlog(self.store, backlog, ledger, self.robot, through_id=through)
+            scope = scope_of(self.store, self.robot, live.kmap)
+            total = PushReport()
+            while True:  # a large backlog goes in slices: a copy of the whole of it could be gigabytes
+                entry = ledger.entry(scope)
+                backlog, through, _ = live.fleet_backlog(entry, _SLICE_ROWS)
+                if len(backlog) == 0 and (through is None or through <= entry["pushed_through"]):
+                    break
+                report = push_backlog(self.store, backlog, ledger, self.robot, through_id=through)
+                total.pushed += report.pushed
+                total.seconds += report.seconds
+                total.refused, total.error = report.refused, report.error
+                total.refused_reasons += report.refused_reasons
+                stuck = ledger.entry(scope)["pushed_through"] == entry["pushed_through"]  # a slice of refused ones
+                if report.error is not None or through is not None or stuck:
+                    break
+            total.pending = live.fleet_backlog(ledger.entry(scope), 0)[2]
             with self._state_lock:
-                self._state.update(fleet_backlog=report.pending, fleet_refused=report.refused)
-                self._state["fleet_pushed"] += report.pushed
-                if report.pushed:
-                    self._state["fleet_last_push"] = f"{_now()}: {report.pushed} keyframes"
-            message = f"fleet push to {self.store.where}: {report.summary()}"
-            if report.error is not None:
+                self._state.update(fleet_backlog=total.pending, fleet_refused=total.refused)
+                self._state["fleet_pushed"] += total.pushed
+                if total.pushed:
+                    self._state["fleet_last_push"] = f"{_now()}: {total.pushed} keyframes"
+            if total.pushed == 0 and total.error is None and not total.refused:
+                self._retries.pop("push", None)
+                return f"fleet push: nothing to push to {self.store.where}"
+            message = f"fleet push to {self.store.where}: {total.summary()}"
+            if total.error is not None:
                 self._retries["push"] = lambda: self._push_job(live, map_path)
                 raise FleetUnavailableError(message + "; the local map keeps them, retried every "
                                                       f"{self.config.retry_period_s:g} s")

@@ -483,13 +483,15 @@ class LiveMap:
                     self._utm_zone = int(zones[0])
             return result
 
-    def fleet_backlog(self, entry: dict[str, Any]) -> tuple[KeyframeMap, int]:
-        """A copy of the saved keyframes a fleet push still owes under ledger ``entry`` (see
-        :func:`~dinomix_ros.maps.fleet.push.backlog_rows`), and the largest saved keyframe id (-1: none)."""
+    def fleet_backlog(self, entry: dict[str, Any], max_rows: int) -> tuple[KeyframeMap, int | None, int]:
+        """What a fleet push still owes under ledger ``entry`` (see :func:`~dinomix_ros.maps.fleet.push.backlog_rows`):
+        a copy of the first ``max_rows`` of those saved keyframes; the largest saved keyframe id (-1: none) when the
+        copy holds them all, else None; and how many there are."""
         with self._lock:
             rows = backlog_rows(self.kmap, entry, self._saved_rows)
             through = int(self.kmap.ids[self._saved_rows - 1]) if self._saved_rows else -1
-            return self.kmap.subset(rows), through
+            return (self.kmap.subset(rows[:max_rows]), through if rows.shape[0] <= max_rows else None,
+                    int(rows.shape[0]))
 
     # ------------------------------------------------------------------------------------------------ saving
 

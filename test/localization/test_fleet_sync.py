@@ -13,6 +13,7 @@ import pytest
 from fleetfactory import fleet_fingerprint, random_map
 from liteserver import LiteServer
 
+from dinomix_ros.localization import fleet_sync
 from dinomix_ros.localization.fleet_sync import FleetSync
 from dinomix_ros.localization.live_map import LiveMap, OutputConfig
 from dinomix_ros.localization.matching import MatcherConfig
@@ -58,7 +59,8 @@ def _wait(predicate, timeout: float = 120.0) -> bool:
     return True
 
 
-def test_a_pull_joins_the_live_map_and_saves_are_pushed(tmp_path, rng) -> None:
+def test_a_pull_joins_the_live_map_and_saves_are_pushed(tmp_path, rng, monkeypatch) -> None:
+    monkeypatch.setattr(fleet_sync, "_SLICE_ROWS", 1)  # a push copies the backlog out in slices: one row each here
     fp = fleet_fingerprint()
     with LiteServer(tmp_path / "fleet.db") as server:
         theirs = random_map(rng, 30, fp)  # another robot's keyframes along x = 0..29 in frame map
@@ -98,7 +100,8 @@ def test_a_pull_joins_the_live_map_and_saves_are_pushed(tmp_path, rng) -> None:
             sync.stop()
 
 
-def test_a_server_down_keeps_the_backlog_until_it_returns(tmp_path, rng) -> None:
+def test_a_server_down_keeps_the_backlog_until_it_returns(tmp_path, rng, monkeypatch) -> None:
+    monkeypatch.setattr(fleet_sync, "_SLICE_ROWS", 3)  # the backlog (4) is more than one slice
     fp = fleet_fingerprint()
     server = LiteServer(tmp_path / "fleet.db")  # its port is chosen, nothing listens on it yet
     live = _live(fp)

@@ -70,8 +70,10 @@ class PushLedger:
             if all(e.get(k) == v for k, v in scope.items()):
                 refused = e.get("refused") if isinstance(e.get("refused"), dict) else {}
                 through = e.get("pushed_through")
+                pushed = e.get("pushed")
                 return {**scope, "pushed_through": through if type(through) is int else -1,
-                        "pushed": int(e.get("pushed") or 0), "refused": {str(k): str(v) for k, v in refused.items()},
+                        "pushed": pushed if type(pushed) is int else 0,
+                        "refused": {str(k): str(v) for k, v in refused.items() if str(k).isdigit()},
                         "updated": e.get("updated")}
         return {**scope, "pushed_through": -1, "pushed": 0, "refused": {}, "updated": None}
 

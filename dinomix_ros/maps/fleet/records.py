@@ -103,6 +103,8 @@ def decode_features(text: str) -> LocalFeatures | None:
     """The local features of a ``features`` text (None for ""); ValueError for anything malformed."""
     if not text:
         return None
+    if len(text) > FEATURES_BYTES:
+        raise ValueError(f"features text of {len(text)} characters, more than a fleet row holds ({FEATURES_BYTES})")
     kind, _, payload = text.partition(":")
     if kind not in DESCRIPTOR_BYTES:
         raise ValueError(f"unknown local feature type {kind!r}")
@@ -125,7 +127,6 @@ def to_records(kmap: Any, rows: np.ndarray, robot: str, uid: str, vector: str, m
     """Rows of the fleet collection for map rows ``rows`` (descriptor field ``vector``, model marker field
     ``marker``); returns them and how many lost features to fit."""
     store = kmap.local_features
-    desc = kmap.descriptors
     ids, stamps, cams, frames = kmap.ids, kmap.stamps_ns, kmap.cameras, kmap.frame_ids
     pos, quat, gps, zones, bands, utm, sources = (kmap.positions, kmap.orientations, kmap.gps, kmap.utm_zones,
                                                   kmap.utm_bands, kmap.utm, kmap.sources)
@@ -134,7 +135,8 @@ def to_records(kmap: Any, rows: np.ndarray, robot: str, uid: str, vector: str, m
         features, cut = encode_features(store, r) if store is not None else ("", False)
         truncated += cut
         intrinsics = store.intrinsics.get(cams[r]) if store is not None else None
-        rec = {"key": keyframe_key(robot, uid, ids[r]), vector: np.asarray(desc[r], np.float32).tolist(),
+        descriptor = kmap.keyframe(r).descriptor  # a view into its chunk: a large map is never concatenated
+        rec = {"key": keyframe_key(robot, uid, ids[r]), vector: np.asarray(descriptor, np.float32).tolist(),
                marker: True, "robot": robot, "map_uid": uid, "keyframe_id": int(ids[r]), "stamp_ns": int(stamps[r]),
                "camera": cams[r], "frame_id": frames[r], "utm_zone": int(zones[r]), "utm_band": bands[r],
                "source": sources[r], "features": features,
