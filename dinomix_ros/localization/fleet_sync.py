@@ -97,9 +97,12 @@ class FleetSync:
             return
         while True:  # drop what is queued: the backlog is in the ledger, the next start pushes it
             try:
-                self._jobs.get_nowait()
+                dropped = self._jobs.get_nowait()
             except queue.Empty:
                 break
+            if dropped is not None:
+                dropped.message = "the fleet link stopped before this ran"
+                dropped.done.set()
         self._jobs.put(None)
         thread.join(timeout)
         if thread.is_alive():

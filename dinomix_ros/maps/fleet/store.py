@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -321,10 +320,3 @@ class FleetStore:
             search_params={"metric_type": "IP", "params": params or {}}, timeout=self.config.timeout_s))
         return [[{"key": hit["key"], "similarity": float(hit["distance"]),
                   **{f: hit["entity"].get(f) for f in output_fields}} for hit in hits] for hits in res]
-
-
-def timed(call: Callable[[], Any]) -> tuple[Any, float]:
-    """``call()`` and its duration in seconds (for reports and benchmarks)."""
-    t0 = time.perf_counter()
-    out = call()
-    return out, time.perf_counter() - t0
