@@ -187,3 +187,22 @@ def test_a_pusher_killed_in_the_middle_and_a_server_stopped_in_the_middle_lose_n
         keyframe_key("r1", map_uid(kmap), i) for i in range(240)}
     assert ledger.entry(scope)["pushed_through"] == 239
     store.close()
+
+
+def test_a_lite_file_is_opened_by_one_process(rng, tmp_path) -> None:
+    """Milvus Lite opens a .db folder in one process: a second robot process is refused in one line that says how
+    several processes share it (a Lite server)."""
+    db = str(tmp_path / "fleet.db")
+    kmap = random_map(rng, 2)
+    kmap.save(tmp_path / "r1.dinomap")
+    FleetStore(FleetConfig(uri=db), kmap.fingerprint).connect()  # this process holds it
+    try:
+        proc = _push_process(tmp_path / "r1.dinomap", db, "r2", 2)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and out == "", err
+        (line,) = err.strip().splitlines()
+        assert "unreachable" in line and "one process at a time" in line and "milvus-lite server" in line, line
+    finally:
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(db)

@@ -179,3 +179,20 @@ def test_one_refused_keyframe_blocks_no_other(lite_db, rng, tmp_path) -> None:
     assert "max_length" in report.refused_reasons[0] and store.count() == 8
     again = push_backlog(store, kmap, ledger, "r1")  # retried, refused again, the others untouched
     assert (again.pushed, again.refused) == (0, 2) and store.count() == 8
+
+
+@pytest.mark.parametrize("damage", ["not json {", "[1, 2]", '{"format": "dinomix_fleet_ledger", "entries": 5}',
+                                    "wrong types"])
+def test_a_damaged_ledger_costs_a_resend_never_a_duplicate(lite_db, rng, tmp_path, damage: str) -> None:
+    kmap = random_map(rng, 6)
+    store = _store(lite_db, kmap.fingerprint)
+    ledger = PushLedger(tmp_path / "l.json")
+    assert push_backlog(store, kmap, ledger, "r1").pushed == 6
+    if damage == "wrong types":
+        damage = json.dumps({"format": "dinomix_fleet_ledger", "entries": [
+            {"uri": lite_db, "collection": store.collection, "robot": "r1", "map_uid": map_uid(kmap),
+             "pushed_through": "x", "pushed": [], "refused": {"abc": 1, "3": "old reason"}}]})
+    ledger.path.write_text(damage)
+    report = push_backlog(store, kmap, ledger, "r1")
+    assert (report.pushed, report.error, store.count()) == (6, None, 6)
+    assert push_backlog(store, kmap, ledger, "r1").pushed == 0  # and the rewritten ledger is sound again

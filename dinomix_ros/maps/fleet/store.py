@@ -212,7 +212,11 @@ class FleetStore:
         if isinstance(exc, FleetError):
             return exc
         if _unreachable(exc):
-            return FleetUnavailableError(f"fleet {self.where} unreachable ({what}): {_reason(exc)}")
+            hint = ""
+            if self.config.uri.endswith(".db") and what == "connect":
+                hint = (" (a Milvus Lite .db is opened by one process at a time: for several, run `milvus-lite "
+                        f"server --data-dir {self.config.uri}` and give them its http:// URI)")
+            return FleetUnavailableError(f"fleet {self.where} unreachable ({what}): {_reason(exc)}{hint}")
         return FleetError(f"fleet {self.where}: {what} failed: {_reason(exc)}")
 
     def _call(self, what: str, call: Callable[[Any], Any]) -> Any:
