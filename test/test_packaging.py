@@ -28,8 +28,8 @@ ROSDEP_KEYS = {
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
 }
 # no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment); gtsam only
-# by the pose-graph evaluation (a test requirement)
-OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime", "gtsam"}
+# by the pose-graph evaluation (a test requirement), pymilvus (and grpc) only when a fleet is set
+OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime", "gtsam", "pymilvus", "grpc"}
 
 
 def _imports(paths: list[Path]) -> set[str]:

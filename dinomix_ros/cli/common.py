@@ -40,6 +40,7 @@ __all__ = [
     "expand_images",
     "add_bag_flags",
     "exact_search_device",
+    "check_map_out",
 ]
 
 
@@ -259,3 +260,29 @@ def add_bag_flags(group: argparse._ArgumentGroup) -> None:
                        help="nav_msgs/Odometry, geometry_msgs/PoseStamped, PoseWithCovarianceStamped or "
                             "sensor_msgs/NavSatFix topic giving the position at each image stamp")
     add_flags(group, PosePairingConfig, fields=("max_gap_s",))
+
+
+# -------------------------------------------------------------------------------------------------------------- maps
+
+
+def check_map_out(out: Path, append: bool) -> None:
+    """A map OUT (map build, map pull) is a folder this process can write; --append needs a map at OUT; without it,
+    OUT must be new or empty.
+
+    Raises:
+        ValueError: OUT cannot be written, or holds a map (without --append), or other files.
+        MapNotFoundError: --append and no map at OUT.
+    """
+    from dinomix_ros.maps.keyframes import MapNotFoundError
+    from dinomix_ros.maps.manifest import MANIFEST
+    from dinomix_ros.util.files import check_output_dir
+
+    check_output_dir(out, what="OUT")
+    has_map = (out / MANIFEST).is_file()
+    if append and not has_map:
+        raise MapNotFoundError(f"--append: there is no map at {out}; leave out --append to create one")
+    if not append and has_map:
+        raise ValueError(f"{out} already holds a map; pass --append to add to it, or choose another OUT")
+    if not append and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"OUT {out} is a folder that holds other files, not a map; a map is a folder of its own: "
+                         f"choose a new path such as {out / 'my.dinomap'}")

@@ -9,6 +9,7 @@ Actions (each has ``--help`` with defaults):
 * ``map topics BAG``: a bag's topics, types and counts, and which can be used as images, poses or GPS.
 * ``map query MAP IMAGE...``: the top-k keyframes for each image, as JSON.
 * ``map eval``: see :mod:`dinomix_ros.cli.evaluate`.
+* ``map push``, ``map pull``: the fleet's shared map, see :mod:`dinomix_ros.cli.fleet`.
 
 Library errors (bad map, bag, image, model mismatch) end the command with a one-line message and exit code 2
 (see :func:`dinomix_ros.cli.main.main`).
@@ -24,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dinomix_ros.cli import evaluate
+from dinomix_ros.cli import evaluate, fleet
 from dinomix_ros.cli.common import (
     add_bag_flags,
     add_command,
     add_model_flags,
+    check_map_out,
     exact_search_device,
     expand_images,
     make_encoder,
@@ -47,9 +49,10 @@ _logger = logging.getLogger("dinomix.map")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``map {build,info,topics,query,eval}`` to the ``dinomix`` commands."""
-    add_command(sub, "map", _add_actions, summary="build, inspect, query and evaluate keyframe maps",
-                description="Build, inspect, query and evaluate keyframe maps; see each action's --help.")
+    """Add ``map {build,info,topics,query,eval,push,pull}`` to the ``dinomix`` commands."""
+    add_command(sub, "map", _add_actions, summary="build, inspect, query, evaluate and share keyframe maps",
+                description="Build, inspect, query, evaluate and share (fleet) keyframe maps; see each action's "
+                            "--help.")
 
 
 def _add_actions(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +74,7 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
                 description="Loads the map with the model's fingerprint (a map built by another model is refused), "
                             "describes the images and prints the best keyframes per image.")
     evaluate.register(actions)
+    fleet.register(actions)
 
 
 # --------------------------------------------------------------------------------------------------------- map build
@@ -162,7 +166,7 @@ def run_build(args: argparse.Namespace) -> int:
     from dinomix_ros.maps.index import IndexConfig
     from dinomix_ros.maps.keyframes import StorageConfig, utc_now_iso
 
-    _check_out(args.out, args.append)
+    check_map_out(args.out, args.append)
     config, resolved = _bag_source(args) if args.bag is not None else (None, _folder_source(args))
     storage = from_flags(StorageConfig, args).storage_dtype
     index_kind = from_flags(IndexConfig, args, fields=("index",)).index
@@ -234,24 +238,7 @@ def _folder_source(args: argparse.Namespace) -> dict[str, Any]:
 def _check_build_early(raw: list[str]) -> None:
     """OUT, when it comes first (``map build OUT ...``, as documented): anywhere else it is checked after parsing."""
     if raw and not raw[0].startswith("-"):
-        _check_out(Path(raw[0]), "--append" in raw)
-
-
-def _check_out(out: Path, append: bool) -> None:
-    """OUT is a folder this process can write; --append needs a map at OUT; without it, OUT must be new or empty."""
-    from dinomix_ros.maps.keyframes import MapNotFoundError
-    from dinomix_ros.maps.manifest import MANIFEST
-    from dinomix_ros.util.files import check_output_dir
-
-    check_output_dir(out, what="OUT")
-    has_map = (out / MANIFEST).is_file()
-    if append and not has_map:
-        raise MapNotFoundError(f"--append: there is no map at {out}; leave out --append to create one")
-    if not append and has_map:
-        raise ValueError(f"{out} already holds a map; pass --append to add to it, or choose another OUT")
-    if not append and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise ValueError(f"OUT {out} is a folder that holds other files, not a map; a map is a folder of its own: "
-                         f"choose a new path such as {out / 'my.dinomap'}")
+        check_map_out(Path(raw[0]), "--append" in raw)
 
 
 def _open_map(args: argparse.Namespace, fingerprint: dict[str, Any], storage: str) -> KeyframeMap:

@@ -41,6 +41,8 @@ from dinomix_ros.localization.camera_pose import (
 )
 from dinomix_ros.localization.matching import Candidate, Matcher, MatcherConfig, MatchResult
 from dinomix_ros.localization.verification import VerificationConfig, verify_candidates, verify_pair
+from dinomix_ros.maps.fleet.push import backlog_rows
+from dinomix_ros.maps.fleet.records import AddResult, PulledKeyframes
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
 from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
 from dinomix_ros.maps.keyframes import KeyframeMap
@@ -208,6 +210,7 @@ class LiveMap:
             self._matcher_config = config
             self.matcher = Matcher(kmap, index, config)
             self._saved_rows = self._session_start_row = len(kmap)  # rows before: on disk, not "this session"
+            self._merged_rows: set[int] = set()  # rows added by merge_keyframes (recorded elsewhere)
             self._frames = set(kmap.frames)
             zones = kmap.utm_zones[kmap.utm_zones > 0]
             self._utm_zone = int(zones[0]) if zones.size else None
@@ -347,7 +350,8 @@ class LiveMap:
                                                         self.prior_config)
             if verify is not None and result.best is not None:
                 self.counters["verified" if result.best.verified else "verification_rejected"] += 1
-            session_row = result.best is not None and result.best.row >= self._session_start_row
+            session_row = (result.best is not None and result.best.row >= self._session_start_row
+                           and result.best.row not in self._merged_rows)
             recorded, error = False, None
             if self.recording:
                 try:  # a recording problem never costs the frame its localization outputs
@@ -454,6 +458,40 @@ class LiveMap:
         if utm_frame is not None and self._utm_zone is None:
             self._utm_zone = utm_frame[0]
         self.counters["keyframes_recorded"] += 1
+
+    # ------------------------------------------------------------------------------------------------ fleet
+
+    def merge_keyframes(self, pulled: PulledKeyframes) -> AddResult:
+        """Add keyframes recorded elsewhere (a fleet pull) to the map and its index; those it holds already are
+        skipped. They are not this session's (no ``session`` loop closures to them) and are saved with the map."""
+        with self._lock:
+            first = len(self.kmap)
+            result = pulled.add_to(self.kmap)
+            if len(self.kmap) > first:
+                try:
+                    self.index.add(np.asarray(self.kmap.descriptors[first:], dtype=np.float32))
+                except Exception as exc:  # the map took the rows: rebuild the index from it, never diverge
+                    _logger.error("index add failed (%s): rebuilding the index from the map's %d rows", exc,
+                                  len(self.kmap))
+                    self.index = index_for_map(self.kmap, kind=self.index_config.index,
+                                               device=self.index_config.search_device)
+                    self.matcher.index = self.index
+                self._merged_rows.update(range(first, len(self.kmap)))
+                self._frames.update(self.kmap.frame_ids[first:].tolist())
+                zones = self.kmap.utm_zones[self.kmap.utm_zones > 0]
+                if self._utm_zone is None and zones.size:
+                    self._utm_zone = int(zones[0])
+            return result
+
+    def fleet_backlog(self, entry: dict[str, Any], max_rows: int) -> tuple[KeyframeMap, int | None, int]:
+        """What a fleet push still owes under ledger ``entry`` (see :func:`~dinomix_ros.maps.fleet.push.backlog_rows`):
+        a copy of the first ``max_rows`` of those saved keyframes; the largest saved keyframe id (-1: none) when the
+        copy holds them all, else None; and how many there are."""
+        with self._lock:
+            rows = backlog_rows(self.kmap, entry, self._saved_rows)
+            through = int(self.kmap.ids[self._saved_rows - 1]) if self._saved_rows else -1
+            return (self.kmap.subset(rows[:max_rows]), through if rows.shape[0] <= max_rows else None,
+                    int(rows.shape[0]))
 
     # ------------------------------------------------------------------------------------------------ saving
 

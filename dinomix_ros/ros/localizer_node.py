@@ -16,6 +16,11 @@ A managed (lifecycle) node; ``autostart`` (default true) configures and activate
 * activate: subscribe to the cameras and the pose source, start the worker. deactivate: the reverse.
 * cleanup / shutdown / error: save unsaved keyframes when ``map.autosave`` is set, then release everything.
 
+With ``fleet.uri`` set, a :class:`~dinomix_ros.localization.fleet_sync.FleetSync` links the map to the fleet's:
+configure pulls the region of ``fleet.pull_center`` (and pushes what earlier runs left), each successful save pushes
+the new keyframes, ``~/pull_fleet_map`` and ``~/push_fleet_map`` do it on demand, and /diagnostics shows its state.
+A stop does not push (it must be quick): what its autosave wrote is pushed by the next start.
+
 Camera callbacks only store the newest message per camera and count the one they replace as dropped; the pose
 callback parses and buffers. Topics, services and parameters: README and config/localize.yaml (generated from
 :mod:`dinomix_ros.ros.parameters`).
@@ -44,12 +49,14 @@ from visualization_msgs.msg import MarkerArray
 
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
+from dinomix_ros.localization.fleet_sync import FleetSync
 from dinomix_ros.localization.frame_pipeline import FramePipeline
-from dinomix_ros.localization.health import HealthMonitor, StampGaps
+from dinomix_ros.localization.health import OK, WARN, HealthMonitor, StampGaps
 from dinomix_ros.localization import map_commands
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, open_map
 from dinomix_ros.localization.pose_buffer import PoseBuffer
+from dinomix_ros.maps.fleet.region import Region, parse_center
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, pose_from_msg
 from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import camera_qos
@@ -78,6 +85,8 @@ class LocalizerNode(LifecycleNode):
         self.encoder: Encoder | None = None
         self.live: LiveMap | None = None
         self.poses = PoseBuffer()
+        self._last_pose = None  # the newest pose sample: the centre of ~/pull_fleet_map
+        self._fleet: FleetSync | None = None
         self._pose_sub = None
         self._gaps = StampGaps()
         self._outputs: dict = {}
@@ -181,6 +190,22 @@ class LocalizerNode(LifecycleNode):
             f"{info['dtype']} ({info['dtype_reason']}), preprocessing on the {info['preprocess']}, "
             f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {s.index.index}")
         self._create_interfaces()
+        if s.fleet.enabled:
+            self._start_fleet(s)
+
+    def _start_fleet(self, s: params.NodeSettings) -> None:
+        """Link the map to the fleet's: pull the configured region, push what earlier runs left (both queued: a
+        fleet that cannot be reached never delays or fails configure)."""
+        self._fleet = FleetSync(s.fleet, self.encoder.fingerprint.to_dict(), self._log)
+        self._fleet.start()
+        self.get_logger().info(f"fleet: robot {self._fleet.robot}, {self._fleet.store.where}")
+        if s.fleet.pull_at_configure and (s.fleet.pull_center or s.fleet.pull_radius_m == 0):
+            self._fleet.pull(self.live, parse_center(s.fleet.pull_center, s.fleet.pull_radius_m))
+        elif s.fleet.pull_at_configure:
+            self.get_logger().info("fleet: no pull at configure (fleet.pull_radius_m is set but fleet.pull_center "
+                                   "is empty): call ~/pull_fleet_map once the robot has a pose")
+        if s.fleet.push and s.map.path:
+            self._fleet.push(self.live, s.map.path)
 
     def _feature_extractor(self, config: FeatureConfig) -> FeatureExtractor | None:
         """The extractor for the map's feature type (a map's stored type wins over features.type), None if off."""
@@ -217,7 +242,8 @@ class LocalizerNode(LifecycleNode):
                 f"~/{name}", getattr(self, f"_srv_{name}"),
                 lambda request, response, exc, name=name: self._answer(response, False, f"~/{name} failed: {exc}")),
                 callback_group=self._cb_services)
-            for name in ("start_recording", "stop_recording", "save_map", "load_map")]
+            for name in ("start_recording", "stop_recording", "save_map", "load_map", "pull_fleet_map",
+                         "push_fleet_map")]
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # publishers on before the worker can publish
@@ -304,6 +330,9 @@ class LocalizerNode(LifecycleNode):
     def release(self, save: bool = True) -> None:
         """Free everything configure/activate made (cleanup, shutdown, error and Ctrl-C come here)."""
         self._stop_worker()
+        fleet, self._fleet = self._fleet, None
+        if fleet is not None:  # no push now (a stop must be quick): the ledger keeps the backlog for the next start
+            fleet.stop(timeout=1.0)
         if save:
             self._guarded("autosave", self._autosave)()
         for srv in self._service_handles:
@@ -319,14 +348,19 @@ class LocalizerNode(LifecycleNode):
     def _autosave(self) -> None:
         if self.live is None:
             return
-        log, name = self.get_logger(), self.get_fully_qualified_name()
+        name = self.get_fully_qualified_name()
         for level, message in map_commands.autosave(self.live, self._p("map.path"), self._p("map.autosave"), name):
-            if level == "info":  # one call site per severity: rclpy requires it
-                log.info(message)
-            elif level == "warning":
-                log.warning(message)
-            else:
-                log.error(message)
+            self._log(level, message)
+
+    def _log(self, level: str, message: str) -> None:
+        """Log at "info", "warning" or "error" (one call site per severity: rclpy requires it)."""
+        log = self.get_logger()
+        if level == "info":
+            log.info(message)
+        elif level == "warning":
+            log.warning(message)
+        else:
+            log.error(message)
 
     # -------------------------------------------------------------------------------------------------------------
     # pose callback (camera callbacks only store the newest frame: LatestFrames.put)
@@ -344,6 +378,7 @@ class LocalizerNode(LifecycleNode):
             sample = type(sample)(sample.stamp_ns, self._p("pose.topic"), sample.position, sample.orientation,
                                   sample.gps)
         self.poses.add(sample)
+        self._last_pose = sample
 
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         live = self.live
@@ -442,8 +477,41 @@ class LocalizerNode(LifecycleNode):
     def _srv_save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if self.live is None:
             return self._answer(response, False, "not configured")
-        return self._answer(response, *map_commands.save_map(self.live, self._p("map.path"),
-                                                             self.get_fully_qualified_name()))
+        ok, message = map_commands.save_map(self.live, self._p("map.path"), self.get_fully_qualified_name())
+        fleet = self._fleet
+        if ok and fleet is not None and fleet.config.push:
+            fleet.push(self.live, self._p("map.path"))  # in the background: the answer does not wait for it
+            message += f"; pushing to the fleet ({fleet.store.where})"
+        return self._answer(response, ok, message)
+
+    def _srv_pull_fleet_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Pull the region around the robot's latest pose (else fleet.pull_center) into the local map."""
+        live, fleet = self.live, self._fleet
+        if live is None or fleet is None:
+            return self._answer(response, False, "no fleet: set fleet.uri" if live is not None else "not configured")
+        radius, pose = fleet.config.pull_radius_m, self._last_pose
+        if radius > 0 and pose is not None:
+            region = (Region("gps", (float(pose.gps[0]), float(pose.gps[1])), radius)
+                      if pose.gps is not None and math.isfinite(pose.gps[0]) else
+                      Region("position", (float(pose.position[0]), float(pose.position[1])), radius, pose.frame_id))
+        elif radius > 0 and not fleet.config.pull_center:
+            return self._answer(response, False, "no pose yet and fleet.pull_center is empty: nothing to pull "
+                                                 "around (or set fleet.pull_radius_m to 0 for the whole map)")
+        else:
+            region = parse_center(fleet.config.pull_center, radius)
+        return self._answer(response, *fleet.pull(live, region, announce=False).wait(self._fleet_wait_s()))
+
+    def _srv_push_fleet_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Push the saved keyframes the fleet has not got (call ~/save_map first for the newest ones)."""
+        live, fleet = self.live, self._fleet
+        if live is None or fleet is None:
+            return self._answer(response, False, "no fleet: set fleet.uri" if live is not None else "not configured")
+        return self._answer(response, *fleet.push(live, self._p("map.path"), announce=False).wait(
+            self._fleet_wait_s()))
+
+    def _fleet_wait_s(self) -> float:
+        """How long a fleet service waits for its job before answering that it goes on in the background."""
+        return 3 * self._fleet.config.timeout_s
 
     def _srv_load_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         live = self.live
@@ -465,9 +533,12 @@ class LocalizerNode(LifecycleNode):
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  **(pipeline.diagnostics() if pipeline is not None else {})}
         counters = {k: v for k, v in self._counters.items() if k != "processed"}
+        fleet = self._fleet.state() if self._fleet is not None else {}
         level, message, values = self._health.report(
             self._frames.counts(), self._counters["processed"], counters, live.stats() if live is not None else {},
-            extra, empty_map_warns=self._p("mode") == "localize")
+            {**extra, **fleet}, empty_map_warns=self._p("mode") == "localize")
+        if level == OK and fleet.get("fleet_last_error"):
+            level, message = WARN, f"fleet: {fleet['fleet_backlog']} keyframes not pushed; {fleet['fleet_last_error']}"
         self._outputs["diagnostics"].publish(conv.diagnostics_msg(
             self.get_clock().now().nanoseconds, f"{self.get_name()}: place recognition", extra.get("device", ""),
             level, message, values))

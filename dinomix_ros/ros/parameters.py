@@ -24,6 +24,7 @@ from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPrio
 from dinomix_ros.localization.live_map import OutputConfig
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.localization.verification import VerificationConfig
+from dinomix_ros.maps.fleet.config import FleetConfig
 from dinomix_ros.maps.index import IndexConfig
 from dinomix_ros.maps.keyframes import StorageConfig
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS
@@ -201,6 +202,7 @@ PARAMETERS: dict[str, Entry] = table(
     OutputConfig,
     NodeOutputConfig,
     DiagnosticsConfig,
+    FleetConfig,
 )
 
 _ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
@@ -297,6 +299,7 @@ class NodeSettings:
     output: OutputConfig
     node_output: NodeOutputConfig
     diagnostics: DiagnosticsConfig
+    fleet: FleetConfig
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> NodeSettings:

@@ -17,6 +17,7 @@ from dinomix_ros.evaluation.calibration import CalibrationConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.maps.build_bag import BagMapConfig
+from dinomix_ros.maps.fleet.config import FleetConfig
 from dinomix_ros.maps.index import IndexConfig
 from dinomix_ros.maps.keyframes import KeyframeMap, StorageConfig
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
@@ -27,7 +28,7 @@ from dinomix_ros.util.dtypes import MODEL_DTYPES
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = (EncoderConfig, ModelSource, ImageConfig, IndexConfig, StorageConfig, KeyframeGateConfig,
-            PosePairingConfig, MatcherConfig, BagMapConfig, CalibrationConfig)
+            PosePairingConfig, MatcherConfig, BagMapConfig, CalibrationConfig, FleetConfig)
 #: (command, flag) -> default where the command deliberately differs from the setting's default.
 DEFAULT_OVERRIDES = {("map eval", "--exclude-recent-count"): 10}
 #: (command or None for all, flag) declared by hand because argparse needs a special form (a required either-or pair,
@@ -59,7 +60,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 def test_every_command_is_reachable(parsers: dict) -> None:
     assert set(parsers) == {"describe", "model", "model info", "model convert", "model export", "bench", "map",
                             "map build",
-                            "map info", "map topics", "map query", "map eval"}
+                            "map info", "map topics", "map query", "map eval", "map push", "map pull"}
 
 
 def test_setting_flags_have_the_settings_default_help_and_choices(parsers: dict) -> None:
