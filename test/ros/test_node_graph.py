@@ -121,7 +121,7 @@ def test_a_ros1_bag_replays_into_the_node_and_yields_pose_priors(tmp_path) -> No
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(map_path), "cameras.topics": list(topics),
-        "matching.min_similarity": 0.99})
+        "matching.min_similarity": 0.99, "output.pose_prior_mode": "continuous"})
     client = RosClient(domain)
     try:
         priors = client.collect(PoseWithCovarianceStamped, f"{NODE}/pose_prior")
