@@ -45,7 +45,6 @@ from dinomix_ros.localization.verification import VerificationConfig, verify_can
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
 from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
 from dinomix_ros.maps.keyframes import KeyframeMap
-from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig
 from dinomix_ros.settings import check, setting
@@ -439,9 +438,9 @@ class LiveMap:
         """Append one keyframe to the map and its index, which stay in step (caller holds the lock)."""
         frame = pose.frame_id if pose is not None else NO_POSE_FRAME
         columns: dict[str, Any] = {}
-        utm_frame = parse_utm_frame(frame)
-        if pose is not None and pose.gps is not None and utm_frame is not None:
-            columns = geotag_columns(pose.gps[None], zone=utm_frame[0])
+        zone = pose.utm_zone if pose is not None and pose.gps is not None else 0
+        if zone:
+            columns = geotag_columns(pose.gps[None], zone=zone)
         self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=camera, frame_ids=frame,
                       positions=None if pose is None else pose.position[None],
                       orientations=None if pose is None or not pose.has_orientation else pose.orientation[None],
@@ -458,8 +457,8 @@ class LiveMap:
                                        device=self.index_config.search_device)
             self.matcher.index = self.index
         self._frames.add(frame)
-        if utm_frame is not None and self._utm_zone is None:
-            self._utm_zone = utm_frame[0]
+        if zone and self._utm_zone is None:
+            self._utm_zone = zone
         self.counters["keyframes_recorded"] += 1
 
     # ------------------------------------------------------------------------------------------------ saving
