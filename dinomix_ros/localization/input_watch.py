@@ -49,9 +49,9 @@ class InputHealthConfig:
                                            "on)", positive=True, max=86400.0)
     pose_stale_warn_s: float = setting(2.0, "WARN when the pose source's newest pose is older than this many "
                                             "seconds", positive=True, max=86400.0)
-    window_s: float = setting(10.0, "bad images, poses and camera_info, callback errors and QoS mismatches set "
-                                    "the status for this many seconds after they happen (the totals are reported "
-                                    "too)", positive=True, max=86400.0)
+    window_s: float = setting(10.0, "bad images, poses and camera_info and callback errors set the status for this "
+                                    "many seconds after they happen (the totals are reported too)", positive=True,
+                              max=86400.0)
 
     def __post_init__(self) -> None:
         check(self)

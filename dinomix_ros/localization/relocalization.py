@@ -11,6 +11,7 @@ published:
   ``relocalization.trigger_topic``, e.g. cuVSLAM's ``visual_slam/trigger_hint``): the next eligible prior is
   published once and answers every request waiting for it; a request that sees none within
   ``relocalization.request_timeout_s`` fails with the reason (what the frames it waited for were rejected by).
+  Requests are answered the same way in the other modes (without a second publication of that prior).
 * ``when_lost``: only while the consumer's own pose topic (``relocalization.consumer_topic``, e.g. AMCL's
   ``amcl_pose``) says it is lost: its position or yaw std-dev above ``relocalization.lost_sigma_m`` /
   ``lost_sigma_rad``, no pose from it within ``lost_no_pose_s`` of activation (AMCL publishes nothing before its
@@ -63,12 +64,12 @@ class RelocalizationConfig:
 
     SETTINGS_GROUP: ClassVar[str] = "relocalization"
 
-    request_timeout_s: float = setting(10.0, "on_request: how long a request (~/relocalize, or a trigger message) "
-                                             "waits for a verified match before it fails with the reason",
+    request_timeout_s: float = setting(10.0, "how long a request (~/relocalize, or a trigger message) waits for a "
+                                             "verified match before it fails with the reason",
                                        positive=True, max=3600.0)
-    trigger_topic: str = setting("", "on_request: a message on this topic is a request too (e.g. cuVSLAM's "
-                                     "visual_slam/trigger_hint; relative names follow the node's namespace); "
-                                     "empty: none", reconfigure=True)
+    trigger_topic: str = setting("", "a message on this topic is a request, as a ~/relocalize call is (e.g. "
+                                     "cuVSLAM's visual_slam/trigger_hint; relative names follow the node's "
+                                     "namespace); empty: none", reconfigure=True)
     trigger_type: str = setting("pose_cov", "message type of relocalization.trigger_topic: pose_cov "
                                             "(PoseWithCovarianceStamped) or empty (std_msgs/Empty)",
                                 choices=tuple(TRIGGER_TYPES), reconfigure=True)

@@ -573,7 +573,8 @@ class LocalizerNode(LifecycleNode):
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  **self._reloc.stats(now), **(pipeline.diagnostics() if pipeline is not None else {})}
         counters = {k: v for k, v in self._counters.items() if k != "processed"}
-        recent = {k: self._events.recent(k, now) for k in counters}
+        # a publisher with incompatible QoS stays so: that count is a state, never "recent"
+        recent = {k: self._events.recent(k, now) for k in counters if k != "qos_incompatible"}
         findings: list[tuple[int, str]] = []
         if self._lifecycle == "active":
             needs_info = live is not None and live.verifying and bool(self._p("cameras.use_camera_info"))
