@@ -52,12 +52,13 @@ from dinomix_ros.localization import map_commands
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, open_map
 from dinomix_ros.localization.pose_buffer import PoseBuffer
-from dinomix_ros.localization.relocalization import CONSUMER_TYPES, TRIGGER_TYPES, RelocalizationConfig, Relocalizer
+from dinomix_ros.localization.relocalization import RelocalizationConfig, Relocalizer
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, pose_from_msg
 from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import camera_qos
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros import parameters as params
+from dinomix_ros.ros.relocalization_inputs import RelocalizationInputs
 from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
 from dinomix_ros.util.stamps import header_stamp_ns
 
@@ -90,7 +91,6 @@ class LocalizerNode(LifecycleNode):
         self._events = EventWindow()
         self._watch = InputWatch()
         self._reloc = Relocalizer()
-        self._reloc_subs: list = []
         self._lifecycle, self._configure_error = "unconfigured", ""
         self._empty_frame_logged = False
         self._pipeline: FramePipeline | None = None
@@ -99,6 +99,7 @@ class LocalizerNode(LifecycleNode):
         self._cb_services = MutuallyExclusiveCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
         self._cb_relocalize = ReentrantCallbackGroup()  # a waiting ~/relocalize call blocks no other service
+        self._reloc_inputs = RelocalizationInputs(self, self._reloc, self._cb_sensors, self._guarded)
         self._inputs = camera_qos.CameraSubscriptions(self, self._cb_sensors, self._on_image, self._on_incompatible_qos,
                                                       self._guarded)
         # /diagnostics exists in every lifecycle state (unconfigured, failed configure, inactive): a plain publisher
@@ -280,45 +281,16 @@ class LocalizerNode(LifecycleNode):
                 conv.msg_class(POSE_KINDS[self._p("pose.type")]), self._p("pose.topic"),
                 self._guarded("pose", self._on_pose), QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT),
                 callback_group=self._cb_sensors)
-        self._subscribe_relocalization()
+        self._reloc_inputs.start(*(self._p(name) for name in (
+            "output.pose_prior_mode", "relocalization.consumer_topic", "relocalization.consumer_type",
+            "relocalization.trigger_topic", "relocalization.trigger_type")))
         self._worker_stop = threading.Event()
         self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="dinomix-worker",
                                         daemon=True)
         self._worker.start()
         pose = f", pose source {self._pose_sub.topic_name}" if self._pose_sub is not None else ""
-        self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}; {self._describe_prior_mode()}")
-
-    def _subscribe_relocalization(self) -> None:
-        """The consumer's own pose topic (when_lost) and the trigger topic (requests), relative to the namespace."""
-        mode, trigger = self._p("output.pose_prior_mode"), self._p("relocalization.trigger_topic")
-        # best effort, volatile: connects to every publisher (AMCL's amcl_pose is reliable and transient local)
-        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
-        if mode == "when_lost":
-            self._reloc_subs.append(self.create_subscription(
-                conv.msg_class(CONSUMER_TYPES[self._p("relocalization.consumer_type")]),
-                self._p("relocalization.consumer_topic"), self._guarded("consumer pose", self._on_consumer_pose), qos,
-                callback_group=self._cb_sensors))
-        if trigger:
-            self._reloc_subs.append(self.create_subscription(
-                conv.msg_class(TRIGGER_TYPES[self._p("relocalization.trigger_type")]), trigger,
-                self._guarded("relocalization trigger", self._on_trigger),
-                QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE), callback_group=self._cb_sensors))
-
-    def _describe_prior_mode(self) -> str:
-        mode = self._p("output.pose_prior_mode")
-        topics = {s.topic_name for s in self._reloc_subs}
-        if mode == "when_lost":
-            consumer = next(t for t in topics if t != self._trigger_topic())
-            return f"pose priors when {consumer} says its node is lost"
-        text = ("pose priors on request (~/relocalize" if mode == "on_request" else
-                "pose priors continuously (and on request: ~/relocalize")
-        trigger = self._trigger_topic()
-        return text + (f", or a message on {trigger})" if trigger else ")")
-
-    def _trigger_topic(self) -> str | None:
-        if not self._p("relocalization.trigger_topic"):
-            return None
-        return self._reloc_subs[-1].topic_name
+        priors = self._reloc_inputs.describe(self._p("output.pose_prior_mode"))
+        self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}; {priors}")
 
     def _on_incompatible_qos(self, topic: str, event: object) -> None:
         self._count("qos_incompatible")
@@ -365,9 +337,7 @@ class LocalizerNode(LifecycleNode):
         if self._pose_sub is not None:
             self.destroy_subscription(self._pose_sub)
             self._pose_sub = None
-        for sub in self._reloc_subs:
-            self.destroy_subscription(sub)
-        self._reloc_subs = []
+        self._reloc_inputs.stop()
         self._reloc.cancel_all()
 
     def release(self, save: bool = True) -> None:
@@ -425,16 +395,6 @@ class LocalizerNode(LifecycleNode):
             sample = dataclasses.replace(sample, frame_id=fallback)
         self._watch.pose(time.monotonic())
         self.poses.add(sample)
-
-    def _on_consumer_pose(self, msg: object) -> None:
-        """The consumer's own pose (when_lost): its covariance says whether it is lost."""
-        self._reloc.consumer_pose(msg.pose.covariance, time.monotonic())
-
-    def _on_trigger(self, msg: object) -> None:
-        """A message on relocalization.trigger_topic: a request nobody waits for (answered by publishing)."""
-        self._reloc.request(f"trigger {self._trigger_topic()}", time.monotonic())
-        self.get_logger().info(f"relocalization requested on {self._trigger_topic()}: publishing the next verified "
-                               "prior", throttle_duration_sec=1.0)
 
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         live = self.live
