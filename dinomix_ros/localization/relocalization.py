@@ -200,6 +200,7 @@ class Decision:
 
 
 _NO = Decision(False)
+_PUBLISH_WAIT_S = 5.0  # a request taken by a decision at its timeout waits this long more for the publication
 
 
 class Relocalizer:
@@ -290,8 +291,11 @@ class Relocalizer:
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
         request.done.wait(timeout)
         with self._lock:
-            if request in self._pending:
+            taken = request not in self._pending  # a frame's decision took it: its prior is being published
+            if not taken:
                 self._pending.remove(request)
+        if taken:
+            request.done.wait(_PUBLISH_WAIT_S)
         if request.summary is not None:
             return True, f"relocalized: {request.summary.text()}"
         if request.done.is_set():

@@ -200,3 +200,14 @@ def test_summary_of_a_prior() -> None:
     assert summary.frame_id == "map" and summary.keyframe_id == 17 and summary.camera == "/cam"
     assert summary.sigma_xy_m == pytest.approx(0.5) and summary.sigma_yaw_rad == pytest.approx(0.2)
     assert summary.yaw_rad == pytest.approx(0.5) and summary.stamp_ns == 12_500_000_000
+
+
+def test_a_request_taken_at_its_timeout_still_answers_with_the_prior_being_published() -> None:
+    reloc = Relocalizer("on_request")
+    request = reloc.request("~/relocalize", 0.0)
+    decision = reloc.offer(_outcome(), 1.0)  # taken by this frame; the timeout strikes before the publication
+    publisher = threading.Timer(0.3, reloc.published, args=(decision,))
+    publisher.start()
+    ok, message = reloc.wait(request, 0.01)
+    publisher.join()
+    assert ok, message
