@@ -11,9 +11,14 @@ naming) gives the live map its intrinsics.
 
 A managed (lifecycle) node; ``autostart`` (default true) configures and activates it at start-up.
 
+* construction: /diagnostics (a plain publisher and timer: it reports every lifecycle state, a failed configure with
+  its reason; what it checks: :mod:`~dinomix_ros.localization.input_watch`).
 * configure: check every parameter, load the model and the map (refused if its model fingerprint differs), build
-  the search index, create publishers and services. FAILURE (node unconfigured, reason logged) on any error.
-* activate: subscribe to the cameras and the pose source, start the worker. deactivate: the reverse.
+  the search index, create publishers and services (``~/relocalize`` among them). FAILURE (node unconfigured,
+  reason logged and in /diagnostics) on any error.
+* activate: subscribe to the cameras, the pose source and the relocalization inputs, start the worker. deactivate:
+  the reverse (waiting relocalization requests fail). When a pose prior is published: ``output.pose_prior_mode``,
+  decided by :class:`~dinomix_ros.localization.relocalization.Relocalizer`.
 * cleanup / shutdown / error: save unsaved keyframes when ``map.autosave`` is set, then release everything.
 
 Camera callbacks only store the newest message per camera and count the one they replace as dropped; the pose
