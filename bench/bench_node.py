@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     domain = args.domain if args.domain is not None else random.Random().randrange(150, 230)
     params = {"model.random_weights": True, "model.variant": args.variant, "model.device": args.device,
               "map.path": str(map_path), "map.index": args.index, "matching.min_similarity": -1.0,
-              "cameras.reliability": "reliable", "diagnostics.period_s": 0.5}
+              "cameras.reliability": "reliable", "diagnostics.period_s": 0.5, "output.pose_prior_mode": "continuous"}
     if args.dtype:
         params["model.dtype"] = args.dtype
     if args.backend != "torch":

@@ -175,14 +175,26 @@ def spec_of(cls: type, name: str) -> Spec:
 
 
 def table(*parts: type | tuple) -> dict[str, Entry]:
-    """Qualified name -> :class:`Entry` over several classes: each part is a class or ``(class, fields)``."""
+    """Qualified name -> :class:`Entry` over several classes: each part is a class or ``(class, fields)``.
+
+    A group's settings must be contiguous: rendered as YAML a group is one mapping, and a group split by another
+    would be two mappings of the same key (the second silently replacing the first).
+    """
     out: dict[str, Entry] = {}
+    closed: set[str] = set()  # groups another group has followed
     for part in parts:
         cls, fields = part if isinstance(part, tuple) else (part, None)
         for entry in entries(cls, fields=fields):
             if entry.name in out:
                 raise ValueError(f"setting {entry.name} is declared twice ({out[entry.name].owner.__name__}, "
                                  f"{cls.__name__})")
+            group = entry.name.rpartition(".")[0]
+            last = next(reversed(out)).rpartition(".")[0] if out else group
+            if group != last:
+                closed.add(last)
+            if group in closed:
+                raise ValueError(f"settings of group {group!r} are split by another group ({cls.__name__}): "
+                                 "keep a group's classes next to each other")
             out[entry.name] = entry
     return out
 

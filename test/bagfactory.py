@@ -176,8 +176,8 @@ class GeoOrigin:
 
     @property
     def frame_id(self) -> str:
-        """The frame bagio gives a NavSatFix track around this origin: ``utm_<zone><band>``."""
-        return f"utm_{self.utm.zone}{self.utm.band}"
+        """The frame bagio gives a NavSatFix track around this origin: ``utm`` (the zone is the map's)."""
+        return "utm"
 
 
 # --------------------------------------------------------------------------------------------------- images

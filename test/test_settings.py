@@ -88,6 +88,8 @@ def test_table_and_entries() -> None:
     assert t["demo.topics"].type is tuple and t["other.count"].default == 7
     with pytest.raises(ValueError, match="declared twice"):
         table(Demo, Demo)
+    with pytest.raises(ValueError, match="group 'demo' are split by another group"):
+        table((Demo, ("count",)), Other, (Demo, ("ratio",)))
     assert spec_of(Demo, "ratio").limits_text() == "[0 .. 1]"
     assert spec_of(Demo, "scale").limits_text() == "(0 .. 100]"
     assert spec_of(Demo, "mode").limits_text() == "one of fast, slow"

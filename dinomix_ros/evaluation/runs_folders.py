@@ -194,10 +194,9 @@ def _metric_positions(tags: list[ImageGeotag], what: str, folder: Path) -> tuple
 
 
 def _utm_frame(tags: list[ImageGeotag]) -> str:
-    from dinomix_ros.maps.sources.geo import utm_frame_id
+    from dinomix_ros.maps.sources.geo import UTM_FRAME
 
-    first = next(t.utm for t in tags if t.utm is not None)
-    return utm_frame_id(first.zone, first.band)
+    return UTM_FRAME
 
 
 # ------------------------------------------------------------------- (a) the VPR layout: index ground truth

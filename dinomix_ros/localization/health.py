@@ -105,13 +105,18 @@ class HealthMonitor:
                 self._stages.append(tuple(float(stages.get(name, 0.0)) for name in STAGES))
 
     def report(self, frames: FrameCounts, processed: int, counters: dict[str, int], live: dict[str, Any],
-               extra: dict[str, Any], empty_map_warns: bool) -> tuple[int, str, dict[str, Any]]:
+               extra: dict[str, Any], empty_map_warns: bool, recent: dict[str, int] | None = None,
+               findings: list[tuple[int, str]] = ()) -> tuple[int, str, dict[str, Any]]:
         """(level, message, values) for a diagnostics status.
 
         Args:
             frames: camera frames received/dropped so far.
             processed: frames processed so far.
-            counters: the node's error counters (``bad_images``, ``bad_poses``...).
+            counters: the node's error counters (``bad_images``, ``bad_poses``...), totals.
+            recent: the same counters over the recent window (:class:`~.input_watch.EventWindow`): they set the
+                status (default: the totals) and are reported as ``<name>_recent``.
+            findings: more problems as (level, message) (:class:`~.input_watch.InputWatch`); an ERROR outranks
+                every WARN, and the status lists how many more problems there are.
             live: :meth:`~dinomix_ros.localization.live_map.LiveMap.stats` (empty when unconfigured).
             extra: more values to show (device, model fingerprint...).
             empty_map_warns: an empty map is a warning (localize mode, not recording).
@@ -134,15 +139,24 @@ class HealthMonitor:
 
         values = {"input_rate_hz": (frames.received - received_prev) / dt,
                   "processed_rate_hz": (processed - processed_prev) / dt, "frames_received": frames.received,
-                  "frames_processed": processed, "frames_dropped": frames.dropped, **counters, **live,
+                  "frames_processed": processed, "frames_dropped": frames.dropped, **counters,
+                  **{f"{k}_recent": v for k, v in (recent or {}).items()}, **live,
                   "latency_p50_ms": pct(0, 50), "latency_p95_ms": pct(0, 95), "processing_p50_ms": pct(1, 50),
                   "processing_p95_ms": pct(1, 95), **stage_values, **extra}
+        counters = counters if recent is None else {**counters, **recent}
         level, message = OK, "ok"
         # lowest priority first: the status line names the most serious problem
         if empty_map_warns and live.get("map_keyframes", 0) == 0 and not live.get("recording", False):
             level, message = WARN, "map is empty"
+        lately = "" if recent is None else " recently"
+        if counters.get("bad_poses"):
+            level, message = WARN, f"{counters['bad_poses']} pose-source messages refused{lately}"
+        if counters.get("bad_camera_info"):
+            level, message = WARN, f"{counters['bad_camera_info']} camera_info messages refused{lately}"
         if counters.get("bad_images"):
-            level, message = WARN, f"{counters['bad_images']} bad images skipped"
+            level, message = WARN, f"{counters['bad_images']} bad images skipped{lately}"
+        if counters.get("callback_errors"):
+            level, message = WARN, f"{counters['callback_errors']} callback errors{lately} (see the log)"
         if live.get("keyframes_not_recorded_errors"):
             level, message = WARN, f"{live['keyframes_not_recorded_errors']} keyframes could not be recorded"
         loss = values.get("input_loss_estimate", 0.0)
@@ -152,4 +166,11 @@ class HealthMonitor:
         if counters.get("qos_incompatible"):
             level, message = WARN, (f"{counters['qos_incompatible']} camera publishers with incompatible QoS: their "
                                     "frames are not received (set cameras.reliability to auto)")
+        problems = ([(level, message)] if level > OK else []) + [p for p in findings if p[0] > OK]
+        if not problems:
+            return OK, "ok", values
+        problems.sort(key=lambda p: -p[0])  # stable: an ERROR first, else the most serious warning above
+        level, message = problems[0]
+        if len(problems) > 1:
+            message += f" (+{len(problems) - 1} more: " + "; ".join(m for _, m in problems[1:]) + ")"
         return level, message, values

@@ -40,13 +40,13 @@ from dinomix_ros.localization.camera_pose import (
     CameraMountConfig, RelativePose, VerifiedPriorConfig, relative_base_pose, verified_prior,
 )
 from dinomix_ros.localization.matching import Candidate, Matcher, MatcherConfig, MatchResult
+from dinomix_ros.localization.relocalization import POSE_PRIOR_MODES
 from dinomix_ros.localization.verification import VerificationConfig, verify_candidates, verify_pair
 from dinomix_ros.maps.fleet.push import backlog_rows
 from dinomix_ros.maps.fleet.records import AddResult, PulledKeyframes
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
 from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
 from dinomix_ros.maps.keyframes import KeyframeMap
-from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig
 from dinomix_ros.settings import check, setting
@@ -66,9 +66,14 @@ class OutputConfig:
 
     SETTINGS_GROUP: ClassVar[str] = "output"
 
-    pose_prior_min_period_s: float = setting(0.0, "publish ~/pose_prior at most once per this many seconds (e.g. 10 "
-                                                  "when remapped to nav2's /initialpose; 0: every accepted match)",
-                                             min=0.0, max=86400.0)
+    pose_prior_mode: str = setting("on_request", "when ~/pose_prior is published: on_request (the next verified "
+                                                 "prior once per ~/relocalize call or relocalization.trigger_topic "
+                                                 "message: AMCL, RTAB-Map, cuVSLAM), when_lost (while "
+                                                 "relocalization.consumer_topic says the consumer is lost), "
+                                                 "continuous (every accepted match: an EKF or a pose graph)",
+                                   choices=POSE_PRIOR_MODES)
+    pose_prior_min_period_s: float = setting(0.0, "continuous mode: publish ~/pose_prior at most once per this many "
+                                                  "seconds (0: every accepted match)", min=0.0, max=86400.0)
     loop_closure_scope: str = setting("session", "publish ~/loop_closure for matches to keyframes recorded in this "
                                                  "run (session) or to any keyframe (all)", choices=("session", "all"))
 
@@ -82,7 +87,8 @@ class FrameOutcome:
 
     Attributes:
         result: candidates, accept/reject decision and pose prior.
-        publish_prior: publish ``result.prior`` (accepted, has a prior, outside the rate limit).
+        publish_prior: in continuous mode, publish ``result.prior`` (accepted, has a prior, outside the rate limit);
+            the other modes of ``output.pose_prior_mode`` decide in :mod:`.relocalization`.
         publish_loop_closure: publish ``[t_query, t_match]`` (accepted and within the loop-closure scope).
         recorded: the frame was added to the map as a keyframe.
         time_jump_s: seconds the camera's time went back (the match state was restarted), else None.
@@ -436,9 +442,9 @@ class LiveMap:
         """Append one keyframe to the map and its index, which stay in step (caller holds the lock)."""
         frame = pose.frame_id if pose is not None else NO_POSE_FRAME
         columns: dict[str, Any] = {}
-        utm_frame = parse_utm_frame(frame)
-        if pose is not None and pose.gps is not None and utm_frame is not None:
-            columns = geotag_columns(pose.gps[None], zone=utm_frame[0])
+        zone = pose.utm_zone if pose is not None and pose.gps is not None else 0
+        if zone:
+            columns = geotag_columns(pose.gps[None], zone=zone)
         self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=camera, frame_ids=frame,
                       positions=None if pose is None else pose.position[None],
                       orientations=None if pose is None or not pose.has_orientation else pose.orientation[None],
@@ -455,8 +461,8 @@ class LiveMap:
                                        device=self.index_config.search_device)
             self.matcher.index = self.index
         self._frames.add(frame)
-        if utm_frame is not None and self._utm_zone is None:
-            self._utm_zone = utm_frame[0]
+        if zone and self._utm_zone is None:
+            self._utm_zone = zone
         self.counters["keyframes_recorded"] += 1
 
     # ------------------------------------------------------------------------------------------------ fleet

@@ -13,9 +13,10 @@ Bags (:func:`build_map_from_bag`):
   in flight), so memory stays bounded whatever the bag size.
 * An undecodable keyframe image is counted (``bad``), logged, and the gate is rolled back to its state before that
   frame, so the next good frame can take its place.
-* Keyframes get the pose track's frame (``header.frame_id`` of the pose messages, ``utm_<zone><band>`` for a
-  NavSatFix pose topic), the camera name (default: the topic), source ``bag:<topic>@<stamp_ns>``, and GPS/UTM geotags
-  interpolated from ``gps_topic`` when one is given (a NavSatFix pose topic is also used as the GPS topic by default).
+* Keyframes get the pose track's frame (``header.frame_id`` of the pose messages, ``utm`` for a NavSatFix pose
+  topic, in the zone of its first fix), the camera name (default: the topic), source ``bag:<topic>@<stamp_ns>``,
+  and GPS/UTM geotags interpolated from ``gps_topic`` when one is given (a NavSatFix pose topic is also used as the
+  GPS topic by default).
 
 What every builder shares (:class:`~dinomix_ros.maps.build.BuildReport`, :class:`~dinomix_ros.maps.build.MapBuildError`)
 lives in :mod:`dinomix_ros.maps.build`.
@@ -56,7 +57,6 @@ from dinomix_ros.maps.sources.bags import (
     read_camera_info,
     read_pose_track,
 )
-from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PosePairingConfig, PoseTrack
 from dinomix_ros.settings import check, setting
 from dinomix_ros.util.progress import progress_bar
@@ -84,7 +84,7 @@ class BagMapConfig:
     Attributes:
         image_topics: sensor_msgs/Image or CompressedImage topics, one per camera (a list is accepted).
         pose_topic: nav_msgs/Odometry, geometry_msgs/PoseStamped, PoseWithCovarianceStamped or sensor_msgs/NavSatFix
-            topic giving the camera/robot position (NavSatFix: UTM, frame ``utm_<zone><band>``, no orientation).
+            topic giving the camera/robot position (NavSatFix: UTM, frame ``utm``, no orientation).
         gps_topic: optional NavSatFix topic used only to geotag keyframes (lat/lon/alt and UTM, interpolated at the
             image stamps). None with a NavSatFix ``pose_topic`` uses the pose topic; "" switches geotags off.
         pairing: ``pairing.max_gap_s``: an image is refused (counted as ``no_pose``) unless poses lie within this
@@ -354,9 +354,9 @@ def build_map_from_bag(
         gps_topic = config.pose_topic  # a NavSatFix pose topic geotags the keyframes too
     gps = None
     if gps_topic:
-        # With a NavSatFix pose topic the geotags use the zone of the pose frame, so positions and UTM agree.
-        utm_frame = parse_utm_frame(frame_id) if pose_is_gps else None
-        zone = utm_frame[0] if utm_frame else None
+        # With a NavSatFix pose topic the geotags use the zone of the poses (their first fix's), so positions and UTM
+        # agree; read_gps_fixes keeps the fixes pose_from_msg accepts.
+        zone = GpsTrack.from_fixes(read_gps_fixes(poses_from, config.pose_topic)).zone if pose_is_gps else None
         gps = GpsTrack.from_fixes(read_gps_fixes(poses_from, gps_topic), utm_zone=zone)
     logger.info("building from %s: %d poses in frame %r from %s in %s, %s; images %s (cameras %s)", bag, len(track),
                 frame_id, config.pose_topic, poses_from, f"GPS geotags from {gps_topic} ({len(gps)} fixes)" if gps else

@@ -6,8 +6,7 @@ Image folders (:func:`build_map_from_folder`):
   ``index * 1 s`` would look like real time to the live node's recency filters. The row order is the file order.
 * x/y[/yaw] geotags (CSV): position ``(x, y, 0)``, orientation the yaw about +z when given, frame ``"map"``.
 * UTM/GPS geotags (file names, CSV, EXIF): position ``(easting, northing, altitude or 0)``, no orientation, frame
-  ``utm_<zone><band>`` (one zone and band label for the whole build, see :func:`build_map_from_folder`), plus the
-  gps and utm columns.
+  ``utm`` (one zone for the whole build, see :func:`build_map_from_folder`), plus the gps and utm columns.
 * No geotag: no position, frame :data:`NO_POSE_FRAME` (``"none"``; the map format needs a non-empty frame id). Such a
   map still works for retrieval; it just cannot give a pose prior.
 
@@ -33,7 +32,7 @@ from dinomix_ros.maps.build import _target_map  # one check of the map a build a
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import FeatureRecorder
-from dinomix_ros.maps.sources.geo import parse_utm_frame, utm_frame_id
+from dinomix_ros.maps.sources.geo import UTM_FRAME
 from dinomix_ros.maps.sources.imagefolder import geotag_images
 from dinomix_ros.maps.sources.poses import yaw_to_quat
 from dinomix_ros.util.progress import progress_bar
@@ -46,22 +45,17 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------- folder builder
 
 
-def _map_utm_zone(kmap: KeyframeMap | None) -> tuple[int, str] | None:
-    """(zone, band) of the map's ``utm_<zone><band>`` frame, if it has exactly one."""
+def _map_utm_zone(kmap: KeyframeMap | None) -> int | None:
+    """The UTM zone of the map's geotagged keyframes (one per map), if it has any."""
     if kmap is None:
         return None
-    found = {parsed for f in kmap.frames if (parsed := parse_utm_frame(f))}
-    return found.pop() if len(found) == 1 else None
+    zones = {int(z) for z in kmap.utm_zones.tolist() if z}
+    return zones.pop() if len(zones) == 1 else None
 
 
-def _folder_rows(tags: list[Any], map_band: str | None) -> dict[str, Any]:
-    """Keyframe columns of geotagged images (see the module docstring): poses, frames, sources and geotags.
-
-    ``map_band``: the band of the map's ``utm_<zone><band>`` frame when appending, so every UTM keyframe of a map
-    carries one frame label; default: the band of the first UTM-tagged image.
-    """
+def _folder_rows(tags: list[Any]) -> dict[str, Any]:
+    """Keyframe columns of geotagged images (see the module docstring): poses, frames, sources and geotags."""
     n = len(tags)
-    band = map_band or next((t.utm.band for t in tags if t.utm is not None), "")
     pos, ori = np.full((n, 3), np.nan), np.full((n, 4), np.nan)
     gps, utm = np.full((n, 3), np.nan), np.full((n, 2), np.nan)
     bands, frames = [""] * n, [NO_POSE_FRAME] * n
@@ -77,7 +71,7 @@ def _folder_rows(tags: list[Any], map_band: str | None) -> dict[str, Any]:
                 ori[i] = yaw_to_quat(t.yaw)
         elif t.utm is not None:
             pos[i] = (t.utm.easting, t.utm.northing, 0.0 if t.alt is None else t.alt)
-            frames[i] = utm_frame_id(t.utm.zone, band)
+            frames[i] = UTM_FRAME
     columns = geotag_columns(gps, zone, utm=utm if zone is not None else None, bands=bands)
     return {"frame_ids": frames, "positions": pos, "orientations": ori, **columns,
             "sources": [str(t.path) for t in tags]}
@@ -100,8 +94,8 @@ def build_map_from_folder(
     """One keyframe per image of a folder (natural file order), geotagged from file names, a CSV or EXIF.
 
     See the module docstring for the poses, frames and stamps each kind of geotag gives. UTM positions use one zone
-    for the whole build (the existing map's ``utm_<zone><band>`` frame when appending, else the most common zone of
-    the images) and one frame label: that of the map, else the band of the first geotagged image.
+    for the whole build (the existing map's zone when appending, else the most common zone of the images), in the
+    frame ``utm``.
 
     Args:
         folder: the image folder.
@@ -132,9 +126,8 @@ def build_map_from_folder(
     if not isinstance(camera, str) or not camera:
         raise MapBuildError(f"camera is {camera!r}; expected a non-empty name such as 'images'")
     known_utm = _map_utm_zone(kmap)
-    tags = geotag_images(folder, geotag_source, csv_path, recursive=recursive,
-                         utm_zone=known_utm[0] if known_utm else None)
-    rows = _folder_rows(tags, known_utm[1] if known_utm else None)
+    tags = geotag_images(folder, geotag_source, csv_path, recursive=recursive, utm_zone=known_utm)
+    rows = _folder_rows(tags)
     frames = rows["frame_ids"]
     report = BuildReport(source=f"images:{folder}", images_seen=len(tags))
     report.no_geotag = sum(f == NO_POSE_FRAME for f in frames)

@@ -14,7 +14,8 @@ import numpy as np
 from dinomix_ros.maps.sources import geo
 from dinomix_ros.maps.sources.poses import PoseTrack
 
-__all__ = ["NO_POSE_FRAME", "GpsTrack", "geotag_columns", "interpolate_fixes", "unknown_geotags"]
+__all__ = ["NO_POSE_FRAME", "GpsTrack", "geotag_columns", "interpolate_fixes", "unknown_geotags",
+           "rename_legacy_utm_frames"]
 
 #: Frame id of keyframes without any pose (the map format needs a non-empty frame id).
 NO_POSE_FRAME = "none"
@@ -65,6 +66,23 @@ def geotag_columns(gps: np.ndarray, zone: int | None = None, *, northern: bool |
     for i in np.flatnonzero(fixed | given):
         out["utm_zones"][i] = zone
         out["utm_bands"][i] = bands[i] if given[i] else geo.utm_band(float(gps[i, 0]))
+    return out
+
+
+def rename_legacy_utm_frames(frame_ids: np.ndarray, utm_zones: np.ndarray) -> np.ndarray:
+    """Frame ids with the legacy ``utm_<zone><band>`` frames of older maps renamed to ``utm`` (a frame a TF tree has:
+    navsat_transform's), when that changes nothing they mean: one zone in the map, and every renamed row's stored
+    ``utm_zone`` (0 = none stored) equal to its frame's. Anything else is returned unchanged (and still loads)."""
+    parsed = {f: geo.parse_utm_frame(f) for f in set(frame_ids.tolist())}
+    legacy = {f: p for f, p in parsed.items() if p is not None}
+    if not legacy or len({zone for zone, _ in legacy.values()}) != 1:
+        return frame_ids
+    zone = next(iter(legacy.values()))[0]
+    rows = np.isin(frame_ids, list(legacy))
+    if np.any((utm_zones[rows] != 0) & (utm_zones[rows] != zone)):
+        return frame_ids
+    out = frame_ids.astype(object)  # a copy: the loaded column stays read-only
+    out[rows] = geo.UTM_FRAME
     return out
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.maps.errors import MapError, MapFormatError
 from dinomix_ros.maps.keyframe_csv import parse_csv
+from dinomix_ros.maps.geotags import rename_legacy_utm_frames
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import KeyframeFeatures, slot_dtype
 from dinomix_ros.maps.manifest import corrupted, open_map_file, read_manifest
@@ -119,6 +120,7 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
                 index_rec = None
         cols = parse_csv(_read_verified(kf_file, kf_rec, verify=True), kf_rec["file"], count)
         _check_table_matches(manifest, cols, kf_rec["file"])
+        cols["frame_ids"] = rename_legacy_utm_frames(cols["frame_ids"], cols["utm_zones"])  # utm_33U -> utm
         segments = [_open_chunk(f, rec, dim, dtype, start, mmap=mmap, verify=verify)
                     for f, rec, start in zip(chunk_files, files["descriptors"], starts)]
         local = _load_features(manifest, feature_files, mmap=mmap, verify=verify)

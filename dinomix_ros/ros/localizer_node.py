@@ -11,9 +11,14 @@ naming) gives the live map its intrinsics.
 
 A managed (lifecycle) node; ``autostart`` (default true) configures and activates it at start-up.
 
+* construction: /diagnostics (a plain publisher and timer: it reports every lifecycle state, a failed configure with
+  its reason; what it checks: :mod:`~dinomix_ros.localization.input_watch`).
 * configure: check every parameter, load the model and the map (refused if its model fingerprint differs), build
-  the search index, create publishers and services. FAILURE (node unconfigured, reason logged) on any error.
-* activate: subscribe to the cameras and the pose source, start the worker. deactivate: the reverse.
+  the search index, create publishers and services (``~/relocalize`` among them). FAILURE (node unconfigured,
+  reason logged and in /diagnostics) on any error.
+* activate: subscribe to the cameras, the pose source and the relocalization inputs, start the worker. deactivate:
+  the reverse (waiting relocalization requests fail). When a pose prior is published: ``output.pose_prior_mode``,
+  decided by :class:`~dinomix_ros.localization.relocalization.Relocalizer`.
 * cleanup / shutdown / error: save unsaved keyframes when ``map.autosave`` is set, then release everything.
 
 With ``fleet.uri`` set, a :class:`~dinomix_ros.localization.fleet_sync.FleetSync` links the map to the fleet's:
@@ -28,6 +33,7 @@ callback parses and buffers. Topics, services and parameters: README and config/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -38,7 +44,7 @@ from pathlib import Path
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -51,17 +57,20 @@ from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
 from dinomix_ros.localization.fleet_sync import FleetSync
 from dinomix_ros.localization.frame_pipeline import FramePipeline
-from dinomix_ros.localization.health import OK, WARN, HealthMonitor, StampGaps
+from dinomix_ros.localization.health import ERROR, WARN, HealthMonitor, StampGaps
+from dinomix_ros.localization.input_watch import EventWindow, InputHealthConfig, InputWatch
 from dinomix_ros.localization import map_commands
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, open_map
 from dinomix_ros.localization.pose_buffer import PoseBuffer
+from dinomix_ros.localization.relocalization import RelocalizationConfig, Relocalizer
 from dinomix_ros.maps.fleet.region import Region, parse_center
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, pose_from_msg
 from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import camera_qos
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros import parameters as params
+from dinomix_ros.ros.relocalization_inputs import RelocalizationInputs
 from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
 from dinomix_ros.util.stamps import header_stamp_ns
 
@@ -91,16 +100,28 @@ class LocalizerNode(LifecycleNode):
         self._gaps = StampGaps()
         self._outputs: dict = {}
         self._service_handles: list = []
-        self._diag_timer = None
         self._counters = {"bad_images": 0, "bad_poses": 0, "bad_camera_info": 0, "callback_errors": 0,
                           "qos_incompatible": 0, "processed": 0}
+        self._events = EventWindow()
+        self._watch = InputWatch()
+        self._reloc = Relocalizer()
+        self._lifecycle, self._configure_error = "unconfigured", ""
+        self._empty_frame_logged = False
         self._pipeline: FramePipeline | None = None
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
+        self._cb_relocalize = ReentrantCallbackGroup()  # a waiting ~/relocalize call blocks no other service
+        self._reloc_inputs = RelocalizationInputs(self, self._reloc, self._cb_sensors, self._guarded)
         self._inputs = camera_qos.CameraSubscriptions(self, self._cb_sensors, self._on_image, self._on_incompatible_qos,
                                                       self._guarded)
+        # /diagnostics exists in every lifecycle state (unconfigured, failed configure, inactive): a plain publisher
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        self._diag_timer = self.create_timer(float(self._p("diagnostics.period_s")),
+                                             self._guarded("diagnostics", self._publish_diagnostics),
+                                             callback_group=self._cb_timer)
 
     # -------------------------------------------------------------------------------------------------------------
     # parameters
@@ -128,7 +149,7 @@ class LocalizerNode(LifecycleNode):
             try:
                 return callback(*args)
             except Exception as exc:
-                self._counters["callback_errors"] += 1
+                self._count("callback_errors")
                 self.get_logger().error(f"{what} failed: {exc!r}", throttle_duration_sec=5.0)
                 return fallback(*args, exc) if fallback is not None else None
         return guarded
@@ -141,7 +162,14 @@ class LocalizerNode(LifecycleNode):
         if reason:
             return SetParametersResult(successful=False, reason=reason)
         params.apply_runtime(self.live, self.poses, values, changed)
+        self._reloc.reconfigure(values["output.pose_prior_mode"], params.build(RelocalizationConfig, values))
+        self._events.window_s = float(values["diagnostics.window_s"])
         return SetParametersResult(successful=True)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        """An error or event: its total and its recent window (the status looks at the window)."""
+        self._counters[name] += n
+        self._events.add(name, time.monotonic(), n)
 
     # -------------------------------------------------------------------------------------------------------------
     # lifecycle
@@ -152,7 +180,9 @@ class LocalizerNode(LifecycleNode):
         except Exception as exc:  # any failure leaves the node unconfigured, with the reason logged
             self.get_logger().error(f"configuration failed: {exc}")
             self.release(save=False)
+            self._configure_error = str(exc) or type(exc).__name__
             return TransitionCallbackReturn.FAILURE
+        self._lifecycle, self._configure_error = "inactive", ""
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
@@ -177,6 +207,8 @@ class LocalizerNode(LifecycleNode):
                             has_pose_source=bool(s.pose.topic), verification=s.verification, features=s.features,
                             mount=s.mount, prior=s.verified_prior)
         self.poses = PoseBuffer(s.pairing)
+        self._reloc.reconfigure(s.output.pose_prior_mode, s.relocalization)
+        self._events.window_s = s.input_health.window_s
         warn = functools.partial(self.get_logger().warning, throttle_duration_sec=5.0)
         self._pipeline = FramePipeline(self.encoder, self.poses, self._feature_extractor(s.features), warn)
         self._apply_calibration(self.live.matcher_config.min_similarity, s.matcher.min_similarity)
@@ -235,7 +267,6 @@ class LocalizerNode(LifecycleNode):
             "matches": publisher(PointCloud2, "~/matches", reliable),
             "loop_closure": publisher(Float64MultiArray, "~/loop_closure", rare),
             "markers": publisher(MarkerArray, "~/markers", reliable),
-            "diagnostics": publisher(DiagnosticArray, "/diagnostics", reliable),
         }
         self._service_handles = [
             self.create_service(Trigger, f"~/{name}", self._guarded(
@@ -244,6 +275,10 @@ class LocalizerNode(LifecycleNode):
                 callback_group=self._cb_services)
             for name in ("start_recording", "stop_recording", "save_map", "load_map", "pull_fleet_map",
                          "push_fleet_map")]
+        self._service_handles.append(self.create_service(Trigger, "~/relocalize", self._guarded(
+            "~/relocalize", self._srv_relocalize,
+            lambda request, response, exc: self._answer(response, False, f"~/relocalize failed: {exc}")),
+            callback_group=self._cb_relocalize))
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # publishers on before the worker can publish
@@ -256,12 +291,16 @@ class LocalizerNode(LifecycleNode):
             self._stop_worker()
             super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE
+        self._lifecycle = "active"
         return TransitionCallbackReturn.SUCCESS
 
     def _activate(self) -> None:
         resolved = [camera_qos.resolve(self, topic) for topic in self._p("cameras.topics")]
         self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"))
         self._gaps = StampGaps()
+        now = time.monotonic()
+        self._watch = InputWatch(resolved, now, pose_source=bool(self._p("pose.topic")))
+        self._reloc.start(now)
         self.poses.clear()
         self._pipeline.depth.clear()
         self._inputs.start(resolved, self._p("cameras.reliability"), int(self._p("cameras.depth")))
@@ -273,28 +312,32 @@ class LocalizerNode(LifecycleNode):
                 conv.msg_class(POSE_KINDS[self._p("pose.type")]), self._p("pose.topic"),
                 self._guarded("pose", self._on_pose), QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT),
                 callback_group=self._cb_sensors)
+        self._reloc_inputs.start(*(self._p(name) for name in (
+            "output.pose_prior_mode", "relocalization.consumer_topic", "relocalization.consumer_type",
+            "relocalization.trigger_topic", "relocalization.trigger_type")))
         self._worker_stop = threading.Event()
         self._worker = threading.Thread(target=self._work, args=(self._worker_stop,), name="dinomix-worker",
                                         daemon=True)
         self._worker.start()
-        self._diag_timer = self.create_timer(float(self._p("diagnostics.period_s")),
-                                             self._guarded("diagnostics", self._publish_diagnostics),
-                                             callback_group=self._cb_timer)
         pose = f", pose source {self._pose_sub.topic_name}" if self._pose_sub is not None else ""
-        self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}")
+        priors = self._reloc_inputs.describe(self._p("output.pose_prior_mode"))
+        self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}; {priors}")
 
     def _on_incompatible_qos(self, topic: str, event: object) -> None:
-        self._counters["qos_incompatible"] += 1
+        self._count("qos_incompatible")
         self.get_logger().warning(f"camera {topic}: a publisher offers QoS this subscription cannot connect to "
                                   f"(policy {event.last_policy_kind}); its frames are not received: set "
                                   "cameras.reliability to auto", throttle_duration_sec=5.0)
 
     def _on_image(self, topic: str, msg: object) -> None:
         self._frames.put(topic, msg)
-        self._gaps.add(topic, header_stamp_ns(msg))
+        stamp = header_stamp_ns(msg)
+        self._gaps.add(topic, stamp)
+        self._watch.frame(topic, stamp, time.monotonic())
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
+        self._lifecycle = "inactive"
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
@@ -303,11 +346,13 @@ class LocalizerNode(LifecycleNode):
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
         self.release()
+        self._lifecycle = "finalized"
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: State) -> TransitionCallbackReturn:
         self.get_logger().error(f"error in state {state.label}: releasing everything, back to unconfigured")
         self.release()
+        self._configure_error = f"an error in state {state.label} released everything"
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_worker(self) -> None:
@@ -323,9 +368,8 @@ class LocalizerNode(LifecycleNode):
         if self._pose_sub is not None:
             self.destroy_subscription(self._pose_sub)
             self._pose_sub = None
-        if self._diag_timer is not None:
-            self.destroy_timer(self._diag_timer)
-            self._diag_timer = None
+        self._reloc_inputs.stop()
+        self._reloc.cancel_all()
 
     def release(self, save: bool = True) -> None:
         """Free everything configure/activate made (cleanup, shutdown, error and Ctrl-C come here)."""
@@ -344,6 +388,8 @@ class LocalizerNode(LifecycleNode):
         self.live = None
         self.encoder = None
         self._pipeline = None
+        if self._lifecycle != "finalized":
+            self._lifecycle = "unconfigured"
 
     def _autosave(self) -> None:
         if self.live is None:
@@ -371,12 +417,22 @@ class LocalizerNode(LifecycleNode):
             sample = pose_from_msg(msg, self._p("pose.type"), utm_zone=live.utm_zone if live is not None else None,
                                    fallback_stamp_ns=self.get_clock().now().nanoseconds)
         except PoseMessageError as exc:
-            self._counters["bad_poses"] += 1
+            self._count("bad_poses")
             self.get_logger().warning(f"pose ignored: {exc}", throttle_duration_sec=5.0)
             return
-        if not sample.frame_id:  # an empty header frame: name it after the topic
-            sample = type(sample)(sample.stamp_ns, self._p("pose.topic"), sample.position, sample.orientation,
-                                  sample.gps)
+        if not sample.frame_id:  # an empty header frame: the pose.frame_id fallback, else refused
+            fallback = self._p("pose.frame_id")
+            if not fallback:
+                self._count("bad_poses")
+                if not self._empty_frame_logged:
+                    self._empty_frame_logged = True
+                    self.get_logger().error(
+                        f"pose source {self._p('pose.topic')} sends poses with an empty header.frame_id: they are "
+                        "refused (their frame is unknown); set pose.frame_id to the frame they are in (counted in "
+                        "/diagnostics as bad_poses; this is logged once)")
+                return
+            sample = dataclasses.replace(sample, frame_id=fallback)
+        self._watch.pose(time.monotonic())
         self.poses.add(sample)
         self._last_pose = sample
 
@@ -387,9 +443,10 @@ class LocalizerNode(LifecycleNode):
         try:
             model = conv.camera_from_info_msg(msg)
         except ValueError as exc:  # CameraModelError: uncalibrated (K = 0) or an unsupported model
-            self._counters["bad_camera_info"] += 1
+            self._count("bad_camera_info")
             self.get_logger().warning(f"{camera}: camera_info ignored: {exc}", throttle_duration_sec=10.0)
             return
+        self._watch.camera_info(camera, time.monotonic())
         if live.camera_model(camera) != model:
             live.set_camera_model(camera, model)
             self.get_logger().info(f"{camera}: intrinsics {model.width}x{model.height} {model.distortion_model} "
@@ -403,7 +460,7 @@ class LocalizerNode(LifecycleNode):
             try:
                 self._process(batch)
             except Exception as exc:  # one bad batch must never stop the node
-                self._counters["bad_images"] += len(batch)
+                self._count("bad_images", len(batch))
                 self.get_logger().error(f"{', '.join(c for c, _, _ in batch)}: frames dropped after an unexpected "
                                         f"error: {exc!r}", throttle_duration_sec=5.0)
 
@@ -415,7 +472,7 @@ class LocalizerNode(LifecycleNode):
             try:
                 frames.append(pipeline.decode(camera, msg, received_at, self.get_clock().now().nanoseconds))
             except ImageDecodeError as exc:
-                self._counters["bad_images"] += 1
+                self._count("bad_images")
                 self.get_logger().warning(f"{camera}: bad image skipped: {exc}", throttle_duration_sec=5.0)
         for frame, descriptor in zip(frames, pipeline.describe(frames) if frames else []):
             live = self.live
@@ -427,7 +484,7 @@ class LocalizerNode(LifecycleNode):
                 self._publish(frame.camera, outcome)
                 frame.stages["publish"] = time.perf_counter() - t0
             except Exception as exc:
-                self._counters["bad_images"] += 1
+                self._count("bad_images")
                 self.get_logger().error(f"{frame.camera}: frame dropped after an unexpected error: {exc!r}",
                                         throttle_duration_sec=5.0)
                 continue
@@ -440,8 +497,14 @@ class LocalizerNode(LifecycleNode):
         self._outputs["matches"].publish(conv.matches_msg(result))
         if self._p("output.markers"):
             self._outputs["markers"].publish(conv.markers_msg(result))
-        if outcome.publish_prior:
+        decision = self._reloc.offer(outcome, time.monotonic())
+        if decision.publish:
             self._outputs["pose_prior"].publish(conv.pose_prior_msg(result.prior, result.stamp_ns))
+            self._reloc.published(decision)
+            if decision.reason:
+                self.get_logger().info(f"pose prior published: {decision.reason}")
+        for request, why in self._reloc.expire(time.monotonic()):
+            self.get_logger().warning(f"relocalization request ({request.source}) failed: {why}")
         if outcome.publish_loop_closure:
             self._outputs["loop_closure"].publish(conv.loop_closure_msg(result.stamp_ns, result.best.stamp_ns))
         if outcome.time_jump_s is not None:
@@ -513,6 +576,13 @@ class LocalizerNode(LifecycleNode):
         """How long a fleet service waits for its job before answering that it goes on in the background."""
         return 3 * self._fleet.config.timeout_s
 
+    def _srv_relocalize(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Publish the next verified prior once and answer with it (or, after the timeout, with why not)."""
+        if self._lifecycle != "active":
+            return self._answer(response, False, f"~/relocalize: the node is {self._lifecycle}, not active")
+        ticket = self._reloc.request("~/relocalize", time.monotonic())
+        return self._answer(response, *self._reloc.wait(ticket))
+
     def _srv_load_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         live = self.live
         if live is None or self.encoder is None:
@@ -527,19 +597,37 @@ class LocalizerNode(LifecycleNode):
     # diagnostics
 
     def _publish_diagnostics(self) -> None:
+        """The status in every lifecycle state: why the node is not running (unconfigured, a failed configure with
+        its reason, inactive), else what is wrong with it and its inputs (see :mod:`.input_watch`)."""
+        now = time.monotonic()
         pipeline, live = self._pipeline, self.live
-        extra = {"mode": self._p("mode"), "frames_lost_estimate": self._gaps.lost,
-                 "input_loss_estimate": self._gaps.loss_fraction,
+        extra = {"mode": self._p("mode"), "lifecycle_state": self._lifecycle,
+                 "frames_lost_estimate": self._gaps.lost, "input_loss_estimate": self._gaps.loss_fraction,
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
-                 **(pipeline.diagnostics() if pipeline is not None else {})}
+                 **self._reloc.stats(now), **(pipeline.diagnostics() if pipeline is not None else {})}
         counters = {k: v for k, v in self._counters.items() if k != "processed"}
+        # a publisher with incompatible QoS stays so: that count is a state, never "recent"
+        recent = {k: self._events.recent(k, now) for k in counters if k != "qos_incompatible"}
+        findings: list[tuple[int, str]] = []
+        if self._lifecycle == "active":
+            needs_info = live is not None and live.verifying and bool(self._p("cameras.use_camera_info"))
+            findings, watched = self._watch.findings(now, params.build(InputHealthConfig, self._values()),
+                                                     float(self._p("cameras.min_period_s")), needs_info)
+            extra.update(watched)
         fleet = self._fleet.state() if self._fleet is not None else {}
+        if fleet.get("fleet_last_error"):
+            findings.append((WARN, f"fleet: {fleet['fleet_backlog']} keyframes not pushed; "
+                                   f"{fleet['fleet_last_error']}"))
         level, message, values = self._health.report(
             self._frames.counts(), self._counters["processed"], counters, live.stats() if live is not None else {},
-            {**extra, **fleet}, empty_map_warns=self._p("mode") == "localize")
-        if level == OK and fleet.get("fleet_last_error"):
-            level, message = WARN, f"fleet: {fleet['fleet_backlog']} keyframes not pushed; {fleet['fleet_last_error']}"
-        self._outputs["diagnostics"].publish(conv.diagnostics_msg(
+            {**extra, **fleet}, empty_map_warns=self._p("mode") == "localize", recent=recent, findings=findings)
+        if self._lifecycle != "active":
+            level, message = {
+                "unconfigured": (ERROR, f"configuration failed: {self._configure_error}") if self._configure_error
+                else (WARN, "unconfigured: waiting for the configure transition"),
+                "inactive": (WARN, "inactive: configured, waiting for the activate transition"),
+            }.get(self._lifecycle, (WARN, f"{self._lifecycle}"))
+        self._diagnostics.publish(conv.diagnostics_msg(
             self.get_clock().now().nanoseconds, f"{self.get_name()}: place recognition", extra.get("device", ""),
             level, message, values))
 

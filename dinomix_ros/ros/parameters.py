@@ -21,8 +21,10 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
 from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
+from dinomix_ros.localization.input_watch import InputHealthConfig
 from dinomix_ros.localization.live_map import OutputConfig
 from dinomix_ros.localization.matching import MatcherConfig
+from dinomix_ros.localization.relocalization import RelocalizationConfig
 from dinomix_ros.localization.verification import VerificationConfig
 from dinomix_ros.maps.fleet.config import FleetConfig
 from dinomix_ros.maps.index import IndexConfig
@@ -52,6 +54,8 @@ __all__ = [
     "RecordingConfig",
     "NodeOutputConfig",
     "DiagnosticsConfig",
+    "RelocalizationConfig",
+    "InputHealthConfig",
     "PARAMETERS",
     "Entry",
     "descriptor",
@@ -138,6 +142,8 @@ class PoseSourceConfig:
     topic: str = setting("", "pose source for recording keyframes and for gating; empty: none", reconfigure=True)
     type: str = setting("odometry", "message type of pose.topic: " + ", ".join(POSE_KINDS), choices=tuple(POSE_KINDS),
                         reconfigure=True)
+    frame_id: str = setting("", "frame of pose-source messages whose header.frame_id is empty (e.g. odom); empty: "
+                                "such poses are refused (counted in /diagnostics, logged once)")
 
     def __post_init__(self) -> None:
         check(self)
@@ -201,7 +207,9 @@ PARAMETERS: dict[str, Entry] = table(
     CameraMountConfig,
     OutputConfig,
     NodeOutputConfig,
+    RelocalizationConfig,
     DiagnosticsConfig,
+    InputHealthConfig,  # the same group as DiagnosticsConfig: one diagnostics block in config/localize.yaml
     FleetConfig,
 )
 
@@ -243,7 +251,8 @@ def validate(values: dict[str, Any]) -> str | None:
     return None
 
 
-_TOPIC_PARAMETERS = ("cameras.topics", "pose.topic", "cameras.depth_topics")
+_TOPIC_PARAMETERS = ("cameras.topics", "pose.topic", "cameras.depth_topics", "relocalization.trigger_topic",
+                     "relocalization.consumer_topic")
 
 
 def _topic_problem(name: str, value: str | tuple[str, ...]) -> str | None:
@@ -298,8 +307,10 @@ class NodeSettings:
     mount: CameraMountConfig
     output: OutputConfig
     node_output: NodeOutputConfig
+    relocalization: RelocalizationConfig
     diagnostics: DiagnosticsConfig
     fleet: FleetConfig
+    input_health: InputHealthConfig
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> NodeSettings:
@@ -327,7 +338,7 @@ def config_problem(values: dict[str, Any], classes: Iterable[type]) -> str | Non
 
 #: The settings a running node applies at once (``ros2 param set``); the others are read at configure.
 RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
-                   VerifiedPriorConfig, CameraMountConfig)
+                   VerifiedPriorConfig, CameraMountConfig, RelocalizationConfig, InputHealthConfig)
 
 
 def runtime_change_problem(changed: dict[str, Any], values: dict[str, Any]) -> str | None:

@@ -34,7 +34,7 @@ def test_eval_on_utm_named_folders(tmp_path: Path, capsys: pytest.CaptureFixture
     assert summary["setup"] == "folders" and summary["num_database"] == 4 and summary["num_queries"] == 4
     assert set(summary["recall"]["recalls"]) == {"1"}  # 4 database images: R@5 would hold all of them
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert report["frame"] == "utm_33U" and report["radius_m"] == 25.0
+    assert report["frame"] == "utm" and report["radius_m"] == 25.0
     east = {r["image"][:2]: float(r["utm_east"]) for r in rows}
     north = {r["image"][:2]: float(r["utm_north"]) for r in rows}
     for q in report["queries_detail"]:

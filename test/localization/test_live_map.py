@@ -68,11 +68,11 @@ def test_gnss_poses_geotag_keyframes() -> None:
     lm = live(has_pose_source=True)
     lm.start_recording()
     utm = latlon_to_utm(55.705, 13.19)
-    fix = PoseSample(T0, f"utm_{utm.zone}{utm.band}", np.array([utm.easting, utm.northing, 0.0]), UNKNOWN,
-                     np.array([55.705, 13.19, np.nan]))
+    fix = PoseSample(T0, "utm", np.array([utm.easting, utm.northing, 0.0]), UNKNOWN,
+                     np.array([55.705, 13.19, np.nan]), utm.zone)
     assert lm.process("cam", T0, unit(0), fix).recorded
     kf = lm.kmap.keyframe(0)
-    assert kf.frame_id == "utm_33U" and kf.orientation is None and kf.utm_zone == 33 and kf.utm_band == "U"
+    assert kf.frame_id == "utm" and kf.orientation is None and kf.utm_zone == 33 and kf.utm_band == "U"
     assert kf.gps[:2] == pytest.approx((55.705, 13.19)) and math.isnan(kf.gps[2])  # unknown altitude stays unknown
     assert kf.utm == pytest.approx((utm.easting, utm.northing), abs=1e-6)
     assert lm.utm_zone == 33

@@ -133,10 +133,10 @@ def test_pose_prior_covariance_grows_with_doubt_and_spread(places, rng) -> None:
 
 
 def test_pose_prior_without_orientation_allows_any_heading(places) -> None:
-    m = _matcher(places, np.c_[np.arange(20.0), np.zeros(20), np.zeros(20)], frame="utm_33U")
+    m = _matcher(places, np.c_[np.arange(20.0), np.zeros(20), np.zeros(20)], frame="utm")
     prior = m.query(places[2], 0).prior
     np.testing.assert_array_equal(prior.orientation, [0, 0, 0, 1])
-    assert prior.covariance[5, 5] == UNKNOWN_ROTATION_VARIANCE and prior.frame_id == "utm_33U"
+    assert prior.covariance[5, 5] == UNKNOWN_ROTATION_VARIANCE and prior.frame_id == "utm"
     assert _matcher(places).query(places[2], 0).prior is None  # no positions: no prior
 
 

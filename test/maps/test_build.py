@@ -199,7 +199,7 @@ def test_lund_exif_folder_map_matches_the_csv(tmp_path: Path, encoder: Encoder) 
     np.testing.assert_allclose(kmap.gps, csv[:, :3], atol=1e-6, rtol=0)  # the CSV rounds to 7 decimals
     np.testing.assert_allclose(kmap.utm, csv[:, 3:], atol=0.5, rtol=0)
     np.testing.assert_allclose(kmap.positions, csv[:, [3, 4, 2]], atol=0.5, rtol=0)  # easting, northing, altitude
-    assert kmap.frames == ["utm_33U"] and set(kmap.utm_bands.tolist()) == {"U"}
+    assert kmap.frames == ["utm"] and set(kmap.utm_bands.tolist()) == {"U"} and set(kmap.utm_zones.tolist()) == {33}
     assert np.isnan(kmap.orientations).all()
     assert (kmap.stamps_ns == 0).all()  # documented: folder images have no capture time
     assert kmap.sources.tolist() == [str(folder / n) for n in names] and kmap.camera_names == ["images"]

@@ -35,7 +35,7 @@ def test_offline_map_then_replay_with_the_replay_tool(tmp_path, storage: str) ->
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(map_path), "cameras.topics": [CAMERA],
-        "matching.min_similarity": 0.99, "output.loop_closure_scope": "all"})
+        "matching.min_similarity": 0.99, "output.loop_closure_scope": "all", "output.pose_prior_mode": "continuous"})
     client = RosClient(domain)
     replay = None
     try:

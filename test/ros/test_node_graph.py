@@ -89,7 +89,7 @@ def test_a_forced_qos_mismatch_is_reported_in_diagnostics(tmp_path) -> None:
 def test_matches_decode_with_rviz_rule() -> None:
     """RViz's XYZ transformer: fields x, y, z of FLOAT32 at offsets 0, 4, 8; colour by the similarity field."""
     position = np.array([501234.25, 6178901.75, 12.5])
-    cand = Candidate(0, 0.83, 4, 11, 1_700_000_000_000_000_000, "cam", "utm_33U", position,
+    cand = Candidate(0, 0.83, 4, 11, 1_700_000_000_000_000_000, "cam", "utm", position,
                      np.array([0.0, 0.0, 0.0, 1.0]), np.array([55.7, 13.19, 12.5]))
     msg = matches_msg(MatchResult(1_700_000_001_000_000_000, "cam", [cand], accepted=True))
     fields = {f.name: f for f in msg.fields}
@@ -121,7 +121,7 @@ def test_a_ros1_bag_replays_into_the_node_and_yields_pose_priors(tmp_path) -> No
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(map_path), "cameras.topics": list(topics),
-        "matching.min_similarity": 0.99})
+        "matching.min_similarity": 0.99, "output.pose_prior_mode": "continuous"})
     client = RosClient(domain)
     try:
         priors = client.collect(PoseWithCovarianceStamped, f"{NODE}/pose_prior")

@@ -43,6 +43,7 @@ def test_record_save_reload_relocalize(tmp_path, first_pass_bag, index: str) -> 
         "model.random_weights": True, "map.path": str(map_path), "map.create_if_missing": True, "map.index": index,
         "pose.topic": "/odom", "pose.type": "odometry", "recording.min_distance_m": 0.3,
         "recording.min_rotation_deg": 0.0, "matching.min_similarity": 0.9, "output.loop_closure_scope": "all",
+        "output.pose_prior_mode": "continuous",
         # 96x72 frames with sensor noise: too small for local features; this test is about recording and reloading
         # by appearance (verification: test_node_verification.py)
         "verification.enabled": False})

@@ -51,7 +51,9 @@ def test_bad_images_are_skipped_counted_and_the_node_keeps_running(tmp_path) -> 
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(_small_map(tmp_path / "m.dinomap")),
-        "cameras.topics": [RAW, COMPRESSED], "diagnostics.period_s": 0.2})
+        "cameras.topics": [RAW, COMPRESSED], "diagnostics.period_s": 0.2,
+        # this test is about bad images: cameras silent between them are no problem here (test_node_health.py)
+        "diagnostics.silence_warn_periods": 1e5, "diagnostics.silence_error_s": 3600.0})
     client = RosClient(domain)
     try:
         matches = client.collect(PointCloud2, f"{NODE}/matches")
@@ -84,7 +86,7 @@ def test_bad_images_are_skipped_counted_and_the_node_keeps_running(tmp_path) -> 
         client.close()
         assert node.stop() == 0, node.log[-3000:]
     assert bad_count() == 5 and len(matches) == 1
-    assert status.level == b"\x01" and status.message == "5 bad images skipped"
+    assert status.level == b"\x01" and status.message == "5 bad images skipped recently"
     assert "bad image skipped" in node.log and "step 191 is smaller than one row" in node.log
 
 
@@ -103,7 +105,7 @@ def test_empty_map_gives_empty_matches_and_a_warning(tmp_path) -> None:
         client.close()
         assert node.stop() == 0, node.log[-3000:]
     assert matches[0][1].width == 0 and stamp_ns(matches[0][1]) == 7 * 10**9
-    assert diagnostics[-1][1].status[0].message == "map is empty"
+    assert diagnostics[-1][1].status[0].message.startswith("map is empty")  # (+ a camera silent since)
     assert "starting with an EMPTY map" in node.log
 
 

@@ -71,7 +71,7 @@ def test_verified_loop_closures_priors_and_matches_fields(tmp_path, data_dir) ->
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(map_path), "cameras.topics": [CAMERA],
-        "output.loop_closure_scope": "all", "diagnostics.period_s": 0.5})
+        "output.loop_closure_scope": "all", "diagnostics.period_s": 0.5, "output.pose_prior_mode": "continuous"})
     client = RosClient(domain)
     try:
         matches = client.collect(PointCloud2, f"{NODE}/matches")
@@ -165,7 +165,8 @@ def test_aligned_depth_makes_the_prior_metric(tmp_path, data_dir) -> None:
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(tmp_path / "live.dinomap"), "map.create_if_missing": True,
         "pose.topic": "/odom", "recording.autostart": True, "cameras.topics": [CAMERA],
-        "cameras.depth_topics": ["/camera/depth/image_raw"], "matching.min_similarity": -1.0})
+        "cameras.depth_topics": ["/camera/depth/image_raw"], "matching.min_similarity": -1.0,
+        "output.pose_prior_mode": "continuous"})
     client = RosClient(domain)
     try:
         matches = client.collect(PointCloud2, f"{NODE}/matches")

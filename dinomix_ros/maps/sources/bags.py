@@ -22,7 +22,6 @@ import numpy as np
 
 from dinomix_ros.imaging.camera import CameraModel, CameraModelError, camera_info_topic
 from dinomix_ros.imaging.decode import DEFAULT_MAX_PIXELS, decode_image_msg
-from dinomix_ros.maps.sources.geo import parse_utm_frame
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, PoseSample, kind_of_msgtype, pose_from_msg
 from dinomix_ros.maps.sources.poses import PoseTrack
 from dinomix_ros.util.stamps import header_stamp_ns
@@ -157,7 +156,7 @@ def _pose_samples(path: str | Path, topic: str, allowed: Sequence[str],
                 refused.append(str(exc))
                 continue
             if kind == "navsatfix" and zone is None:
-                zone = parse_utm_frame(sample.frame_id)[0]
+                zone = sample.utm_zone
             samples.append(sample)
     if refused:
         _logger.info("%s: dropped %d of %d messages without a usable pose (first: %s)", topic, len(refused),
@@ -194,7 +193,7 @@ def read_pose_track(path: str | Path, topic: str, *, utm_zone: int | None = None
     """
     kind, samples = _pose_samples(path, topic, POSE_TYPES, utm_zone)
     if kind == "navsatfix":
-        frame = samples[0].frame_id  # one label for the track: the first fix's zone and band
+        frame = samples[0].frame_id  # utm: every fix projected in the first fix's zone
     else:
         frames = {s.frame_id for s in samples}
         if len(frames) > 1:

@@ -32,8 +32,10 @@ __all__ = [
     "latlon_to_utm_arrays",
     "utm_to_latlon_arrays",
     "read_exif_gps",
+    "UTM_FRAME",
     "utm_frame_id",
     "parse_utm_frame",
+    "is_utm_frame",
 ]
 
 logger = logging.getLogger(__name__)
@@ -439,15 +441,27 @@ def read_exif_gps(path: str | Path) -> GeoFix | None:
     return GeoFix(lat=lat, lon=lon, alt=alt)
 
 
-_UTM_FRAME_RE = re.compile(r"^utm_(\d{1,2})([C-HJ-NP-X])$")
+#: Frame id of positions given as UTM easting, northing, altitude: ``utm``, the frame that robot_localization's
+#: navsat_transform_node broadcasts (``broadcast_cartesian_transform``: ``world_frame -> utm``, navsat_transform.cpp),
+#: so a TF tree can relate it to ``map``. The zone is not in the name: each keyframe stores its zone and band
+#: (``utm_zone``/``utm_band`` columns), one zone per map; navsat_transform uses the zone of its first fix (or the one
+#: its ``setUTMZone`` service sets), which must be the map's.
+UTM_FRAME = "utm"
+_LEGACY_UTM_FRAME_RE = re.compile(r"^utm_(\d{1,2})([C-HJ-NP-X])$")
 
 
-def utm_frame_id(zone: int, band: str) -> str:
-    """Frame id of positions given as UTM easting/northing/altitude: ``utm_<zone><band>``, e.g. ``utm_33U``."""
-    return f"utm_{int(zone)}{band}"
+def utm_frame_id() -> str:
+    """Frame id of positions given as UTM easting/northing/altitude: :data:`UTM_FRAME`."""
+    return UTM_FRAME
 
 
 def parse_utm_frame(frame_id: str) -> tuple[int, str] | None:
-    """(zone, band) of a frame id made by :func:`utm_frame_id`, or None for any other frame."""
-    m = _UTM_FRAME_RE.match(frame_id)
+    """(zone, band) of a legacy ``utm_<zone><band>`` frame id (e.g. ``utm_33U``: maps made before the frame became
+    :data:`UTM_FRAME`; they are renamed when loaded), or None for any other frame."""
+    m = _LEGACY_UTM_FRAME_RE.match(frame_id)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_utm_frame(frame_id: str) -> bool:
+    """Whether positions in ``frame_id`` are UTM coordinates (:data:`UTM_FRAME`, or a legacy ``utm_33U``)."""
+    return frame_id == UTM_FRAME or parse_utm_frame(frame_id) is not None

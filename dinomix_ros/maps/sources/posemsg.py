@@ -9,9 +9,10 @@ Sources (:data:`POSE_KINDS`):
 * ``odometry`` (nav_msgs/Odometry), ``pose_stamped`` (geometry_msgs/PoseStamped), ``pose_cov``
   (geometry_msgs/PoseWithCovarianceStamped): the position in the header frame; the orientation normalised, or
   unknown (NaN) when it is non-finite or of (near) zero norm: position-only sources often send all zeros.
-* ``navsatfix`` (sensor_msgs/NavSatFix): projected to UTM, frame ``utm_<zone><band>``, position (easting, northing,
-  altitude or 0 m when unknown), orientation unknown; the WGS84 fix is kept in :attr:`PoseSample.gps` with the
-  altitude NaN when unknown. Fixes without a fix (status < 0) or with non-finite coordinates are refused.
+* ``navsatfix`` (sensor_msgs/NavSatFix): projected to UTM, frame ``utm`` (navsat_transform's frame; the zone is
+  :attr:`PoseSample.utm_zone`), position (easting, northing, altitude or 0 m when unknown), orientation unknown; the
+  WGS84 fix is kept in :attr:`PoseSample.gps` with the altitude NaN when unknown. Fixes without a fix (status < 0)
+  or with non-finite coordinates are refused.
 
 Refused (a :class:`PoseMessageError`, which callers count and skip): non-finite positions and positions beyond
 :data:`MAX_ABS_POSITION_M` in any axis (a corrupted or uninitialised pose, e.g. x = 1e300).
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinomix_ros.maps.sources.geo import latlon_to_utm, utm_frame_id
+from dinomix_ros.maps.sources.geo import UTM_FRAME, latlon_to_utm
 from dinomix_ros.util.stamps import header_stamp_ns
 
 __all__ = ["POSE_KINDS", "MAX_ABS_POSITION_M", "PoseMessageError", "PoseSample", "pose_from_msg", "kind_of_msgtype"]
@@ -53,10 +54,11 @@ class PoseSample:
 
     Attributes:
         stamp_ns: the header stamp (or the caller's fallback for a zero stamp).
-        frame_id: the frame of ``position`` (``utm_<zone><band>`` for NavSatFix; may be "" when the header has none).
+        frame_id: the frame of ``position`` (``utm`` for NavSatFix; may be "" when the header has none).
         position: (3,) metres.
         orientation: (4,) unit quaternion x, y, z, w, or all NaN when unknown.
         gps: (3,) latitude, longitude (degrees), altitude (metres, NaN when unknown) for NavSatFix, else None.
+        utm_zone: the UTM zone of ``position`` for NavSatFix (1..60), else 0.
     """
 
     stamp_ns: int
@@ -64,6 +66,7 @@ class PoseSample:
     position: np.ndarray
     orientation: np.ndarray
     gps: np.ndarray | None = None
+    utm_zone: int = 0
 
     @property
     def has_orientation(self) -> bool:
@@ -120,8 +123,8 @@ def pose_from_msg(msg: object, kind: str, *, utm_zone: int | None = None,
             raise PoseMessageError(f"NavSatFix ({lat}, {lon}) cannot be projected to UTM: {exc}") from None
         known_alt = alt if math.isfinite(alt) else math.nan
         position = _checked_position((utm.easting, utm.northing, known_alt if math.isfinite(known_alt) else 0.0))
-        return PoseSample(stamp_ns, utm_frame_id(utm.zone, utm.band), position, _UNKNOWN_ORIENTATION,
-                          np.array([lat, lon, known_alt]))
+        return PoseSample(stamp_ns, UTM_FRAME, position, _UNKNOWN_ORIENTATION, np.array([lat, lon, known_alt]),
+                          utm.zone)
     pose = msg.pose if kind == "pose_stamped" else msg.pose.pose  # type: ignore[attr-defined]
     p = pose.position
     position = _checked_position((p.x, p.y, p.z))
