@@ -9,8 +9,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from dinomix_ros.ros import session
 from dinomix_ros.ros.conversions import diagnostic_values, msg_class, time_to_ns
-from dinomix_ros.ros.session import NodeProcess, RosClient
+from dinomix_ros.ros.session import RosClient
 
 __all__ = ["REPO_CONFIG", "NodeProcess", "RosClient", "diagnostic_values", "next_domain_id", "replay_bag",
            "rss_mib", "stamp_ns"]
@@ -28,6 +29,17 @@ def _domain_range() -> range:
 
 _DOMAINS = _domain_range()
 _domains = itertools.count(random.Random(os.getpid()).randrange(len(_DOMAINS)))
+
+
+class NodeProcess(session.NodeProcess):
+    """:class:`dinomix_ros.ros.session.NodeProcess` whose localizer runs in float32 unless a test sets
+    ``model.dtype``: ``auto`` measures bfloat16 against float32 on CPUs with native bfloat16 (AVX512-BF16, AMX) and
+    may pick either on a loaded machine, and tests compare the node's descriptors with their own float32 ones."""
+
+    @classmethod
+    def localizer(cls, log_dir: Path, domain_id: int, params: dict[str, object] | None = None,
+                  **kwargs: object) -> NodeProcess:
+        return super().localizer(log_dir, domain_id, {"model.dtype": "float32", **(params or {})}, **kwargs)
 
 
 def stamp_ns(msg: object) -> int:

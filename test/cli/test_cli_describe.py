@@ -26,14 +26,14 @@ def test_describe_files_and_folders_in_input_order(tmp_path: Path, corridor: Pat
         (folder / name).write_bytes((corridor / name).read_bytes())
     out = tmp_path / "desc.npy"
     code = main(["describe", str(corridor / "5.jpg"), str(folder), "--out", str(out), "--random-weights",
-                 "--device", "cpu", "--batch-size", "2", "--quiet"])
+                 "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--quiet"])
     assert code == 0
     desc = np.load(out, allow_pickle=False)
     assert desc.shape == (3, 4096) and desc.dtype == np.float32
     sidecar = json.loads((tmp_path / "desc.npy.json").read_text())  # named after its output
     assert [Path(p).name for p in sidecar["images"]] == ["5.jpg", "2.jpg", "10.jpg"]
     assert sidecar["model"]["fingerprint"]["id"] == random_model("vits14", 0).fingerprint.id
-    expected = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu")).describe(
+    expected = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32")).describe(
         [corridor / "5.jpg", folder / "2.jpg", folder / "10.jpg"])
     np.testing.assert_allclose(desc, expected, atol=1e-5)
 

@@ -26,7 +26,7 @@ HANG_S = 120.0  # a probe this slow counts as a hang (none takes a tenth of it)
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder(random_weights(), EncoderConfig(device="cpu"))
+    return Encoder(random_weights(), EncoderConfig(device="cpu", dtype="float32"))
 
 
 def _describe(encoder: Encoder, msg: object) -> np.ndarray:

@@ -211,7 +211,8 @@ def test_device_path_descriptors_match_the_host_path(data_dir) -> None:
     host = Encoder.from_random("s", 3, EncoderConfig(device="cpu", preprocess="host"))
     device = Encoder.from_random("s", 3, EncoderConfig(device="cpu", preprocess="device"))
     assert host.describe_info()["preprocess"] == "host" and device.describe_info()["preprocess"] == "device"
-    assert Encoder.from_random("s", 3, EncoderConfig(device="cpu")).preprocess_on == "host"  # auto: exact on the CPU
+    cpu = EncoderConfig(device="cpu", dtype="float32")
+    assert Encoder.from_random("s", 3, cpu).preprocess_on == "host"  # auto: exact on the CPU
     a, b = host.describe(paths), device.describe(paths)
     assert (a * b).sum(1).min() > 0.9999
     frame = cv2.imread(str(paths[0]))

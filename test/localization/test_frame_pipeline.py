@@ -29,7 +29,7 @@ T0 = 1_700_000_000 * NS
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder.from_random("s", 3, EncoderConfig(device="cpu"))
+    return Encoder.from_random("s", 3, EncoderConfig(device="cpu", dtype="float32"))
 
 
 def _rgb(i: int) -> np.ndarray:

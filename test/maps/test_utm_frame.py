@@ -35,7 +35,7 @@ def _map(frames: list[str], fingerprint: dict, zones: list[int]) -> KeyframeMap:
 def fingerprint() -> dict:
     from dinomix_ros.model.encoder import Encoder, EncoderConfig
 
-    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu")).fingerprint.to_dict()
+    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32")).fingerprint.to_dict()
 
 
 def test_a_legacy_map_loads_in_the_utm_frame_and_saves_so(tmp_path, fingerprint) -> None:

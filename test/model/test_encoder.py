@@ -152,7 +152,7 @@ def test_describe_stream_errors_propagate_and_stop_the_threads(encoder: Encoder,
 
 def test_bf16_on_cpu_stays_close_to_fp32(corridor: list[Path]) -> None:
     loaded = random_model("vits14", seed=5)
-    fp32 = Encoder(loaded, EncoderConfig(device="cpu")).describe(corridor[:4])
+    fp32 = Encoder(loaded, EncoderConfig(device="cpu", dtype="float32")).describe(corridor[:4])
     bf16 = Encoder(random_model("vits14", seed=5), EncoderConfig(device="cpu", dtype="bfloat16")).describe(corridor[:4])
     cosine = (fp32 * bf16).sum(1)
     assert bf16.dtype == np.float32 and cosine.min() > 0.999, cosine
@@ -193,7 +193,8 @@ def test_config_and_device_errors() -> None:
             resolve_device("cuda")
         assert resolve_device("auto").type == "cpu"
     with pytest.raises(ValueError, match=r"describe_prepared takes \(B, 224, 224, 3\) uint8"):
-        Encoder.from_random("s", 0, EncoderConfig(device="cpu")).describe_prepared(np.zeros((2, 100, 100, 3)))
+        Encoder.from_random("s", 0, EncoderConfig(device="cpu", dtype="float32")).describe_prepared(
+            np.zeros((2, 100, 100, 3)))
 
 
 def test_describe_info_reports_device_and_fingerprint(encoder: Encoder) -> None:
@@ -205,7 +206,7 @@ def test_describe_info_reports_device_and_fingerprint(encoder: Encoder) -> None:
 @cuda
 @pytest.mark.parametrize("dtype, min_cosine", [("float32", 0.999999), ("float16", 0.99999), ("bfloat16", 0.9999)])
 def test_cuda_matches_cpu_fp32(corridor: list[Path], dtype: str, min_cosine: float) -> None:
-    cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu")).describe(corridor)
+    cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu", dtype="float32")).describe(corridor)
     gpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda", dtype=dtype)).describe(corridor)
     assert (cpu * gpu).sum(1).min() >= min_cosine
 

@@ -53,7 +53,7 @@ class Corridor:
 def _build(folder: Path, chunk_sizes: tuple[int, ...], with_camera_info: bool) -> Corridor:
     first = write_camera_bag(folder / "first", frames=corridor_frames(range(1, 41)), image_rate_hz=5.0,
                              image_topics=(CAMERA,), image_format="jpeg", extra_messages=camera_infos(STAMP0_NS, 40))
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     gate = KeyframeGateConfig(min_distance_m=0.1, min_rotation_deg=0.0)
     kmap, _ = build_map_from_bag(first.path, encoder, BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
                                                                    gate=gate), progress=False,

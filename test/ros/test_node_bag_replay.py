@@ -24,7 +24,7 @@ def test_offline_map_then_replay_with_the_replay_tool(tmp_path, storage: str) ->
     bag = write_camera_bag(tmp_path / f"drive_{storage}", storage=storage, frames=photo_frames(8, size=(96, 72)),
                            image_rate_hz=5.0, image_topics=(CAMERA,), image_format="jpeg", pose_kind="odometry",
                            pose_topic="/odom")
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     gate = KeyframeGateConfig(min_distance_m=0.5, min_rotation_deg=0.0)
     kmap, report = build_map_from_bag(bag.path, encoder, BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
                                                                       gate=gate), progress=False)

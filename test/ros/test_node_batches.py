@@ -33,7 +33,8 @@ def _msg(image: np.ndarray, encoding: str, stamp_s: int) -> Image:
 
 def test_cameras_batched_onnxruntime_own_stamps_and_stage_diagnostics(tmp_path) -> None:
     frames = _frames()
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))  # torch, one image at a time
+    # torch, one image at a time, float32 like the node (the test's NodeProcess pins model.dtype)
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict())
     kmap.add(np.stack([encoder.describe_one(*f) for f in frames]), stamps_ns=np.array([1, 2]) * S, cameras="map",
              frame_ids="map", positions=np.array([[0.0, 0, 0], [5.0, 0, 0]]))

@@ -113,7 +113,7 @@ def test_matches_decode_with_rviz_rule() -> None:
 
 def test_a_ros1_bag_replays_into_the_node_and_yields_pose_priors(tmp_path) -> None:
     topics = ("/camera/fisheye1/image_raw", "/camera/fisheye2/image_raw")
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     kmap, report = build_map_from_bag(T265 / "ros2_mcap", encoder, BagMapConfig(
         image_topics=topics, pose_topic="/camera/odom/sample", gate=KeyframeGateConfig(0.0, 0.0)), progress=False)
     assert report.added == 6

@@ -119,7 +119,7 @@ def test_silent_camera_missing_camera_info_and_stale_pose(tmp_path, corridor_map
 
 
 def _small_map(path):
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict())

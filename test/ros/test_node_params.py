@@ -90,7 +90,7 @@ def test_map_calibration_sets_min_similarity(tmp_path) -> None:
     from dinomix_ros.model.encoder import Encoder, EncoderConfig
     from dinomix_ros.maps.keyframes import KeyframeMap
 
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict(), metadata={"calibration": {"min_similarity": 0.8125}})
     kmap.add(encoder.describe([np.zeros((32, 32, 3), np.uint8)], "rgb8"), stamps_ns=[1], cameras="c", frame_ids="map")
     map_path = kmap.save(tmp_path / "calibrated.dinomap")

@@ -21,7 +21,7 @@ RAW, COMPRESSED = "/camera/image_raw", "/camera/image_raw/compressed"
 
 
 def _small_map(path, seed: int = 0, n: int = 3):
-    encoder = Encoder.from_random("vits14", seed, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", seed, EncoderConfig(device="cpu", dtype="float32"))
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(n)]
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict())

@@ -56,7 +56,7 @@ def _verified_and_rejected(msg: DiagnosticArray) -> int:
 def test_verified_loop_closures_priors_and_matches_fields(tmp_path, data_dir) -> None:
     first = write_camera_bag(tmp_path / "first", frames=_corridor(data_dir, range(1, 41)), image_rate_hz=5.0,
                              image_topics=(CAMERA,), image_format="jpeg", extra_messages=_camera_infos(STAMP0_NS, 40))
-    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu"))
+    encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     gate = KeyframeGateConfig(min_distance_m=0.1, min_rotation_deg=0.0)
     kmap, _ = build_map_from_bag(first.path, encoder, BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
                                                                    gate=gate), progress=False,
