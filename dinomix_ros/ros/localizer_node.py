@@ -55,6 +55,7 @@ from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import camera_qos
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros import parameters as params
+from dinomix_ros.ros import transport
 from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
 from dinomix_ros.util.stamps import header_stamp_ns
 
@@ -66,6 +67,7 @@ class LocalizerNode(LifecycleNode):
 
     def __init__(self, node_name: str = "dinomix_localizer", **kwargs) -> None:
         super().__init__(node_name, **kwargs)
+        self.get_logger().info(transport.describe())  # which Fast DDS transport carries the camera frames
         self._startup_errors = []
         for name, entry in params.PARAMETERS.items():
             self._declare(name, entry)
