@@ -45,7 +45,8 @@ from visualization_msgs.msg import MarkerArray
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
 from dinomix_ros.localization.frame_pipeline import FramePipeline
-from dinomix_ros.localization.health import HealthMonitor, StampGaps
+from dinomix_ros.localization.frame_loss import FrameLoss
+from dinomix_ros.localization.health import HealthMonitor
 from dinomix_ros.localization import map_commands
 from dinomix_ros.localization.latest_frames import LatestFrames
 from dinomix_ros.localization.live_map import FrameOutcome, LiveMap, open_map
@@ -81,7 +82,7 @@ class LocalizerNode(LifecycleNode):
         self.live: LiveMap | None = None
         self.poses = PoseBuffer()
         self._pose_sub = None
-        self._gaps = StampGaps()
+        self._loss = FrameLoss()
         self._outputs: dict = {}
         self._service_handles: list = []
         self._diag_timer = None
@@ -93,7 +94,7 @@ class LocalizerNode(LifecycleNode):
         self._cb_services = MutuallyExclusiveCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
         self._inputs = camera_qos.CameraSubscriptions(self, self._cb_sensors, self._on_image, self._on_incompatible_qos,
-                                                      self._guarded)
+                                                      self._guarded, on_lost=lambda c, n: self._loss.lost(c, n))
 
     # -------------------------------------------------------------------------------------------------------------
     # parameters
@@ -237,7 +238,7 @@ class LocalizerNode(LifecycleNode):
     def _activate(self) -> None:
         resolved = [camera_qos.resolve(self, topic) for topic in self._p("cameras.topics")]
         self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"))
-        self._gaps = StampGaps()
+        self._loss = FrameLoss()
         self.poses.clear()
         self._pipeline.depth.clear()
         self._inputs.start(resolved, self._p("cameras.reliability"), int(self._p("cameras.depth")))
@@ -267,7 +268,7 @@ class LocalizerNode(LifecycleNode):
 
     def _on_image(self, topic: str, msg: object) -> None:
         self._frames.put(topic, msg)
-        self._gaps.add(topic, header_stamp_ns(msg))
+        self._loss.received(topic, header_stamp_ns(msg))
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
@@ -462,8 +463,11 @@ class LocalizerNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         pipeline, live = self._pipeline, self.live
-        extra = {"mode": self._p("mode"), "frames_lost_estimate": self._gaps.lost,
-                 "input_loss_estimate": self._gaps.loss_fraction,
+        best_effort = {topic: p == ReliabilityPolicy.BEST_EFFORT
+                       for topic, p in self._inputs.policies().items()}
+        extra = {"mode": self._p("mode"), "frames_lost_estimate": self._loss.lost_estimate,
+                 "input_loss_estimate": self._loss.loss_fraction,
+                 "frame_loss_warning": self._loss.warning(best_effort),
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  **(pipeline.diagnostics() if pipeline is not None else {})}
         counters = {k: v for k, v in self._counters.items() if k != "processed"}

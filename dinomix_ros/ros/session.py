@@ -35,13 +35,18 @@ LOCALIZER_MODULE = "dinomix_ros.ros.localizer_node"
 _REPO = Path(__file__).resolve().parents[2]
 
 
-def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None) -> dict[str, str]:
+def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None,
+            discovery_range: str | None = "LOCALHOST") -> dict[str, str]:
     """Environment of a child ROS process on a private, machine-local graph, with the transport the launch files
     give the node (``base``'s own Fast DDS settings win; :func:`dinomix_ros.ros.transport.ros_defaults` makes a
-    process with Fast DDS's defaults)."""
+    process with Fast DDS's defaults). ``discovery_range`` None: ROS's default (SUBNET), e.g. in a network
+    namespace of its own."""
     env = dict(os.environ if base is None else base)
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(domain_id), ROS_LOG_DIR=str(log_dir),
-               PYTHONUNBUFFERED="1")
+    env.update(ROS_DOMAIN_ID=str(domain_id), ROS_LOG_DIR=str(log_dir), PYTHONUNBUFFERED="1")
+    if discovery_range is None:
+        env.pop("ROS_AUTOMATIC_DISCOVERY_RANGE", None)
+    else:
+        env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = discovery_range
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     env.update(transport.choose(env).env)
     if (_REPO / "dinomix_ros").is_dir():  # running from the source tree: make the package importable
@@ -52,24 +57,28 @@ def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None) -
 class NodeProcess:
     """A Python program (``[-m module | script] args...``) in a subprocess, its output in ``log_path``."""
 
-    def __init__(self, args: list[str], log_dir: Path, domain_id: int, name: str = "node") -> None:
+    def __init__(self, args: list[str], log_dir: Path, domain_id: int, name: str = "node",
+                 env: dict[str, str] | None = None, discovery_range: str | None = "LOCALHOST") -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, *args], env=ros_env(log_dir / "ros_log", domain_id),
+        self.proc = subprocess.Popen([sys.executable, *args], env=ros_env(log_dir / "ros_log", domain_id, env,
+                                                                          discovery_range),
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @classmethod
     def localizer(cls, log_dir: Path, domain_id: int, params: dict[str, object] | None = None,
-                  params_file: Path | None = None, extra_ros_args: list[str] | None = None) -> NodeProcess:
-        """``localize_node`` with a parameters file (default config/localize.yaml) and ``-p`` overrides."""
+                  params_file: Path | None = None, extra_ros_args: list[str] | None = None,
+                  **kwargs: object) -> NodeProcess:
+        """``localize_node`` with a parameters file (default config/localize.yaml) and ``-p`` overrides (``kwargs``:
+        ``env``, ``discovery_range`` of the process)."""
         args = ["-m", LOCALIZER_MODULE, "--ros-args"]
         params_file = params_file or _REPO / "config" / "localize.yaml"
         if params_file.is_file():
             args += ["--params-file", str(params_file)]
         for key, value in (params or {}).items():
             args += ["-p", f"{key}:={_ros_value(value)}"]
-        return cls(args + list(extra_ros_args or []), log_dir, domain_id, name="localizer")
+        return cls(args + list(extra_ros_args or []), log_dir, domain_id, name="localizer", **kwargs)
 
     @property
     def log(self) -> str:
