@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from rosutil import next_domain_id  # this run's own domain ids: another graph on the machine never answers
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dinomix_ros"
@@ -140,8 +141,8 @@ def test_launch_files_reference_installed_executables_and_files(colcon_install: 
 def test_installed_node_runs_from_the_install_tree(colcon_install: Path, tmp_path: Path) -> None:
     """The console script colcon installed starts the node with the installed package (not the source tree)."""
     site = next(colcon_install.glob("lib/python3*/site-packages"))
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID="99", ROS_LOG_DIR=str(tmp_path),
-               PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(next_domain_id()),
+               ROS_LOG_DIR=str(tmp_path), PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
     script = colcon_install / "lib" / "dinomix_ros" / "localize_node"
     log = tmp_path / "node.log"
     with open(log, "wb") as out:
