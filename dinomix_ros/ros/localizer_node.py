@@ -237,7 +237,8 @@ class LocalizerNode(LifecycleNode):
 
     def _activate(self) -> None:
         resolved = [camera_qos.resolve(self, topic) for topic in self._p("cameras.topics")]
-        self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"))
+        self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"),
+                                    clock=self._period_clock)
         self._loss = FrameLoss()
         self.poses.clear()
         self._pipeline.depth.clear()
@@ -259,6 +260,12 @@ class LocalizerNode(LifecycleNode):
                                              callback_group=self._cb_timer)
         pose = f", pose source {self._pose_sub.topic_name}" if self._pose_sub is not None else ""
         self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}")
+
+    def _period_clock(self) -> float:
+        """Seconds by which cameras.min_period_s is measured: the node's clock when it is simulated (use_sim_time:
+        /clock from a bag player), else the steady clock (a period must not jump with the wall clock)."""
+        clock = self.get_clock()
+        return clock.now().nanoseconds * 1e-9 if getattr(clock, "ros_time_is_active", False) else time.monotonic()
 
     def _on_incompatible_qos(self, topic: str, event: object) -> None:
         self._counters["qos_incompatible"] += 1
