@@ -25,7 +25,8 @@ ROSDEP_KEYS = {
     "matplotlib": "python3-matplotlib", "yaml": "python3-yaml", "rclpy": "rclpy", "sensor_msgs": "sensor_msgs",
     "geometry_msgs": "geometry_msgs", "std_msgs": "std_msgs", "std_srvs": "std_srvs", "nav_msgs": "nav_msgs",
     "visualization_msgs": "visualization_msgs", "diagnostic_msgs": "diagnostic_msgs",
-    "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rclpy",
+    "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rcl_interfaces",
+    "rosgraph_msgs": "rosgraph_msgs",
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
 }
 # no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment)
