@@ -100,7 +100,7 @@ def colcon_install(tmp_path_factory) -> Path:
 def test_colcon_installs_executables_launch_and_config(colcon_install: Path) -> None:
     share = colcon_install / "share" / "dinomix_ros"
     lib = colcon_install / "lib" / "dinomix_ros"
-    for name in ("localize_node", "bag_replay", "dinomix", "dinomix_demo"):
+    for name in ("localize_node", "bag_replay", "dinomix", "dinomix_demo", "transport_env"):
         assert (lib / name).is_file() and os.access(lib / name, os.X_OK), f"{name} not installed in {lib}"
     for rel in ("package.xml", "launch/localize.launch.py", "launch/build_map.launch.py", "config/localize.yaml",
                 "config/fastdds_large_images.xml", "config/dinomix.rviz", "maps/README.md"):
