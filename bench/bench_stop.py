@@ -14,11 +14,13 @@ Methods (what each emulates):
     container_sigterm        docker stop: ros2 launch is PID 1 of its PID namespace, SIGTERM, SIGKILL after 10 s
     container_sigterm_default  the same with graceful_sigterm:=false
     container_sigint         docker stop with STOPSIGNAL SIGINT (compose: stop_signal: SIGINT)
-    tini_sigterm_default     docker run --init (tini forwards SIGTERM to its child), graceful_sigterm:=false
+    tini_sigterm             docker run --init (tini forwards SIGTERM to its child, ros2 launch)
+    tini_sigterm_default     the same with graceful_sigterm:=false
     tini_group_sigterm_default  tini -g (SIGTERM to the child's process group), graceful_sigterm:=false
     systemd_sigterm_default  systemd's default stop (KillMode=control-group: SIGTERM to every process of the unit,
                              SIGKILL after TimeoutStopSec), graceful_sigterm:=false
-    systemd_mixed_sigterm_default  KillMode=mixed: SIGTERM to ros2 launch, SIGKILL to the rest once it exited
+    systemd_mixed_sigterm    KillMode=mixed: SIGTERM to ros2 launch, SIGKILL to the rest once it exited
+    systemd_mixed_sigterm_default  the same with graceful_sigterm:=false
     systemd_mixed_sigint     KillMode=mixed with KillSignal=SIGINT
     node_container_sigterm   the node without launch as PID 1 (docker run ... localize_node), SIGTERM
 """
@@ -39,9 +41,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CAMERA = REPO / "test" / "ros" / "camera_publisher.py"
 METHODS = ("launch_sigint", "launch_sigterm", "launch_sigterm_default", "container_sigterm",
-           "container_sigterm_default", "container_sigint", "tini_sigterm_default", "tini_group_sigterm_default",
-           "systemd_sigterm_default", "systemd_mixed_sigterm_default", "systemd_mixed_sigint",
-           "node_container_sigterm")
+           "container_sigterm_default", "container_sigint", "tini_sigterm", "tini_sigterm_default",
+           "tini_group_sigterm_default", "systemd_sigterm_default", "systemd_mixed_sigterm",
+           "systemd_mixed_sigterm_default", "systemd_mixed_sigint", "node_container_sigterm")
 DOCKER_STOP_TIMEOUT_S = 10.0
 SYSTEMD_TIMEOUT_S = 30.0
 KEYFRAMES = 4
@@ -97,6 +99,13 @@ def command(method: str, map_path: Path) -> list[str]:
     return launch
 
 
+def _default_signals() -> None:
+    """Default signal dispositions, as docker and systemd start their processes (a shell's background job, like
+    this benchmark run with `&`, ignores SIGINT, and Python then keeps ignoring it)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _saved(map_path: Path) -> int:
     """Keyframes in the saved map (0: none saved)."""
     from dinomix_ros.maps.keyframes import KeyframeMap
@@ -113,7 +122,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, ROS_DOMAIN_ID=str(args.domain), ROS_LOG_DIR=str(work / "ros_log"), PYTHONUNBUFFERED="1")
     log = open(work / "launch.log", "wb")
     proc = subprocess.Popen(command(method, map_path), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_signals)
     result = {"method": method}
     try:
         deadline = time.monotonic() + args.timeout
