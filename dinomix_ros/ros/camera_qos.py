@@ -177,9 +177,13 @@ class CameraSubscriptions:
         sub.delivered = True
         if len(cam.live) + len(cam.retiring) > 1:
             stamp = header_stamp_ns(msg)
-            if stamp != 0 and stamp in cam.recent:
+            if stamp == 0:  # no stamp to tell a duplicate by: only the subscription the publishers need delivers
+                if cam.live.get(cam.primary) is not sub:
+                    return
+            elif stamp in cam.recent:
                 return
-            cam.recent.append(stamp)
+            else:
+                cam.recent.append(stamp)
         self._on_image(topic, msg)
 
     def _incompatible(self, topic: str, event: object) -> None:
