@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSPolicyKind, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -141,9 +142,10 @@ class CameraSubscriptions:
                 policy = choose_reliability(mode, [])
                 cam = self._cameras[topic] = _Camera(primary=policy)
                 cam.live[policy] = self._subscribe(topic, policy)
-        if mode == "auto":  # publishers come and go: follow their QoS
+        if mode == "auto":  # publishers come and go: follow their QoS (steady time: also without /clock)
             self._watch = self._node.create_timer(1.0, self._guard("camera QoS", self.follow_publishers),
-                                                  callback_group=self._group)
+                                                  callback_group=self._group,
+                                                  clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     def add_extras(self, topics: list[str], camera_info: Callable[[str, CameraInfo], None] | None,
                    depth_topics: list[str], on_depth: Callable[[str, object], None]) -> None:
