@@ -44,6 +44,8 @@ __all__ = ["RELIABILITY_MODES", "RETIRE_AFTER_S", "CameraSubscriptions", "Subscr
 RELIABILITY_MODES = ("auto", "best_effort", "reliable")
 #: Longest a replaced subscription keeps delivering when the new one has not proved itself (an idle camera).
 RETIRE_AFTER_S = 10.0
+#: A frame with the stamp of one that arrived this recently through another subscription is that frame again.
+DUPLICATE_WITHIN_S = 2.0
 _RELIABLE, _BEST_EFFORT = ReliabilityPolicy.RELIABLE, ReliabilityPolicy.BEST_EFFORT
 
 
@@ -97,7 +99,7 @@ class _Camera:
     live: dict[ReliabilityPolicy, _Sub] = field(default_factory=dict)
     retiring: list[_Sub] = field(default_factory=list)
     retiring_since: float = 0.0
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=16))
+    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=16))  # (stamp, monotonic)
 
     def all(self) -> list[_Sub]:
         return list(self.live.values()) + self.retiring
@@ -178,14 +180,14 @@ class CameraSubscriptions:
             return
         sub.delivered = True
         if len(cam.live) + len(cam.retiring) > 1:
-            stamp = header_stamp_ns(msg)
+            stamp, now = header_stamp_ns(msg), time.monotonic()
             if stamp == 0:  # no stamp to tell a duplicate by: only the subscription the publishers need delivers
                 if cam.live.get(cam.primary) is not sub:
                     return
-            elif stamp in cam.recent:
-                return
+            elif any(s == stamp and now - t < DUPLICATE_WITHIN_S for s, t in cam.recent):
+                return  # the same frame through the other subscription (a replayed bag repeats stamps later)
             else:
-                cam.recent.append(stamp)
+                cam.recent.append((stamp, now))
         self._on_image(topic, msg)
 
     def _incompatible(self, topic: str, event: object) -> None:
