@@ -22,7 +22,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FrameCounts", "LatestFrames"]
+__all__ = ["FrameCounts", "LatestFrames", "STALE_AFTER_JUMP_S"]
+
+#: A waiting frame that arrived more than this many seconds after the clock's present (the clock went back since)
+#: is dropped.
+STALE_AFTER_JUMP_S = 1.0
 
 
 @dataclass
@@ -89,6 +93,7 @@ class LatestFrames:
         with self._cond:
             while not stop.is_set():
                 now, period = self._clock(), float(self._min_period_s())
+                self._drop_stale(now)
                 ready = sorted((-math.inf if s.taken_at is None else s.taken_at, name)
                                for name, s in self._slots.items() if s.item is not None and _due(s, now, period))
                 if ready:
@@ -97,6 +102,14 @@ class LatestFrames:
                     break
                 self._cond.wait(timeout=0.05 if period > 0 else 0.5)
         return []
+
+    def _drop_stale(self, now: float) -> None:
+        """A frame waiting since before the clock went back (a bag replayed again) belongs to the old timeline:
+        dropped, so the new one starts with its own first frame."""
+        for slot in self._slots.values():
+            if slot.item is not None and slot.arrived - now > STALE_AFTER_JUMP_S:
+                slot.item = None
+                slot.counts.dropped += 1
 
     def _take(self, name: str, period: float) -> tuple[str, Any, float]:
         slot = self._slots[name]
