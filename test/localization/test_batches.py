@@ -91,9 +91,11 @@ def test_min_period_follows_the_given_clock_on_a_schedule_and_restarts_when_it_g
     # due at 1000 (first), then 1002.4, 1004.8, 1007.2, 1009.6, 1012.0: each time the newest frame waiting
     assert first == [1000.0, 1002.0, 1004.0, 1007.0, 1009.0, 1011.0]
     assert _processed(frames, clock, stamps, tick=0.1) == first  # replayed again, sampled half as often
-    # the last frame waits for a due instant the first replay never reached: replaying again drops it as stale
+    # a last frame waiting for a due instant its replay never reached is stale once the bag starts over
     clock.t = 1011.0
     frames.put("cam", 1011.0)
+    clock.t = 999.5
+    assert frames.get_ready(threading.Event(), timeout_s=0) == [] and frames.counts().dropped >= 1
     assert _processed(frames, clock, stamps, tick=0.1) == first
 
 
