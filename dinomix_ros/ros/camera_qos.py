@@ -19,6 +19,7 @@ that never arrived) are passed to ``on_lost`` per camera.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -88,6 +89,7 @@ class _Sub:
     handle: object
     policy: ReliabilityPolicy
     delivered: bool = False
+    last_delivery: float = -math.inf  # monotonic
 
 
 @dataclass(eq=False)
@@ -99,6 +101,7 @@ class _Camera:
     live: dict[ReliabilityPolicy, _Sub] = field(default_factory=dict)
     retiring: list[_Sub] = field(default_factory=list)
     retiring_since: float = 0.0
+    offered: list = field(default_factory=list)  # the publishers' reliability at the last check
     recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=16))  # (stamp, monotonic)
 
     def all(self) -> list[_Sub]:
@@ -178,7 +181,7 @@ class CameraSubscriptions:
         cam = self._cameras.get(topic)
         if cam is None:
             return
-        sub.delivered = True
+        sub.delivered, sub.last_delivery = True, time.monotonic()
         if len(cam.live) + len(cam.retiring) > 1:
             stamp, now = header_stamp_ns(msg), time.monotonic()
             if stamp == 0:  # no stamp to tell a duplicate by: only the subscription the publishers need delivers
@@ -203,12 +206,14 @@ class CameraSubscriptions:
         self._on_incompatible(topic, event)
 
     def _lost(self, topic: str, sub: _Sub, info: object) -> None:
-        """Frames the middleware reports lost, counted for the camera's only subscription (while it has several,
-        another one may well have received them)."""
+        """Frames the middleware reports lost, counted when the subscription is the one the publishers need and no
+        other subscription of the camera delivered lately (then it may well have received them)."""
         cam = self._cameras.get(topic)
         count = int(getattr(info, "total_count_change", 0))
-        if (self._on_lost is not None and cam is not None and count > 0 and not cam.retiring
-                and list(cam.live.values()) == [sub]):
+        if self._on_lost is None or cam is None or count <= 0 or cam.live.get(cam.primary) is not sub:
+            return
+        recently = time.monotonic() - DUPLICATE_WITHIN_S
+        if not any(other is not sub and other.last_delivery > recently for other in cam.all()):
             self._on_lost(topic, count)
 
     def follow_publishers(self) -> None:
@@ -219,7 +224,7 @@ class CameraSubscriptions:
 
     def _follow(self, topic: str, cam: _Camera) -> None:
         publishers = self._node.get_publishers_info_by_topic(topic)
-        offered = [info.qos_profile.reliability for info in publishers]
+        offered = cam.offered = [info.qos_profile.reliability for info in publishers]
         primary = choose_reliability("auto", offered)
         # no publisher yet: best effort (connects to any publisher) with a reliable one standing by
         wanted = {primary} if offered else {_BEST_EFFORT, _RELIABLE}
@@ -242,7 +247,11 @@ class CameraSubscriptions:
     @staticmethod
     def _proved(cam: _Camera, publishers: int) -> bool:
         """The new subscription has matched every publisher and delivered a frame since the switch (a frame in
-        flight then reaches one of the two), or the replaced ones have had :data:`RETIRE_AFTER_S`."""
+        flight then reaches one of the two), or the replaced ones have had :data:`RETIRE_AFTER_S`, or they cannot
+        receive anything (reliable ones when every publisher is best effort)."""
+        if cam.primary == _BEST_EFFORT and all(sub.policy == _RELIABLE for sub in cam.retiring) and publishers \
+                and not any(p == _RELIABLE for p in cam.offered):
+            return True
         new = cam.live[cam.primary]
         count = getattr(new.handle, "get_publisher_count", None)  # rclpy without it (Humble): delivery alone
         matched = count() >= publishers if count is not None else True
