@@ -29,6 +29,7 @@ setup(
             "localize_node = dinomix_ros.ros.localizer_node:main",
             "bag_replay = dinomix_ros.ros.replay:main",
             "dinomix_demo = dinomix_ros.ros.demo:main",
+            "transport_env = dinomix_ros.ros.transport:main",
         ],
     },
 )

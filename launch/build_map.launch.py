@@ -14,7 +14,6 @@ import importlib.util
 import os
 
 from launch import LaunchDescription
-from launch.actions import OpaqueFunction
 from launch.substitutions import PathJoinSubstitution
 from launch_ros.substitutions import FindPackageShare
 
@@ -31,8 +30,5 @@ def _localize_launch():
 def generate_launch_description() -> LaunchDescription:
     localize = _localize_launch()
     default_params = PathJoinSubstitution([FindPackageShare("dinomix_ros"), "config", "localize.yaml"])
-    return LaunchDescription([
-        *localize.declare_arguments(default_params),
-        OpaqueFunction(function=localize.make_node,
-                       kwargs={"extra_parameters": {"map.create_if_missing": True, "recording.autostart": True}}),
-    ])
+    return LaunchDescription(localize.launch_entities(
+        default_params, extra_parameters={"map.create_if_missing": True, "recording.autostart": True}))

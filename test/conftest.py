@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dinomix_ros.ros import transport  # no rclpy: nothing reads the environment before the lines below
+
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,8 +23,9 @@ os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"  # the only RMW of the whe
 if "ROS_LOG_DIR" not in os.environ:  # a folder of this run's own, removed when it ends
     os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="dinomix_test_roslog_")
     atexit.register(shutil.rmtree, os.environ["ROS_LOG_DIR"], ignore_errors=True)
-for _name in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"):  # Fast DDS 3 and 2 (Jazzy) read
-    os.environ.setdefault(_name, str(REPO / "config" / "fastdds_large_images.xml"))  # one each: session.py
+# The transport the launch files give the node: the shell's own Fast DDS settings, else the large-image profile
+# through the one variable this distribution's Fast DDS reads (dinomix_ros.ros.transport, imported without rclpy).
+os.environ.update(transport.choose().env)
 
 
 @pytest.fixture

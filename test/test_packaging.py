@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from rosutil import next_domain_id  # this run's own domain ids: another graph on the machine never answers
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dinomix_ros"
@@ -24,7 +25,8 @@ ROSDEP_KEYS = {
     "matplotlib": "python3-matplotlib", "yaml": "python3-yaml", "rclpy": "rclpy", "sensor_msgs": "sensor_msgs",
     "geometry_msgs": "geometry_msgs", "std_msgs": "std_msgs", "std_srvs": "std_srvs", "nav_msgs": "nav_msgs",
     "visualization_msgs": "visualization_msgs", "diagnostic_msgs": "diagnostic_msgs",
-    "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rclpy",
+    "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rcl_interfaces",
+    "rosgraph_msgs": "rosgraph_msgs",
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
 }
 # no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment); gtsam only
@@ -99,7 +101,7 @@ def colcon_install(tmp_path_factory) -> Path:
 def test_colcon_installs_executables_launch_and_config(colcon_install: Path) -> None:
     share = colcon_install / "share" / "dinomix_ros"
     lib = colcon_install / "lib" / "dinomix_ros"
-    for name in ("localize_node", "bag_replay", "dinomix", "dinomix_demo"):
+    for name in ("localize_node", "bag_replay", "dinomix", "dinomix_demo", "transport_env"):
         assert (lib / name).is_file() and os.access(lib / name, os.X_OK), f"{name} not installed in {lib}"
     for rel in ("package.xml", "launch/localize.launch.py", "launch/build_map.launch.py", "config/localize.yaml",
                 "config/fastdds_large_images.xml", "config/dinomix.rviz", "maps/README.md"):
@@ -141,8 +143,8 @@ def test_launch_files_reference_installed_executables_and_files(colcon_install: 
 def test_installed_node_runs_from_the_install_tree(colcon_install: Path, tmp_path: Path) -> None:
     """The console script colcon installed starts the node with the installed package (not the source tree)."""
     site = next(colcon_install.glob("lib/python3*/site-packages"))
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID="99", ROS_LOG_DIR=str(tmp_path),
-               PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(next_domain_id()),
+               ROS_LOG_DIR=str(tmp_path), PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
     script = colcon_install / "lib" / "dinomix_ros" / "localize_node"
     log = tmp_path / "node.log"
     with open(log, "wb") as out:

@@ -159,10 +159,8 @@ class HealthMonitor:
             level, message = WARN, f"{counters['callback_errors']} callback errors{lately} (see the log)"
         if live.get("keyframes_not_recorded_errors"):
             level, message = WARN, f"{live['keyframes_not_recorded_errors']} keyframes could not be recorded"
-        loss = values.get("input_loss_estimate", 0.0)
-        if loss > LOSS_WARN_FRACTION:
-            level, message = WARN, (f"about {100 * loss:.0f} % of the camera frames never arrived (stamp gaps): use "
-                                    "the shared-memory Fast DDS profile on both sides, or reliable QoS")
+        if extra.get("frame_loss_warning"):  # a camera losing frames: which, how many, the fix (frame_loss.py)
+            level, message = WARN, extra["frame_loss_warning"]
         if counters.get("qos_incompatible"):
             level, message = WARN, (f"{counters['qos_incompatible']} camera publishers with incompatible QoS: their "
                                     "frames are not received (set cameras.reliability to auto)")

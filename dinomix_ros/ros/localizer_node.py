@@ -57,7 +57,8 @@ from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
 from dinomix_ros.localization.fleet_sync import FleetSync
 from dinomix_ros.localization.frame_pipeline import FramePipeline
-from dinomix_ros.localization.health import ERROR, WARN, HealthMonitor, StampGaps
+from dinomix_ros.localization.frame_loss import FrameLoss
+from dinomix_ros.localization.health import ERROR, WARN, HealthMonitor
 from dinomix_ros.localization.input_watch import EventWindow, InputHealthConfig, InputWatch
 from dinomix_ros.localization import map_commands
 from dinomix_ros.localization.latest_frames import LatestFrames
@@ -70,6 +71,7 @@ from dinomix_ros.model.encoder import Encoder
 from dinomix_ros.ros import camera_qos
 from dinomix_ros.ros import conversions as conv
 from dinomix_ros.ros import parameters as params
+from dinomix_ros.ros import transport
 from dinomix_ros.ros.relocalization_inputs import RelocalizationInputs
 from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
 from dinomix_ros.util.stamps import header_stamp_ns
@@ -82,6 +84,7 @@ class LocalizerNode(LifecycleNode):
 
     def __init__(self, node_name: str = "dinomix_localizer", **kwargs) -> None:
         super().__init__(node_name, **kwargs)
+        self.get_logger().info(transport.describe())  # which Fast DDS transport carries the camera frames
         self._startup_errors = []
         for name, entry in params.PARAMETERS.items():
             self._declare(name, entry)
@@ -97,7 +100,7 @@ class LocalizerNode(LifecycleNode):
         self._last_pose = None  # the newest pose sample: the centre of ~/pull_fleet_map
         self._fleet: FleetSync | None = None
         self._pose_sub = None
-        self._gaps = StampGaps()
+        self._loss = FrameLoss()
         self._outputs: dict = {}
         self._service_handles: list = []
         self._counters = {"bad_images": 0, "bad_poses": 0, "bad_camera_info": 0, "callback_errors": 0,
@@ -115,7 +118,7 @@ class LocalizerNode(LifecycleNode):
         self._cb_relocalize = ReentrantCallbackGroup()  # a waiting ~/relocalize call blocks no other service
         self._reloc_inputs = RelocalizationInputs(self, self._reloc, self._cb_sensors, self._guarded)
         self._inputs = camera_qos.CameraSubscriptions(self, self._cb_sensors, self._on_image, self._on_incompatible_qos,
-                                                      self._guarded)
+                                                      self._guarded, on_lost=lambda c, n: self._loss.lost(c, n))
         # /diagnostics exists in every lifecycle state (unconfigured, failed configure, inactive): a plain publisher
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(
             history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE))
@@ -296,8 +299,9 @@ class LocalizerNode(LifecycleNode):
 
     def _activate(self) -> None:
         resolved = [camera_qos.resolve(self, topic) for topic in self._p("cameras.topics")]
-        self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"))
-        self._gaps = StampGaps()
+        self._frames = LatestFrames(resolved, min_period_s=lambda: self._p("cameras.min_period_s"),
+                                    clock=self._period_clock)
+        self._loss = FrameLoss()
         now = time.monotonic()
         self._watch = InputWatch(resolved, now, pose_source=bool(self._p("pose.topic")))
         self._reloc.start(now)
@@ -323,6 +327,12 @@ class LocalizerNode(LifecycleNode):
         priors = self._reloc_inputs.describe(self._p("output.pose_prior_mode"))
         self.get_logger().info(f"active: cameras [{self._inputs.describe()}]{pose}; {priors}")
 
+    def _period_clock(self) -> float:
+        """Seconds by which cameras.min_period_s is measured: the node's clock when it is simulated (use_sim_time:
+        /clock from a bag player), else the steady clock (a period must not jump with the wall clock)."""
+        clock = self.get_clock()
+        return clock.now().nanoseconds * 1e-9 if getattr(clock, "ros_time_is_active", False) else time.monotonic()
+
     def _on_incompatible_qos(self, topic: str, event: object) -> None:
         self._count("qos_incompatible")
         self.get_logger().warning(f"camera {topic}: a publisher offers QoS this subscription cannot connect to "
@@ -332,7 +342,7 @@ class LocalizerNode(LifecycleNode):
     def _on_image(self, topic: str, msg: object) -> None:
         self._frames.put(topic, msg)
         stamp = header_stamp_ns(msg)
-        self._gaps.add(topic, stamp)
+        self._loss.received(topic, stamp)
         self._watch.frame(topic, stamp, time.monotonic())
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
@@ -601,8 +611,11 @@ class LocalizerNode(LifecycleNode):
         its reason, inactive), else what is wrong with it and its inputs (see :mod:`.input_watch`)."""
         now = time.monotonic()
         pipeline, live = self._pipeline, self.live
+        best_effort = {topic: p == ReliabilityPolicy.BEST_EFFORT
+                       for topic, p in self._inputs.policies().items()}
         extra = {"mode": self._p("mode"), "lifecycle_state": self._lifecycle,
-                 "frames_lost_estimate": self._gaps.lost, "input_loss_estimate": self._gaps.loss_fraction,
+                 "frames_lost_estimate": self._loss.lost_estimate, "input_loss_estimate": self._loss.loss_fraction,
+                 "frame_loss_warning": self._loss.warning(best_effort),
                  "last_best_score": live.last_best_similarity if live is not None else math.nan,
                  **self._reloc.stats(now), **(pipeline.diagnostics() if pipeline is not None else {})}
         counters = {k: v for k, v in self._counters.items() if k != "processed"}

@@ -118,8 +118,9 @@ class CameraConfig:
                                        "best_effort or reliable", choices=RELIABILITY_MODES, reconfigure=True)
     depth: int = setting(1, "camera subscription queue depth (the node keeps only the newest frame anyway)",
                          min=1, max=1000, reconfigure=True)
-    min_period_s: float = setting(0.0, "process at most one frame per camera per this many seconds (0: as fast as "
-                                       "the model runs)", min=0.0, max=3600.0)
+    min_period_s: float = setting(0.0, "process at most one frame per camera per this many seconds of the node's "
+                                       "clock (simulated time with use_sim_time, e.g. a bag replayed with /clock; "
+                                       "0: as fast as the model runs)", min=0.0, max=3600.0)
     # default [""], not []: ROS cannot declare a parameter whose default is an empty (untyped) array
     depth_topics: tuple[str, ...] = setting(("",), "aligned depth image topic per camera, in the order of "
                                                    "cameras.topics (16UC1 mm or 32FC1 m, registered to the color "

@@ -5,8 +5,10 @@ ROS 2 bags are published as their stored CDR bytes (``publisher.publish(raw_byte
 to rclpy's). ROS 1 bags (``.bag`` files) are converted to ROS 2 CDR first: read with the bag's own ROS 1
 definitions, written with the ROS 2 ones; a topic whose type ROS 2 does not have is refused. Publishers are reliable
 with a deep queue, so best-effort and reliable subscribers both connect; before exiting the tool waits until every
-subscriber has acknowledged everything (``wait_for_all_acked``). On a machine with ROS 2 installed, ``ros2 bag play``
-does the same job for ROS 2 bags.
+subscriber has acknowledged everything (``wait_for_all_acked``). With ``--clock`` the bag's time is published on
+``/clock`` (rosgraph_msgs/Clock): just before each message, and at the given rate while waiting between messages,
+as ``ros2 bag play --clock`` does; nodes with ``use_sim_time`` then run on the bag's time at any ``--rate``. On a
+machine with ROS 2 installed, ``ros2 bag play`` does the same job for ROS 2 bags.
 
 Example:
     bag_replay test/data/t265_office_bag/ros2_mcap --topics /camera/fisheye1/image_raw --rate 1.0 \\
@@ -28,6 +30,7 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 from rosbags.typesys import Stores, get_typestore
+from rosgraph_msgs.msg import Clock
 
 from dinomix_ros.maps.sources.bags import IMAGE_TYPES, open_reader
 from dinomix_ros.ros.conversions import msg_class
@@ -36,9 +39,14 @@ __all__ = ["replay", "main"]
 
 
 def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float = 1.0,
-           remap: dict[str, str] | None = None, wait_for_subscribers: int = 0, timeout_s: float = 30.0) -> int:
-    """Publish the bag's messages; returns how many were published."""
+           remap: dict[str, str] | None = None, wait_for_subscribers: int = 0, timeout_s: float = 30.0,
+           clock_hz: float = 0.0) -> int:
+    """Publish the bag's messages; returns how many were published. ``clock_hz`` > 0: also the bag's time on
+    /clock, before each message and at that rate (wall clock) in between."""
     remap = remap or {}
+    # best effort, depth 1, like rclcpp's ClockQoS (what ros2 bag play and the nodes' time sources use)
+    clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)) \
+        if clock_hz > 0 else None
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
     with open_reader(bag) as reader:
         conns = [c for c in reader.connections if not topics or c.topic in topics]
@@ -74,14 +82,26 @@ def replay(node: Node, bag: Path, topics: list[str] | None = None, rate: float =
         for conn, stamp_ns, raw in reader.messages(connections=conns):
             if rate > 0:
                 t0_bag = stamp_ns if t0_bag is None else t0_bag
-                delay = (stamp_ns - t0_bag) / 1e9 / rate - (time.monotonic() - t0_wall)
-                if delay > 0:
-                    time.sleep(delay)
+                while (delay := (stamp_ns - t0_bag) / 1e9 / rate - (time.monotonic() - t0_wall)) > 0:
+                    if clock is None:
+                        time.sleep(delay)
+                        break
+                    time.sleep(min(delay, 1.0 / clock_hz))
+                    elapsed_ns = int((time.monotonic() - t0_wall) * rate * 1e9)
+                    _publish_clock(clock, min(t0_bag + elapsed_ns, stamp_ns))
+            if clock is not None:
+                _publish_clock(clock, stamp_ns)
             pubs[conn.topic].publish(bytes(raw) if to_cdr is None else to_cdr(conn, raw))
             count += 1
     for pub in pubs.values():
         pub.wait_for_all_acked(Duration(seconds=max(1.0, deadline - time.monotonic())))
     return count
+
+
+def _publish_clock(publisher: Any, stamp_ns: int) -> None:
+    msg = Clock()
+    msg.clock.sec, msg.clock.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    publisher.publish(msg)
 
 
 def _ros1_to_cdr(reader: Any) -> Callable[[Any, bytes], bytes]:
@@ -107,12 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
                         help="wait until every camera topic (every topic, if none) has N subscribers")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for subscribers / acks")
+    parser.add_argument("--clock", type=float, nargs="?", const=40.0, default=0.0, metavar="HZ",
+                        help="publish the bag's time on /clock (for nodes with use_sim_time): before each message "
+                             "and HZ times per second in between (default 40)")
     args = parser.parse_args(remove_ros_args(argv)[1:])
     remap = dict(item.split(":=", 1) for item in args.remap)
     rclpy.init(args=argv)
     try:
         node = Node("bag_replay")
-        n = replay(node, args.bag, args.topics, args.rate, remap, args.wait_for_subscribers, args.timeout)
+        if args.clock < 0:
+            raise ValueError(f"--clock must be >= 0, got {args.clock}")
+        n = replay(node, args.bag, args.topics, args.rate, remap, args.wait_for_subscribers, args.timeout,
+                   args.clock)
         node.get_logger().info(f"replayed {n} messages from {args.bag}")
         node.destroy_node()
     except KeyboardInterrupt:

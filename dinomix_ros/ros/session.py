@@ -4,7 +4,8 @@ The demo (``make demo``) and the node benchmark use this; so can a robot's own i
 
 * :func:`ros_env` gives a child process a private, machine-local ROS graph: ``ROS_AUTOMATIC_DISCOVERY_RANGE=
   LOCALHOST`` (``ROS_LOCALHOST_ONLY`` is ignored by recent releases), its own ``ROS_DOMAIN_ID`` and log folder, and
-  the shared-memory Fast DDS profile that carries large images between processes without loss.
+  the Fast DDS transport the launch files give the node (:func:`dinomix_ros.ros.transport.choose`: the caller's own
+  Fast DDS settings, else the large-image profile).
 * :class:`NodeProcess` starts a program in a new session and stops it like ``ros2 launch`` does: SIGINT to the
   process group, SIGKILL only if it hangs (which is reported).
 * :class:`RosClient` is an rclpy node in its own context and domain that the calling thread spins by hand.
@@ -26,44 +27,28 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.publisher import Publisher
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-__all__ = ["PROFILE_VARIABLES", "fastdds_profile", "ros_env", "NodeProcess", "RosClient"]
+from dinomix_ros.ros import transport
+
+__all__ = ["ros_env", "NodeProcess", "RosClient"]
 
 LOCALIZER_MODULE = "dinomix_ros.ros.localizer_node"
 _REPO = Path(__file__).resolve().parents[2]
-#: Where Fast DDS looks for its XML profile: Fast DDS 3 (ROS 2 Kilted and later) reads the first, Fast DDS 2 (Humble,
-#: Jazzy) only the second. Both are set to the same file (measured on Jazzy: with the first alone the profile was
-#: ignored and 5 of 16 best-effort 640x480 frames arrived; with the second, 16 of 16).
-PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 
 
-def fastdds_profile() -> Path | None:
-    """config/fastdds_large_images.xml from the source tree or the installed package share, if found."""
-    candidates = [_REPO / "config" / "fastdds_large_images.xml"]
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("dinomix_ros")) / "config" / "fastdds_large_images.xml")
-    except Exception:  # not installed through ament: the source tree copy is all there is
-        pass
-    return next((p for p in candidates if p.is_file()), None)
-
-
-def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a child ROS process on a private, machine-local graph."""
+def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None,
+            discovery_range: str | None = "LOCALHOST") -> dict[str, str]:
+    """Environment of a child ROS process on a private, machine-local graph, with the transport the launch files
+    give the node (``base``'s own Fast DDS settings win; :func:`dinomix_ros.ros.transport.ros_defaults` makes a
+    process with Fast DDS's defaults). ``discovery_range`` None: ROS's default (SUBNET), e.g. in a network
+    namespace of its own."""
     env = dict(os.environ if base is None else base)
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(domain_id), ROS_LOG_DIR=str(log_dir),
-               PYTHONUNBUFFERED="1")
+    env.update(ROS_DOMAIN_ID=str(domain_id), ROS_LOG_DIR=str(log_dir), PYTHONUNBUFFERED="1")
+    if discovery_range is None:
+        env.pop("ROS_AUTOMATIC_DISCOVERY_RANGE", None)
+    else:
+        env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = discovery_range
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-    # the caller's profile (either spelling) wins; an empty one means Fast DDS's default transports
-    chosen = next((env[name] for name in PROFILE_VARIABLES if name in env), None)
-    if chosen is None:
-        profile = fastdds_profile()
-        chosen = str(profile) if profile is not None else ""
-    for name in PROFILE_VARIABLES:
-        if chosen:
-            env[name] = chosen
-        else:
-            env.pop(name, None)
+    env.update(transport.choose(env).env)
     if (_REPO / "dinomix_ros").is_dir():  # running from the source tree: make the package importable
         env["PYTHONPATH"] = str(_REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -72,24 +57,28 @@ def ros_env(log_dir: Path, domain_id: int, base: dict[str, str] | None = None) -
 class NodeProcess:
     """A Python program (``[-m module | script] args...``) in a subprocess, its output in ``log_path``."""
 
-    def __init__(self, args: list[str], log_dir: Path, domain_id: int, name: str = "node") -> None:
+    def __init__(self, args: list[str], log_dir: Path, domain_id: int, name: str = "node",
+                 env: dict[str, str] | None = None, discovery_range: str | None = "LOCALHOST") -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, *args], env=ros_env(log_dir / "ros_log", domain_id),
+        self.proc = subprocess.Popen([sys.executable, *args], env=ros_env(log_dir / "ros_log", domain_id, env,
+                                                                          discovery_range),
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @classmethod
     def localizer(cls, log_dir: Path, domain_id: int, params: dict[str, object] | None = None,
-                  params_file: Path | None = None, extra_ros_args: list[str] | None = None) -> NodeProcess:
-        """``localize_node`` with a parameters file (default config/localize.yaml) and ``-p`` overrides."""
+                  params_file: Path | None = None, extra_ros_args: list[str] | None = None,
+                  **kwargs: object) -> NodeProcess:
+        """``localize_node`` with a parameters file (default config/localize.yaml) and ``-p`` overrides (``kwargs``:
+        ``env``, ``discovery_range`` of the process)."""
         args = ["-m", LOCALIZER_MODULE, "--ros-args"]
         params_file = params_file or _REPO / "config" / "localize.yaml"
         if params_file.is_file():
             args += ["--params-file", str(params_file)]
         for key, value in (params or {}).items():
             args += ["-p", f"{key}:={_ros_value(value)}"]
-        return cls(args + list(extra_ros_args or []), log_dir, domain_id, name="localizer")
+        return cls(args + list(extra_ros_args or []), log_dir, domain_id, name="localizer", **kwargs)
 
     @property
     def log(self) -> str:

@@ -55,6 +55,50 @@ def test_min_period_holds_per_camera() -> None:
     guard.cancel()
 
 
+class _Clock:
+    """A clock the test moves (the node's simulated clock, fed by /clock)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _processed(frames: LatestFrames, clock: _Clock, stamps: list[float], tick: float) -> list[float]:
+    """Frames arrive at the clock times ``stamps``; the worker looks every ``tick`` of that clock."""
+    stop, taken = threading.Event(), []
+    t, end = stamps[0], stamps[-1] + 3.0
+    pending = list(stamps)
+    while t <= end:
+        clock.t = t
+        while pending and pending[0] <= t + 1e-9:
+            frames.put("cam", pending.pop(0))
+        taken += [item for _, item, _ in frames.get_ready(stop, timeout_s=0)]
+        t = round(t + tick, 6)
+    return taken
+
+
+def test_min_period_follows_the_given_clock_on_a_schedule_and_restarts_when_it_goes_back() -> None:
+    """cameras.min_period_s by the node's clock: the frames processed depend on that clock only (a bag replayed at
+    2x its speed, whose simulated clock the worker samples half as often per simulated second, gives the same
+    frames), takes follow a schedule (no drift with the worker's timing), and replaying the bag again (the clock
+    goes back) starts a new schedule."""
+    clock = _Clock()
+    frames = LatestFrames(["cam"], min_period_s=lambda: 2.4, clock=clock)
+    stamps = [1000.0 + k for k in range(12)]  # a 1 Hz camera
+    first = _processed(frames, clock, stamps, tick=0.05)
+    # due at 1000 (first), then 1002.4, 1004.8, 1007.2, 1009.6, 1012.0: each time the newest frame waiting
+    assert first == [1000.0, 1002.0, 1004.0, 1007.0, 1009.0, 1011.0]
+    assert _processed(frames, clock, stamps, tick=0.1) == first  # replayed again, sampled half as often
+    # a last frame waiting for a due instant its replay never reached is stale once the bag starts over
+    clock.t = 1011.0
+    frames.put("cam", 1011.0)
+    clock.t = 999.5
+    assert frames.get_ready(threading.Event(), timeout_s=0) == [] and frames.counts().dropped >= 1
+    assert _processed(frames, clock, stamps, tick=0.1) == first
+
+
 @pytest.fixture(scope="module")
 def camera_frames() -> list[tuple[str, np.ndarray, str]]:
     """Three cameras of different sizes and encodings (real corridor images)."""

@@ -69,6 +69,42 @@ def test_offline_map_then_replay_with_the_replay_tool(tmp_path, storage: str) ->
         assert min(abs(t_match * 1e9 - s) for s in keyframe_stamps) < 1e3
 
 
+def test_min_period_by_the_bag_clock_gives_the_same_frames_at_1x_and_2x(tmp_path) -> None:
+    """use_sim_time with bag_replay --clock: cameras.min_period_s is measured on the bag's time, so replaying twice
+    as fast processes the same frames, and replaying the bag again (its clock goes back) starts over."""
+    raw = "/camera/image_raw"
+    bag = write_camera_bag(tmp_path / "drive", frames=photo_frames(12, size=(96, 72)), image_rate_hz=0.5,
+                           image_topics=(raw,), pose_kind=None)
+    # due instants fall between frames (2 s apart), so the frame waiting then is taken; at 2x the worker has
+    # 2.4 s of wall time per frame it processes (a loaded 2-core machine takes well under that for ViT-S)
+    period, times = 4.8, [2 * k for k in range(12)]
+    expected, due = [0], period
+    while due <= times[-1]:
+        expected.append(max(t for t in times if t <= due))
+        due += period
+    t0 = int(bag.image_stamps_ns[0])
+    domain = next_domain_id()
+    node = NodeProcess.localizer(tmp_path, domain, params={
+        "model.random_weights": True, "cameras.topics": [raw], "cameras.min_period_s": period, "use_sim_time": True})
+    client = RosClient(domain)
+    processed = []
+    try:
+        matches = client.collect(PointCloud2, f"{NODE}/matches")
+        assert node.wait_for_log("active: cameras", timeout=120), node.log[-3000:]
+        for rate in ("1", "2"):
+            before = len(matches)
+            replay = NodeProcess(["-m", "dinomix_ros.ros.replay", str(bag.path), "--rate", rate, "--clock",
+                                  "--wait-for-subscribers", "1"], tmp_path, domain, name=f"replay_{rate}")
+            assert client.spin_until(lambda: not replay.alive(), 120.0) and replay.proc.returncode == 0, replay.log
+            client.spin_for(3.0)  # the last frame's outputs
+            processed.append([round((stamp_ns(m) - t0) / 1e9) for _, m in matches[before:]])
+    finally:
+        client.close()
+        assert node.stop() == 0, node.log[-3000:]
+    assert processed[0] == expected, (processed, node.log[-2000:])
+    assert processed[1] == processed[0], processed
+
+
 def test_real_t265_bag_two_mono8_cameras_replays_clean(tmp_path, data_dir) -> None:
     bag = data_dir / "t265_office_bag" / "ros2_sqlite3"
     cameras = ["/camera/fisheye1/image_raw", "/camera/fisheye2/image_raw"]
