@@ -4,6 +4,7 @@ corridor pass accepted, re-ranking, and the verified pose prior's composition.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def _pose(R: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def test_verified_prior_is_the_current_robot_pose() -> None:
     """Composition check: a robot at the keyframe pose, then moved (base frame) by a known motion; its camera's
-    relative motion as verification reports it; the prior must be the moved robot's pose."""
+    relative motion as verification reports it; the prior must be the moved robot's pose, with the fit's covariance
+    (plus the floors) carried to the map, and the right case."""
     mount = CameraMountConfig(x=0.2, z=0.5)
     T_base_cam = mount.matrix()
     T_map_kf = _pose(rpy_to_matrix(0.0, 0.0, 0.7), np.array([3.0, -1.0, 0.0]))
@@ -159,32 +161,42 @@ def test_verified_prior_is_the_current_robot_pose() -> None:
     T_map_q = T_map_kf @ motion
     T_q_k = np.linalg.inv(T_base_cam) @ np.linalg.inv(motion) @ T_base_cam  # keyframe camera -> query camera
     base = PosePrior("map", T_map_kf[:3, 3].copy(), matrix_to_quat(T_map_kf[:3, :3]), np.eye(6) * 0.25)
-    metric = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
-                          error=0.05, median_depth_m=4.0, passed=True)
-    prior, case = verified_prior(base, metric, T_base_cam, T_base_cam, VerifiedPriorConfig())
+    fit = np.diag([0.02, 0.03, 0.01, 0.004, 0.002, 0.003]) ** 2  # query camera frame (rho, phi)
+    metric = Verification(matches=100, inliers=90, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
+                          error=0.002, median_depth_m=4.0, passed=True, two_view_model="essential", pnp_inliers=80,
+                          covariance=fit, rotation_covariance=fit[3:, 3:])
+    config = VerifiedPriorConfig()
+    prior, case = verified_prior(base, metric, T_base_cam, T_base_cam, config)
     assert case == "metric"
     np.testing.assert_allclose(prior.position, T_map_q[:3, 3], atol=1e-9)
     assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
-    sigma = 3.0 * 0.05 / math.sqrt(80)  # 0.017 rad, 0.067 m: above the floors min_sigma_rad and min_sigma_m
-    np.testing.assert_allclose(np.diag(prior.covariance), [(sigma * 4.0) ** 2] * 3 + [sigma ** 2] * 3)
-    tight = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
-                         error=0.0001, median_depth_m=4.0, passed=True)
-    tight_prior, _ = verified_prior(base, tight, T_base_cam, T_base_cam, VerifiedPriorConfig())
-    np.testing.assert_allclose(np.diag(tight_prior.covariance),
-                               [0.05 ** 2] * 3 + [0.01 ** 2] * 3)  # never more certain than the floors
+    # the orientation block: the fit's rotation covariance turned into map axes, plus the floor
+    R_map_cam = T_map_q[:3, :3] @ T_base_cam[:3, :3]
+    np.testing.assert_allclose(prior.covariance[3:, 3:], R_map_cam @ fit[3:, 3:] @ R_map_cam.T
+                               + np.eye(3) * config.min_sigma_rad ** 2, atol=1e-12)
+    assert np.trace(prior.covariance[:3, :3]) > 3 * config.min_sigma_m ** 2  # the fit's share is there
+    relative = relative_base_pose(metric, T_base_cam, T_base_cam, config)
+    assert relative.case == "metric" and relative.inliers == 80  # PnP's own count, not the essential matrix's 90
+    tight = dataclasses.replace(metric, covariance=fit * 1e-12, rotation_covariance=fit[3:, 3:] * 1e-12)
+    tight_prior, _ = verified_prior(base, tight, T_base_cam, T_base_cam, config)
+    np.testing.assert_allclose(np.diag(tight_prior.covariance), [0.05 ** 2] * 3 + [0.01 ** 2] * 3,
+                               rtol=1e-6)  # never more certain than the floors
     # without depth: the orientation is corrected, the position stays the keyframe's with no_depth_sigma_m
     rotation = Verification(matches=100, inliers=80, model="essential", R=T_q_k[:3, :3], t=np.array([1.0, 0, 0]),
-                            error=0.002, passed=True)
-    prior, case = verified_prior(base, rotation, T_base_cam, T_base_cam,
-                                 VerifiedPriorConfig(no_depth_sigma_m=2.0))
+                            error=0.002, passed=True, two_view_model="essential", rotation_covariance=fit[3:, 3:])
+    prior, case = verified_prior(base, rotation, T_base_cam, T_base_cam, VerifiedPriorConfig(no_depth_sigma_m=2.0))
     assert case == "rotation"
     np.testing.assert_allclose(prior.position, T_map_kf[:3, 3])
     assert rotation_angle_deg(quat_to_matrix(prior.orientation) @ T_map_q[:3, :3].T) < 1e-6
     np.testing.assert_allclose(np.diag(prior.covariance)[:3], 4.0)
-    # no intrinsics (fundamental matrix): the keyframe prior unchanged
+    # no intrinsics (fundamental matrix): the keyframe's pose; the distance moved is unknown on top of the
+    # matcher's uncertainty (never more certain than a rotation prior of the same scene)
     same, case = verified_prior(base, Verification(matches=50, inliers=40, model="fundamental", passed=True),
-                                T_base_cam, T_base_cam, VerifiedPriorConfig())
-    assert case == "keyframe" and same is base
+                                T_base_cam, T_base_cam, config)
+    assert case == "keyframe"
+    np.testing.assert_allclose(same.position, base.position)
+    np.testing.assert_allclose(same.orientation, base.orientation)
+    np.testing.assert_allclose(np.diag(same.covariance), [0.25 + 1.0] * 3 + [0.25] * 3)
 
 
 def test_default_mount_is_a_forward_looking_optical_frame() -> None:
@@ -205,7 +217,7 @@ def test_a_prior_composes_the_keyframe_camera_and_the_query_camera() -> None:
     T_q_k = np.linalg.inv(front) @ np.linalg.inv(motion) @ rear  # keyframe (rear) camera -> query (front) camera
     base = PosePrior("map", T_map_kf[:3, 3].copy(), matrix_to_quat(T_map_kf[:3, :3]), np.eye(6) * 0.25)
     metric = Verification(matches=100, inliers=80, model="pnp", R=T_q_k[:3, :3], t=T_q_k[:3, 3], metric=True,
-                          error=0.01, median_depth_m=3.0, passed=True)
+                          error=0.01, median_depth_m=3.0, passed=True, pnp_inliers=80)
     prior, case = verified_prior(base, metric, rear, front, VerifiedPriorConfig())
     T_map_q = T_map_kf @ motion
     assert case == "metric"
