@@ -53,12 +53,11 @@ def so3_log(R: np.ndarray) -> np.ndarray:
         return 0.5 * w
     if angle < math.pi - 1e-4:
         return angle / (2.0 * math.sin(angle)) * w
-    # near pi: the axis from the symmetric part, its sign from the (small) antisymmetric part
-    B = (R + np.eye(3)) / 2.0
-    axis = np.sqrt(np.clip(np.diag(B), 0.0, None))
-    i = int(np.argmax(axis))
-    axis = B[i] / max(axis[i], 1e-12)
-    axis /= np.linalg.norm(axis)
+    # near pi: the axis from the symmetric part (R + R^T) / 2 - cos I = (1 - cos) a a^T, its sign from the (small)
+    # antisymmetric part w = 2 sin(angle) a
+    S = (R + R.T) / 2.0 - cos * np.eye(3)
+    i = int(np.argmax(np.diag(S)))
+    axis = S[i] / np.linalg.norm(S[i])
     if w @ axis < 0:
         axis = -axis
     return angle * axis

@@ -120,7 +120,7 @@ def make_pair(rng: np.random.Generator, points_k: np.ndarray, T_kb_qb: np.ndarra
     if depth == "all":
         depths = z.astype(np.float32)
     elif depth == "some":
-        chosen = rng.choice(np.flatnonzero(~bad), size=min(depth_count, int((~bad).sum())), replace=False)
+        chosen = rng.choice(n, size=min(depth_count, n), replace=False)  # outliers may have depths too
         depths[chosen] = z[chosen]
     dk = np.c_[rng.uniform(0, cam_k.width, distractors), rng.uniform(0, cam_k.height, distractors)]
     dq = np.c_[rng.uniform(0, cam_q.width, distractors), rng.uniform(0, cam_q.height, distractors)]
@@ -185,3 +185,72 @@ def sigma_along(error: np.ndarray, cov: np.ndarray) -> float:
 def random_rotation(rng: np.random.Generator, max_angle: float) -> np.ndarray:
     axis = rng.normal(size=3)
     return so3_exp(axis / np.linalg.norm(axis) * rng.uniform(0, max_angle))
+
+
+# ---------------------------------------------------------------------------------------------- the NEES families
+
+def _noise(rng: np.random.Generator) -> dict:
+    return {"noise_px": float(rng.uniform(0.5, 1.5)), "outliers": float(rng.uniform(0.1, 0.3))}
+
+
+def family_pair(name: str, seed: int) -> Pair:
+    """One seeded pair of a NEES family (see test_pose_nees.py for what each family is)."""
+    rng = np.random.default_rng([seed, sum(map(ord, name))])
+    base = CameraMountConfig().matrix()  # a camera at the base origin (forward-looking)
+    if name.startswith("near"):  # a 3-D scene 2-10 m ahead, a general motion
+        pts = box_points(rng, 700, 2.0, 10.0)
+        T = robot_motion(rng.uniform(-0.3, 0.3), rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0),
+                         rng.uniform(-0.1, 0.1), roll=rng.uniform(-0.05, 0.05), pitch=rng.uniform(-0.05, 0.05))
+        return make_pair(rng, pts, T, family=name, depth="all" if name.endswith("depth") else "none", **_noise(rng))
+    if name.startswith("far"):  # 30-120 m away, the robot moved 0.5 m sideways (the issue's far scene)
+        pts = box_points(rng, 700, 30.0, 120.0)
+        T = robot_motion(rng.uniform(-0.2, 0.2), 0.0, 0.5 * rng.choice([-1.0, 1.0]))
+        return make_pair(rng, pts, T, family=name, **_noise(rng))
+    if name.startswith("plane"):  # a wall 3 m ahead (facing, or tilted 20-45 degrees), moving sideways
+        tilt = 0.0 if "facing" in name else rng.uniform(0.35, 0.8) * rng.choice([-1.0, 1.0])
+        pts = plane_points(rng, 900, 3.0, tilt)
+        T = robot_motion(rng.uniform(-0.1, 0.1), rng.uniform(-0.2, 0.2), 0.5 * rng.choice([-1.0, 1.0]))
+        return make_pair(rng, pts, T, family=name, mount_k=base, depth="all" if name.endswith("depth") else "none",
+                         **_noise(rng))
+    if name == "pure_rotation":  # the camera only turned (about its own centre)
+        pts = box_points(rng, 700, 2.0, 50.0)
+        T = robot_motion(rng.uniform(-0.4, 0.4), 0.0, 0.0, roll=rng.uniform(-0.1, 0.1), pitch=rng.uniform(-0.1, 0.1))
+        return make_pair(rng, pts, T, family=name, mount_k=base, **_noise(rng))
+    if name == "forward":
+        pts = box_points(rng, 700, 3.0, 15.0)
+        T = robot_motion(rng.uniform(-0.1, 0.1), rng.uniform(0.5, 1.5), rng.uniform(-0.1, 0.1))
+        return make_pair(rng, pts, T, family=name, **_noise(rng))
+    if name == "sideways":
+        pts = box_points(rng, 700, 2.0, 8.0)
+        T = robot_motion(rng.uniform(-0.1, 0.1), rng.uniform(-0.1, 0.1), rng.uniform(0.5, 1.0) * rng.choice([-1, 1]))
+        return make_pair(rng, pts, T, family=name, **_noise(rng))
+    if name == "few_pnp":  # keyframe depths for only 7-13 of the matched points
+        pts = box_points(rng, 700, 2.0, 8.0)
+        T = robot_motion(rng.uniform(-0.3, 0.3), rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0))
+        return make_pair(rng, pts, T, family=name, depth="some", depth_count=int(rng.integers(7, 14)), **_noise(rng))
+    if name.startswith("cross_camera"):  # a rear keyframe matched by the front camera: the robot turned around
+        pts_world = box_points(rng, 700, 2.0, 10.0)  # seen by the rear camera at the keyframe
+        T = robot_motion(math.pi + rng.uniform(-0.3, 0.3), rng.uniform(-1.6, -0.6), rng.uniform(-0.5, 0.5))
+        return make_pair(rng, pts_world, T, family=name, mount_k=REAR, mount_q=FRONT,
+                         depth="all" if name.endswith("depth") else "none", **_noise(rng))
+    if name.startswith("side_camera"):  # the left camera, the robot drove on (forward for the camera: sideways)
+        pts = box_points(rng, 700, 2.0, 10.0)
+        T = robot_motion(rng.uniform(-0.3, 0.3), rng.uniform(-1.0, 1.0), rng.uniform(-0.3, 0.3))
+        return make_pair(rng, pts, T, family=name, mount_k=LEFT, depth="all" if name.endswith("depth") else "none",
+                         **_noise(rng))
+    if name.startswith("fisheye"):  # the T265's fisheye, 3-D scene, general motion
+        pts = box_points(rng, 900, 1.5, 8.0, spread=2.5)
+        T = robot_motion(rng.uniform(-0.3, 0.3), rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8))
+        return make_pair(rng, pts, T, family=name, cam_k=FISHEYE, depth="all" if name.endswith("depth") else "none",
+                         **_noise(rng))
+    if name.startswith("distorted"):  # a pinhole with strong radial distortion
+        pts = box_points(rng, 700, 2.0, 10.0)
+        T = robot_motion(rng.uniform(-0.3, 0.3), rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0))
+        return make_pair(rng, pts, T, family=name, cam_k=DISTORTED, depth="all" if name.endswith("depth") else "none",
+                         **_noise(rng))
+    raise ValueError(name)
+
+
+FAMILIES = ("near", "near_depth", "far", "plane_facing", "plane_facing_depth", "plane_tilted", "plane_tilted_depth",
+            "pure_rotation", "forward", "sideways", "few_pnp", "cross_camera", "cross_camera_depth", "side_camera",
+            "side_camera_depth", "fisheye", "fisheye_depth", "distorted", "distorted_depth")
