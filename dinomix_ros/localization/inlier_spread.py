@@ -38,7 +38,7 @@ _CELL_PX = 2.0
 
 
 def spread_problem(points: np.ndarray, image_size: tuple[int, int] | None, reference_size: tuple[int, int],
-                   label: str) -> str:
+                   label: str, what: str = "inliers") -> str:
     """Why ``points`` (the inliers' keypoints in one image) are a degenerate configuration, "" when they are not.
 
     Args:
@@ -46,32 +46,34 @@ def spread_problem(points: np.ndarray, image_size: tuple[int, int] | None, refer
         image_size: (width, height) of the image they are in, None (or zeros) when unknown.
         reference_size: (width, height) to measure them against when ``image_size`` is unknown (the query's).
         label: "query" or "keyframe" (for the reason).
+        what: "inliers" or "matches" (for the reason).
     """
+    label = f"{label} {what}"
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     known = image_size is not None and image_size[0] > 0 and image_size[1] > 0
     w, h = (float(image_size[0]), float(image_size[1])) if known else (float(reference_size[0]),
                                                                        float(reference_size[1]))
     if pts.shape[0] < 3 or w <= 0 or h <= 0:
-        return f"{label} inliers: too few to check their spread" if pts.shape[0] < 3 else ""
+        return f"{label}: too few to check their spread" if pts.shape[0] < 3 else ""
     if not np.isfinite(pts).all():
-        return f"{label} inliers: non-finite keypoints"
+        return f"{label}: non-finite keypoints"
     margin = max(2.0, 0.01 * max(w, h))
     lo, (hi_x, hi_y) = -margin, ((w + margin, h + margin) if known else
                                  (UNKNOWN_SIZE_FACTOR * w, UNKNOWN_SIZE_FACTOR * h))
     outside = (pts[:, 0] < lo) | (pts[:, 1] < lo) | (pts[:, 0] > hi_x) | (pts[:, 1] > hi_y)
     if outside.any():
-        return (f"{label} inliers: {int(outside.sum())} of {len(pts)} keypoints outside the "
+        return (f"{label}: {int(outside.sum())} of {len(pts)} keypoints outside the "
                 f"{'image' if known else 'plausible image'} ({w:.0f}x{h:.0f})")
     short = min(w, h)
     eig = np.linalg.eigvalsh(np.cov(pts.T))
     minor = float(np.sqrt(max(eig[0], 0.0)))
     if minor < MIN_MINOR_STD * short:
-        return (f"{label} inliers on a line or in a patch: std-dev {minor:.1f} px across their main axis, "
+        return (f"{label} on a line or in a patch: std-dev {minor:.1f} px across their main axis, "
                 f"< {MIN_MINOR_STD:g} x {short:.0f} px")
     hull = float(cv2.contourArea(cv2.convexHull(pts.astype(np.float32))))
     if hull < MIN_HULL_AREA * w * h:
-        return f"{label} inliers in a small patch: convex hull {100 * hull / (w * h):.2f} % of the image"
+        return f"{label} in a small patch: convex hull {100 * hull / (w * h):.2f} % of the image"
     distinct = np.unique(np.floor(pts / _CELL_PX).astype(np.int64), axis=0).shape[0]
     if distinct < MIN_DISTINCT * len(pts):
-        return f"{label} inliers concentrated: {distinct} distinct positions for {len(pts)} inliers"
+        return f"{label} concentrated: {distinct} distinct positions for {len(pts)} keypoints"
     return ""

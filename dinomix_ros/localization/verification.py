@@ -241,8 +241,12 @@ def verify_pair(query: LocalFeatures, keyframe: LocalFeatures, config: Verificat
         def spread(mask: np.ndarray) -> str:
             return _spread(pq, pk, mask, sizes)
 
-        def degenerate(mask: np.ndarray) -> str:  # checked where the count would pass: it is then the reason
-            return spread(mask) if _count_passes(int(mask.sum()), n, c) else ""
+        def degenerate(mask: np.ndarray) -> str:
+            """The inliers' configuration where their count would pass (it is then the reason); where it fails, the
+            matches' configuration (degenerate matches explain why nothing fits: a hostile keyframe)."""
+            if _count_passes(int(mask.sum()), n, c):
+                return spread(mask)
+            return _spread(pq, pk, np.ones(n, bool), sizes, "matches")
 
         calibrated = query_camera is not None and keyframe_camera is not None
         try:
@@ -279,10 +283,11 @@ def _image_sizes(query: LocalFeatures, keyframe: LocalFeatures, cam_q: CameraMod
     return q, k
 
 
-def _spread(pq: np.ndarray, pk: np.ndarray, mask: np.ndarray, sizes: tuple) -> str:
+def _spread(pq: np.ndarray, pk: np.ndarray, mask: np.ndarray, sizes: tuple, what: str = "inliers") -> str:
     """Why the masked matches are a degenerate configuration in either image ("" when they are not)."""
     size_q, size_k = sizes
-    return spread_problem(pk[mask], size_k, size_q, "keyframe") or spread_problem(pq[mask], size_q, size_q, "query")
+    return (spread_problem(pk[mask], size_k, size_q, "keyframe", what)
+            or spread_problem(pq[mask], size_q, size_q, "query", what))
 
 
 def _fit_fundamental(pq: np.ndarray, pk: np.ndarray, c: VerificationConfig,
