@@ -212,16 +212,13 @@ class PlaneModel:
 
 
 class EssentialModel:
-    """``x_q^T [t]x R x_k = 0``; state: (R, t) with unit t; residual: the Sampson error with per-point covariance.
-
-    ``full_derivative``: the Jacobian includes the derivative of the Sampson error's denominator (what the final
-    refinement needs: without it the fixed point is biased); without, it is cheaper (a robust start)."""
+    """``x_q^T [t]x R x_k = 0``; state: (R, t) with unit t; residual: the Sampson error with per-point covariance
+    (its Jacobian includes the derivative of the Sampson error's denominator, see ``_terms``)."""
 
     params, k = 5, 1
 
-    def __init__(self, obs: Observations, full_derivative: bool = True) -> None:
+    def __init__(self, obs: Observations) -> None:
         self.obs, self.hk, self.hq = obs, obs.hk, obs.hq
-        self.full_derivative = full_derivative
 
     def _terms(self, state: tuple, m: np.ndarray | slice, jacobian: bool = True
                ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -241,12 +238,11 @@ class EssentialModel:
         if not jacobian:
             return e, None
         # the full derivative of e = a / sqrt(var): with var frozen (Sampson's reweighting) the fixed point is biased
-        # (measured: 1-1.4 std-devs of rotation bias at 1-1.5 px), with it the minimum is the Sampson cost's own.
+        # (measured: 1-1.4 std-devs of rotation bias at 1-1.5 px), with it the minimum is the Sampson cost's own; a
+        # robust start with the frozen one also stalled in the valley of small parallax (measured on the T265 pair).
         # Rows of the 2x3 / 2x2 derivatives of gq = ([t]x R x_k)[:2] and gk = (R^T (x_q x t))[:2], as cross products.
         B = tangent_basis(t)
         d_a = np.concatenate([cross(u, qt), cross(u, hq) @ B], axis=1)  # d a / d (phi, beta)
-        if not self.full_derivative:
-            return e, d_a * s[:, None]
         d_var = np.zeros((e.shape[0], 5))
         for i, e_x_t in enumerate((np.array([0.0, -t[2], t[1]]), np.array([t[2], 0.0, -t[0]]))):  # e_x x t, e_y x t
             e_i = np.zeros(3)

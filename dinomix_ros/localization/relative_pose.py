@@ -59,9 +59,10 @@ _CHI2_1, _CHI2_2 = 3.841, 5.991  # ORB-SLAM's 95 % bounds (1 and 2 dof) and its 
 _AGREE_QUANTILE = 0.99
 _PARALLAX_SIGMAS = 3.0  # a point's parallax tells the side of the cameras it is on beyond 3 noise sigmas
 _MIN_SIGN_VOTES = 5
-_START_ITERATIONS = 3  # robust iterations from each start of the essential matrix (then the best goes on)
+_START_ITERATIONS = 4  # robust iterations from each start of the essential matrix (then the best goes on)
 _SMALL_PARALLAX_RAD = math.radians(3.0)
 _LIKELIHOOD_RATIO = 100.0  # evidence that tells two solutions apart
+_DECOMPOSITION_MATCH_RAD = math.radians(0.5)  # an essential matrix this close to a homography's decomposition is it
 _SAME_INLIERS = 0.8  # a model explains another's inliers when it has 80 % of them
 # RANSAC iterations for the homography: a plane (or a rotation) is found within a few dozen; a 3-D scene runs to the
 # limit, which OpenCV's default (2000-10000) made cost 10 ms per pair
@@ -160,14 +161,20 @@ def _covariance(refined: Refined) -> np.ndarray:
     return fit_covariance(refined.jacobian, refined.sigma_px, refined.jacobian.shape[0] - refined.jacobian.shape[1])
 
 
-def _plane_solutions(obs: Observations, H: np.ndarray, mask: np.ndarray) -> list[tuple]:
-    """The decompositions of H that put at least 90 % of ``mask``'s points in front of both cameras."""
+def _decompositions(H: np.ndarray) -> tuple[list, list, list]:
+    """All (up to four) decompositions ``(R, t / d, n)`` of a homography of normalized coordinates."""
     try:
         _, Rs, ts, ns = cv2.decomposeHomographyMat(H / np.linalg.svd(H, compute_uv=False)[1], np.eye(3))
     except cv2.error:
-        return []
+        return [], [], []
+    return list(Rs), list(ts), list(ns)
+
+
+def _plane_solutions(obs: Observations, H: np.ndarray, mask: np.ndarray) -> list[tuple]:
+    """The decompositions of H that put at least 90 % of ``mask``'s points in front of both cameras."""
     h = obs.hk[mask]
     out = []
+    Rs, ts, ns = _decompositions(H)
     for R, tau, n in zip(Rs, ts, ns):
         tau, n = tau.reshape(3), n.reshape(3)
         s = h @ n  # keyframe depth = d / s
@@ -203,41 +210,61 @@ def _from_rotation(rotation: Refined) -> MotionEstimate:
                           alternatives=(rotation.state,))
 
 
-def _from_planes(planes: list[Refined]) -> MotionEstimate:
+def _from_planes(planes: list[Refined], others: list[np.ndarray] = ()) -> MotionEstimate:
     """One plane solution's rotation; two: their mean, with a covariance that covers both, ambiguous when they
-    disagree beyond their uncertainty (see the module docstring, step 3)."""
+    disagree beyond their uncertainty (see the module docstring, step 3). ``others``: rotations of other motions the
+    data allow (the essential matrix's), which the covariance covers too."""
     covs = [_rotation_block(p, slice(0, 3)) for p in planes]
     rotations = [p.state[0] for p in planes]
+    widen = sum((np.outer(d, d) for d in (so3_log(R @ mean_rotation(rotations).T) for R in others)), np.zeros((3, 3)))
     if len(planes) == 1:
         tau = planes[0].state[1]
         return MotionEstimate("homography", rotations[0], tau / max(np.linalg.norm(tau), 1e-12), planes[0].inliers,
-                              planes[0].sigma_px, covs[0], alternatives=(rotations[0],))
+                              planes[0].sigma_px, covs[0] + widen, alternatives=(rotations[0],))
     mean = mean_rotation(rotations)
     deltas = [so3_log(R @ mean.T) for R in rotations]
     diff = so3_log(rotations[0] @ rotations[1].T)
     d2 = float(diff @ np.linalg.solve(covs[0] + covs[1], diff))
-    cover = sum(covs) / len(covs) + sum(np.outer(d, d) for d in deltas)
+    cover = sum(covs) / len(covs) + sum(np.outer(d, d) for d in deltas) + widen
     inliers = np.logical_or.reduce([p.inliers for p in planes])
     return MotionEstimate("homography", mean, np.zeros(3), inliers, max(p.sigma_px for p in planes), cover,
                           alternatives=tuple(rotations), ambiguous=d2 > chi2_quantile(_AGREE_QUANTILE, 3))
 
 
-def _epipolar_choice(obs: Observations, planes: list[Refined], sigma_px: float) -> list[Refined]:
-    """Of two plane solutions, the one whose motion fits the matches clearly better as an essential matrix (points off
-    the plane see the true motion: a likelihood ratio above 100:1 on the truncated Sampson errors of every match, so
-    that no solution's own inlier set decides), else both."""
-    if len(planes) != 2:
-        return planes
+def _epipolar_choice(obs: Observations, planes: list[Refined], essential: Refined, sigma_px: float,
+                     H: np.ndarray) -> tuple[list[Refined], list[np.ndarray]]:
+    """What the essential matrix says about the plane solutions, on the truncated Sampson errors of every match, a point
+    the motion puts behind a camera costing the most (no solution's own inlier set decides; "clearly": a likelihood
+    ratio above 100:1; on the NEES suite's tilted planes the wrong solution never came out ahead by more than 2.6,
+    without the cheirality term chance outliers made it 13.6 ahead):
+
+    * of two plane solutions, the one that fits the matches clearly better as an essential matrix (points off the
+      plane see the true motion), else both;
+    * the essential matrix's own rotation is another motion the data allow when it is not clearly worse than the
+      chosen solution and is not one of the homography's decompositions (on a plane the essential matrix has a
+      degenerate second solution, the other decomposition, which the plane's visibility already ruled out; and with
+      the freedom of a depth per point it fits a plane's noise better than the plane does, so a lower cost is no
+      evidence against the plane).
+    """
     model = EssentialModel(obs)
     cap = (INLIER_GATE * sigma_px) ** 2
-    costs = []
-    for p in planes:
-        R, tau = p.state[0], p.state[1]
-        e = model.norms((R, tau / max(float(np.linalg.norm(tau)), 1e-12)))
-        costs.append(float(np.sum(np.minimum(e * e, cap))) / sigma_px ** 2)
-    if abs(costs[0] - costs[1]) > 2.0 * math.log(_LIKELIHOOD_RATIO):
-        return [planes[int(np.argmin(costs))]]
-    return planes
+
+    def cost(R: np.ndarray, t: np.ndarray) -> float:  # points behind a camera fit no motion (chance outliers do)
+        t = t / max(float(np.linalg.norm(t)), 1e-12)
+        e = model.norms((R, t))
+        e[_behind(obs, R, t, sigma_px)] = np.inf
+        return float(np.sum(np.minimum(e * e, cap))) / sigma_px ** 2
+
+    margin = 2.0 * math.log(_LIKELIHOOD_RATIO)
+    costs = [cost(p.state[0], p.state[1]) for p in planes]
+    best = min(costs)
+    chosen = [p for p, c in zip(planes, costs) if c <= best + margin]
+    R_e = essential.state[0]
+    near = max(_DECOMPOSITION_MATCH_RAD, 3.0 * math.sqrt(float(np.max(np.linalg.eigvalsh(_rotation_block(
+        essential, slice(0, 3)))))))
+    degenerate = any(np.linalg.norm(so3_log(R_e @ R.T)) < near for R in _decompositions(H)[0])
+    plausible = cost(*essential.state) <= best + margin and not degenerate
+    return chosen, ([R_e] if plausible else [])
 
 
 def _worse_fit(a: Refined, b: Refined, dof_a: int, dof_b: int, mask: np.ndarray, evaluate_a, evaluate_b) -> bool:
@@ -253,7 +280,7 @@ def _worse_fit(a: Refined, b: Refined, dof_a: int, dof_b: int, mask: np.ndarray,
 
 
 def _essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, gate_px: float, max_gate: float,
-                   sigma0: float) -> Refined | None:
+                   sigma0: float) -> tuple[Refined | None, list[np.ndarray]]:
     """RANSAC's essential matrix refined on 5 dof, or a better one found from other starts.
 
     With little parallax (far scenes) the essential matrix's cost has more than one basin (a sideways translation and
@@ -263,12 +290,13 @@ def _essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, gate_px: 
     and translations along the camera's three axes (with RANSAC's rotation) are each refined robustly on every match,
     and the one with the lowest truncated cost (MSAC: every match counts, at most ``INLIER_GATE`` noise sigmas) is
     refined to the end (inliers re-selected, least squares). The extra starts are tried when the parallax is small
-    (median below :data:`_SMALL_PARALLAX_RAD`): with more, the basins do not meet.
+    (median below :data:`_SMALL_PARALLAX_RAD`): with more, the basins do not meet. Returns the refined model and
+    the rotations of every start that ended about as likely (the data do not tell those motions apart).
     """
     try:
         R1, R2, t = cv2.decomposeEssentialMat(E)
     except cv2.error:
-        return None
+        return None, []
     rays_k, rays_q = obs.rays_k[mask], obs.rays_q[mask]
     R = max((R1, R2), key=lambda Rc: float(np.median(np.sum((rays_k @ Rc.T) * rays_q, axis=1))))
     model = EssentialModel(obs)
@@ -280,27 +308,34 @@ def _essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, gate_px: 
 
     every = np.ones(len(obs), bool)
     cap = (INLIER_GATE * sigma0) ** 2
-    best, best_cost = None, math.inf
-    rough = EssentialModel(obs, full_derivative=False)
     t0 = t.reshape(3) / np.linalg.norm(t)
     parallax = np.arccos(np.clip(np.sum((rays_k @ R.T) * rays_q, axis=1), -1.0, 1.0))
     starts = [t0] + (list(np.eye(3)) if np.median(parallax) < _SMALL_PARALLAX_RAD else [])
+    screened = []
     for t0 in starts:  # a few robust steps from each start
-        state = tukey_irls(rough.evaluate, norms, model.retract, (R, t0), every, TUKEY_SCALE * sigma0, 1,
+        state = tukey_irls(model.evaluate, norms, model.retract, (R, t0), every, TUKEY_SCALE * sigma0, 1,
                            iterations=_START_ITERATIONS)
-        cost = float(np.sum(np.minimum(norms(state) ** 2, cap)))
-        if cost < best_cost:
-            best, best_cost = state, cost
-    best = tukey_irls(rough.evaluate, norms, model.retract, best, every, TUKEY_SCALE * sigma0, 1)
-    return refine_with_gate(model.evaluate, norms, model.retract, best, norms(best) < INLIER_GATE * sigma0,
-                            model.params, 1, INLIER_GATE * sigma0, max_gate)
+        screened.append((float(np.sum(np.minimum(norms(state) ** 2, cap))), state))
+    best_cost, best = min(screened, key=lambda c: c[0])
+    best = tukey_irls(model.evaluate, norms, model.retract, best, every, TUKEY_SCALE * sigma0, 1)
+    refined = refine_with_gate(model.evaluate, norms, model.retract, best, norms(best) < INLIER_GATE * sigma0,
+                               model.params, 1, INLIER_GATE * sigma0, max_gate)
+    # other starts that explain the matches about as well (within a likelihood ratio of 100) are other motions the
+    # data allow: their rotations widen the covariance
+    plausible = [s[0] for c, s in screened if c - best_cost <= 2.0 * math.log(_LIKELIHOOD_RATIO) * sigma0 ** 2]
+    return refined, plausible
 
 
-def _from_essential(obs: Observations, refined: Refined, info: TwoViewInfo) -> MotionEstimate:
-    """The refined essential matrix's rotation and its translation's sign from the points with parallax."""
+def _from_essential(obs: Observations, refined: Refined, plausible: list[np.ndarray],
+                    info: TwoViewInfo) -> MotionEstimate:
+    """The refined essential matrix's rotation, with a covariance that also covers the other plausible motions'
+    rotations, and its translation's sign from the points with parallax."""
     R, t = refined.state
     t, info.parallax_deg = _translation_sign(obs, R, t, refined.inliers, refined.sigma_px)
     cov = _rotation_block(refined, slice(0, 3))
+    for other in plausible:
+        delta = so3_log(other @ R.T)
+        cov = cov + np.outer(delta, delta)
     return MotionEstimate("essential", R, t, refined.inliers, refined.sigma_px, cov, alternatives=(R,))
 
 
@@ -387,8 +422,8 @@ def fit_two_view(obs: Observations, threshold_px: float,
                        "homography": int(m_h.sum()) if m_h is not None else 0}
     start = m_e if m_e is not None else m_h
     rotation = _rotation_fit(obs, start, threshold_px, max_gate, sigma) if start.sum() >= 4 else None
-    essential = _essential_fit(obs, E, m_e, threshold_px, max_gate, sigma) if E is not None and \
-        m_e.sum() >= 6 else None
+    essential, plausible = _essential_fit(obs, E, m_e, threshold_px, max_gate, sigma) if E is not None and \
+        m_e.sum() >= 6 else (None, [])
     if rotation is not None:
         info.candidates["rotation"] = int(rotation.inliers.sum())
     if essential is None:
@@ -411,8 +446,8 @@ def fit_two_view(obs: Observations, threshold_px: float,
             common = best.inliers & essential.inliers
             if common.sum() >= _SAME_INLIERS * essential.inliers.sum() and \
                     not _worse_fit(best, essential, 8, 5, common, PlaneModel(obs).evaluate, E_model.evaluate):
-                return _from_planes(_epipolar_choice(obs, planes, essential.sigma_px)), info
-    return _from_essential(obs, essential, info), info
+                return _from_planes(*_epipolar_choice(obs, planes, essential, sigma, H)), info
+    return _from_essential(obs, essential, plausible, info), info
 
 
 def fit_pnp(obs: Observations, depths: np.ndarray, threshold_px: float, confidence: float) -> MotionEstimate | None:
