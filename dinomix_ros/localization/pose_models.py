@@ -219,20 +219,32 @@ class EssentialModel:
 
     def __init__(self, obs: Observations) -> None:
         self.obs, self.hk, self.hq = obs, obs.hk, obs.hq
+        self._mask: np.ndarray | slice | None = None
+        self._arrays: tuple = ()
+
+    def _subset(self, m: np.ndarray | slice) -> tuple:
+        """The masked points' arrays, cached for the mask last used (Levenberg-Marquardt reuses it every step)."""
+        if self._mask is not m:
+            Ck, Cq = self.obs.Ck[m], self.obs.Cq[m]
+            self._mask = m
+            self._arrays = (self.hk[m], self.hq[m], Ck[:, 0, 0], Ck[:, 0, 1], Ck[:, 1, 1], Cq[:, 0, 0], Cq[:, 0, 1],
+                            Cq[:, 1, 1])
+        return self._arrays
 
     def _terms(self, state: tuple, m: np.ndarray | slice, jacobian: bool = True
                ) -> tuple[np.ndarray, np.ndarray | None]:
         R, t = state
-        hk, hq = self.hk[m], self.hq[m]
-        Ck, Cq = self.obs.Ck[m], self.obs.Cq[m]
+        hk, hq, k00, k01, k11, q00, q01, q11 = self._subset(m)
         u = hk @ R.T  # R x_k
         tu = cross(t, u)  # E x_k = [t]x R x_k
         a = np.sum(hq * tu, axis=1)
-        gq = tu[:, :2]
+        gq0, gq1 = tu[:, 0], tu[:, 1]
         qt = cross(hq, t)
-        gk = (qt @ R)[:, :2]  # E^T x_q = R^T [t]x^T x_q = R^T (x_q x t)
-        Ckg, Cqg = np.einsum("nij,nj->ni", Ck, gk), np.einsum("nij,nj->ni", Cq, gq)
-        var = np.sum(gk * Ckg, axis=1) + np.sum(gq * Cqg, axis=1)
+        gk = qt @ R[:, :2]  # (E^T x_q)[:2] = (R^T [t]x^T x_q)[:2] = (R^T (x_q x t))[:2]
+        gk0, gk1 = gk[:, 0], gk[:, 1]
+        kg0, kg1 = k00 * gk0 + k01 * gk1, k01 * gk0 + k11 * gk1  # Ck gk
+        qg0, qg1 = q00 * gq0 + q01 * gq1, q01 * gq0 + q11 * gq1  # Cq gq
+        var = gk0 * kg0 + gk1 * kg1 + gq0 * qg0 + gq1 * qg1
         s = 1.0 / np.sqrt(np.maximum(var, 1e-300))
         e = a * s
         if not jacobian:
@@ -243,15 +255,15 @@ class EssentialModel:
         # Rows of the 2x3 / 2x2 derivatives of gq = ([t]x R x_k)[:2] and gk = (R^T (x_q x t))[:2], as cross products.
         B = tangent_basis(t)
         d_a = np.concatenate([cross(u, qt), cross(u, hq) @ B], axis=1)  # d a / d (phi, beta)
+        zero = np.zeros_like(u[:, 0])
+        u_x_ex = np.stack([zero, u[:, 2], -u[:, 1]], axis=1)  # u x e_x
+        u_x_ey = np.stack([-u[:, 2], zero, u[:, 0]], axis=1)  # u x e_y
+        ex_t, ey_t = np.array([0.0, -t[2], t[1]]), np.array([t[2], 0.0, -t[0]])  # e_x x t, e_y x t
         d_var = np.zeros((e.shape[0], 5))
-        for i, e_x_t in enumerate((np.array([0.0, -t[2], t[1]]), np.array([t[2], 0.0, -t[0]]))):  # e_x x t, e_y x t
-            e_i = np.zeros(3)
-            e_i[i] = 1.0
-            c_i = R[:, i]  # row i of R^T
-            dgq_i = np.concatenate([cross(u, e_x_t), cross(u, e_i) @ B], axis=1)
-            dgk_i = np.concatenate([cross(c_i, qt), cross(c_i, hq) @ B], axis=1)
-            d_var += 2.0 * (Cqg[:, i:i + 1] * dgq_i + Ckg[:, i:i + 1] * dgk_i)
-        return e, d_a * s[:, None] - 0.5 * (a * s ** 3)[:, None] * d_var
+        for qg, kg, u_x_e, e_x_t, c_i in ((qg0, kg0, u_x_ex, ex_t, R[:, 0]), (qg1, kg1, u_x_ey, ey_t, R[:, 1])):
+            d_var[:, :3] += qg[:, None] * cross(u, e_x_t) + kg[:, None] * cross(c_i, qt)
+            d_var[:, 3:] += qg[:, None] * (u_x_e @ B) + kg[:, None] * (cross(c_i, hq) @ B)
+        return e, d_a * s[:, None] - (a * s ** 3)[:, None] * d_var
 
     def evaluate(self, state: tuple, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._terms(state, mask)

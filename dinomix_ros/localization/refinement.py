@@ -226,10 +226,10 @@ def refine_with_gate(evaluate: Evaluate, norms: Callable[[Any], np.ndarray], ret
         e = norms(state)
         gate = min(max(INLIER_GATES[k] * sigma_px, gate_px), max_gate_px)
         mask = np.isfinite(e) & (e < gate) & robust_on
-    for _ in range(rounds):
+    for i in range(rounds):
         if mask.sum() * k <= params + 1:
             return None
-        state, cost = levenberg_marquardt(evaluate, retract, state, mask)
+        state, cost = levenberg_marquardt(evaluate, retract, state, mask, iterations=20 if i == 0 else 8)
         e = norms(state)
         sigma = noise_sigma(cost, int(mask.sum()) * k, params, k, gate)
         gate = min(INLIER_GATES[k] * sigma, max_gate_px)

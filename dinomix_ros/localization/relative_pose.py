@@ -309,15 +309,14 @@ def _essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, gate_px: 
     every = np.ones(len(obs), bool)
     cap = (INLIER_GATE * sigma0) ** 2
     t0 = t.reshape(3) / np.linalg.norm(t)
-    parallax = np.arccos(np.clip(np.sum((rays_k @ R.T) * rays_q, axis=1), -1.0, 1.0))
-    starts = [t0] + (list(np.eye(3)) if np.median(parallax) < _SMALL_PARALLAX_RAD else [])
+    starts = [t0] + (list(np.eye(3)) if _median_parallax(obs, R, mask) < _SMALL_PARALLAX_RAD else [])
     screened = []
     for t0 in starts:  # a few robust steps from each start
         state = tukey_irls(model.evaluate, norms, model.retract, (R, t0), every, TUKEY_SCALE * sigma0, 1,
                            iterations=_START_ITERATIONS)
         screened.append((float(np.sum(np.minimum(norms(state) ** 2, cap))), state))
     best_cost, best = min(screened, key=lambda c: c[0])
-    best = tukey_irls(model.evaluate, norms, model.retract, best, every, TUKEY_SCALE * sigma0, 1)
+    best = tukey_irls(model.evaluate, norms, model.retract, best, every, TUKEY_SCALE * sigma0, 1, iterations=8)
     refined = refine_with_gate(model.evaluate, norms, model.retract, best, norms(best) < INLIER_GATE * sigma0,
                                model.params, 1, INLIER_GATE * sigma0, max_gate)
     # other starts that explain the matches about as well (within a likelihood ratio of 100) are other motions the
@@ -339,23 +338,30 @@ def _from_essential(obs: Observations, refined: Refined, plausible: list[np.ndar
     return MotionEstimate("essential", R, t, refined.inliers, refined.sigma_px, cov, alternatives=(R,))
 
 
+def _median_parallax(obs: Observations, R: np.ndarray, mask: np.ndarray) -> float:
+    """The median angle (rad) between the query's rays and the keyframe's rotated by ``R``: what translation left."""
+    return float(np.median(np.arccos(np.clip(np.sum((obs.rays_k[mask] @ R.T) * obs.rays_q[mask], axis=1), -1.0,
+                                             1.0))))
+
+
 def _triangulate(obs: Observations, R: np.ndarray, t: np.ndarray, mask: np.ndarray | slice = slice(None)
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(depth along the keyframe ray, depth along the query ray, parallax angle) of each point: the least-squares
-    ``lambda_q f_q = lambda_k R f_k + t`` (2x2 normal equations per point; unit rays, unit or metric ``t``)."""
+    """(depth along the keyframe ray, depth along the query ray, cosine of the parallax angle) of each point: the
+    least-squares ``lambda_q f_q = lambda_k R f_k + t`` (2x2 normal equations per point; unit rays, unit or metric
+    ``t``)."""
     u = obs.rays_k[mask] @ R.T
     f = obs.rays_q[mask]
     c = np.clip(np.sum(u * f, axis=1), -1.0, 1.0)
     det = np.maximum(1.0 - c * c, 1e-15)
     b0, b1 = -(u @ t), f @ t
-    return (b0 + c * b1) / det, (c * b0 + b1) / det, np.arccos(c)
+    return (b0 + c * b1) / det, (c * b0 + b1) / det, c
 
 
 def _behind(obs: Observations, R: np.ndarray, t: np.ndarray, sigma_px: float) -> np.ndarray:
     """Points with parallax enough to tell that the motion puts them behind a camera (with the sign of ``t`` that
     puts the majority in front: the essential matrix does not tell its sign)."""
-    lam_k, lam_q, parallax = _triangulate(obs, R, t)
-    usable = parallax > _PARALLAX_SIGMAS * sigma_px / obs.focal
+    lam_k, lam_q, cos = _triangulate(obs, R, t)
+    usable = cos < math.cos(_PARALLAX_SIGMAS * sigma_px / obs.focal)
     front = usable & (lam_k > 0) & (lam_q > 0)
     behind = usable & (lam_k < 0) & (lam_q < 0)
     if behind.sum() > front.sum():
@@ -367,7 +373,8 @@ def _translation_sign(obs: Observations, R: np.ndarray, t: np.ndarray, mask: np.
                       sigma_px: float) -> tuple[np.ndarray, float]:
     """(t with the sign that puts the points in front of both cameras, or zeros when too few points have parallax
     enough to tell; the median parallax of the inliers in degrees)."""
-    lam_k, lam_q, parallax = _triangulate(obs, R, t, mask)
+    lam_k, lam_q, cos = _triangulate(obs, R, t, mask)
+    parallax = np.arccos(cos)
     median = math.degrees(float(np.median(parallax))) if parallax.size else math.nan
     usable = parallax > _PARALLAX_SIGMAS * sigma_px / obs.focal
     front = int(np.sum(usable & (lam_k > 0) & (lam_q > 0)))
@@ -420,10 +427,13 @@ def fit_two_view(obs: Observations, threshold_px: float,
     info.homography_ratio = s_h / (s_h + s_e) if s_h + s_e > 0 else math.nan
     info.candidates = {"essential": int(m_e.sum()) if m_e is not None else 0,
                        "homography": int(m_h.sum()) if m_h is not None else 0}
-    start = m_e if m_e is not None else m_h
-    rotation = _rotation_fit(obs, start, threshold_px, max_gate, sigma) if start.sum() >= 4 else None
     essential, plausible = _essential_fit(obs, E, m_e, threshold_px, max_gate, sigma) if E is not None and \
         m_e.sum() >= 6 else (None, [])
+    # a pure rotation is only worth fitting when the parallax left by the essential matrix's rotation is small
+    start = essential.inliers if essential is not None else m_h
+    small = essential is None or _median_parallax(obs, essential.state[0], essential.inliers) < _SMALL_PARALLAX_RAD
+    rotation = _rotation_fit(obs, start, threshold_px, max_gate, sigma) if small and start is not None and \
+        start.sum() >= 4 else None
     if rotation is not None:
         info.candidates["rotation"] = int(rotation.inliers.sum())
     if essential is None:

@@ -118,3 +118,31 @@ def test_live_map_rejects_and_counts_degenerate_keyframes(frames, calibrated) ->
         if outcome.result.accepted:
             assert outcome.result.best.row != i
     assert live.stats()["verification_degenerate"] - before >= len(edits)
+
+
+def test_hostile_keypoints_never_raise(frames) -> None:
+    """Whatever the keypoints (duplicates, two points, huge or negative coordinates, random, one column at the edge),
+    with or without (fisheye) intrinsics and depths, verification returns a result, rejected, and does not raise
+    (the node's worker would lose the frame)."""
+    from dinomix_ros.imaging.camera import CameraModel as Cam
+
+    fisheye = Cam(512, 384, np.array([[180.0, 0, 256], [0, 180.0, 192], [0, 0, 1]]), "equidistant",
+                  np.array([0.01, -0.02, 0.005, 0.0]))
+    query, keyframe = frames[29], frames[28]
+    rng = np.random.default_rng(0)
+    n = len(keyframe)
+    hostile = {
+        "duplicates": np.repeat(keyframe.keypoints[:8], n // 8 + 1, axis=0)[:n],
+        "two points": np.where(np.arange(n)[:, None] % 2 == 0, [10.0, 10.0], [500.0, 380.0]),
+        "huge": keyframe.keypoints * 1e4,
+        "negative": keyframe.keypoints - 1e3,
+        "random": rng.uniform(0, 512, (n, 2)),
+        "edge": np.c_[np.full(n, 511.9), rng.uniform(0, 384, n)],
+    }
+    for name, kp in hostile.items():
+        edited = dataclasses.replace(keyframe, keypoints=np.asarray(kp, np.float32), image_size=(0, 0))
+        for cams in ((None, None), (CAMERA, CAMERA), (fisheye, fisheye)):
+            for depth in (False, True):
+                kf = dataclasses.replace(edited, depths=np.full(n, 2.5 if depth else np.nan, np.float32))
+                v = verify_pair(query, kf, VerificationConfig(), *cams)
+                assert not v.passed, (name, cams[0], depth, v)
