@@ -27,7 +27,7 @@ from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.localization.se3 import skew_batch, so3_exp
 
 __all__ = ["Observations", "homogeneous", "RotationModel", "PlaneModel", "EssentialModel", "PnPModel",
-           "tangent_basis", "cross", "MIN_DEPTH"]
+           "tangent_basis", "cross", "whitened_projection", "MIN_DEPTH"]
 
 #: Points projected this close to (or behind) the camera plane count as not visible (a huge residual).
 MIN_DEPTH = 1e-6
@@ -81,8 +81,8 @@ class Observations:
         self.rays_q = self.hq / np.linalg.norm(self.hq, axis=1, keepdims=True)
 
 
-def _whitened_projection(P: np.ndarray, Jp: np.ndarray | None, Mk: np.ndarray, xq: np.ndarray, Ck: np.ndarray,
-                         Cq: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def whitened_projection(P: np.ndarray, Jp: np.ndarray | None, Mk: np.ndarray, xq: np.ndarray, Ck: np.ndarray,
+                        Cq: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Whitened reprojection residuals of predicted points ``P`` (N, 3) against the query's ``xq`` (N, 2).
 
     Args:
@@ -159,8 +159,8 @@ class RotationModel:
     def _terms(self, R: np.ndarray, m: np.ndarray | slice, jacobian: bool = True
                ) -> tuple[np.ndarray, np.ndarray | None]:
         p = self.h[m] @ R.T
-        return _whitened_projection(p, -skew_batch(p) if jacobian else None, R[:, :2], self.obs.xq[m],
-                                    self.obs.Ck[m], self.obs.Cq[m])
+        return whitened_projection(p, -skew_batch(p) if jacobian else None, R[:, :2], self.obs.xq[m],
+                                   self.obs.Ck[m], self.obs.Cq[m])
 
     def evaluate(self, R: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r, J = self._terms(R, mask)
@@ -195,7 +195,7 @@ class PlaneModel:
             Jp = np.concatenate([-skew_batch(Rh), s[:, None, None] * np.eye(3),
                                  tau[None, :, None] * (h @ B)[:, None, :]], axis=2)
         Hm = R + np.outer(tau, n)
-        return _whitened_projection(p, Jp, Hm[:, :2], self.obs.xq[m], self.obs.Ck[m], self.obs.Cq[m])
+        return whitened_projection(p, Jp, Hm[:, :2], self.obs.xq[m], self.obs.Ck[m], self.obs.Cq[m])
 
     def evaluate(self, state: tuple, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r, J = self._terms(state, mask)
@@ -296,7 +296,7 @@ class PnPModel:
         if jacobian:
             Jp = np.concatenate([np.broadcast_to(np.eye(3), (P.shape[0], 3, 3)), -skew_batch(P)], axis=2)
         Mk = R[:, :2][None] * self.depths[m][:, None, None]
-        return _whitened_projection(P, Jp, Mk, self.obs.xq[m], self.obs.Ck[m], self.obs.Cq[m])
+        return whitened_projection(P, Jp, Mk, self.obs.xq[m], self.obs.Ck[m], self.obs.Cq[m])
 
     def evaluate(self, state: tuple, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r, J = self._terms(state, mask)

@@ -74,7 +74,7 @@ def levenberg_marquardt(evaluate: Evaluate, retract: Callable[[Any, np.ndarray],
         r2, J2 = evaluate(candidate, mask)
         cost2 = float(r2 @ r2)
         if np.isfinite(cost2) and cost2 <= cost:
-            done = cost - cost2 <= 1e-7 * max(cost, 1e-30) or float(np.abs(delta).max()) < 1e-10
+            done = cost - cost2 <= 1e-6 * max(cost, 1e-30) or float(np.abs(delta).max()) < 1e-7
             state, r, J, cost = candidate, r2, J2, cost2
             lam = max(lam / 5.0, 1e-9)
             if done:

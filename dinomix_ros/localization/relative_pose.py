@@ -36,11 +36,11 @@ import cv2
 import numpy as np
 
 from dinomix_ros.localization.pose_models import (
-    EssentialModel, Observations, PlaneModel, PnPModel, RotationModel, homogeneous,
+    EssentialModel, Observations, PlaneModel, PnPModel, RotationModel, whitened_projection, homogeneous,
 )
 from dinomix_ros.localization.refinement import (
-    INLIER_GATE, TUKEY_SCALE, Refined, chi2_quantile, f_quantile, fit_covariance, refine_with_gate, robust_sigma,
-    tukey_irls,
+    INLIER_GATE, INLIER_GATES, TUKEY_SCALE, Refined, chi2_quantile, f_quantile, fit_covariance, levenberg_marquardt,
+    refine_with_gate, robust_sigma, tukey_irls,
 )
 from dinomix_ros.localization.se3 import mean_rotation, so3_log
 
@@ -59,7 +59,7 @@ _CHI2_1, _CHI2_2 = 3.841, 5.991  # ORB-SLAM's 95 % bounds (1 and 2 dof) and its 
 _AGREE_QUANTILE = 0.99
 _PARALLAX_SIGMAS = 3.0  # a point's parallax tells the side of the cameras it is on beyond 3 noise sigmas
 _MIN_SIGN_VOTES = 5
-_START_ITERATIONS = 4  # robust iterations from each start of the essential matrix (then the best goes on)
+_START_ITERATIONS = 3  # robust iterations from each start of the essential matrix (then the best goes on)
 _SMALL_PARALLAX_RAD = math.radians(3.0)
 _LIKELIHOOD_RATIO = 100.0  # evidence that tells two solutions apart
 _DECOMPOSITION_MATCH_RAD = math.radians(0.5)  # an essential matrix this close to a homography's decomposition is it
@@ -187,10 +187,22 @@ def _plane_solutions(obs: Observations, H: np.ndarray, mask: np.ndarray) -> list
 
 
 def _rotation_fit(obs: Observations, start_mask: np.ndarray, gate_px: float, max_gate: float,
-                  sigma0: float) -> Refined | None:
-    """The pure rotation that best explains the matches (from the rays of ``start_mask``, robustly on all)."""
-    rays_k, rays_q = obs.rays_k[start_mask], obs.rays_q[start_mask]
-    return _refine(RotationModel(obs), _kabsch(rays_k, rays_q), start_mask, gate_px, max_gate)
+                  sigma0: float, quick: bool = False) -> Refined | None:
+    """The pure rotation that best explains the matches (from the rays of ``start_mask``). ``quick``: least squares
+    on ``start_mask``, then on those of its points within the gate of ``sigma0`` (enough to test whether the camera
+    moved; no covariance)."""
+    model = RotationModel(obs)
+    start = _kabsch(obs.rays_k[start_mask], obs.rays_q[start_mask])
+    if not quick:
+        return _refine(model, start, start_mask, gate_px, max_gate)
+    mask = start_mask
+    for _ in range(2):  # the essential matrix's inliers, then those of them the rotation explains
+        if mask.sum() * 2 <= 4:
+            return None
+        state, cost = levenberg_marquardt(model.evaluate, model.retract, start, mask, iterations=8)
+        norms = model.norms(state)
+        start, mask = state, start_mask & (norms < INLIER_GATES[2] * sigma0)
+    return Refined(state, norms < INLIER_GATES[2] * sigma0, sigma0, cost, np.zeros((0, 3)), norms)
 
 
 def _plane_fits(obs: Observations, H: np.ndarray, mask: np.ndarray, gate_px: float, max_gate: float,
@@ -267,6 +279,25 @@ def _epipolar_choice(obs: Observations, planes: list[Refined], essential: Refine
     return chosen, ([R_e] if plausible else [])
 
 
+def _homography_adequate(obs: Observations, H: np.ndarray, essential: Refined, sigma_px: float) -> bool:
+    """Whether RANSAC's homography (not yet refined: its residuals can only shrink) explains the essential matrix's
+    inliers about as well as the essential matrix: the plane's solutions are then worth refining (a cheap test first:
+    a 3-D scene far away often scores R_H above 0.40)."""
+    mask = essential.inliers
+    p = obs.hk[mask] @ H.T
+    r, _ = whitened_projection(p, None, H[:, :2], obs.xq[mask], obs.Ck[mask], obs.Cq[mask])
+    e = np.linalg.norm(r, axis=1)
+    inl = e < INLIER_GATES[2] * sigma_px
+    if inl.sum() < _SAME_INLIERS * mask.sum():
+        return False
+    r_e, _ = EssentialModel(obs).evaluate(essential.state, np.flatnonzero(mask)[inl])
+    d_h, d_e = 2 * int(inl.sum()) - 8, int(inl.sum()) - 5
+    if d_h <= 0 or d_e <= 0:
+        return False
+    ratio = (float(np.sum(e[inl] ** 2)) / d_h) / max(float(r_e @ r_e) / d_e, 1e-300)
+    return ratio <= f_quantile(_AGREE_QUANTILE, d_h, d_e)
+
+
 def _worse_fit(a: Refined, b: Refined, dof_a: int, dof_b: int, mask: np.ndarray, evaluate_a, evaluate_b) -> bool:
     """Whether model ``a`` explains the points of ``mask`` significantly worse than model ``b`` (variance ratio of
     their whitened residuals, F-test at 99 %): ``a`` misses a motion that ``b`` sees."""
@@ -316,7 +347,7 @@ def _essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, gate_px: 
                            iterations=_START_ITERATIONS)
         screened.append((float(np.sum(np.minimum(norms(state) ** 2, cap))), state))
     best_cost, best = min(screened, key=lambda c: c[0])
-    best = tukey_irls(model.evaluate, norms, model.retract, best, every, TUKEY_SCALE * sigma0, 1, iterations=8)
+    best = tukey_irls(model.evaluate, norms, model.retract, best, every, TUKEY_SCALE * sigma0, 1, iterations=5)
     refined = refine_with_gate(model.evaluate, norms, model.retract, best, norms(best) < INLIER_GATE * sigma0,
                                model.params, 1, INLIER_GATE * sigma0, max_gate)
     # other starts that explain the matches about as well (within a likelihood ratio of 100) are other motions the
@@ -432,11 +463,12 @@ def fit_two_view(obs: Observations, threshold_px: float,
     # a pure rotation is only worth fitting when the parallax left by the essential matrix's rotation is small
     start = essential.inliers if essential is not None else m_h
     small = essential is None or _median_parallax(obs, essential.state[0], essential.inliers) < _SMALL_PARALLAX_RAD
-    rotation = _rotation_fit(obs, start, threshold_px, max_gate, sigma) if small and start is not None and \
-        start.sum() >= 4 else None
+    rotation = _rotation_fit(obs, start, threshold_px, max_gate, sigma, quick=True) if small and \
+        start is not None and start.sum() >= 4 else None
     if rotation is not None:
         info.candidates["rotation"] = int(rotation.inliers.sum())
     if essential is None:
+        rotation = _rotation_fit(obs, start, threshold_px, max_gate, sigma) if rotation is not None else None
         return (_from_rotation(rotation) if rotation is not None else None), info
     R_model, E_model = RotationModel(obs), EssentialModel(obs)
     # did the camera move? The rotation explains most of the essential matrix's inliers as well as it does:
@@ -445,11 +477,14 @@ def fit_two_view(obs: Observations, threshold_px: float,
     if rotation is not None and common.sum() >= _SAME_INLIERS * essential.inliers.sum() and \
             not _worse_fit(rotation, essential, 3, 5, common, R_model.evaluate, E_model.evaluate):
         info.translation_seen = False
-        return _from_rotation(rotation), info
+        rotation = _rotation_fit(obs, essential.inliers, threshold_px, max_gate, sigma)  # now to the end
+        if rotation is not None:
+            return _from_rotation(rotation), info
     info.translation_seen = True
     # it moved; a plane (or a scene far away) explains the matches as well as the essential matrix: the plane's
     # decompositions, which do not put the rotation in an essential matrix's degenerate family
-    if H is not None and m_h.sum() >= 8 and info.homography_ratio > HOMOGRAPHY_RATIO:
+    if H is not None and m_h.sum() >= 8 and info.homography_ratio > HOMOGRAPHY_RATIO and \
+            _homography_adequate(obs, H, essential, sigma):
         planes = _plane_fits(obs, H, m_h, threshold_px, max_gate, sigma)
         if planes:
             best = min(planes, key=lambda p: p.ssr / max(2 * int(p.inliers.sum()) - 8, 1))
