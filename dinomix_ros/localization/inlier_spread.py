@@ -73,7 +73,8 @@ def spread_problem(points: np.ndarray, image_size: tuple[int, int] | None, refer
     hull = float(cv2.contourArea(cv2.convexHull(pts.astype(np.float32))))
     if hull < MIN_HULL_AREA * w * h:
         return f"{label} in a small patch: convex hull {100 * hull / (w * h):.2f} % of the image"
-    distinct = np.unique(np.floor(pts / _CELL_PX).astype(np.int64), axis=0).shape[0]
+    cells = np.floor(pts / _CELL_PX).astype(np.int64)
+    distinct = np.unique((cells[:, 0] - cells[:, 0].min()) * (1 << 32) + (cells[:, 1] - cells[:, 1].min())).size
     if distinct < MIN_DISTINCT * len(pts):
         return f"{label} concentrated: {distinct} distinct positions for {len(pts)} keypoints"
     return ""
