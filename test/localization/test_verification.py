@@ -1,5 +1,6 @@
 """Geometric verification on real images: known warps (relative pose accuracy), unrelated places rejected, the other
-corridor pass accepted, re-ranking, and the verified pose prior's composition."""
+corridor pass accepted, re-ranking, the verified pose prior's composition and covariance, and the T265's stereo
+pairs as real posed pairs (fisheye intrinsics and the rig from kapture's export)."""
 
 from __future__ import annotations
 
