@@ -53,7 +53,8 @@ def extractor() -> FeatureExtractor:
 
 @pytest.mark.parametrize("path", [CORRIDOR / "10.jpg", CORRIDOR / "30.jpg", LUND / "05.jpg", LUND / "20.jpg"])
 def test_rotation_of_a_camera_turning_in_place(path, extractor) -> None:
-    """The query is the real photo warped by H = K R K^-1 (the camera turned by R): the rotation is recovered."""
+    """The query is the real photo warped by H = K R K^-1 (the camera turned by R): the rotation is recovered, and
+    the published covariance covers it."""
     img = _gray(path)
     cam = _camera(img)
     R = rpy_to_matrix(0.02, 0.05, 0.08)  # 5.5 degrees in all
@@ -61,6 +62,18 @@ def test_rotation_of_a_camera_turning_in_place(path, extractor) -> None:
     v = verify_pair(extractor.extract(query), extractor.extract(img), VerificationConfig(), cam, cam)
     assert v.passed and v.R is not None and not v.metric
     assert rotation_angle_deg(v.R @ R.T) < 1.0, (v.model, rotation_angle_deg(v.R @ R.T))
+    assert _nees(v, R, np.zeros(3)) < 11.34  # the published covariance covers the error (base = camera)
+
+
+def _nees(v: Verification, R: np.ndarray, t: np.ndarray) -> float:
+    """The larger of the orientation and position NEES of the published relative pose (mounts = identity) against
+    the true camera motion ``X_q = R X_k + t`` (position only when metric)."""
+    relative = relative_base_pose(v, np.eye(4), np.eye(4), VerifiedPriorConfig())
+    truth = np.linalg.inv(_pose(R, t))
+    phi = so3_log(relative.T[:3, :3].T @ truth[:3, :3])
+    rho = relative.T[:3, :3].T @ (truth[:3, 3] - relative.T[:3, 3])
+    return max(float(phi @ np.linalg.solve(relative.covariance[3:, 3:], phi)),
+               float(rho @ np.linalg.solve(relative.covariance[:3, :3], rho)) if v.metric else 0.0)
 
 
 @pytest.mark.parametrize("tilt", [0.0, 0.4])
@@ -69,7 +82,7 @@ def test_rotation_of_a_camera_turning_in_place(path, extractor) -> None:
 def test_metric_pose_of_a_camera_moving_past_a_textured_plane(path, tilt, extractor) -> None:
     """The photo is a plane 3 m away (facing the camera, or tilted 23 degrees; each keypoint has a known depth); the
     camera rotates by R and moves by t (0.65 m): H = K (R + t n^T / d) K^-1. PnP on the keyframe's depths recovers R
-    and t."""
+    and t, and the published covariance covers them."""
     img = _gray(path)
     cam = _camera(img)
     h, w = img.shape
@@ -86,6 +99,7 @@ def test_metric_pose_of_a_camera_moving_past_a_textured_plane(path, tilt, extrac
     assert rotation_angle_deg(result.R @ R.T) < 1.0
     assert _angle_deg(result.t, t) < 5.0
     assert np.linalg.norm(result.t - t) / np.linalg.norm(t) < 0.05
+    assert _nees(result, R, t) < 11.34  # orientation and position covered by the published covariance
 
 
 def _lund_positions() -> np.ndarray:
