@@ -195,8 +195,8 @@ def _rotation_fit(obs: Observations, start_mask: np.ndarray, gate_px: float, max
     start = _kabsch(obs.rays_k[start_mask], obs.rays_q[start_mask])
     if not quick:
         return _refine(model, start, start_mask, gate_px, max_gate)
-    mask = start_mask
-    for _ in range(2):  # the essential matrix's inliers, then those of them the rotation explains
+    mask = start_mask & (model.norms(start) < max_gate)  # the widest gate first: gross outliers pull least squares
+    for _ in range(2):  # those of the essential matrix's inliers the rotation explains, then again at its gate
         if mask.sum() * 2 <= 4:
             return None
         state, cost = levenberg_marquardt(model.evaluate, model.retract, start, mask, iterations=8)
@@ -342,8 +342,8 @@ def _essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, gate_px: 
     t0 = t.reshape(3) / np.linalg.norm(t)
     starts = [t0] + (list(np.eye(3)) if _median_parallax(obs, R, mask) < _SMALL_PARALLAX_RAD else [])
     screened = []
-    for t0 in starts:  # a few robust steps from each start
-        state = tukey_irls(model.evaluate, norms, model.retract, (R, t0), every, TUKEY_SCALE * sigma0, 1,
+    for t0 in starts:  # a few robust steps from each start (cheirality only at the end: cheaper, same choice)
+        state = tukey_irls(model.evaluate, model.norms, model.retract, (R, t0), every, TUKEY_SCALE * sigma0, 1,
                            iterations=_START_ITERATIONS)
         screened.append((float(np.sum(np.minimum(norms(state) ** 2, cap))), state))
     best_cost, best = min(screened, key=lambda c: c[0])
