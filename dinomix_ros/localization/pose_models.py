@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinomix_ros.imaging.camera import CameraModel
-from dinomix_ros.localization.se3 import skew_batch, so3_exp
+from dinomix_ros.localization.se3 import skew, skew_batch, so3_exp
 
 __all__ = ["Observations", "homogeneous", "RotationModel", "PlaneModel", "EssentialModel", "PnPModel",
            "tangent_basis", "cross", "whitened_projection", "MIN_DEPTH"]
 
 #: Points projected this close to (or behind) the camera plane count as not visible (a huge residual).
 MIN_DEPTH = 1e-6
+_SKEW_EX, _SKEW_EY = skew(np.array([1.0, 0.0, 0.0])), skew(np.array([0.0, 1.0, 0.0]))
 _PIXEL_STEP = 0.5  # finite-difference step (pixels) for the Jacobian of a distorted camera's undistortion
 
 
@@ -148,19 +149,30 @@ def tangent_basis(v: np.ndarray) -> np.ndarray:
     return np.stack([b1, b2], axis=1)
 
 
-class RotationModel:
+class _Masked:
+    """The masked points' arrays, cached for the mask last used (Levenberg-Marquardt reuses it every step)."""
+
+    def __init__(self, obs: Observations) -> None:
+        self.obs, self.h = obs, obs.hk
+        self._mask: np.ndarray | slice | None = None
+        self._arrays: tuple = ()
+
+    def _subset(self, m: np.ndarray | slice) -> tuple:
+        if self._mask is not m:
+            self._mask, self._arrays = m, (self.h[m], self.obs.xq[m], self.obs.Ck[m], self.obs.Cq[m])
+        return self._arrays
+
+
+class RotationModel(_Masked):
     """``x_q ~ R x_k``; state: R."""
 
     params, k = 3, 2
 
-    def __init__(self, obs: Observations) -> None:
-        self.obs, self.h = obs, obs.hk
-
     def _terms(self, R: np.ndarray, m: np.ndarray | slice, jacobian: bool = True
                ) -> tuple[np.ndarray, np.ndarray | None]:
-        p = self.h[m] @ R.T
-        return whitened_projection(p, -skew_batch(p) if jacobian else None, R[:, :2], self.obs.xq[m],
-                                   self.obs.Ck[m], self.obs.Cq[m])
+        h, xq, Ck, Cq = self._subset(m)
+        p = h @ R.T
+        return whitened_projection(p, -skew_batch(p) if jacobian else None, R[:, :2], xq, Ck, Cq)
 
     def evaluate(self, R: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r, J = self._terms(R, mask)
@@ -174,18 +186,15 @@ class RotationModel:
         return so3_exp(delta) @ R
 
 
-class PlaneModel:
+class PlaneModel(_Masked):
     """``x_q ~ (R + tau n^T) x_k``; state: (R, tau, n) with unit n (the plane's normal in the keyframe camera)."""
 
     params, k = 8, 2
 
-    def __init__(self, obs: Observations) -> None:
-        self.obs, self.h = obs, obs.hk
-
     def _terms(self, state: tuple, m: np.ndarray | slice, jacobian: bool = True
                ) -> tuple[np.ndarray, np.ndarray | None]:
         R, tau, n = state
-        h = self.h[m]
+        h, xq, Ck, Cq = self._subset(m)
         Rh = h @ R.T
         s = h @ n
         p = Rh + s[:, None] * tau
@@ -195,7 +204,7 @@ class PlaneModel:
             Jp = np.concatenate([-skew_batch(Rh), s[:, None, None] * np.eye(3),
                                  tau[None, :, None] * (h @ B)[:, None, :]], axis=2)
         Hm = R + np.outer(tau, n)
-        return whitened_projection(p, Jp, Hm[:, :2], self.obs.xq[m], self.obs.Ck[m], self.obs.Cq[m])
+        return whitened_projection(p, Jp, Hm[:, :2], xq, Ck, Cq)
 
     def evaluate(self, state: tuple, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r, J = self._terms(state, mask)
@@ -255,14 +264,17 @@ class EssentialModel:
         # Rows of the 2x3 / 2x2 derivatives of gq = ([t]x R x_k)[:2] and gk = (R^T (x_q x t))[:2], as cross products.
         B = tangent_basis(t)
         d_a = np.concatenate([cross(u, qt), cross(u, hq) @ B], axis=1)  # d a / d (phi, beta)
-        zero = np.zeros_like(u[:, 0])
-        u_x_ex = np.stack([zero, u[:, 2], -u[:, 1]], axis=1)  # u x e_x
-        u_x_ey = np.stack([-u[:, 2], zero, u[:, 0]], axis=1)  # u x e_y
-        ex_t, ey_t = np.array([0.0, -t[2], t[1]]), np.array([t[2], 0.0, -t[0]])  # e_x x t, e_y x t
-        d_var = np.zeros((e.shape[0], 5))
-        for qg, kg, u_x_e, e_x_t, c_i in ((qg0, kg0, u_x_ex, ex_t, R[:, 0]), (qg1, kg1, u_x_ey, ey_t, R[:, 1])):
-            d_var[:, :3] += qg[:, None] * cross(u, e_x_t) + kg[:, None] * cross(c_i, qt)
-            d_var[:, 3:] += qg[:, None] * (u_x_e @ B) + kg[:, None] * (cross(c_i, hq) @ B)
+        # with a constant v: u x v = u @ [v]x and v x h = -(h @ [v]x); e_x, e_y the image axes, c_i = R[:, i]
+        sc0, sc1 = skew(R[:, 0]), skew(R[:, 1])
+        ex_t, ey_t = skew(np.array([0.0, -t[2], t[1]])), skew(np.array([t[2], 0.0, -t[0]]))  # [e_x x t]x, [e_y x t]x
+        UM = u @ np.concatenate([ex_t, ey_t, _SKEW_EX @ B, _SKEW_EY @ B], axis=1)
+        QM = qt @ np.concatenate([-sc0, -sc1], axis=1)
+        HM = hq @ np.concatenate([-sc0 @ B, -sc1 @ B], axis=1)
+        d_var = np.empty((e.shape[0], 5))  # d var / d (phi, beta) / 2: rows x and y of dgq and dgk, weighted
+        d_var[:, :3] = (qg0[:, None] * UM[:, 0:3] + qg1[:, None] * UM[:, 3:6] + kg0[:, None] * QM[:, 0:3]
+                        + kg1[:, None] * QM[:, 3:6])
+        d_var[:, 3:] = (qg0[:, None] * UM[:, 6:8] + qg1[:, None] * UM[:, 8:10] + kg0[:, None] * HM[:, 0:2]
+                        + kg1[:, None] * HM[:, 2:4])
         return e, d_a * s[:, None] - (a * s ** 3)[:, None] * d_var
 
     def evaluate(self, state: tuple, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ __all__ = ["skew", "skew_batch", "so3_exp", "so3_log", "rotation_angle", "se3_ad
 
 def skew(v: np.ndarray) -> np.ndarray:
     """(3, 3) matrix ``[v]x`` with ``[v]x @ w == cross(v, w)``."""
-    x, y, z = (float(c) for c in np.asarray(v, dtype=np.float64).reshape(3))
+    x, y, z = np.asarray(v, dtype=np.float64).reshape(3).tolist()
     return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
 
 
