@@ -15,8 +15,9 @@ keypoints); COLMAP's two-view geometry classifies degenerate configurations. Her
 Thresholds were chosen by measurement (README, "Geometric verification and pose priors"): on the 199 true pairs of
 the corridor (loop pairs of its ground truth and consecutive frames), 17 consecutive Lund photos and the 3 T265
 stereo pairs that verify (fundamental matrix, 400 ORB), the smallest values seen were 0.031 (minor-axis std-dev /
-shorter side), 0.020 (hull / image) and 0.68 (distinct fraction), about twice these; a hostile keyframe (its
-keypoints moved onto one pixel, a line or into a 16-pixel patch) scores 0-0.01, 0-0.001 and below 0.1.
+shorter side), 0.020 (hull / image) and 0.68 (distinct fraction), about twice these; the matches of a corridor pair
+whose keyframe was edited score 0 / 0 / 0.01 (keypoints on one pixel), 0 / 0 / 0.51 (on a line) and 0.004 / 0.0004 /
+0.23 (in a 12-pixel patch).
 
 A keyframe's image size is known when stored (``LocalFeatures.image_size``) or from its camera's intrinsics; when
 neither is, the query's image is the reference for "tiny", and only keypoints beyond :data:`UNKNOWN_SIZE_FACTOR`
