@@ -3,23 +3,25 @@ decomposition, refinement and the covariance of the result (ROS-free).
 
 What it publishes is only what the data determine (:func:`fit_two_view`, :func:`fit_pnp`):
 
-1. robust fits (OpenCV USAC MAGSAC++ on normalized coordinates): the essential matrix E and a homography H;
-2. model selection as ORB-SLAM does it: both scored on the same matches (``S_M = sum(Gamma - d^2)`` over the
-   matches whose error, in noise sigmas, is below the model's chi-square bound: the symmetric epipolar distances for
-   E, the symmetric transfer errors for H), ``R_H = S_H / (S_H + S_E)``; above :data:`HOMOGRAPHY_RATIO` the scene is
-   a plane or the camera only turned (or the parallax is too small to tell), else E;
-3. a homography: a pure rotation (the rotation model fits as well as the 8-dof plane model: an F-test on their
-   residuals) gives the rotation, well determined; else the plane's decompositions that put every point in front of
-   both cameras (one or two), each refined; two whose rotations disagree beyond their uncertainty make the pair
-   AMBIGUOUS (two motions explain the images: no rotation is claimed), two that agree give their mean with a
-   covariance that covers both;
-4. an essential matrix: of its four decompositions the rotation is the one that aligns the rays (``R f_k`` close to
-   ``f_q``; the other one turns them by 180 degrees about the baseline, which is decisive also for far points, where
-   OpenCV's ``recoverPose`` and its ``distanceThresh`` fail), the translation's sign the one that puts the points
-   with parallax in front of both cameras (unknown without parallax);
-5. refinement of the chosen model on its inliers (Levenberg-Marquardt on its own degrees of freedom, whitened
-   residuals; :mod:`.pose_models`, :mod:`.refinement`), the inliers re-selected at 3 noise sigmas, and the covariance
-   of the result, ``sigma^2 (J^T J)^-1``;
+1. robust fits (OpenCV USAC MAGSAC++ on normalized coordinates): the essential matrix E and a homography H; the
+   pair's keypoint noise from E's residuals (robust);
+2. E refined (:func:`_essential_fit`): of its four decompositions the rotation that aligns the rays (``R f_k`` close
+   to ``f_q``; the other turns them by 180 degrees about the baseline, decisive also for far points, where OpenCV's
+   ``recoverPose`` and its ``distanceThresh`` fail); with little parallax more starts (the bas-relief valley);
+3. did the camera move? When the parallax E leaves is small, a pure rotation fitted to E's inliers: if it explains
+   them as well as E (F-test on their whitened residuals) the rotation is what is determined (model "rotation");
+4. it moved: model selection as ORB-SLAM does it, both scored on the same matches (``S_M = sum(Gamma - d^2)`` over
+   the matches whose error, in noise sigmas, is below the model's chi-square bound: the symmetric epipolar distances
+   for E, the symmetric transfer errors for H), ``R_H = S_H / (S_H + S_E)``; above :data:`HOMOGRAPHY_RATIO`, and
+   when H explains E's inliers as well as E does, the scene is a plane (an essential matrix of a plane has a
+   degenerate second solution): the decompositions of H that put the points in front of both cameras (one or two),
+   each refined on 8 dof; of two, the one the matches clearly support as an essential matrix, else both: two whose
+   rotations disagree beyond their uncertainty make the pair AMBIGUOUS (no rotation is claimed), two that agree give
+   their mean with a covariance that covers both (model "homography"); else E (model "essential"), the
+   translation's sign from the points with parallax (zeros when too few have any);
+5. every refinement on the model's own degrees of freedom (Levenberg-Marquardt, whitened residuals;
+   :mod:`.pose_models`, :mod:`.refinement`), the inliers re-selected at 3 (1 dof) / 4 (2 dof) noise sigmas, and the
+   covariance of the result, ``sigma^2 (J^T J)^-1``, widened by the rotations of other motions the data allow;
 6. with keyframe depths, PnP (RANSAC, then refinement on 6 dof with reprojection errors) gives the metric motion
    when it has :data:`MIN_PNP_INLIERS` inliers of its own.
 
@@ -36,7 +38,7 @@ import cv2
 import numpy as np
 
 from dinomix_ros.localization.pose_models import (
-    EssentialModel, Observations, PlaneModel, PnPModel, RotationModel, whitened_projection, homogeneous,
+    EssentialModel, Observations, PlaneModel, PnPModel, RotationModel, homogeneous, whitened_projection,
 )
 from dinomix_ros.localization.refinement import (
     INLIER_GATE, INLIER_GATES, TUKEY_SCALE, Refined, chi2_quantile, f_quantile, fit_covariance, levenberg_marquardt,
@@ -44,7 +46,7 @@ from dinomix_ros.localization.refinement import (
 )
 from dinomix_ros.localization.se3 import mean_rotation, so3_log
 
-__all__ = ["MotionEstimate", "fit_two_view", "fit_pnp", "HOMOGRAPHY_RATIO", "MIN_PNP_INLIERS"]
+__all__ = ["MotionEstimate", "TwoViewInfo", "fit_two_view", "fit_pnp", "HOMOGRAPHY_RATIO", "MIN_PNP_INLIERS"]
 
 #: ORB-SLAM's threshold on R_H = S_H / (S_H + S_E) (ORB-SLAM2 uses 0.40): above it, the homography.
 HOMOGRAPHY_RATIO = 0.40
@@ -540,6 +542,3 @@ def _refine_subset(model: PnPModel, state, mask: np.ndarray, allowed: np.ndarray
         return e
     return refine_with_gate(model.evaluate, norms, model.retract, state, mask, model.params, model.k, gate_px,
                             max_gate)
-
-
-__all__ += ["TwoViewInfo", "INLIER_GATE"]
