@@ -189,7 +189,8 @@ class LiveMap:
         self._last_prior_ns: int | None = None
         self.last_best_similarity = math.nan
         self.counters = {"keyframes_recorded": 0, "frames_without_pose": 0, "frames_without_pose_total": 0,
-                         "record_errors": 0, "queries": 0, "accepted": 0, "verified": 0, "verification_rejected": 0}
+                         "record_errors": 0, "queries": 0, "accepted": 0, "verified": 0, "verification_rejected": 0,
+                         "verification_degenerate": 0}
         self._install(kmap, index)
 
     # ------------------------------------------------------------------------------------------------ the map
@@ -356,6 +357,8 @@ class LiveMap:
                                                         self.prior_config)
             if verify is not None and result.best is not None:
                 self.counters["verified" if result.best.verified else "verification_rejected"] += 1
+                self.counters["verification_degenerate"] += sum(
+                    1 for c in result.candidates if c.verification is not None and c.verification.degenerate)
             session_row = (result.best is not None and result.best.row >= self._session_start_row
                            and result.best.row not in self._merged_rows)
             recorded, error = False, None
@@ -387,14 +390,16 @@ class LiveMap:
         t0 = time.perf_counter()
         store, query_camera = self.kmap.local_features, self._cameras.get(camera)
 
-        def one(cand: Candidate):
+        def one(cand: Candidate, motion: bool = False):
             if features is None or store is None:
                 return None
             # a keyframe without features (a blank wall, or none recorded) verifies as 0 inliers, not as "unknown"
             return verify_pair(features, store.row(cand.row), self.verification, query_camera,
-                               store.intrinsics.get(cand.camera))
+                               store.intrinsics.get(cand.camera), motion=motion)
 
-        ordered, checks = verify_candidates(cands, one, self.verification)
+        # candidates are checked and ranked without their motion; the motion (model selection, refinement,
+        # covariance) is estimated for the best one only
+        ordered, checks = verify_candidates(cands, one, self.verification, functools.partial(one, motion=True))
         self._verify_s = time.perf_counter() - t0
         self._verify_ms.append(self._verify_s * 1e3)
         return [dataclasses.replace(c, rank=i, verification=v) for i, (c, v) in enumerate(zip(ordered, checks))]
@@ -530,11 +535,14 @@ class LiveMap:
             }
 
     def _verification_stats(self) -> dict[str, Any]:
-        """Verification state, verified/rejected counts and time per frame (p50/p95 over the last 200 frames)."""
+        """Verification state, verified/rejected counts, candidates rejected for a degenerate configuration of their
+        inliers (``verification_degenerate``, counted per candidate) and time per frame (p50/p95 over the last 200
+        frames)."""
         ms = np.asarray(self._verify_ms, dtype=float)
         state = "on" if self.verifying else ("off: the map has no local features" if self.verification.enabled
                                              else "off")
         return {"verification": state, "verified_matches": self.counters["verified"],
                 "verification_rejected": self.counters["verification_rejected"],
+                "verification_degenerate": self.counters["verification_degenerate"],
                 "verification_p50_ms": float(np.percentile(ms, 50)) if ms.size else math.nan,
                 "verification_p95_ms": float(np.percentile(ms, 95)) if ms.size else math.nan}

@@ -1,20 +1,23 @@
-"""Geometric verification of place-match candidates: do the query and a keyframe see the same 3-D scene? (ROS-free)
+"""Geometric verification of place-match candidates: do the query and a keyframe see the same 3-D scene, and how
+did the camera move? (ROS-free)
 
 For a query frame and a candidate keyframe, both with :class:`~dinomix_ros.imaging.features.LocalFeatures`:
 
 1. descriptor matching (:func:`match_features`): nearest neighbours with Lowe's ratio test and a mutual check;
-2. robust model fitting with OpenCV's USAC MAGSAC++ (:func:`verify_pair`): the essential matrix on undistorted
-   normalized coordinates when both cameras' intrinsics are known, else the fundamental matrix on pixels. When a
-   rotation alone explains the essential matrix's inliers (least squares on the rays, Kabsch), the rotation comes
-   from that fit: a zero baseline leaves the essential matrix's translation, and so recoverPose, undetermined;
-3. with intrinsics, the relative pose: rotation and translation direction (``cv2.recoverPose``); with keypoint
-   depths on the keyframe side, a metric 6-DoF pose by PnP + RANSAC (``cv2.solvePnPRansac``, SQPNP refinement);
+2. robust model fitting (:func:`verify_pair`): with both cameras' intrinsics, the relative motion on undistorted
+   normalized coordinates (:mod:`.relative_pose`: essential matrix or homography chosen as ORB-SLAM does, a pure
+   rotation, a plane's decompositions, refinement and covariance; with keyframe depths a metric 6-DoF motion by PnP);
+   without intrinsics the fundamental matrix on pixels (USAC MAGSAC++), which verifies but gives no motion;
+3. configuration checks on the chosen model's inliers in both images (:mod:`.inlier_spread`): a model fitted to
+   matches on one point, a line or a tiny patch explains them all and proves nothing: the pair is rejected with the
+   reason (``degenerate``);
 4. the verified score, ``inliers * inlier_ratio`` (many matches of which few fit one geometry is what unrelated
    places give), and the accept rules ``verification.min_inliers`` and ``verification.min_inlier_ratio``.
 
 :func:`verify_candidates` verifies the top candidates of a query and re-ranks them: verified candidates first, by
 verified score, then the rest in their similarity order. The relative pose convention: ``R``, ``t`` map keyframe
-camera coordinates to query camera coordinates (``X_q = R X_k + t``).
+camera coordinates to query camera coordinates (``X_q = R X_k + t``); covariances are over the right perturbation
+of the query camera's pose in the keyframe camera's frame (:mod:`.relative_pose`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import numpy as np
 
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import DESCRIPTOR_BYTES, LocalFeatures
+from dinomix_ros.localization.inlier_spread import spread_problem
+from dinomix_ros.localization.pose_models import Observations
+from dinomix_ros.localization.relative_pose import MotionEstimate, fit_pnp, fit_two_view
 from dinomix_ros.settings import check, setting
 
 __all__ = ["VerificationConfig", "Verification", "match_features", "verify_pair", "verify_candidates",
@@ -40,10 +46,6 @@ _logger = logging.getLogger(__name__)
 
 #: Fewer putative matches than this cannot be verified (the fundamental matrix needs 7, PnP 4 + margin).
 MIN_MATCHES = 8
-_PURE_ROTATION_TOLERANCE = 0.03  # singular values of the normalized homography within 3 % of each other
-_PNP_MIN_POINTS = 6
-_PNP_REFINE_ROUNDS = 5  # PnP: refine, re-select inliers at a wider threshold, refine again (see _pnp)
-_PNP_REFINE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,36 @@ class Verification:
 
     Attributes:
         matches: putative descriptor matches after the ratio and mutual tests.
-        inliers: matches that fit the fitted model.
-        model: "essential", "fundamental", "rotation" (pure rotation from a homography), "pnp" or "" (not fitted).
-        R: (3, 3) rotation keyframe camera -> query camera, None without intrinsics.
-        t: (3,) translation (unit direction unless ``metric``; zero for a pure rotation), None without intrinsics.
-        metric: ``t`` is in metres (PnP with keyframe depths).
-        error: RMS residual of the inliers in normalized image units (~radians), NaN when unknown.
+        inliers: matches that fit the TWO-VIEW model that verified the pair (``two_view_model``); the accept rules
+            and the score use them.
+        model: the model ``R`` and ``t`` come from: "pnp" (metric, keyframe depths), "essential", "homography" (a
+            plane), "rotation" (a pure rotation), "fundamental" (no intrinsics: no motion) or "" (nothing fitted).
+        R: (3, 3) rotation keyframe camera -> query camera, None without intrinsics (an ``ambiguous`` pair: the mean
+            of its solutions, which is no claim: see ``alternatives``).
+        t: (3,) translation: metres when ``metric``, else the unit direction when determined and zeros when not (a
+            pure rotation, an ambiguous plane, no parallax to tell its sign); None without intrinsics.
+        metric: ``t`` is in metres (PnP with keyframe depths and at least ``relative_pose.MIN_PNP_INLIERS`` PnP
+            inliers of its own).
+        error: noise of the chosen model's residuals in normalized image units (pixels / focal, ~radians), NaN
+            when unknown.
         median_depth_m: median keyframe depth of the PnP inliers, NaN when not metric.
-        passed: the pair passes min_inliers and min_inlier_ratio.
+        passed: the pair passes min_inliers and min_inlier_ratio and its inliers are not degenerate.
         seconds: time the check took.
+        two_view_model: "essential", "homography", "rotation" or "fundamental": the model that verified the pair.
+        pnp_inliers: PnP's own inliers (0 without PnP); the metric motion's count.
+        rotation_covariance: (3, 3) covariance of the rotation (right perturbation of the query camera's orientation
+            in the keyframe camera's frame), from the fit; None without a rotation.
+        covariance: (6, 6) over (x, y, z, rot_x, rot_y, rot_z) of the same perturbation of the query camera's pose,
+            when ``metric``; else None.
+        alternatives: the rotations of every motion that explains the matches (two for an ambiguous plane).
+        ambiguous: two motions whose rotations disagree explain the matches (a plane seen without depth): no
+            rotation is determined.
+        degenerate: why the inliers are a degenerate configuration (the pair is then rejected), "" when they are
+            not.
+        pnp_degenerate: why PnP's inliers were not used for a metric motion (degenerate), "" otherwise.
+        homography_ratio: ORB-SLAM's R_H = S_H / (S_H + S_E) of the pair (NaN without intrinsics).
+        parallax_deg: median parallax of the essential matrix's inliers (degrees), NaN for other models.
+        noise_px: the inliers' noise (pixels) estimated from the fit, NaN when unknown.
     """
 
     matches: int = 0
@@ -102,6 +125,17 @@ class Verification:
     median_depth_m: float = math.nan
     passed: bool = False
     seconds: float = 0.0
+    two_view_model: str = ""
+    pnp_inliers: int = 0
+    rotation_covariance: np.ndarray | None = None
+    covariance: np.ndarray | None = None
+    alternatives: tuple = ()
+    ambiguous: bool = False
+    degenerate: str = ""
+    pnp_degenerate: str = ""
+    homography_ratio: float = math.nan
+    parallax_deg: float = math.nan
+    noise_px: float = math.nan
 
     @property
     def inlier_ratio(self) -> float:
@@ -111,6 +145,11 @@ class Verification:
     def score(self) -> float:
         """The verified score: ``inliers * inlier_ratio`` (0 when nothing fits)."""
         return float(self.inliers * self.inlier_ratio)
+
+    @property
+    def pose_inliers(self) -> int:
+        """The inliers of the model the motion comes from (PnP's when metric)."""
+        return self.pnp_inliers if self.metric else self.inliers
 
 
 def _norm(kind: str) -> int:
@@ -172,7 +211,8 @@ def match_features(query: LocalFeatures, keyframe: LocalFeatures, ratio: float =
 
 
 def verify_pair(query: LocalFeatures, keyframe: LocalFeatures, config: VerificationConfig | None = None,
-                query_camera: CameraModel | None = None, keyframe_camera: CameraModel | None = None) -> Verification:
+                query_camera: CameraModel | None = None, keyframe_camera: CameraModel | None = None,
+                motion: bool = True) -> Verification:
     """Check whether ``query`` and ``keyframe`` see the same scene and, with intrinsics, how the camera moved.
 
     Args:
@@ -181,9 +221,12 @@ def verify_pair(query: LocalFeatures, keyframe: LocalFeatures, config: Verificat
         config: thresholds and accept rules.
         query_camera: intrinsics of the query's camera (None: fundamental matrix, no pose).
         keyframe_camera: intrinsics of the keyframe's camera.
+        motion: with intrinsics, also estimate the motion (model selection, refinement, covariance, PnP); False
+            checks the pair with RANSAC's essential matrix alone (its inliers, their spread): what ranking
+            candidates needs (:func:`verify_candidates` estimates the motion of the best one only).
 
     Returns:
-        The verification (``passed`` applies the accept rules).
+        The verification (``passed`` applies the accept rules and the configuration checks).
     """
     c = config or VerificationConfig()
     t0 = time.perf_counter()
@@ -193,123 +236,116 @@ def verify_pair(query: LocalFeatures, keyframe: LocalFeatures, config: Verificat
     # a pair with fewer putative matches than min_inliers cannot pass: no model is fitted (most wrong candidates)
     if n >= max(MIN_MATCHES, c.min_inliers):
         pq, pk = query.keypoints[iq].astype(np.float64), keyframe.keypoints[ik].astype(np.float64)
+        sizes = _image_sizes(query, keyframe, query_camera, keyframe_camera)
+
+        def spread(mask: np.ndarray) -> str:
+            return _spread(pq, pk, mask, sizes)
+
+        def degenerate(mask: np.ndarray) -> str:
+            """The inliers' configuration where their count would pass (it is then the reason); where it fails, the
+            matches' configuration (degenerate matches explain why nothing fits: a hostile keyframe)."""
+            if _count_passes(int(mask.sum()), n, c):
+                return spread(mask)
+            return _spread(pq, pk, np.ones(n, bool), sizes, "matches")
+
+        calibrated = query_camera is not None and keyframe_camera is not None
         try:
-            if query_camera is not None and keyframe_camera is not None:
-                result = _fit_calibrated(pq, pk, keyframe.depths[ik], query_camera, keyframe_camera, c)
+            if calibrated and motion:
+                result = _fit_calibrated(pq, pk, keyframe.depths[ik], query_camera, keyframe_camera, c, degenerate,
+                                         spread)
+            elif calibrated:
+                result = _fit_essential(pq, pk, query_camera, keyframe_camera, c, degenerate)
             else:
-                result = _fit_fundamental(pq, pk, c)
-        except cv2.error as exc:  # USAC asserts on degenerate samples (all matches on a line, duplicates)
+                result = _fit_fundamental(pq, pk, c, degenerate)
+        except (cv2.error, np.linalg.LinAlgError) as exc:  # USAC asserts on degenerate samples (duplicates, a line)
             _logger.debug("model fitting failed on %d matches: %s", n, exc)
-            result = Verification()
+            result = Verification(degenerate=degenerate(np.ones(n, bool)))
         result = dataclasses.replace(result, matches=n)
-    passed = (result.inliers >= max(c.min_inliers, MIN_MATCHES if c.min_inliers else 0)
-              and result.inlier_ratio >= c.min_inlier_ratio and result.inliers > 0)
+    passed = _count_passes(result.inliers, n, c) and not result.degenerate
     return dataclasses.replace(result, passed=passed, seconds=time.perf_counter() - t0)
 
 
-def _fit_fundamental(pq: np.ndarray, pk: np.ndarray, c: VerificationConfig) -> Verification:
+def _count_passes(inliers: int, matches: int, c: VerificationConfig) -> bool:
+    """The accept rules on the counts: ``min_inliers`` and ``min_inlier_ratio``."""
+    return (inliers >= max(c.min_inliers, MIN_MATCHES if c.min_inliers else 0) and inliers > 0
+            and inliers >= c.min_inlier_ratio * matches)
+
+
+def _image_sizes(query: LocalFeatures, keyframe: LocalFeatures, cam_q: CameraModel | None,
+                 cam_k: CameraModel | None) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(query image size, keyframe image size or None when unknown): stored sizes first, else the intrinsics'."""
+    q = tuple(query.image_size)
+    if not (q[0] > 0 and q[1] > 0) and cam_q is not None:
+        q = (cam_q.width, cam_q.height)
+    k = tuple(keyframe.image_size)
+    if not (k[0] > 0 and k[1] > 0):
+        k = (cam_k.width, cam_k.height) if cam_k is not None else None
+    return q, k
+
+
+def _spread(pq: np.ndarray, pk: np.ndarray, mask: np.ndarray, sizes: tuple, what: str = "inliers") -> str:
+    """Why the masked matches are a degenerate configuration in either image ("" when they are not)."""
+    size_q, size_k = sizes
+    return (spread_problem(pk[mask], size_k, size_q, "keyframe", what)
+            or spread_problem(pq[mask], size_q, size_q, "query", what))
+
+
+def _fit_fundamental(pq: np.ndarray, pk: np.ndarray, c: VerificationConfig,
+                     degenerate: Callable[[np.ndarray], str]) -> Verification:
     F, mask = cv2.findFundamentalMat(pk, pq, cv2.USAC_MAGSAC, c.threshold_px, c.confidence, 10000)
     if F is None or mask is None:
-        return Verification()
-    return Verification(inliers=int(mask.sum()), model="fundamental")
+        return Verification(degenerate=degenerate(np.ones(len(pq), bool)))
+    inl = mask.reshape(-1).astype(bool)
+    return Verification(inliers=int(inl.sum()), model="fundamental", two_view_model="fundamental",
+                        degenerate=degenerate(inl))
 
 
-def _fit_calibrated(pq: np.ndarray, pk: np.ndarray, depths_k: np.ndarray, cam_q: CameraModel, cam_k: CameraModel,
-                    c: VerificationConfig) -> Verification:
-    """Essential matrix (or pure rotation) on normalized coordinates; PnP when the keyframe has depths."""
+def _fit_essential(pq: np.ndarray, pk: np.ndarray, cam_q: CameraModel, cam_k: CameraModel, c: VerificationConfig,
+                   degenerate: Callable[[np.ndarray], str]) -> Verification:
+    """RANSAC's essential matrix on normalized coordinates: its inliers and their spread (no motion)."""
     xq, xk = cam_q.normalized(pq), cam_k.normalized(pk)
     thr = c.threshold_px / (0.5 * (cam_q.focal + cam_k.focal))
     E, mask = cv2.findEssentialMat(xk, xq, np.eye(3), cv2.USAC_MAGSAC, c.confidence, thr)
     if E is None or mask is None or E.shape != (3, 3):
-        return Verification()
+        return Verification(degenerate=degenerate(np.ones(len(pq), bool)))
     inl = mask.reshape(-1).astype(bool)
-    rotation = _pure_rotation(xk, xq, inl, thr)
-    if rotation is not None:
-        R, inl = rotation
-        err = _rotation_residual(R, xk[inl], xq[inl])
-        out = Verification(inliers=int(inl.sum()), model="rotation", R=R, t=np.zeros(3), error=err)
-    else:
-        _, R, t, pose_mask = cv2.recoverPose(E, xk, xq, np.eye(3), mask=mask.copy())
-        err = _sampson_rms(E, xk[inl], xq[inl])
-        out = Verification(inliers=int(inl.sum()), model="essential", R=R, t=t.reshape(3), error=err)
-    metric = _pnp(xq, xk, depths_k, thr, c)
-    if metric is not None:
-        R, t, n_inl, err, depth = metric
-        out = dataclasses.replace(out, model="pnp", R=R, t=t, metric=True, error=err, median_depth_m=depth,
-                                  inliers=max(out.inliers, n_inl))
-    return out
+    return Verification(inliers=int(inl.sum()), model="essential", two_view_model="essential",
+                        degenerate=degenerate(inl))
 
 
-def _pure_rotation(xk: np.ndarray, xq: np.ndarray, inl: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """(R, inlier mask) when a rotation alone (``x_q ~ R x_k``) explains 90 % of the essential matrix's inliers."""
-    if inl.sum() < MIN_MATCHES:
-        return None
-    R = _kabsch(xk[inl], xq[inl])
-    p = np.c_[xk, np.ones(len(xk))] @ R.T
-    residual = np.linalg.norm(p[:, :2] / np.where(np.abs(p[:, 2:3]) > 1e-12, p[:, 2:3], 1e-12) - xq, axis=1)
-    fits = residual < thr
-    if (fits & inl).sum() < 0.9 * inl.sum():
-        return None
-    return _kabsch(xk[fits], xq[fits]), fits
+def _fit_calibrated(pq: np.ndarray, pk: np.ndarray, depths_k: np.ndarray, cam_q: CameraModel, cam_k: CameraModel,
+                    c: VerificationConfig, degenerate: Callable[[np.ndarray], str],
+                    spread: Callable[[np.ndarray], str]) -> Verification:
+    """The two-view motion (and with keyframe depths the metric one), each checked for a degenerate configuration:
+    degenerate two-view inliers reject the pair, degenerate PnP inliers only the metric motion (``pnp_degenerate``:
+    the depths cover too little of the scene, the two-view motion stands)."""
+    obs = Observations.from_pixels(pk, pq, cam_k, cam_q)
+    estimate, info = fit_two_view(obs, c.threshold_px, c.confidence)
+    if estimate is None:
+        return Verification(degenerate=degenerate(np.ones(len(pq), bool)), homography_ratio=info.homography_ratio)
+    out = Verification(inliers=estimate.count, model=estimate.model, two_view_model=estimate.model,
+                       R=estimate.R, t=estimate.t, error=estimate.sigma_px / obs.focal,
+                       rotation_covariance=estimate.rotation_covariance, alternatives=estimate.alternatives,
+                       ambiguous=estimate.ambiguous, degenerate=degenerate(estimate.inliers),
+                       homography_ratio=info.homography_ratio, parallax_deg=info.parallax_deg,
+                       noise_px=estimate.sigma_px)
+    if out.degenerate:
+        return out
+    metric = fit_pnp(obs, depths_k, c.threshold_px, c.confidence)
+    if metric is None:
+        return out
+    problem = spread(metric.inliers)
+    if problem:
+        return dataclasses.replace(out, pnp_inliers=metric.count, pnp_degenerate=problem)
+    return _with_metric(out, metric, depths_k, obs.focal)
 
 
-def _kabsch(xk: np.ndarray, xq: np.ndarray) -> np.ndarray:
-    """The rotation that best maps the rays of ``xk`` onto those of ``xq`` (least squares on unit rays)."""
-    a, b = (np.c_[x, np.ones(len(x))] for x in (xk, xq))
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
-    U, _, Vt = np.linalg.svd(b.T @ a)
-    return U @ np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))]) @ Vt
-
-
-def _rotation_residual(R: np.ndarray, xk: np.ndarray, xq: np.ndarray) -> float:
-    if xk.shape[0] == 0:
-        return math.nan
-    p = (R @ np.c_[xk, np.ones(len(xk))].T).T
-    return float(np.sqrt(np.mean(np.sum((p[:, :2] / p[:, 2:3] - xq) ** 2, axis=1))))
-
-
-def _sampson_rms(E: np.ndarray, xk: np.ndarray, xq: np.ndarray) -> float:
-    if xk.shape[0] == 0:
-        return math.nan
-    a, b = np.c_[xk, np.ones(len(xk))], np.c_[xq, np.ones(len(xq))]
-    Ea, Etb = a @ E.T, b @ E
-    num = np.sum(b * Ea, axis=1) ** 2
-    den = Ea[:, 0] ** 2 + Ea[:, 1] ** 2 + Etb[:, 0] ** 2 + Etb[:, 1] ** 2
-    return float(np.sqrt(np.mean(num / np.maximum(den, 1e-18))))
-
-
-def _pnp(xq: np.ndarray, xk: np.ndarray, depths_k: np.ndarray, thr: float,
-         c: VerificationConfig) -> tuple[np.ndarray, np.ndarray, int, float, float] | None:
-    """Metric pose of the query camera from keyframe 3-D points (depth x ray) and query rays; None if too few."""
-    has = np.isfinite(depths_k) & (depths_k > 0)
-    if has.sum() < max(_PNP_MIN_POINTS, c.min_inliers // 2):
-        return None
-    X = np.c_[xk[has], np.ones(int(has.sum()))] * depths_k[has, None]
-    ok, rvec, tvec, inl = cv2.solvePnPRansac(X, xq[has], np.eye(3), None, iterationsCount=1000,
-                                             reprojectionError=thr, confidence=c.confidence,
-                                             flags=cv2.SOLVEPNP_SQPNP)
-    if not ok or inl is None or len(inl) < _PNP_MIN_POINTS:
-        return None
-    x = xq[has]
-    idx = inl.reshape(-1)
-    # Refine on the inliers, then re-select them under the refined pose (at a wider threshold) and refine again:
-    # a plane seen by a narrow camera couples rotation and translation, and the first minimal-sample consensus
-    # alone left 2-8 % translation errors on the warped-plane tests; this gives 0.5-2.5 %.
-    for _ in range(_PNP_REFINE_ROUNDS):
-        rvec, tvec = cv2.solvePnPRefineLM(X[idx], x[idx], np.eye(3), None, rvec, tvec)
-        R, _ = cv2.Rodrigues(rvec)
-        proj = (R @ X.T).T + tvec.reshape(3)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            residual = np.linalg.norm(proj[:, :2] / proj[:, 2:3] - x, axis=1)
-        wider = np.flatnonzero((residual < _PNP_REFINE_FACTOR * thr) & (proj[:, 2] > 0))
-        if wider.size < _PNP_MIN_POINTS or np.array_equal(wider, idx):
-            break
-        idx = wider
-    R, _ = cv2.Rodrigues(rvec)
-    proj = (R @ X[idx].T).T + tvec.reshape(3)
-    err = float(np.sqrt(np.mean(np.sum((proj[:, :2] / proj[:, 2:3] - x[idx]) ** 2, axis=1))))
-    return R, tvec.reshape(3), int(idx.size), err, float(np.median(X[idx, 2]))
+def _with_metric(out: Verification, metric: MotionEstimate, depths_k: np.ndarray, focal: float) -> Verification:
+    return dataclasses.replace(out, model="pnp", R=metric.R, t=metric.t, metric=True,
+                               error=metric.sigma_px / focal, median_depth_m=float(np.median(depths_k[metric.inliers])),
+                               pnp_inliers=metric.count, rotation_covariance=metric.rotation_covariance,
+                               covariance=metric.covariance, alternatives=(metric.R,), ambiguous=False,
+                               noise_px=metric.sigma_px)
 
 
 def rotation_angle_deg(R: np.ndarray) -> float:
@@ -319,7 +355,8 @@ def rotation_angle_deg(R: np.ndarray) -> float:
 
 
 def verify_candidates(candidates: list, check_one: Callable[[object], Verification | None],
-                      config: VerificationConfig) -> tuple[list, list[Verification | None]]:
+                      config: VerificationConfig, estimate_motion: Callable[[object], Verification | None] | None = None
+                      ) -> tuple[list, list[Verification | None]]:
     """Verify the first ``config.candidates`` candidates and re-rank.
 
     Args:
@@ -327,16 +364,32 @@ def verify_candidates(candidates: list, check_one: Callable[[object], Verificati
             Candidate` in the node).
         check_one: the verification of one candidate, None when it cannot be verified (no features stored).
         config: how many to verify, and whether to re-rank.
+        estimate_motion: the full verification of one candidate, with its motion (``verify_pair(...,
+            motion=True)``), when ``check_one`` checks without it: it is run for the best passed candidate (and
+            for the next ones while it fails), so one motion is estimated per query, not one per candidate.
 
     Returns:
         (candidates, verifications) in the new order (verified and passed first by score, then the rest in their
         original order); verifications[i] belongs to candidates[i], None where not verified.
     """
     checks = [check_one(cand) if i < config.candidates else None for i, cand in enumerate(candidates)]
-    order = list(range(len(candidates)))
-    if config.rerank:
-        def key(i: int) -> tuple:
-            v = checks[i]
-            return (0 if v is not None and v.passed else 1, -(v.score if v is not None else 0.0), i)
-        order.sort(key=key)
+
+    def ranked() -> list[int]:
+        order = list(range(len(candidates)))
+        if config.rerank:
+            def key(i: int) -> tuple:
+                v = checks[i]
+                return (0 if v is not None and v.passed else 1, -(v.score if v is not None else 0.0), i)
+            order.sort(key=key)
+        return order
+
+    order = ranked()
+    if estimate_motion is not None:
+        for i in order:
+            if checks[i] is None or not checks[i].passed:
+                break
+            checks[i] = estimate_motion(candidates[i]) or checks[i]
+            if checks[i].passed:
+                break
+        order = ranked()
     return [candidates[i] for i in order], [checks[i] for i in order]
