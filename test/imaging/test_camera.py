@@ -44,7 +44,7 @@ def test_round_trip_scaling_and_refusals() -> None:
     cam = CameraModel(512, 384, K, "plumb_bob", np.zeros(5))
     assert CameraModel.from_dict(cam.to_dict()) == cam
     half = cam.scaled_to(256, 192)
-    np.testing.assert_allclose(half.K, [[210.0, 0, 128.0], [0, 207.5, 95.0], [0, 0, 1]])
+    np.testing.assert_allclose(half.K, [[210.0, 0, 127.75], [0, 207.5, 94.75], [0, 0, 1]])  # pixel centres
     with pytest.raises(CameraModelError, match="fx, fy > 0"):
         CameraModel(512, 384, np.zeros(9))  # what an uncalibrated driver publishes
     with pytest.raises(CameraModelError, match="not supported"):
