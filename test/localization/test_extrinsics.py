@@ -92,8 +92,8 @@ def test_parameters_win_over_tf_which_wins_over_camera_mount(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="dinomix_ros.localization.extrinsics"):
         front, side, other, empty = (reg.mount(f) for f in ("front_optical", "side_optical", "elsewhere", ""))
         reg.mount("side_optical")
-    assert (front.source, side.source, other.source, empty.source) == ("parameter", "tf", "camera_mount",
-                                                                      "camera_mount")
+    sources = (front.source, side.source, other.source, empty.source)
+    assert sources == ("parameter", "tf", "camera_mount", "camera_mount")
     assert front.T[0, 3] == 1.0 and side.T[1, 3] == 0.3
     np.testing.assert_array_equal(other.T, DEFAULT)
     assert "front_optical" not in calls and "" not in calls  # parameters are not looked up in TF
