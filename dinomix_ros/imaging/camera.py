@@ -215,7 +215,10 @@ def camera_from_info_yaml(path: str | Path) -> CameraModel:
 
 
 def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
+    """One line of at most ``limit`` characters showing ``value`` (arrays as lists)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
 
