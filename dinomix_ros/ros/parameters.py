@@ -21,6 +21,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
 from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
+from dinomix_ros.localization.extrinsics import ExtrinsicsConfig
 from dinomix_ros.localization.live_map import OutputConfig
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.localization.verification import VerificationConfig
@@ -189,6 +190,7 @@ PARAMETERS: dict[str, Entry] = table(
     StorageConfig,
     CameraConfig,
     ImageConfig,
+    ExtrinsicsConfig,
     PoseSourceConfig,
     PosePairingConfig,
     RecordingConfig,
@@ -285,6 +287,7 @@ class NodeSettings:
     index: IndexConfig
     storage: StorageConfig
     cameras: CameraConfig
+    extrinsics: ExtrinsicsConfig
     pose: PoseSourceConfig
     pairing: PosePairingConfig
     recording: RecordingConfig
@@ -324,7 +327,7 @@ def config_problem(values: dict[str, Any], classes: Iterable[type]) -> str | Non
 
 #: The settings a running node applies at once (``ros2 param set``); the others are read at configure.
 RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
-                   VerifiedPriorConfig, CameraMountConfig)
+                   VerifiedPriorConfig, CameraMountConfig, ExtrinsicsConfig)
 
 
 def runtime_change_problem(changed: dict[str, Any], values: dict[str, Any]) -> str | None:
@@ -340,7 +343,7 @@ def apply_runtime(live: Any, poses: Any, values: dict[str, Any], changed: dict[s
         live.set_matcher_config(build(MatcherConfig, values))
         live.set_output_config(build(OutputConfig, values))
         live.set_verification_config(build(VerificationConfig, values))
-        live.mount = build(CameraMountConfig, values)
+        live.set_mounts(build(CameraMountConfig, values), build(ExtrinsicsConfig, values).parsed())
         live.prior_config = build(VerifiedPriorConfig, values)
         if any(name.startswith("recording.") for name in changed):
             live.set_gate_config(build(KeyframeGateConfig, values))
