@@ -30,8 +30,8 @@ W, H = 640, 480
 TOPICS = {"rear": "/rear/image_raw/compressed", "front": "/front/image_raw/compressed",
           "left": "/left/image_raw/compressed"}
 # optical frames: (x, y, z, roll, pitch, yaw) in base_link; level cameras looking backwards, forwards, to the left
-MOUNTS = {"rear": (-1.0, 0.0, 0.6, -math.pi / 2, 0.0, math.pi / 2), "front": (1.0, 0.0, 0.5, -math.pi / 2, 0.0,
-                                                                          -math.pi / 2),
+MOUNTS = {"rear": (-1.0, 0.0, 0.6, -math.pi / 2, 0.0, math.pi / 2),
+          "front": (1.0, 0.0, 0.5, -math.pi / 2, 0.0, -math.pi / 2),
           "left": (0.2, 0.4, 0.7, -math.pi / 2, 0.0, 0.0)}
 
 
