@@ -327,6 +327,11 @@ def run_info(args: argparse.Namespace) -> int:
     lines.append(("features", "none (geometric verification off for this map)" if local is None else
                   f"{local['type']}, {local['slots']} per keyframe, {local['bytes'] / 2**20:.2f} MiB; intrinsics: "
                   f"{', '.join(local['intrinsics']) or 'none'}"))
+    if local is not None:
+        lines.append(("extrinsics", "; ".join(
+            f"{name}: frame {rec['frame_id'] or '(none)'}, {rec['width']}x{rec['height']}, at "
+            f"({', '.join(f'{v:.3f}' for v in rec['xyz'])}) m in the base frame"
+            for name, rec in local["cameras"].items()) or "none recorded (pose priors use camera_mount.*)"))
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
     return 0
@@ -362,13 +367,18 @@ def _map_info(path: Path, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_features_info(m: dict[str, Any]) -> dict[str, Any] | None:
-    """The map's local features (format 2): type, slots, bytes on disk, cameras with intrinsics; None without."""
+    """The map's local features (format 2): type, slots, bytes on disk, cameras with intrinsics, camera records
+    (frame, image size, position of the camera in the base frame); None without."""
     entry = m.get("local_features")
     if entry is None:
         return None
     chunks = m["files"].get("features") or []
+    cameras = {name: {"frame_id": rec["frame_id"], "width": rec["width"], "height": rec["height"],
+                      "xyz": [rec["T_base_cam"][3], rec["T_base_cam"][7], rec["T_base_cam"][11]],
+                      "T_base_cam": rec["T_base_cam"]}
+               for name, rec in sorted(entry.get("cameras", {}).items())}
     return {"type": entry["type"], "slots": entry["slots"], "bytes": sum(int(r["bytes"]) for r in chunks),
-            "intrinsics": sorted(entry["intrinsics"])}
+            "intrinsics": sorted(entry["intrinsics"]), "cameras": cameras}
 
 
 def _add_topics_arguments(p: argparse.ArgumentParser) -> None:
