@@ -26,6 +26,7 @@ ROSDEP_KEYS = {
     "visualization_msgs": "visualization_msgs", "diagnostic_msgs": "diagnostic_msgs",
     "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rclpy",
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
+    "tf2_ros": "tf2_ros",  # camera extrinsics from TF; imported guarded (not on PyPI: not in the test venvs)
 }
 # no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment)
 OPTIONAL_IMPORTS = {"safetensors", "onnx", "onnxruntime"}
