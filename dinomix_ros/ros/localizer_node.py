@@ -326,7 +326,9 @@ class LocalizerNode(LifecycleNode):
         self.live = None
         self.encoder = None
         self._pipeline = None
-        self._tf_listener = None
+        if self._tf_listener is not None:  # its /tf and /tf_static subscriptions (a reconfigure makes new ones)
+            self._guarded("TF listener", self._tf_listener.unregister)()
+            self._tf_listener = None
 
     def _autosave(self) -> None:
         if self.live is None:

@@ -7,12 +7,15 @@ camera verify without intrinsics (keyframe prior, one log line)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import cv2
 import numpy as np
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
 from rosutil import NodeProcess, RosClient, next_domain_id, stamp_ns
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Float64MultiArray
@@ -121,12 +124,19 @@ def test_front_rear_and_side_cameras_each_in_their_place(tmp_path, data_dir) -> 
         images["left"].publish(_jpeg(view, s_unfit, "left_optical"))
         assert answered(s_unfit), node.log[-3000:]
         client.spin_until(lambda: len(priors) >= 3 and len(loops) >= 3 and len(constraints) >= 2, 10.0)
+        # cameras.extrinsics applies at run time; a bad entry is refused with its reason and changes nothing
+        bad = ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY, string_array_value=["rear_optical: 1 2"])
+        result = client.call(SetParameters, f"{NODE}/set_parameters", SetParameters.Request(
+            parameters=[Parameter(name="cameras.extrinsics", value=bad)])).results[0]
+        assert not result.successful and "cameras.extrinsics: camera extrinsic 'rear_optical: 1 2'" in result.reason
     finally:
         client.close()
         assert node.stop() == 0, node.log[-3000:]
 
     log = node.log
     assert "extrinsic from cameras.extrinsics: position (-1.000, 0.000, 0.600)" in log  # the rear camera's
+    # TF (cameras.base_frame base_link) is used where tf2_ros exists; these venvs have none (not on PyPI)
+    assert ("tf2_ros cannot be imported" in log) == (importlib.util.find_spec("tf2_ros") is None)
     assert "intrinsics scaled by 0.5" in log and log.count("another aspect ratio") == 1
     by_stamp = {stamp_ns(m): m for _, m in priors}
     assert set(by_stamp) == {s_front, s_left, s_unfit}, sorted(by_stamp)
