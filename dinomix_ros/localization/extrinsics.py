@@ -51,6 +51,7 @@ TF_REFRESH_S = 1.0
 SAME_MOUNT_M = 1e-4
 SAME_MOUNT_RAD = 1e-4
 _MAX_FRAME_ID = 256
+_MAX_ANNOUNCED = 64  # camera frames whose extrinsic source is logged
 
 
 class ExtrinsicsError(ValueError):
@@ -201,6 +202,7 @@ class CameraExtrinsics:
         self._clock = clock
         self._tf: dict[str, tuple[float, np.ndarray | None]] = {}  # frame -> (looked up at, T or None)
         self._announced: dict[str, tuple[str, bytes]] = {}  # frame -> (source, T bytes) last logged
+        self._capped = False
 
     @property
     def uses_tf(self) -> bool:
@@ -252,8 +254,12 @@ class CameraExtrinsics:
         key = (found.source, found.T.tobytes())
         if self._announced.get(frame_id) == key:
             return
-        if len(self._announced) > 1024:
-            self._announced.clear()
+        if frame_id not in self._announced and len(self._announced) >= _MAX_ANNOUNCED:
+            if not self._capped:  # frame ids come from the images: a bounded log
+                self._capped = True
+                _logger.warning("more than %d camera frames seen: the extrinsics of further frames are not logged",
+                                _MAX_ANNOUNCED)
+            return
         changed = frame_id in self._announced
         self._announced[frame_id] = key
         xyz = ", ".join(f"{v:.3f}" for v in found.T[:3, 3])

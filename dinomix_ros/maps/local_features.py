@@ -194,24 +194,27 @@ def check_feature_rows(records: np.ndarray, bounds: np.ndarray, where: Callable[
     """
     for lo in range(0, records.shape[0], _CHECK_ROWS):
         block = np.asarray(records[lo:lo + _CHECK_ROWS])
-        used = block["x"] != EMPTY
-        x = block["x"].astype(np.float64) / KEYPOINT_SCALE
-        y = block["y"].astype(np.float64) / KEYPOINT_SCALE
         b = bounds[lo:lo + _CHECK_ROWS]
-        outside = used & ((x >= b[:, :1]) | (y >= b[:, 1:]))
+        qx, qy = block["x"], block["y"]  # quarter pixels; EMPTY marks an unused slot
+        used = qx != EMPTY
+        outside = used & ((qx >= b[:, :1] * KEYPOINT_SCALE) | (qy >= b[:, 1:] * KEYPOINT_SCALE))
         if outside.any():
             r, c = np.argwhere(outside)[0]
-            raise MapError(f"{where(lo + int(r))} has a keypoint at ({x[r, c]:g}, {y[r, c]:g}), outside its camera's "
-                           f"{b[r, 0]:g}x{b[r, 1]:g} image: not features of that image (edited or damaged)")
+            raise MapError(f"{where(lo + int(r))} has a keypoint at ({qx[r, c] / KEYPOINT_SCALE:g}, "
+                           f"{qy[r, c] / KEYPOINT_SCALE:g}), outside its camera's {b[r, 0]:g}x{b[r, 1]:g} image: not "
+                           "features of that image (edited or damaged)")
         n = used.sum(axis=1)
         checked = n >= _MIN_CHECKED
         if not checked.any():
             continue
-        w = used / np.maximum(n, 1)[:, None]
-        mx, my = (w * x).sum(axis=1), (w * y).sum(axis=1)
-        dx, dy = (x - mx[:, None]) * used, (y - my[:, None]) * used
-        sxx, syy, sxy = (w * dx * dx).sum(axis=1), (w * dy * dy).sum(axis=1), (w * dx * dy).sum(axis=1)
-        smallest = 0.5 * (sxx + syy) - np.sqrt(0.25 * (sxx - syy) ** 2 + sxy ** 2)  # the 2x2 covariance's eigenvalue
+        x = np.where(used, qx, 0).astype(np.float32) / KEYPOINT_SCALE  # exact: quarter pixels below 16384
+        y = np.where(used, qy, 0).astype(np.float32) / KEYPOINT_SCALE
+        m = np.maximum(n, 1).astype(np.float64)
+        mx, my = x.sum(axis=1, dtype=np.float64) / m, y.sum(axis=1, dtype=np.float64) / m
+        sxx = np.einsum("ij,ij->i", x, x, dtype=np.float64) / m - mx * mx  # the 2x2 covariance of the keypoints
+        syy = np.einsum("ij,ij->i", y, y, dtype=np.float64) / m - my * my
+        sxy = np.einsum("ij,ij->i", x, y, dtype=np.float64) / m - mx * my
+        smallest = 0.5 * (sxx + syy) - np.sqrt(0.25 * (sxx - syy) ** 2 + sxy ** 2)  # its smaller eigenvalue
         flat = checked & (smallest < MIN_SPREAD_PX ** 2)
         if flat.any():
             r = int(np.flatnonzero(flat)[0])

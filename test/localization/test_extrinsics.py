@@ -138,3 +138,11 @@ def test_update_replaces_parameters_and_default() -> None:
     with pytest.raises(ExtrinsicsError):
         reg.update(np.zeros((4, 4)), {})
     assert not reg.uses_tf
+
+
+def test_the_log_of_extrinsic_sources_is_bounded(caplog) -> None:
+    reg = CameraExtrinsics(DEFAULT)
+    with caplog.at_level(logging.INFO, logger="dinomix_ros.localization.extrinsics"):
+        for i in range(500):  # frame ids come from the images: a hostile publisher can send any
+            reg.mount(f"frame_{i}")
+    assert len(caplog.records) == 65 and "more than 64 camera frames" in caplog.records[-1].getMessage()
