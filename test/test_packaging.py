@@ -28,6 +28,7 @@ ROSDEP_KEYS = {
     "lifecycle_msgs": "lifecycle_msgs", "builtin_interfaces": "builtin_interfaces", "rcl_interfaces": "rcl_interfaces",
     "rosgraph_msgs": "rosgraph_msgs",
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
+    "tf2_ros": "tf2_ros",  # camera extrinsics from TF; imported guarded (not on PyPI: not in the test venvs)
 }
 # no rosdep key: imported lazily, the error names the `pip install` (package.xml says so in a comment); gtsam only
 # by the pose-graph evaluation (a test requirement), pymilvus (and grpc) only when a fleet is set

@@ -132,14 +132,23 @@ def _add_feature_flags(group: argparse._ArgumentGroup) -> None:
                        help="ROS camera_info YAML of the camera (camera_calibration's ost.yaml), stored in the map for "
                             "verification with intrinsics; bag: once per --image-topic, in the same order (a bag's "
                             "own camera_info topics are used when left out); folder: once")
+    group.add_argument("--extrinsic", action="append", dest="extrinsics", metavar="'FRAME: x y z roll pitch yaw'",
+                       help="where a camera is on the robot, stored with its keyframes (their pose priors use it): "
+                            "its optical frame in the base frame, as cameras.extrinsics takes it (m, rad; or 'FRAME: "
+                            "x y z qx qy qz qw'); FRAME is the images' header.frame_id (bag) or the camera name "
+                            "(folder). Once per camera; others get camera_mount's default (forward-looking, at the "
+                            "base origin)")
 
 
 def _feature_settings(args: argparse.Namespace) -> tuple:
-    """(FeatureConfig, calibrations read from --calibration) of a build."""
+    """(FeatureConfig, calibrations read from --calibration, extrinsics from --extrinsic) of a build."""
     from dinomix_ros.imaging.camera import camera_from_info_yaml
     from dinomix_ros.imaging.features import FeatureConfig
+    from dinomix_ros.localization.camera_pose import CameraMountConfig
+    from dinomix_ros.localization.extrinsics import CameraExtrinsics, parse_extrinsics
 
-    return from_flags(FeatureConfig, args), [camera_from_info_yaml(p) for p in args.calibration or []]
+    extrinsics = CameraExtrinsics(CameraMountConfig().matrix(), parse_extrinsics(args.extrinsics or []))
+    return from_flags(FeatureConfig, args), [camera_from_info_yaml(p) for p in args.calibration or []], extrinsics
 
 
 def _bag_calibrations(config: BagMapConfig, calibrations: list) -> dict | None:
@@ -170,9 +179,10 @@ def run_build(args: argparse.Namespace) -> int:
     config, resolved = _bag_source(args) if args.bag is not None else (None, _folder_source(args))
     storage = from_flags(StorageConfig, args).storage_dtype
     index_kind = from_flags(IndexConfig, args, fields=("index",)).index
-    features, calibrations = _feature_settings(args)  # a bad calibration fails before the model loads
+    features, calibrations, extrinsics = _feature_settings(args)  # bad calibrations fail before the model loads
     # "storage" is the key earlier builds recorded in the map's metadata: kept so that every build reads alike.
-    resolved.update(out=str(args.out), append=args.append, storage=storage, index=index_kind)
+    resolved.update(out=str(args.out), append=args.append, storage=storage, index=index_kind,
+                    **({"extrinsics": list(args.extrinsics)} if args.extrinsics else {}))
     _logger.info("map build: %s", json.dumps(resolved))
 
     encoder = make_encoder(args)
@@ -181,12 +191,12 @@ def run_build(args: argparse.Namespace) -> int:
     if config is not None:
         kmap, report = build_map_from_bag(args.bag, encoder, config, kmap=kmap, progress=show_progress(args),
                                           pose_bag=args.pose_bag, features=features,
-                                          intrinsics=_bag_calibrations(config, calibrations))
+                                          intrinsics=_bag_calibrations(config, calibrations), extrinsics=extrinsics)
     else:
         kmap, report = build_map_from_folder(args.images, encoder, args.geotags, args.csv, kmap=kmap,
                                              camera=resolved["camera"], progress=show_progress(args),
                                              batch_size=args.batch_size, features=features,
-                                             intrinsics=_folder_calibration(calibrations))
+                                             intrinsics=_folder_calibration(calibrations), extrinsics=extrinsics)
     if report.added == 0 and not args.append:
         raise ValueError(f"no keyframe was added, nothing saved ({report.summary()}); check the topics, the pose "
                          "gap and that the poses cover the images' time span")
@@ -304,6 +314,11 @@ def run_info(args: argparse.Namespace) -> int:
     lines.append(("features", "none (geometric verification off for this map)" if local is None else
                   f"{local['type']}, {local['slots']} per keyframe, {local['bytes'] / 2**20:.2f} MiB; intrinsics: "
                   f"{', '.join(local['intrinsics']) or 'none'}"))
+    if local is not None:
+        lines.append(("extrinsics", "; ".join(
+            f"{name}: frame {rec['frame_id'] or '(none)'}, {rec['width']}x{rec['height']}, at "
+            f"({', '.join(f'{v:.3f}' for v in rec['xyz'])}) m in the base frame"
+            for name, rec in local["cameras"].items()) or "none recorded (pose priors use camera_mount.*)"))
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
     return 0
@@ -339,13 +354,18 @@ def _map_info(path: Path, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_features_info(m: dict[str, Any]) -> dict[str, Any] | None:
-    """The map's local features (format 2): type, slots, bytes on disk, cameras with intrinsics; None without."""
+    """The map's local features (format 2): type, slots, bytes on disk, cameras with intrinsics, camera records
+    (frame, image size, position of the camera in the base frame); None without."""
     entry = m.get("local_features")
     if entry is None:
         return None
     chunks = m["files"].get("features") or []
+    cameras = {name: {"frame_id": rec["frame_id"], "width": rec["width"], "height": rec["height"],
+                      "xyz": [rec["T_base_cam"][3], rec["T_base_cam"][7], rec["T_base_cam"][11]],
+                      "T_base_cam": rec["T_base_cam"]}
+               for name, rec in sorted(entry.get("cameras", {}).items())}
     return {"type": entry["type"], "slots": entry["slots"], "bytes": sum(int(r["bytes"]) for r in chunks),
-            "intrinsics": sorted(entry["intrinsics"])}
+            "intrinsics": sorted(entry["intrinsics"]), "cameras": cameras}
 
 
 def _add_topics_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,9 +8,16 @@ it) and no distortion (``none`` or all-zero coefficients). :meth:`CameraModel.no
 normalized image coordinates (``x / z``, ``y / z`` of the ray), which is what the essential matrix and PnP take.
 
 Sources: :func:`camera_from_info_yaml` reads the YAML that ``camera_calibration`` writes (and
-``camera_info_manager`` loads); the node builds one from each ``camera_info`` message
-(:func:`dinomix_ros.ros.conversions.camera_from_info_msg`); maps store them per camera as JSON
+``camera_info_manager`` loads); :func:`camera_from_info` reads a ``sensor_msgs/CameraInfo`` (an rclpy or a rosbags
+message: the node and the bag readers use it), applying its ROI and binning; maps store them per camera as JSON
 (:meth:`CameraModel.to_dict` / :meth:`CameraModel.from_dict`).
+
+Intrinsics are untrusted input (a driver's camera_info, a map from another robot): every :class:`CameraModel` is
+bounded to physically meaningful values (focal lengths within :data:`FOCAL_RANGE` x the larger image side, the
+principal point inside the image or at most one image size beyond its edges (a ROI's may lie outside it),
+distortion coefficients per model within :data:`DISTORTION_BOUNDS`, a plain upper-triangular K), and refused with
+one line otherwise. :func:`fit_to_image` says whether a camera_info fits the images its camera sends:
+the same size, or a resized image of the same aspect ratio (K scaled), else not at all.
 """
 
 from __future__ import annotations
@@ -22,11 +29,27 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["CameraModelError", "CameraModel", "camera_from_info_yaml", "camera_info_topic", "DISTORTION_MODELS"]
+__all__ = ["CameraModelError", "CameraModel", "camera_from_info_yaml", "camera_from_info", "camera_info_topic",
+           "fit_to_image", "DISTORTION_MODELS", "DISTORTION_BOUNDS", "FOCAL_RANGE", "MAX_IMAGE_SIDE",
+           "ASPECT_TOLERANCE"]
 
 #: ROS distortion model names -> the OpenCV family that undistorts them.
 DISTORTION_MODELS = {"plumb_bob": "pinhole", "rational_polynomial": "pinhole", "none": "pinhole",
                      "equidistant": "fisheye", "fisheye": "fisheye", "kannala_brandt": "fisheye"}
+#: Largest |coefficient| per position, per family: OpenCV's order k1 k2 p1 p2 k3 k4 k5 k6 s1 s2 s3 s4 tauX tauY
+#: (pinhole: radial k up to 1000 (rational models of wide lenses reach tens), tangential p and thin-prism s up to 1,
+#: the sensor tilt tau up to 1 rad), and k1..k4 of the fisheye (Kannala-Brandt) model up to 100 (calibrations give
+#: |k| < 1). Beyond these no lens is described: 1e308 is a damaged or hostile file.
+DISTORTION_BOUNDS = {"pinhole": (1e3, 1e3, 1.0, 1.0, 1e3, 1e3, 1e3, 1e3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
+                     "fisheye": (100.0, 100.0, 100.0, 100.0)}
+#: Focal lengths (fx, fy) must lie within this range times the larger image side (0.05: a 169-degree pinhole field of
+#: view on that side; 20: 2.9 degrees).
+FOCAL_RANGE = (0.05, 20.0)
+#: Largest image side a camera model (and a map's keypoints: uint16 quarter pixels) can describe.
+MAX_IMAGE_SIDE = 16384
+#: A camera_info of another size fits an image when the two scale factors (width, height) differ by at most this
+#: fraction (a resized image keeps its aspect ratio up to rounding; a crop or ROI does not).
+ASPECT_TOLERANCE = 0.01
 
 
 class CameraModelError(ValueError):
@@ -54,22 +77,29 @@ class CameraModel:
     def __post_init__(self) -> None:
         K = np.asarray(self.K, dtype=np.float64).reshape(-1)
         if K.shape != (9,) or not np.isfinite(K).all() or K[0] <= 0 or K[4] <= 0:
-            raise CameraModelError(f"K must be 9 finite numbers with fx, fy > 0 (row-major 3x3), got {self.K!r}; "
-                                   "is the camera calibrated? (an all-zero K means it is not)")
+            raise CameraModelError(f"K must be 9 finite numbers with fx, fy > 0 (row-major 3x3), got "
+                                   f"{_short(self.K)}; is the camera calibrated? (an all-zero K means it is not)")
+        if not (1 <= int(self.width) <= MAX_IMAGE_SIDE and 1 <= int(self.height) <= MAX_IMAGE_SIDE):
+            raise CameraModelError(f"image size {self.width}x{self.height} must be positive and at most "
+                                   f"{MAX_IMAGE_SIDE} pixels a side")
+        _check_k(K, int(self.width), int(self.height))
         model = str(self.distortion_model).lower() or "none"
         if model not in DISTORTION_MODELS:
             raise CameraModelError(f"distortion model {self.distortion_model!r} is not supported; expected one of "
                                    f"{', '.join(DISTORTION_MODELS)}")
         D = np.asarray(self.D, dtype=np.float64).reshape(-1)
         if not np.isfinite(D).all():
-            raise CameraModelError(f"distortion coefficients must be finite, got {D.tolist()}")
+            raise CameraModelError(f"distortion coefficients must be finite, got {_short(D.tolist())}")
         family = DISTORTION_MODELS[model]
         if family == "fisheye" and D.size != 4:
             raise CameraModelError(f"the {model} model takes 4 coefficients (k1..k4), got {D.size}")
         if family == "pinhole" and D.size not in (0, 4, 5, 8, 12, 14):
             raise CameraModelError(f"the {model} model takes 0, 4, 5, 8, 12 or 14 coefficients, got {D.size}")
-        if int(self.width) < 1 or int(self.height) < 1:
-            raise CameraModelError(f"image size {self.width}x{self.height} must be positive")
+        bounds = np.asarray(DISTORTION_BOUNDS[family][:D.size])
+        if (np.abs(D) > bounds).any():
+            i = int(np.argmax(np.abs(D) > bounds))
+            raise CameraModelError(f"distortion coefficient {i} of the {model} model is {D[i]:g}, beyond "
+                                   f"+-{bounds[i]:g}: no lens is described by that (damaged or hostile calibration)")
         object.__setattr__(self, "K", K.reshape(3, 3))
         object.__setattr__(self, "D", D)
         object.__setattr__(self, "distortion_model", model)
@@ -106,11 +136,25 @@ class CameraModel:
         return np.asarray(out, dtype=np.float64).reshape(-1, 2)
 
     def scaled_to(self, width: int, height: int) -> CameraModel:
-        """This camera for images resized to ``width`` x ``height`` (K scales, distortion does not)."""
+        """This camera for images resized (or binned) to ``width`` x ``height``: K scales, distortion does not.
+
+        Pixel centres map as ``x' = (x + 0.5) s - 0.5`` (what a resize or an averaging binning does to them, and how
+        :mod:`~dinomix_ros.imaging.features` maps keypoints), so the principal point moves by that rule.
+        """
         sx, sy = width / self.width, height / self.height
         K = self.K.copy()
-        K[0] *= sx
-        K[1] *= sy
+        K[0, 0] *= sx
+        K[0, 1] *= sx
+        K[1, 1] *= sy
+        K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
+        K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+        return CameraModel(width, height, K, self.distortion_model, self.D)
+
+    def cropped(self, x_offset: int, y_offset: int, width: int, height: int) -> CameraModel:
+        """This camera for the region of interest ``width`` x ``height`` at ``(x_offset, y_offset)`` of its images."""
+        K = self.K.copy()
+        K[0, 2] -= x_offset
+        K[1, 2] -= y_offset
         return CameraModel(width, height, K, self.distortion_model, self.D)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +212,85 @@ def camera_from_info_yaml(path: str | Path) -> CameraModel:
             raise CameraModelError(f"{path}: {exc}") from None
         raise CameraModelError(f"{path} is not a ROS camera_info YAML (image_width, image_height, camera_matrix, "
                                f"distortion_model, distortion_coefficients): {exc}") from None
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """One line of at most ``limit`` characters showing ``value`` (arrays as lists)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_k(K: np.ndarray, width: int, height: int) -> None:
+    """Refuse a K (9 finite numbers, fx, fy > 0) that no camera of this image size has (see the module docstring)."""
+    side = max(width, height)
+    lo, hi = FOCAL_RANGE[0] * side, FOCAL_RANGE[1] * side
+    fx, skew, cx, fy, cy = K[0], K[1], K[2], K[4], K[5]
+    if K[3] != 0 or K[6] != 0 or K[7] != 0 or K[8] != 1:
+        raise CameraModelError(f"K must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]], got {_short(K.tolist())}")
+    if not (lo <= fx <= hi and lo <= fy <= hi):
+        raise CameraModelError(f"focal lengths fx {fx:g}, fy {fy:g} px are outside {lo:g}..{hi:g} ({FOCAL_RANGE[0]:g} "
+                               f"to {FOCAL_RANGE[1]:g} x the larger side of {width}x{height} images): not this "
+                               "camera's calibration")
+    if abs(skew) > fx:
+        raise CameraModelError(f"skew {skew:g} is larger than fx {fx:g}: not a camera matrix")
+    if not (-width <= cx <= 2 * width and -height <= cy <= 2 * height):
+        raise CameraModelError(f"principal point ({cx:g}, {cy:g}) lies far outside the {width}x{height} image (more "
+                               "than one image size beyond its edges)")
+
+
+def camera_from_info(msg: object) -> CameraModel:
+    """The intrinsics of the images a ``sensor_msgs/CameraInfo`` describes (an rclpy or a rosbags message).
+
+    ``K``, ``width`` and ``height`` are the full sensor's calibration; ``roi`` (all zero: the full image) and
+    ``binning_x`` / ``binning_y`` (0 or 1: none) say which part of it, binned how, the images hold (the message's
+    definition): the model returned is for those images, ``roi.width / binning_x`` x ``roi.height / binning_y``
+    pixels (image_geometry's PinholeCameraModel applies the same two steps; here pixel centres are kept exact when
+    binning, see :meth:`CameraModel.scaled_to`).
+
+    Raises:
+        CameraModelError: an uncalibrated camera (K all zero), an unsupported model, values outside the bounds, or
+            a ROI outside the sensor.
+    """
+    try:
+        width, height = int(msg.width), int(msg.height)
+        bx, by = int(msg.binning_x) or 1, int(msg.binning_y) or 1
+        roi = msg.roi
+        x0, y0, rw, rh = int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height)
+        full = CameraModel(width, height, np.asarray(msg.k, dtype=np.float64), str(msg.distortion_model or "none"),
+                           np.asarray(msg.d, dtype=np.float64))
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, CameraModelError):
+            raise
+        raise CameraModelError(f"not a sensor_msgs/CameraInfo: {exc}") from None
+    if (x0, y0, rw, rh) == (0, 0, 0, 0):
+        rw, rh = width, height
+    if rw < 1 or rh < 1 or x0 + rw > width or y0 + rh > height:
+        raise CameraModelError(f"roi {rw}x{rh} at ({x0}, {y0}) does not lie inside the {width}x{height} sensor")
+    if not (1 <= bx <= rw and 1 <= by <= rh):
+        raise CameraModelError(f"binning {bx}x{by} cannot bin a {rw}x{rh} image")
+    model = full if (x0, y0, rw, rh) == (0, 0, width, height) else full.cropped(x0, y0, rw, rh)
+    return model if (bx, by) == (1, 1) else model.scaled_to(rw // bx, rh // by)
+
+
+def fit_to_image(model: CameraModel, width: int, height: int) -> tuple[CameraModel | None, str]:
+    """``model`` for images of ``width`` x ``height``, and how it was made.
+
+    Returns:
+        (model, how): how is "same" (the camera_info's size), "scaled" (a resized image of the same aspect ratio,
+        within :data:`ASPECT_TOLERANCE`: K scaled), or "mismatch" (a crop, ROI or another camera's info: model None,
+        the frames verify without intrinsics).
+    """
+    if (width, height) == (model.width, model.height):
+        return model, "same"
+    sx, sy = width / model.width, height / model.height
+    if abs(sx - sy) <= ASPECT_TOLERANCE * max(sx, sy):
+        try:
+            return model.scaled_to(width, height), "scaled"
+        except CameraModelError:  # a scale that leaves no meaningful camera (e.g. a 1-pixel image)
+            return None, "mismatch"
+    return None, "mismatch"
 
 
 def camera_info_topic(image_topic: str) -> str:

@@ -8,7 +8,8 @@ hands them here as one batch:
 2. :meth:`FramePipeline.describe` describes all frames of the batch in one forward pass;
 3. :meth:`FramePipeline.localize` goes on with each frame by itself, with its own stamp: its local features (with
    the camera's newest aligned depth image), the pose source's pose at its stamp, then
-   :meth:`~.live_map.LiveMap.process` (search, verify, match, record).
+   :meth:`~.live_map.LiveMap.process` (search, verify, match, record) with the image's ``header.frame_id`` (its
+   camera's extrinsic) and size (its camera_info is fitted to it).
 
 Each frame carries the seconds of each stage (:data:`~.health.STAGES`) for /diagnostics; publishing (the last stage)
 is the caller's.
@@ -48,6 +49,7 @@ class DecodedFrame:
         staged: ``image`` ready for the model (:meth:`~dinomix_ros.model.encoder.Encoder.stage`).
         received_at: monotonic time the camera callback stored the message.
         stages: seconds per stage (:data:`~.health.STAGES`) for /diagnostics.
+        frame_id: the message's ``header.frame_id`` (the camera's optical frame), "" when it has none.
     """
 
     camera: str
@@ -57,6 +59,12 @@ class DecodedFrame:
     staged: StagedImage
     received_at: float
     stages: dict[str, float] = field(default_factory=dict)
+    frame_id: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
 
 
 class FramePipeline:
@@ -98,7 +106,9 @@ class FramePipeline:
         t1 = time.perf_counter()
         staged = self.encoder.stage(image, encoding)
         stages = {"decode": t1 - t0, "preprocess": time.perf_counter() - t1}
-        return DecodedFrame(camera, stamp_ns, image, encoding, staged, received_at, stages)
+        header = getattr(msg, "header", None)
+        frame_id = str(getattr(header, "frame_id", "") or "")[:256]
+        return DecodedFrame(camera, stamp_ns, image, encoding, staged, received_at, stages, frame_id)
 
     def describe(self, frames: list[DecodedFrame]) -> np.ndarray:
         """(B, D) descriptors of decoded frames in one forward pass; each frame gets the batch's timings."""
@@ -116,7 +126,8 @@ class FramePipeline:
         features = self.features(frame, live)
         t1 = time.perf_counter()
         pose = self.poses.at(frame.stamp_ns) if live.needs_pose else None
-        outcome = live.process(frame.camera, frame.stamp_ns, descriptor, pose, features=features)
+        outcome = live.process(frame.camera, frame.stamp_ns, descriptor, pose, features=features,
+                               frame_id=frame.frame_id, image_size=frame.size)
         searched = time.perf_counter() - t1
         extracted = t1 - t0 if features is not None else 0.0  # verify: 0 when nothing was extracted or verified
         frame.stages.update(verify=extracted + outcome.verify_s, search=searched - outcome.verify_s)

@@ -8,9 +8,14 @@
 2. matches the descriptor against the map (gated by the robot's pose when ``matching.gate_radius_m`` is on) and,
    when the map has local features and ``verification.enabled``, verifies the best candidates geometrically with the
    frame's local features and re-ranks them (:mod:`.verification`): then only a verified best is accepted, and its
-   pose prior is the current robot's pose (:mod:`.camera_pose`), not the keyframe's;
+   pose prior is the current robot's pose (:mod:`.camera_pose`), not the keyframe's. The query camera's intrinsics
+   (its camera_info) are fitted to the frame's image size (scaled for a resized image, else not used: one log line
+   per camera), its extrinsic comes from the frame's ``header.frame_id`` (:mod:`.extrinsics`), and the keyframe's
+   from the camera record it was recorded with (:class:`~dinomix_ros.maps.local_features.CameraRecord`);
 3. records the frame as a keyframe while recording, if the camera's gate accepts it: with the pose source's pose
-   and frame, geotagged when that frame is UTM (a NavSatFix source); without a pose source, with no pose;
+   and frame, geotagged when that frame is UTM (a NavSatFix source); without a pose source, with no pose; with its
+   camera's record (frame, extrinsic, image size) and intrinsics, under a new version of the camera's name when
+   those changed (:meth:`~dinomix_ros.maps.local_features.KeyframeFeatures.record_name`);
 4. decides what to publish: the pose prior (rate-limited forward in time by ``output.pose_prior_min_period_s``)
    and the loop closure (only to keyframes of this run with ``output.loop_closure_scope: session``).
 
@@ -34,11 +39,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dinomix_ros.imaging.camera import CameraModel
+from dinomix_ros.imaging.camera import CameraModel, fit_to_image
 from dinomix_ros.imaging.features import FeatureConfig, LocalFeatures
 from dinomix_ros.localization.camera_pose import (
     CameraMountConfig, RelativePose, VerifiedPriorConfig, relative_base_pose, verified_prior,
 )
+from dinomix_ros.localization.extrinsics import CameraExtrinsics
 from dinomix_ros.localization.matching import Candidate, Matcher, MatcherConfig, MatchResult
 from dinomix_ros.localization.relocalization import POSE_PRIOR_MODES
 from dinomix_ros.localization.verification import VerificationConfig, verify_candidates, verify_pair
@@ -47,6 +53,7 @@ from dinomix_ros.maps.fleet.records import AddResult, PulledKeyframes
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
 from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
 from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.local_features import CameraRecord
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig
 from dinomix_ros.settings import check, setting
@@ -160,8 +167,9 @@ class LiveMap:
         verification: geometric verification rules (on when the map has local features).
         features: the local features recorded with new keyframes: a new, empty map gets a feature store (None:
             it gets none and records no local features; verification stays off for it).
-        mount: the camera-to-base extrinsic (verified pose priors).
+        mount: the camera-to-base extrinsic of cameras without another (``camera_mount.*``).
         prior: the covariance model of verified pose priors.
+        extrinsics: the extrinsic of each image frame (None: ``mount`` for every camera).
     """
 
     def __init__(self, kmap: KeyframeMap, *, index_config: IndexConfig | None = None,
@@ -169,12 +177,16 @@ class LiveMap:
                  output: OutputConfig | None = None, has_pose_source: bool = False,
                  index: PlaceIndex | None = None, verification: VerificationConfig | None = None,
                  features: FeatureConfig | None = None, mount: CameraMountConfig | None = None,
-                 prior: VerifiedPriorConfig | None = None) -> None:
+                 prior: VerifiedPriorConfig | None = None, extrinsics: CameraExtrinsics | None = None) -> None:
         self.verification = verification or VerificationConfig()
         self.features = features
         self.mount = mount or CameraMountConfig()
+        self.extrinsics = extrinsics or CameraExtrinsics(self.mount.matrix())
         self.prior_config = prior or VerifiedPriorConfig()
         self._cameras: dict[str, CameraModel] = {}
+        self._fits: dict[tuple[str, int, int], CameraModel | None] = {}  # (camera, width, height) -> fitted model
+        self._unfit: set[str] = set()  # cameras whose camera_info does not fit their images
+        self._no_record_logged: set[str] = set()
         self._verify_ms: deque[float] = deque(maxlen=200)
         self._verify_s = 0.0  # the current frame's verification time
         self.index_config = index_config or IndexConfig()
@@ -257,16 +269,45 @@ class LiveMap:
             self.verification = config
 
     def set_camera_model(self, camera: str, model: CameraModel) -> None:
-        """The intrinsics of ``camera`` (from its camera_info); stored in the map for the keyframes it records."""
+        """The intrinsics of ``camera`` (from its camera_info), fitted to each frame's image size; stored in the map
+        with the keyframes it records."""
         with self._lock:
             self._cameras[camera] = model
-            store = self.kmap.local_features
-            if store is not None and self.recording and store.intrinsics.get(camera) != model:
-                store.intrinsics[camera] = model
+            self._fits = {k: v for k, v in self._fits.items() if k[0] != camera}
+            self._unfit.discard(camera)
 
     def camera_model(self, camera: str) -> CameraModel | None:
         with self._lock:
             return self._cameras.get(camera)
+
+    def set_mounts(self, mount: CameraMountConfig, fixed: dict[str, np.ndarray]) -> None:
+        """New ``camera_mount.*`` and ``cameras.extrinsics`` (parsed), in force from the next frame."""
+        with self._lock:
+            self.mount = mount
+            self.extrinsics.update(mount.matrix(), fixed)
+
+    def _fitted(self, camera: str, size: tuple[int, int] | None) -> CameraModel | None:
+        """The camera's intrinsics for a frame of ``size`` (see :func:`~dinomix_ros.imaging.camera.fit_to_image`);
+        the log says once per camera and image size when they had to be scaled or do not fit."""
+        model = self._cameras.get(camera)
+        if model is None or size is None:
+            return model
+        key = (camera, int(size[0]), int(size[1]))
+        if key not in self._fits:
+            fitted, how = fit_to_image(model, *key[1:])
+            if len(self._fits) > 256:  # bounded: image sizes come from the cameras
+                self._fits.clear()
+            self._fits[key] = fitted
+            if how == "scaled":
+                _logger.info("camera %s: camera_info is for %dx%d images, its images are %dx%d: intrinsics scaled "
+                             "by %.4g", camera, model.width, model.height, key[1], key[2], key[1] / model.width)
+            elif how == "mismatch":
+                self._unfit.add(camera)
+                _logger.warning("camera %s: camera_info is for %dx%d images but its images are %dx%d, another "
+                                "aspect ratio (a crop or ROI the camera_info does not describe?): its frames verify "
+                                "without intrinsics (fundamental matrix, keyframe pose priors)", camera, model.width,
+                                model.height, key[1], key[2])
+        return self._fits[key]
 
     @property
     def utm_zone(self) -> int | None:
@@ -331,7 +372,8 @@ class LiveMap:
     # ------------------------------------------------------------------------------------------------ frames
 
     def process(self, camera: str, stamp_ns: int, descriptor: np.ndarray,
-                pose: PoseSample | None = None, features: LocalFeatures | None = None) -> FrameOutcome:
+                pose: PoseSample | None = None, features: LocalFeatures | None = None, *, frame_id: str = "",
+                image_size: tuple[int, int] | None = None) -> FrameOutcome:
         """Match one described frame, record it when recording, and decide its outputs.
 
         Args:
@@ -341,16 +383,21 @@ class LiveMap:
             pose: the pose source's pose at ``stamp_ns`` (see :attr:`needs_pose`), None when there is none.
             features: the frame's local features (verification, and stored with a recorded keyframe); without
                 them a verifying map accepts nothing for this frame.
+            frame_id: the image's ``header.frame_id`` (the camera's optical frame: its extrinsic).
+            image_size: (width, height) of the image (the camera_info is fitted to it); None: that of ``features``.
         """
+        if image_size is None and features is not None and min(features.image_size) > 0:
+            image_size = tuple(features.image_size)
         with self._lock:
             jump = self._check_time_jump(camera, stamp_ns)
             hint = (pose.frame_id, pose.position) if pose is not None and pose.frame_id in self._frames else None
-            verify = functools.partial(self._verify, camera, features) if self.verifying else None
+            intrinsics = self._fitted(camera, image_size)
+            verify = functools.partial(self._verify, intrinsics, features) if self.verifying else None
             self._verify_s = 0.0
             result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint, verify=verify)
             case, relative = "keyframe", None
             if result.best is not None and result.best.verified:
-                mounts = self.keyframe_mount(result.best), self.query_mount(camera)
+                mounts = self.keyframe_mount(result.best), self.query_mount(camera, frame_id)
                 relative = relative_base_pose(result.best.verification, *mounts, self.prior_config)
                 if result.prior is not None:
                     result.prior, case = verified_prior(result.prior, result.best.verification, *mounts,
@@ -364,7 +411,8 @@ class LiveMap:
             recorded, error = False, None
             if self.recording:
                 try:  # a recording problem never costs the frame its localization outputs
-                    recorded = self._maybe_record(camera, stamp_ns, descriptor, pose, features)
+                    recorded = self._maybe_record(camera, stamp_ns, descriptor, pose, features,
+                                                  (frame_id, image_size, intrinsics))
                 except Exception as exc:  # reported in the outcome and counted; the map is unchanged
                     self.counters["record_errors"] += 1
                     error = f"{type(exc).__name__}: {exc}"
@@ -377,24 +425,39 @@ class LiveMap:
                 loop = session_row or self.output.loop_closure_scope == "all"
             return FrameOutcome(result, prior, loop, recorded, jump, error, case, self._verify_s, relative)
 
-    def query_mount(self, camera: str) -> np.ndarray:
-        """(4, 4) ``T_base_cam`` of the camera a query frame comes from (``camera_mount.*``)."""
-        return self.mount.matrix()
+    def query_mount(self, camera: str, frame_id: str = "") -> np.ndarray:
+        """(4, 4) ``T_base_cam`` of the camera a query frame comes from, by its image's ``frame_id``
+        (:class:`~.extrinsics.CameraExtrinsics`: ``cameras.extrinsics``, TF, else ``camera_mount.*``)."""
+        return self.extrinsics.mount(frame_id).T
 
     def keyframe_mount(self, candidate: Candidate) -> np.ndarray:
-        """(4, 4) ``T_base_cam`` of the camera that recorded a candidate keyframe (``camera_mount.*``)."""
-        return self.mount.matrix()
+        """(4, 4) ``T_base_cam`` of the camera that recorded a candidate keyframe: its camera record's; for a map
+        written before records existed, ``camera_mount.*`` (logged once per camera)."""
+        store = self.kmap.local_features
+        record = store.cameras.get(candidate.camera) if store is not None else None
+        if record is not None:
+            return record.T_base_cam
+        if candidate.camera not in self._no_record_logged:
+            self._no_record_logged.add(candidate.camera)
+            _logger.info("keyframes of camera %s have no camera record (a map written before maps stored them, or "
+                         "without local features): their pose priors use camera_mount.*", candidate.camera)
+        return self.extrinsics.default
 
-    def _verify(self, camera: str, features: LocalFeatures | None, cands: list[Candidate]) -> list[Candidate]:
+    def _verify(self, query_camera: CameraModel | None, features: LocalFeatures | None,
+                cands: list[Candidate]) -> list[Candidate]:
         """The candidates verified against ``features`` and re-ranked (ranks renumbered); timed for diagnostics."""
         t0 = time.perf_counter()
-        store, query_camera = self.kmap.local_features, self._cameras.get(camera)
+        store = self.kmap.local_features
 
         def one(cand: Candidate, motion: bool = False):
             if features is None or store is None:
                 return None
-            # a keyframe without features (a blank wall, or none recorded) verifies as 0 inliers, not as "unknown"
-            return verify_pair(features, store.row(cand.row), self.verification, query_camera,
+            # a keyframe without features (a blank wall, or none recorded) verifies as 0 inliers, not as "unknown";
+            # its image size (the inlier-spread checks) is its camera record's, when the map has one
+            keyframe, record = store.row(cand.row), store.cameras.get(cand.camera)
+            if record is not None:
+                keyframe = dataclasses.replace(keyframe, image_size=(record.width, record.height))
+            return verify_pair(features, keyframe, self.verification, query_camera,
                                store.intrinsics.get(cand.camera), motion=motion)
 
         # candidates are checked and ranked without their motion; the motion (model selection, refinement,
@@ -425,7 +488,7 @@ class LiveMap:
         return True
 
     def _maybe_record(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None,
-                      features: LocalFeatures | None = None) -> bool:
+                      features: LocalFeatures | None = None, image: tuple | None = None) -> bool:
         if self.has_pose_source and pose is None:
             self.counters["frames_without_pose"] += 1
             self.counters["frames_without_pose_total"] += 1
@@ -439,25 +502,38 @@ class LiveMap:
             orientation = pose.orientation if pose.has_orientation else None
         if not gate.accept(stamp_ns, position, orientation):
             return False
-        self._add_keyframe(camera, stamp_ns, descriptor, pose, features)
+        self._add_keyframe(camera, stamp_ns, descriptor, pose, features, image)
         return True
 
+    def _camera_name(self, camera: str, image: tuple | None) -> str:
+        """The camera name a keyframe of ``camera`` is stored under (its record: frame, extrinsic, image size, and
+        intrinsics registered in the map); ``camera`` itself for a map without local features or a frame whose image
+        size is unknown."""
+        store = self.kmap.local_features
+        frame_id, size, intrinsics = image if image is not None else ("", None, None)
+        if store is None or size is None:
+            if store is not None and camera in self._cameras and camera not in store.intrinsics:
+                store.intrinsics[camera] = self._cameras[camera]
+            return camera
+        record = CameraRecord(frame_id, self.extrinsics.mount(frame_id).T, int(size[0]), int(size[1]))
+        return store.record_name(camera, record, intrinsics, lambda: set(self.kmap.camera_names))
+
     def _add_keyframe(self, camera: str, stamp_ns: int, descriptor: np.ndarray, pose: PoseSample | None,
-                      features: LocalFeatures | None = None) -> None:
-        """Append one keyframe to the map and its index, which stay in step (caller holds the lock)."""
+                      features: LocalFeatures | None = None, image: tuple | None = None) -> None:
+        """Append one keyframe to the map and its index, which stay in step (caller holds the lock).
+
+        ``image`` is (frame_id, (width, height), fitted intrinsics) of the frame, for its camera record."""
+        name = self._camera_name(camera, image)
         frame = pose.frame_id if pose is not None else NO_POSE_FRAME
         columns: dict[str, Any] = {}
         zone = pose.utm_zone if pose is not None and pose.gps is not None else 0
         if zone:
             columns = geotag_columns(pose.gps[None], zone=zone)
-        self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=camera, frame_ids=frame,
+        self.kmap.add(descriptor[None], stamps_ns=np.array([stamp_ns], np.int64), cameras=name, frame_ids=frame,
                       positions=None if pose is None else pose.position[None],
                       orientations=None if pose is None or not pose.has_orientation else pose.orientation[None],
                       sources=f"live:{camera}", features=[features] if self.kmap.local_features is not None else None,
                       **columns)
-        store = self.kmap.local_features
-        if store is not None and camera in self._cameras and camera not in store.intrinsics:
-            store.intrinsics[camera] = self._cameras[camera]
         try:
             self.index.add(descriptor[None].astype(np.float32))
         except Exception as exc:  # the map took the row: rebuild the index from it, never diverge
@@ -531,6 +607,7 @@ class LiveMap:
                 "queries": self.counters["queries"],
                 "accepted_matches": self.counters["accepted"],
                 "min_similarity": self._matcher_config.min_similarity if self.matcher is not None else math.nan,
+                "cameras_intrinsics_unfit": ",".join(sorted(self._unfit)),
                 **self._verification_stats(),
             }
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,9 @@ from dinomix_ros.maps.sources.bags import (
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig, PosePairingConfig, PoseTrack
 from dinomix_ros.settings import check, setting
 from dinomix_ros.util.progress import progress_bar
+
+if TYPE_CHECKING:  # localization imports maps: only for annotations
+    from dinomix_ros.localization.extrinsics import CameraExtrinsics
 
 __all__ = [
     "BagMapConfig",
@@ -297,7 +300,8 @@ def _decoded_keyframes(stream: PosedImageStream, on_bad: Callable[[_Row, Excepti
         row = _Row(img.stamp_ns, posed.camera, posed.position, posed.orientation, f"bag:{img.topic}@{img.stamp_ns}")
         try:
             array, encoding = img.decode(max_pixels)
-            row.features = recorder.extract(array, encoding) if recorder is not None else None
+            if recorder is not None:
+                row.features, row.camera = recorder.keyframe(array, encoding, posed.camera, img.frame_id)
         except ImageDecodeError as exc:
             on_bad(row, exc)
             stream.reject_last()
@@ -315,6 +319,7 @@ def build_map_from_bag(
     pose_bag: str | Path | None = None,
     features: FeatureConfig | None = None,
     intrinsics: dict[str, CameraModel] | None = None,
+    extrinsics: CameraExtrinsics | None = None,
 ) -> tuple[KeyframeMap, BuildReport]:
     """Keyframes of a ROS 2 bag: gated by pose, described with ``encoder``, added to a map.
 
@@ -328,7 +333,10 @@ def build_map_from_bag(
             None: ``bag``.
         features: local features stored per keyframe (None: none, the map has no verification).
         intrinsics: camera name -> intrinsics stored in the map; cameras left out take them from their
-            camera_info topic in the bag, when it has one.
+            camera_info topic in the bag, when it has one. Fitted to the images' size (scaled when only the
+            resolution differs).
+        extrinsics: the extrinsic of each image frame_id, stored with the keyframes' camera records (None:
+            ``camera_mount.*``'s default for every camera).
 
     Returns:
         The map (``kmap`` itself when given) and the build report.
@@ -387,7 +395,7 @@ def build_map_from_bag(
             logger.warning("skipping undecodable image %s: %s", row.source, exc)
         bad_logged[0] += 1
 
-    recorder = FeatureRecorder(kmap, features, _bag_intrinsics(bag, config, intrinsics))
+    recorder = FeatureRecorder(kmap, features, _bag_intrinsics(bag, config, intrinsics), extrinsics)
     stream = PosedImageStream(bag, config.image_topics, track, config.pairing.max_gap_s, cameras=config.cameras,
                               gate=config.gate, report=report, progress=progress)
     items = _decoded_keyframes(stream, on_bad, encoder.image.max_pixels, recorder)

@@ -20,7 +20,7 @@ import logging
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from dinomix_ros.maps.sources.geo import UTM_FRAME
 from dinomix_ros.maps.sources.imagefolder import geotag_images
 from dinomix_ros.maps.sources.poses import yaw_to_quat
 from dinomix_ros.util.progress import progress_bar
+
+if TYPE_CHECKING:  # localization imports maps: only for annotations
+    from dinomix_ros.localization.extrinsics import CameraExtrinsics
 
 __all__ = ["build_map_from_folder"]
 
@@ -90,6 +93,7 @@ def build_map_from_folder(
     batch_size: int | None = None,
     features: FeatureConfig | None = None,
     intrinsics: CameraModel | None = None,
+    extrinsics: CameraExtrinsics | None = None,
 ) -> tuple[KeyframeMap, BuildReport]:
     """One keyframe per image of a folder (natural file order), geotagged from file names, a CSV or EXIF.
 
@@ -110,7 +114,10 @@ def build_map_from_folder(
         batch_size: images per forward pass (default: the encoder's).
         features: local features stored per keyframe (None: none, the map has no verification); the images are
             read once more for them.
-        intrinsics: the camera's intrinsics (e.g. from a calibration YAML), stored in the map.
+        intrinsics: the camera's intrinsics (e.g. from a calibration YAML), stored in the map (fitted to the images'
+            size: scaled when only the resolution differs).
+        extrinsics: the camera's extrinsic, looked up by frame_id = ``camera`` (a folder's images have no header),
+            stored in its camera record (None: ``camera_mount.*``'s default).
 
     Returns:
         The map (``kmap`` itself when given) and the build report.
@@ -135,7 +142,7 @@ def build_map_from_folder(
     report.frame_id = distinct[0] if len(distinct) == 1 else ",".join(distinct)
     logger.info("building from %s: %d images, frames %s, %d without a position", folder, len(tags), distinct,
                 report.no_geotag)
-    recorder = FeatureRecorder(kmap, features, {camera: intrinsics} if intrinsics is not None else None)
+    recorder = FeatureRecorder(kmap, features, {camera: intrinsics} if intrinsics is not None else None, extrinsics)
     bar = progress_bar(len(tags), "map build", progress)
     try:
         with closing(encoder.describe_stream(((t.path, None, i) for i, t in enumerate(tags)),
@@ -147,10 +154,12 @@ def build_map_from_folder(
                     logger.warning("skipping image %d (%s): %s", i, tags[i].path, exc)
                 if batch.tags:
                     sel = np.asarray(batch.tags)
-                    local = ([recorder.extract(*read_image_file(tags[i].path, encoder.image.max_pixels)) for i in sel]
-                             if recorder.active else None)
-                    kmap.add(batch.descriptors, stamps_ns=np.zeros(sel.size, dtype=np.int64), cameras=camera,
-                             features=local,
+                    # a folder's images have no header: their frame_id is the camera name
+                    kept = [recorder.keyframe(*read_image_file(tags[i].path, encoder.image.max_pixels), camera,
+                                              camera) for i in sel] if recorder.active else None
+                    kmap.add(batch.descriptors, stamps_ns=np.zeros(sel.size, dtype=np.int64),
+                             cameras=camera if kept is None else [name for _, name in kept],
+                             features=None if kept is None else [f for f, _ in kept],
                              **{k: [v[i] for i in sel] if isinstance(v, list) else v[sel] for k, v in rows.items()})
                     report.added += int(sel.size)
                 bar.update(len(batch))

@@ -29,7 +29,9 @@ from dinomix_ros.maps.errors import MapError, MapFormatError
 from dinomix_ros.maps.keyframe_csv import parse_csv
 from dinomix_ros.maps.geotags import rename_legacy_utm_frames
 from dinomix_ros.maps.keyframes import KeyframeMap
-from dinomix_ros.maps.local_features import KeyframeFeatures, slot_dtype
+from dinomix_ros.maps.local_features import (
+    CameraRecord, KeyframeFeatures, check_feature_rows, keypoint_bounds, slot_dtype,
+)
 from dinomix_ros.maps.manifest import corrupted, open_map_file, read_manifest
 from dinomix_ros.maps.storage import _IO_BLOCK, _DiskState, _remember  # the committed state a later save appends to
 from dinomix_ros.maps.validation import STORAGE_DTYPES, check_same_model, check_unit_rows, short_repr
@@ -123,7 +125,7 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
         cols["frame_ids"] = rename_legacy_utm_frames(cols["frame_ids"], cols["utm_zones"])  # utm_33U -> utm
         segments = [_open_chunk(f, rec, dim, dtype, start, mmap=mmap, verify=verify)
                     for f, rec, start in zip(chunk_files, files["descriptors"], starts)]
-        local = _load_features(manifest, feature_files, mmap=mmap, verify=verify)
+        local = _load_features(manifest, feature_files, cols["cameras"], mmap=mmap, verify=verify)
         blob = None
         if index_file is not None:
             try:
@@ -146,19 +148,36 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
     return obj
 
 
-def _load_features(manifest: dict[str, Any], files: list[io.BufferedReader], *, mmap: bool,
-                   verify: bool) -> KeyframeFeatures | None:
-    """The map's local features from its open, verified feature chunks (None for a map without: format 1)."""
+def _load_features(manifest: dict[str, Any], files: list[io.BufferedReader], row_cameras: np.ndarray, *,
+                   mmap: bool, verify: bool) -> KeyframeFeatures | None:
+    """The map's local features from its open, verified feature chunks (None for a map without: format 1); with
+    ``verify``, every row's keypoints are checked against its camera's image (:func:`check_feature_rows`)."""
     entry = manifest.get("local_features")
     if entry is None:
         return None
     kind, slots = entry["type"], entry["slots"]
-    segments = []
-    for f, rec in zip(files, manifest["files"]["features"]):
-        segments.append(_open_chunk(f, rec, rec.get("slots", slots), slot_dtype(kind), None, mmap=mmap,
-                                    verify=verify))
     intrinsics = {name: CameraModel.from_dict(data) for name, data in entry["intrinsics"].items()}
-    return KeyframeFeatures(kind, slots, segments, intrinsics)
+    cameras = {name: CameraRecord.from_dict(data) for name, data in entry.get("cameras", {}).items()}
+    without = sorted(set(row_cameras.tolist()) - set(cameras))
+    if without and len(row_cameras):
+        logger.info("map: camera(s) %s have no camera record (written before maps stored them): their keyframes' "
+                    "pose priors use camera_mount.*, their keypoints are checked against %s", short_repr(without, 200),
+                    "their intrinsics' image size" if all(c in intrinsics for c in without) else
+                    "their intrinsics' image size where known, else the largest image side a map describes")
+    names, which = np.unique(row_cameras.astype(str), return_inverse=True)
+    bounds = np.array([keypoint_bounds(n, cameras, intrinsics) for n in names.tolist()], np.float64).reshape(-1, 2)
+    segments, start = [], 0
+    for f, rec in zip(files, manifest["files"]["features"]):
+        chunk = _open_chunk(f, rec, rec.get("slots", slots), slot_dtype(kind), None, mmap=mmap, verify=verify)
+        if verify:
+            try:
+                check_feature_rows(chunk, bounds[which[start:start + rec["rows"]]],
+                                   lambda i, s=start, n=rec["file"]: f"{n} row {i} (map row {s + i})")
+            except MapError as exc:
+                raise MapFormatError(f"{exc}; restore the map directory from a backup or rebuild the map") from None
+        segments.append(chunk)
+        start += rec["rows"]
+    return KeyframeFeatures(kind, slots, segments, intrinsics, cameras)
 
 
 def _check_table_matches(manifest: dict[str, Any], cols: dict[str, np.ndarray], name: str) -> None:

@@ -404,7 +404,9 @@ def _validate_manifest(m: dict[str, Any], mpath: Path) -> None:
 def _validate_features(m: dict[str, Any], fail: Any, record: Any, count: int) -> None:
     """The local-feature part of a manifest (format 2): ``local_features`` and ``files.features`` go together."""
     from dinomix_ros.imaging.camera import CameraModel, CameraModelError
-    from dinomix_ros.imaging.features import DESCRIPTOR_BYTES
+    from dinomix_ros.imaging.features import DESCRIPTOR_BYTES, FeatureConfig
+    from dinomix_ros.maps.local_features import CameraRecord
+    from dinomix_ros.settings import spec_of
 
     entry, chunks = m.get("local_features"), m["files"].get("features")
     if entry is None and chunks is None:
@@ -415,18 +417,35 @@ def _validate_features(m: dict[str, Any], fail: Any, record: Any, count: int) ->
         raise fail("local_features and files.features must both be present (an object and a list) or both null")
     if entry.get("type") not in DESCRIPTOR_BYTES:
         raise fail(f"local_features.type is {entry.get('type')!r}, expected one of {sorted(DESCRIPTOR_BYTES)}")
-    if type(entry.get("slots")) is not int or entry["slots"] < 1:
-        raise fail(f"local_features.slots is {entry.get('slots')!r}, expected a positive integer")
+    max_slots = int(spec_of(FeatureConfig, "max_features").max)
+    if type(entry.get("slots")) is not int or not 1 <= entry["slots"] <= max_slots:
+        raise fail(f"local_features.slots is {_short(entry.get('slots'))}, expected an integer in 1..{max_slots}")
     if entry.get("keypoint_scale") != 4:
-        raise fail(f"local_features.keypoint_scale is {entry.get('keypoint_scale')!r}, expected 4")
+        raise fail(f"local_features.keypoint_scale is {_short(entry.get('keypoint_scale'))}, expected 4")
     intrinsics = entry.get("intrinsics")
     if not isinstance(intrinsics, dict):
-        raise fail(f"local_features.intrinsics is {intrinsics!r}, expected an object (camera -> intrinsics)")
+        raise fail(f"local_features.intrinsics is {_short(intrinsics)}, expected an object (camera -> intrinsics)")
+    models = {}
     for name, data in intrinsics.items():
         try:
-            CameraModel.from_dict(data if isinstance(data, dict) else {})
+            models[name] = CameraModel.from_dict(data if isinstance(data, dict) else {})
         except CameraModelError as exc:
-            raise fail(f"local_features.intrinsics[{name!r}]: {exc}") from None
+            raise fail(f"local_features.intrinsics[{_short(name)}]: {exc}") from None
+    cameras = entry.get("cameras", {})  # absent in maps written before camera records (format 2 as well)
+    if not isinstance(cameras, dict):
+        raise fail(f"local_features.cameras is {_short(cameras)}, expected an object (camera -> record)")
+    for name, data in cameras.items():
+        try:
+            rec = CameraRecord.from_dict(data)
+        except MapError as exc:
+            raise fail(f"local_features.cameras[{_short(name)}]: {exc}") from None
+        model = models.get(name)
+        if model is not None and (model.width, model.height) != rec.size:
+            raise fail(f"local_features: camera {_short(name)}'s intrinsics are for {model.width}x{model.height} "
+                       f"images, its record says {rec.width}x{rec.height}: the files are inconsistent")
+    for i, rec in enumerate(chunks):
+        if "slots" in rec and (type(rec["slots"]) is not int or not 1 <= rec["slots"] <= max_slots):
+            raise fail(f"files.features[{i}].slots is {_short(rec['slots'])}, expected an integer in 1..{max_slots}")
     _validate_chunks(chunks, "features", "local-feature", fail, record, count)
 
 

@@ -27,23 +27,49 @@ verified_score     FLOAT32   inliers x inlier ratio (NaN when not verified); can
 
 ``header.stamp`` is the query image's stamp and ``header.frame_id`` the map frame of the best candidate; an empty
 cloud (width 0) means no candidate. :func:`matches_to_array` decodes it into a numpy structured array.
+
+``~/loop_constraint`` is a ``std_msgs/Float64MultiArray`` of :data:`LOOP_CONSTRAINT_SIZE` values whose one layout
+dimension is labelled :data:`LOOP_CONSTRAINT_LABEL` (the field names, so a reader can check what it got): the
+verified motion between the robot at a keyframe and the robot now, for a pose graph's between-factor. One message
+holds both stamps, the transform and its covariance, so they cannot be mismatched (two messages could be), and it
+needs no custom message package. :func:`loop_constraint_msg` writes it, :func:`loop_constraint_from_msg` reads it:
+
+=================  =====  ==============================================================================
+values             index  meaning
+=================  =====  ==============================================================================
+query_sec,         0, 1   the query image's stamp (the robot now), exact integers
+query_nanosec
+match_sec,         2, 3   the matched keyframe's stamp (the robot then)
+match_nanosec
+keyframe_id        4      the keyframe's id in the map
+x, y, z            5-7    ``T``: the query's base frame in the keyframe's base frame (metres) ...
+qx, qy, qz, qw     8-11   ... and its rotation (unit quaternion, qw >= 0)
+inliers            12     inliers of the verification it comes from
+metric             13     1: full 6-DoF (keyframe depths); 0: rotation only, the position is the keyframe's and
+                          the covariance's position block says how far off that can be
+covariance         14-49  6x6 row-major over (x, y, z, rot_x, rot_y, rot_z) of ``delta`` in the QUERY's base
+                          frame: ``T_true = T * exp(delta)`` (ROS order; GTSAM's Pose3 puts rotation first)
+=================  =====  ==============================================================================
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseWithCovarianceStamped
 from sensor_msgs.msg import PointCloud2, PointField
-from std_msgs.msg import ColorRGBA, Float64MultiArray, Header
+from std_msgs.msg import ColorRGBA, Float64MultiArray, Header, MultiArrayDimension, MultiArrayLayout
 from visualization_msgs.msg import Marker, MarkerArray
 
-from dinomix_ros.imaging.camera import CameraModel
+from dinomix_ros.imaging.camera import CameraModel, camera_from_info
+from dinomix_ros.localization.camera_pose import RelativePose, matrix_to_quat
 from dinomix_ros.localization.matching import MatchResult, PosePrior
+from dinomix_ros.maps.sources.poses import quat_to_matrix
 
 __all__ = [
     "MATCH_DTYPE",
@@ -54,6 +80,11 @@ __all__ = [
     "matches_msg",
     "matches_to_array",
     "loop_closure_msg",
+    "LOOP_CONSTRAINT_LABEL",
+    "LOOP_CONSTRAINT_SIZE",
+    "LoopConstraint",
+    "loop_constraint_msg",
+    "loop_constraint_from_msg",
     "markers_msg",
     "diagnostics_msg",
     "diagnostic_values",
@@ -133,6 +164,78 @@ def loop_closure_msg(query_stamp_ns: int, match_stamp_ns: int) -> Float64MultiAr
     return Float64MultiArray(data=[query_stamp_ns / 1e9, match_stamp_ns / 1e9])
 
 
+#: The label of ``~/loop_constraint``'s one layout dimension: its version and field names (module docstring).
+LOOP_CONSTRAINT_LABEL = ("dinomix_loop_constraint_v1:query_sec,query_nanosec,match_sec,match_nanosec,keyframe_id,"
+                         "x,y,z,qx,qy,qz,qw,inliers,metric,covariance[36]")
+LOOP_CONSTRAINT_SIZE = 50
+_GTSAM_ORDER = [3, 4, 5, 0, 1, 2]
+
+
+@dataclass(frozen=True)
+class LoopConstraint:
+    """A decoded ``~/loop_constraint`` (module docstring: frames and convention).
+
+    Attributes:
+        query_stamp_ns: stamp of the query image (the robot now).
+        match_stamp_ns: stamp of the matched keyframe (the robot then).
+        keyframe_id: the keyframe's id in the map.
+        T: (4, 4) the query's base frame in the keyframe's base frame.
+        covariance: (6, 6) ROS order (x, y, z, rot_x, rot_y, rot_z), perturbation in the query's base frame.
+        inliers: verification inliers.
+        metric: full 6-DoF (else rotation only).
+    """
+
+    query_stamp_ns: int
+    match_stamp_ns: int
+    keyframe_id: int
+    T: np.ndarray
+    covariance: np.ndarray
+    inliers: int
+    metric: bool
+
+    @property
+    def covariance_gtsam(self) -> np.ndarray:
+        """The covariance in GTSAM's Pose3 tangent order (rot_x, rot_y, rot_z, x, y, z), for
+        ``noiseModel.Gaussian.Covariance`` of a ``BetweenFactorPose3(X(match), X(query), Pose3(T), noise)``."""
+        return self.covariance[np.ix_(_GTSAM_ORDER, _GTSAM_ORDER)]
+
+
+def loop_constraint_msg(query_stamp_ns: int, match_stamp_ns: int, keyframe_id: int,
+                        relative: RelativePose) -> Float64MultiArray:
+    """``~/loop_constraint``: the verified relative pose between the keyframe's and the query's robot, both stamps,
+    the keyframe id and the covariance (layout in the module docstring)."""
+    q_sec, q_ns = divmod(int(query_stamp_ns), 1_000_000_000)
+    m_sec, m_ns = divmod(int(match_stamp_ns), 1_000_000_000)
+    T = np.asarray(relative.T, dtype=np.float64)
+    data = [q_sec, q_ns, m_sec, m_ns, int(keyframe_id), *T[:3, 3], *matrix_to_quat(T[:3, :3]),
+            int(relative.inliers), 1.0 if relative.case == "metric" else 0.0,
+            *np.asarray(relative.covariance, dtype=np.float64).reshape(36)]
+    layout = MultiArrayLayout(dim=[MultiArrayDimension(label=LOOP_CONSTRAINT_LABEL, size=LOOP_CONSTRAINT_SIZE,
+                                                       stride=LOOP_CONSTRAINT_SIZE)], data_offset=0)
+    return Float64MultiArray(layout=layout, data=[float(v) for v in data])
+
+
+def loop_constraint_from_msg(msg: Float64MultiArray) -> LoopConstraint:
+    """Decode ``~/loop_constraint`` (checks the label and the size).
+
+    Raises:
+        ValueError: not a dinomix_ros loop constraint (another layout or size).
+    """
+    dims = list(msg.layout.dim)
+    data = np.asarray(msg.data, dtype=np.float64)
+    if len(dims) != 1 or dims[0].label != LOOP_CONSTRAINT_LABEL or data.shape != (LOOP_CONSTRAINT_SIZE,) \
+            or msg.layout.data_offset != 0:
+        raise ValueError(f"not a dinomix_ros loop constraint: layout {[d.label for d in dims]}, "
+                         f"{data.size} values; expected {LOOP_CONSTRAINT_LABEL!r} and {LOOP_CONSTRAINT_SIZE}")
+    if not np.isfinite(data).all() or abs(np.linalg.norm(data[8:12]) - 1.0) > 1e-6:
+        raise ValueError("a loop constraint with non-finite values or a quaternion that is not a unit quaternion")
+    T = np.eye(4)
+    T[:3, :3] = quat_to_matrix(data[8:12])
+    T[:3, 3] = data[5:8]
+    return LoopConstraint(int(data[0]) * 1_000_000_000 + int(data[1]), int(data[2]) * 1_000_000_000 + int(data[3]),
+                          int(data[4]), T, data[14:].reshape(6, 6).copy(), int(data[12]), bool(data[13]))
+
+
 _GREEN = ColorRGBA(r=0.1, g=0.9, b=0.2, a=0.9)
 _YELLOW = ColorRGBA(r=1.0, g=0.8, b=0.1, a=0.7)
 _GREY = ColorRGBA(r=0.6, g=0.6, b=0.6, a=0.6)
@@ -196,13 +299,14 @@ def diagnostic_values(msg: DiagnosticArray) -> dict[str, str]:
 
 
 def camera_from_info_msg(msg: object) -> CameraModel:
-    """The intrinsics in a ``sensor_msgs/CameraInfo`` (K, distortion model and D, image size).
+    """The intrinsics of the images a ``sensor_msgs/CameraInfo`` describes (its ROI and binning applied:
+    :func:`~dinomix_ros.imaging.camera.camera_from_info`).
 
     Raises:
-        CameraModelError: an uncalibrated camera (K all zero) or an unsupported distortion model.
+        CameraModelError: an uncalibrated camera (K all zero), an unsupported distortion model, or values that no
+            camera has (bounds: :mod:`dinomix_ros.imaging.camera`).
     """
-    return CameraModel(int(msg.width), int(msg.height), np.asarray(msg.k, dtype=np.float64),
-                       str(msg.distortion_model or "none"), np.asarray(msg.d, dtype=np.float64))
+    return camera_from_info(msg)
 
 
 def msg_class(msgtype: str) -> type:

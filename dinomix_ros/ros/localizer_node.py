@@ -7,7 +7,8 @@ pose at its stamp (:class:`~dinomix_ros.localization.pose_buffer.PoseBuffer`) ->
 verify, match, record) -> publish what the outcome says. The ROS-free part of that path is
 :class:`~dinomix_ros.localization.frame_pipeline.FramePipeline`; it times each stage (decode, preprocess, model,
 search, verify, publish) and /diagnostics reports their percentiles. Each camera's ``camera_info`` (image_transport
-naming) gives the live map its intrinsics.
+naming) gives the live map its intrinsics; each image's ``header.frame_id`` its camera's extrinsic
+(``cameras.extrinsics``, TF from ``cameras.base_frame`` where tf2_ros exists, else ``camera_mount.*``).
 
 A managed (lifecycle) node; ``autostart`` (default true) configures and activates it at start-up.
 
@@ -55,6 +56,7 @@ from visualization_msgs.msg import MarkerArray
 
 from dinomix_ros.imaging.decode import ImageDecodeError
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
+from dinomix_ros.localization.extrinsics import CameraExtrinsics
 from dinomix_ros.localization.fleet_sync import FleetSync
 from dinomix_ros.localization.frame_pipeline import FramePipeline
 from dinomix_ros.localization.frame_loss import FrameLoss
@@ -74,6 +76,7 @@ from dinomix_ros.ros import parameters as params
 from dinomix_ros.ros import transport
 from dinomix_ros.ros.relocalization_inputs import RelocalizationInputs
 from dinomix_ros.ros.runtime import exit_process, run_lifecycle_node
+from dinomix_ros.ros.tf_extrinsics import tf_lookup
 from dinomix_ros.util.stamps import header_stamp_ns
 
 __all__ = ["LocalizerNode", "main"]
@@ -111,6 +114,8 @@ class LocalizerNode(LifecycleNode):
         self._lifecycle, self._configure_error = "unconfigured", ""
         self._empty_frame_logged = False
         self._pipeline: FramePipeline | None = None
+        self._tf_listener = None
+        self._bad_camera_info: set[str] = set()  # cameras whose bad camera_info was logged (once each)
         self._health = HealthMonitor()
         self._cb_sensors = MutuallyExclusiveCallbackGroup()
         self._cb_services = MutuallyExclusiveCallbackGroup()
@@ -206,9 +211,14 @@ class LocalizerNode(LifecycleNode):
                                   "source": f"live:{self.get_fully_qualified_name()}"})
         if len(kmap) == 0 and s.node.mode == "localize":
             self.get_logger().warning("starting with an EMPTY map: record one with ~/start_recording, or load one")
+        lookup, self._tf_listener, why = tf_lookup(self, s.extrinsics.base_frame)
+        if lookup is None:
+            self.get_logger().info(f"camera extrinsics from cameras.extrinsics and camera_mount.* ({why}: TF not "
+                                   "used)")
         self.live = LiveMap(kmap, index_config=s.index, matcher=s.matcher, gate=s.gate, output=s.output,
                             has_pose_source=bool(s.pose.topic), verification=s.verification, features=s.features,
-                            mount=s.mount, prior=s.verified_prior)
+                            mount=s.mount, prior=s.verified_prior,
+                            extrinsics=CameraExtrinsics(s.mount.matrix(), s.extrinsics.parsed(), lookup))
         self.poses = PoseBuffer(s.pairing)
         self._reloc.reconfigure(s.output.pose_prior_mode, s.relocalization)
         self._events.window_s = s.input_health.window_s
@@ -269,6 +279,7 @@ class LocalizerNode(LifecycleNode):
             "pose_prior": publisher(PoseWithCovarianceStamped, "~/pose_prior", reliable),
             "matches": publisher(PointCloud2, "~/matches", reliable),
             "loop_closure": publisher(Float64MultiArray, "~/loop_closure", rare),
+            "loop_constraint": publisher(Float64MultiArray, "~/loop_constraint", rare),
             "markers": publisher(MarkerArray, "~/markers", reliable),
         }
         self._service_handles = [
@@ -398,6 +409,9 @@ class LocalizerNode(LifecycleNode):
         self.live = None
         self.encoder = None
         self._pipeline = None
+        if self._tf_listener is not None:  # its /tf and /tf_static subscriptions (a reconfigure makes new ones)
+            self._guarded("TF listener", self._tf_listener.unregister)()
+            self._tf_listener = None
         if self._lifecycle != "finalized":
             self._lifecycle = "unconfigured"
 
@@ -452,10 +466,14 @@ class LocalizerNode(LifecycleNode):
             return
         try:
             model = conv.camera_from_info_msg(msg)
-        except ValueError as exc:  # CameraModelError: uncalibrated (K = 0) or an unsupported model
+        except ValueError as exc:  # CameraModelError: uncalibrated (K = 0), unsupported or out-of-bounds values
             self._count("bad_camera_info")
-            self.get_logger().warning(f"{camera}: camera_info ignored: {exc}", throttle_duration_sec=10.0)
+            if camera not in self._bad_camera_info:  # once per camera (again after a good one)
+                self._bad_camera_info.add(camera)
+                self.get_logger().warning(f"{camera}: camera_info ignored (counted in /diagnostics bad_camera_info; "
+                                          f"logged once): {exc}")
             return
+        self._bad_camera_info.discard(camera)
         self._watch.camera_info(camera, time.monotonic())
         if live.camera_model(camera) != model:
             live.set_camera_model(camera, model)
@@ -517,6 +535,9 @@ class LocalizerNode(LifecycleNode):
             self.get_logger().warning(f"relocalization request ({request.source}) failed: {why}")
         if outcome.publish_loop_closure:
             self._outputs["loop_closure"].publish(conv.loop_closure_msg(result.stamp_ns, result.best.stamp_ns))
+            if outcome.relative is not None:  # verified with intrinsics: the constraint a pose graph adds
+                self._outputs["loop_constraint"].publish(conv.loop_constraint_msg(
+                    result.stamp_ns, result.best.stamp_ns, result.best.keyframe_id, outcome.relative))
         if outcome.time_jump_s is not None:
             self.get_logger().info(f"{camera}: image time jumped back by {outcome.time_jump_s:.1f} s: restarting "
                                    "its keyframe gate and match consistency", throttle_duration_sec=5.0)

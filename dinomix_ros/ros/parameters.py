@@ -22,6 +22,7 @@ from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.imaging.preprocess import ImageConfig
 from dinomix_ros.localization.camera_pose import CameraMountConfig, VerifiedPriorConfig
 from dinomix_ros.localization.input_watch import InputHealthConfig
+from dinomix_ros.localization.extrinsics import ExtrinsicsConfig
 from dinomix_ros.localization.live_map import OutputConfig
 from dinomix_ros.localization.matching import MatcherConfig
 from dinomix_ros.localization.relocalization import RelocalizationConfig
@@ -197,6 +198,7 @@ PARAMETERS: dict[str, Entry] = table(
     StorageConfig,
     CameraConfig,
     ImageConfig,
+    ExtrinsicsConfig,
     PoseSourceConfig,
     PosePairingConfig,
     RecordingConfig,
@@ -297,6 +299,7 @@ class NodeSettings:
     index: IndexConfig
     storage: StorageConfig
     cameras: CameraConfig
+    extrinsics: ExtrinsicsConfig
     pose: PoseSourceConfig
     pairing: PosePairingConfig
     recording: RecordingConfig
@@ -339,7 +342,8 @@ def config_problem(values: dict[str, Any], classes: Iterable[type]) -> str | Non
 
 #: The settings a running node applies at once (``ros2 param set``); the others are read at configure.
 RUNTIME_CONFIGS = (MatcherConfig, OutputConfig, KeyframeGateConfig, PosePairingConfig, VerificationConfig,
-                   VerifiedPriorConfig, CameraMountConfig, RelocalizationConfig, InputHealthConfig)
+                   VerifiedPriorConfig, CameraMountConfig, RelocalizationConfig, InputHealthConfig,
+                   ExtrinsicsConfig)
 
 
 def runtime_change_problem(changed: dict[str, Any], values: dict[str, Any]) -> str | None:
@@ -355,7 +359,7 @@ def apply_runtime(live: Any, poses: Any, values: dict[str, Any], changed: dict[s
         live.set_matcher_config(build(MatcherConfig, values))
         live.set_output_config(build(OutputConfig, values))
         live.set_verification_config(build(VerificationConfig, values))
-        live.mount = build(CameraMountConfig, values)
+        live.set_mounts(build(CameraMountConfig, values), build(ExtrinsicsConfig, values).parsed())
         live.prior_config = build(VerifiedPriorConfig, values)
         if any(name.startswith("recording.") for name in changed):
             live.set_gate_config(build(KeyframeGateConfig, values))

@@ -2,9 +2,10 @@
 
 Each probe is one hostile input (a bad image, a damaged map, a failing disk, a signal at the wrong moment). A test
 records every probe it runs with the ``fault_probe`` fixture (class, name, and what was observed: the process
-crashed, hung, lost keyframes, touched a file outside the map) and then asserts the good outcome itself. At the end
-of the run pytest prints the table (probe class, probes, crashes, hangs, keyframes lost); ``make faults`` runs only
-this suite. With ``DINOMIX_FAULT_REPORT=path.json`` the rows are also written as JSON.
+crashed, hung, lost keyframes, touched a file outside the map, let the hostile input through, e.g. a verified match
+from a hostile keyframe) and then asserts the good outcome itself. At the end of the run pytest prints the table
+(probe class, probes, crashes, hangs, keyframes lost, outside files touched, hostile inputs accepted); ``make
+faults`` runs only this suite. With ``DINOMIX_FAULT_REPORT=path.json`` the rows are also written as JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ _PROBES: list[Probe] = []
 
 @pytest.fixture
 def fault_probe() -> Callable[..., Probe]:
-    """``fault_probe(klass, name, crashed=..., hung=..., keyframes_lost=..., outside_touched=...)`` records a probe."""
+    """``fault_probe(klass, name, crashed=..., hung=..., keyframes_lost=..., outside_touched=..., accepted=...)``
+    records a probe."""
 
     def record(klass: str, name: str, **observed: object) -> Probe:
         probe = Probe(klass, name, **observed)  # type: ignore[arg-type]
@@ -36,7 +38,8 @@ def fault_probe() -> Callable[..., Probe]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     if not _PROBES:
         return
-    header = ("probe class", "probes", "node crashes", "hangs", "keyframes lost", "outside files touched")
+    header = ("probe class", "probes", "node crashes", "hangs", "keyframes lost", "outside files touched",
+              "hostile input accepted")
     rows = [header] + [tuple(str(v) for v in row) for row in fault_table(_PROBES)]
     totals = [sum(int(r[i]) for r in rows[1:]) for i in range(1, len(header))]
     rows.append(("total", *map(str, totals)))

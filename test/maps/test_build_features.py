@@ -77,3 +77,33 @@ def test_folder_build_with_a_calibration_and_appending_to_a_map_without_features
     with caplog.at_level("WARNING"):
         old, _ = build_map_from_folder(folder, encoder, "none", kmap=old, progress=False, features=FeatureConfig())
     assert old.local_features is None and len(old) == 6 and "no local features" in caplog.text
+
+
+def test_bag_build_stores_camera_records_and_scales_a_full_resolution_calibration(tmp_path, encoder) -> None:
+    """camera_info of 640x480 (binned 2x2 by the driver's config, not said in the message) with 320x240 images: K is
+    scaled; the record carries the images' frame, size and the --extrinsic given for that frame."""
+    from dinomix_ros.localization.camera_pose import CameraMountConfig
+    from dinomix_ros.localization.extrinsics import CameraExtrinsics, parse_extrinsics
+
+    full = [2 * K[0], 0.0, 2 * K[2] + 0.5, 0.0, 2 * K[4], 2 * K[5] + 0.5, 0.0, 0.0, 1.0]
+    info = _camera_info(1_700_000_000_000_000_000, full)
+    info.width, info.height = 640, 480
+    bag = write_camera_bag(tmp_path / "bag", frames=photo_frames(3, size=(320, 240), step=10), image_format="jpeg",
+                           image_topics=("/rear/image_raw/compressed",), camera_frame_id="rear_optical",
+                           extra_messages=[BagMessage("/rear/camera_info", "sensor_msgs/msg/CameraInfo",
+                                                      1_700_000_000_000_000_000, info)])
+    config = BagMapConfig(image_topics=("/rear/image_raw/compressed",), pose_topic="/odom", camera_names=("rear",),
+                          gate=KeyframeGateConfig(min_distance_m=0.0, min_rotation_deg=0.0, max_interval_s=0.01))
+    extrinsics = CameraExtrinsics(CameraMountConfig().matrix(),
+                                  parse_extrinsics(["rear_optical: -1 0 0.6 -1.5707963 0 1.5707963"]))
+    kmap, report = build_map_from_bag(bag.path, encoder, config, progress=False, features=FeatureConfig(),
+                                      extrinsics=extrinsics)
+    assert report.added == 3 and kmap.cameras.tolist() == ["rear"] * 3
+    stored = kmap.local_features.intrinsics["rear"]
+    assert (stored.width, stored.height) == (320, 240)
+    np.testing.assert_allclose(stored.K.reshape(-1), K, atol=1e-9)  # pixel centres: (2c + 0.5 + 0.5) / 2 - 0.5
+    record = kmap.local_features.cameras["rear"]
+    assert (record.frame_id, record.size) == ("rear_optical", (320, 240))
+    np.testing.assert_allclose(record.T_base_cam[:3, 3], [-1.0, 0.0, 0.6])
+    kmap.save(tmp_path / "m")
+    assert KeyframeMap.load(tmp_path / "m").local_features.cameras["rear"] == record

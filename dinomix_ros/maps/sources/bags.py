@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dinomix_ros.imaging.camera import CameraModel, CameraModelError, camera_info_topic
+from dinomix_ros.imaging.camera import CameraModel, CameraModelError, camera_from_info, camera_info_topic
 from dinomix_ros.imaging.decode import DEFAULT_MAX_PIXELS, decode_image_msg
 from dinomix_ros.maps.sources.posemsg import POSE_KINDS, PoseMessageError, PoseSample, kind_of_msgtype, pose_from_msg
 from dinomix_ros.maps.sources.poses import PoseTrack
@@ -251,8 +251,7 @@ def read_camera_info(path: str | Path, image_topic: str) -> CameraModel | None:
         for conn, _, raw in reader.messages(connections=_connections(reader, [topic], (CAMERA_INFO_TYPE,))):
             msg = reader.deserialize(raw, conn.msgtype)
             try:
-                return CameraModel(int(msg.width), int(msg.height), np.asarray(msg.k, dtype=np.float64),
-                                   str(msg.distortion_model or "none"), np.asarray(msg.d, dtype=np.float64))
+                return camera_from_info(msg)
             except CameraModelError as exc:
                 _logger.warning("%s: camera_info skipped: %s", topic, exc)
     return None
