@@ -21,10 +21,10 @@ image and the motion; the query is rendered by :mod:`~dinomix_ros.evaluation.war
     tx, ty, tz, qx, qy, qz, qw, plane_distance_m, plane_tilt_rad
 
 ``kind`` is ``stereo`` (or any other real kind: both images given), ``rotation_warp``, ``plane_warp`` or
-``depth_warp``; paths are relative to the CSV's folder; cameras are ROS camera_info YAML files; ``keyframe_depth``
-a 16-bit PNG in millimetres (REP 118) or empty; ``use_depth`` 0 withholds the keyframe's depth from verification (the
-essential-matrix path); ``tx..qw`` is ``T_q_k`` (translation in metres, quaternion x y z w); the plane columns
-apply to ``plane_warp`` only.
+``depth_warp`` (:func:`render_pair`); paths are relative to the CSV's folder; cameras are ROS camera_info YAML
+files; ``keyframe_depth`` a 16-bit PNG in millimetres (REP 118) or empty; ``use_depth`` 0 withholds the keyframe's
+depth from verification (the essential-matrix path); ``tx..qw`` is ``T_q_k`` (translation in metres, quaternion
+x y z w); the plane columns apply to ``plane_warp`` only.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ import numpy as np
 from dinomix_ros.imaging.camera import CameraModel, camera_from_info_yaml
 from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
 from dinomix_ros.localization.camera_pose import VerifiedPriorConfig, relative_base_pose
+from dinomix_ros.evaluation.warped_pairs import WARP_KINDS, render_view
 from dinomix_ros.localization.verification import Verification, VerificationConfig, verify_pair
 
-__all__ = ["CHI2_3DOF_99", "PosedView", "PosedPair", "PairResult", "load_posed_pairs", "evaluate_pair",
-           "evaluate_pairs", "summarize", "pose_errors"]
+__all__ = ["CHI2_3DOF_99", "PosedView", "PosedPair", "PairResult", "load_posed_pairs", "render_pair",
+           "evaluate_pair", "evaluate_pairs", "summarize", "pose_errors"]
 
 #: 99 % quantile of the chi-square distribution with 3 degrees of freedom: a consistent 3-D covariance keeps 99 % of
 #: its normalised estimation errors squared below it.
@@ -55,7 +56,6 @@ CHI2_3DOF_99 = 11.345
 MIN_BASELINE_M = 0.01
 _COLUMNS = ("name", "kind", "keyframe", "keyframe_camera", "keyframe_depth", "use_depth", "query", "query_camera",
             "tx", "ty", "tz", "qx", "qy", "qz", "qw", "plane_distance_m", "plane_tilt_rad")
-WARP_KINDS = ("rotation_warp", "plane_warp", "depth_warp")
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,8 +185,6 @@ def load_posed_pairs(path: str | Path, kinds: Iterable[str] | None = None) -> li
     Raises:
         FileNotFoundError / ValueError: a missing file, a bad row (the message names the row and the column).
     """
-    from dinomix_ros.evaluation.warped_pairs import render_pair
-
     path = Path(path)
     base, keep = path.parent, None if kinds is None else set(kinds)
     with open(path, newline="", encoding="utf-8") as f:
@@ -229,6 +227,25 @@ def load_posed_pairs(path: str | Path, kinds: Iterable[str] | None = None) -> li
             raise ValueError(f"{path}:{number} ({row.get('name')}): {exc}") from None
         pairs.append(pair)
     return pairs
+
+
+def render_pair(name: str, kind: str, keyframe: PosedView, T_q_k: np.ndarray, *, use_depth: bool = True,
+                plane_distance_m: float = 3.0, plane_tilt_rad: float = 0.0) -> PosedPair:
+    """A known-motion pair: ``keyframe`` and the view rendered for ``kind`` after the motion ``T_q_k``
+    (:func:`~dinomix_ros.evaluation.warped_pairs.render_view`); ``use_depth`` False withholds the keyframe's depth
+    (measured, or the plane's) from verification.
+
+    Raises:
+        ValueError: the motion or camera cannot be rendered (the message names the pair).
+    """
+    try:
+        query, depth = render_view(kind, keyframe.gray, keyframe.camera, keyframe.depth, T_q_k,
+                                   plane_distance_m=plane_distance_m, plane_tilt_rad=plane_tilt_rad)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    rendered = PosedView(f"{keyframe.name} ({kind})", query, keyframe.camera)
+    kf = PosedView(keyframe.name, keyframe.gray, keyframe.camera, depth if use_depth else None)
+    return PosedPair(name, kind, rendered, kf, np.asarray(T_q_k, dtype=np.float64))
 
 
 # -------------------------------------------------------------------------------------------------- evaluation

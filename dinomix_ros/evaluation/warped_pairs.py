@@ -1,6 +1,7 @@
 """Known-motion pairs: a real image and the view a camera moved by a known motion would see (ROS-free).
 
-Used by :func:`~dinomix_ros.evaluation.posed_pairs.load_posed_pairs` for the rows whose query is rendered:
+Used by :func:`~dinomix_ros.evaluation.posed_pairs.render_pair` for the rows of a posed-pairs file whose query is
+rendered:
 
 * ``rotation_warp``: the camera turns in place; the query is the image warped by ``H = K R K^-1``, exact for any
   scene (no parallax);
@@ -20,19 +21,20 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dinomix_ros.evaluation.posed_pairs import PosedPair, PosedView
+from dinomix_ros.imaging.camera import CameraModel
 
-__all__ = ["render_pair", "rotation_view", "plane_view", "depth_view"]
+__all__ = ["WARP_KINDS", "render_view", "rotation_view", "plane_view", "depth_view"]
+
+WARP_KINDS = ("rotation_warp", "plane_warp", "depth_warp")
 
 _MIN_Z = 0.05  # points closer to the query camera than this (metres) are not rendered
 _HOLE_FILL_PX = 5  # a min filter of this size closes the cracks of forward-splatted depth
 
 
-def _pinhole(view: PosedView) -> np.ndarray:
-    cam = view.camera
+def _pinhole(cam: CameraModel) -> np.ndarray:
     if cam.fisheye or (cam.D.size and np.any(cam.D)):
-        raise ValueError(f"{view.name}: only a pinhole camera without distortion can be warped "
-                         f"(got {cam.distortion_model} {cam.D.tolist()})")
+        raise ValueError(f"only a pinhole camera without distortion can be warped (got {cam.distortion_model} "
+                         f"{cam.D.tolist()})")
     return cam.K
 
 
@@ -94,38 +96,34 @@ def depth_view(gray: np.ndarray, depth: np.ndarray, K: np.ndarray, R: np.ndarray
     return cv2.inpaint(query, holes, 3, cv2.INPAINT_TELEA) if holes.any() else query
 
 
-def render_pair(name: str, kind: str, keyframe: PosedView, T_q_k: np.ndarray, *, use_depth: bool = True,
-                plane_distance_m: float = 3.0, plane_tilt_rad: float = 0.0) -> PosedPair:
-    """The pair of ``keyframe`` and the view rendered for ``kind`` after the motion ``T_q_k``.
+def render_view(kind: str, gray: np.ndarray, camera: CameraModel, depth: np.ndarray | None, T_q_k: np.ndarray, *,
+                plane_distance_m: float = 3.0, plane_tilt_rad: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(query image, keyframe depth) of a known-motion pair: the view the camera moved by ``T_q_k`` sees.
 
     Args:
-        name: the pair's name.
         kind: ``rotation_warp``, ``plane_warp`` or ``depth_warp`` (see the module docstring).
-        keyframe: the real image, its camera and (``depth_warp``: required) its depth.
+        gray: the real (keyframe) image.
+        camera: its camera (pinhole, no distortion); the rendered view has the same one.
+        depth: its depth in metres (NaN unknown): required by ``depth_warp``, replaced by the plane's for
+            ``plane_warp``, passed through otherwise.
         T_q_k: the motion, keyframe camera -> query camera (its translation must be 0 for ``rotation_warp``).
-        use_depth: give the keyframe's depth (measured, or the plane's) to verification; False withholds it.
         plane_distance_m, plane_tilt_rad: the plane of ``plane_warp``.
 
     Raises:
         ValueError: a distorted camera, a translation for a rotation warp, a depth warp without depth.
     """
-    K = _pinhole(keyframe)
+    K = _pinhole(camera)
     R, t = T_q_k[:3, :3], T_q_k[:3, 3]
-    depth = keyframe.depth
     if kind == "rotation_warp":
         if np.linalg.norm(t) > 1e-9:
-            raise ValueError(f"{name}: a rotation warp cannot move the camera (t = {t.tolist()})")
-        query = rotation_view(keyframe.gray, K, R)
-    elif kind == "plane_warp":
+            raise ValueError(f"a rotation warp cannot move the camera (t = {t.tolist()})")
+        return rotation_view(gray, K, R), depth
+    if kind == "plane_warp":
         if not plane_distance_m > 0:
-            raise ValueError(f"{name}: plane_distance_m must be positive, got {plane_distance_m}")
-        query, depth = plane_view(keyframe.gray, K, R, t, plane_distance_m, plane_tilt_rad)
-    elif kind == "depth_warp":
+            raise ValueError(f"plane_distance_m must be positive, got {plane_distance_m}")
+        return plane_view(gray, K, R, t, plane_distance_m, plane_tilt_rad)
+    if kind == "depth_warp":
         if depth is None:
-            raise ValueError(f"{name}: a depth warp needs the keyframe's depth (keyframe_depth)")
-        query = depth_view(keyframe.gray, depth, K, R, t)
-    else:
-        raise ValueError(f"{name}: unknown warp {kind!r}; expected rotation_warp, plane_warp or depth_warp")
-    rendered = PosedView(f"{keyframe.name} ({kind})", query, keyframe.camera)
-    kf = PosedView(keyframe.name, keyframe.gray, keyframe.camera, depth if use_depth else None)
-    return PosedPair(name, kind, rendered, kf, np.asarray(T_q_k, dtype=np.float64))
+            raise ValueError("a depth warp needs the keyframe's depth (keyframe_depth)")
+        return depth_view(gray, depth, K, R, t), depth
+    raise ValueError(f"unknown warp {kind!r}; expected one of {', '.join(WARP_KINDS)}")

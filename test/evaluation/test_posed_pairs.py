@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from dinomix_ros.evaluation.posed_pairs import (
-    CHI2_3DOF_99, PosedPair, PosedView, evaluate_pairs, load_posed_pairs, pose_errors, summarize,
+    CHI2_3DOF_99, PosedPair, PosedView, evaluate_pairs, load_posed_pairs, pose_errors, render_pair, summarize,
 )
-from dinomix_ros.evaluation.warped_pairs import render_pair
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import FeatureExtractor
 from dinomix_ros.localization.camera_pose import VerifiedPriorConfig, relative_base_pose, rpy_to_matrix
