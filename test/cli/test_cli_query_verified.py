@@ -1,0 +1,121 @@
+"""``dinomix map query`` verifies its candidates as the node does: the same candidates, inliers, order and verified
+pose prior as the node's LiveMap on the same map, descriptors and features; the --verification-* flags change the
+result; maps without local features and a mismatched calibration are handled with a clear word."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cliutil import DATA, MODEL, run, run_error, run_json
+
+from dinomix_ros.imaging.camera import camera_from_info_yaml
+from dinomix_ros.imaging.decode import read_image_file
+from dinomix_ros.imaging.features import FeatureExtractor, to_gray
+from dinomix_ros.localization.camera_pose import VerifiedPriorConfig
+from dinomix_ros.localization.live_map import LiveMap
+from dinomix_ros.localization.matching import MatcherConfig
+from dinomix_ros.maps.keyframes import KeyframeMap
+
+CORRIDOR = DATA / "rtabmap_corridor" / "samples"
+CALIBRATION = DATA / "posed_pairs" / "cameras" / "corridor_assumed.yaml"
+QUERIES = {"41.jpg": "1.jpg", "57.jpg": "17.jpg"}  # revisits and the first-pass image they revisit
+
+
+@pytest.fixture(scope="module")
+def posed_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four first-pass corridor images with x/y/yaw poses and the (assumed) intrinsics, built into a map."""
+    root = tmp_path_factory.mktemp("query_verified")
+    db = root / "db"
+    db.mkdir()
+    rows = ["image,x,y,yaw"]
+    for k, i in enumerate((1, 9, 17, 25)):
+        shutil.copy(CORRIDOR / f"{i}.jpg", db / f"{i}.jpg")
+        rows.append(f"{i}.jpg,{2.0 * k},{0.5 * k},{0.1 * k}")
+    (db / "poses.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_query_verifies_its_candidates_as_the_node_does(posed_map: Path, capsys: pytest.CaptureFixture) -> None:
+    m = posed_map / "m.dinomap"
+    run_json(capsys, "map", "build", m, "--images", posed_map / "db", "--geotags", "csv", "--calibration",
+             CALIBRATION, *MODEL)
+    queries = [CORRIDOR / name for name in QUERIES]
+    result = run_json(capsys, "map", "query", m, *queries, "--top-k", "4", "--calibration", CALIBRATION, *MODEL)
+    info = result["verification"]
+    assert info["enabled"] and info["query_intrinsics"] and info["keyframe_intrinsics"] == ["images"]
+    assert info["features"] == {"type": "orb", "max_features": 400, "max_image_side": 640}
+
+    # the node on the same map, descriptors and features
+    assert run(capsys, "describe", *queries, "--out", posed_map / "q.npy", *MODEL)[0] == 0
+    descriptors = np.load(posed_map / "q.npy")
+    kmap = KeyframeMap.load(m)
+    live = LiveMap(kmap, matcher=MatcherConfig(top_k=4))
+    live.set_camera_model("query_cam", camera_from_info_yaml(CALIBRATION))
+    extractor = FeatureExtractor()
+    for entry, desc, path in zip(result["queries"], descriptors, queries):
+        cands = entry["candidates"]
+        best = cands[0]
+        assert best["source"].endswith(QUERIES[path.name]) and best["verification"]["verified"]
+        assert best["verification"]["model"] in ("essential", "rotation") and best["verification"]["inliers"] >= 30
+        assert sorted(c["similarity_rank"] for c in cands) == [0, 1, 2, 3]
+        # verified, with intrinsics but no depth: orientation corrected, position the keyframe's (README table)
+        pose, relative = best["pose"], best["relative_pose"]
+        assert pose["case"] == relative["case"] == "rotation" and pose["frame_id"] == "map"
+        assert pose["position"] == pytest.approx(best["position"], abs=1e-9)
+        assert pose["covariance_diagonal"][0] == pytest.approx(VerifiedPriorConfig().no_depth_sigma_m ** 2)
+        assert abs(np.dot(pose["orientation"], best["orientation"])) < 1 - 1e-6  # turned by the verified rotation
+        for other in cands[1:]:
+            assert other["verification"] is None or not other["verification"]["verified"] or other["pose"]
+
+        features = extractor.extract(to_gray(*read_image_file(path)))
+        outcome = live.process("query_cam", 10**18, desc, features=features)
+        node = outcome.result.candidates
+        assert [c.keyframe_id for c in node] == [c["keyframe_id"] for c in cands]
+        assert [c.inliers for c in node] == [0 if c["verification"] is None else c["verification"]["inliers"]
+                                             for c in cands]
+        assert outcome.prior_case == "rotation"
+        assert outcome.result.prior.position.tolist() == pytest.approx(pose["position"], abs=1e-9)
+        assert outcome.result.prior.orientation.tolist() == pytest.approx(pose["orientation"], abs=1e-7)
+        assert np.diag(outcome.result.prior.covariance).tolist() == pytest.approx(pose["covariance_diagonal"])
+
+
+def test_query_verification_flags_change_the_result(
+        posed_map: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    m = posed_map / "flags.dinomap"
+    run_json(capsys, "map", "build", m, "--images", posed_map / "db", "--geotags", "csv", "--calibration",
+             CALIBRATION, *MODEL)
+    query = CORRIDOR / "41.jpg"
+    base = ["map", "query", m, query, "--top-k", "4", *MODEL]
+
+    strict = run_json(capsys, *base, "--calibration", CALIBRATION, "--verification-min-inliers", "100000")
+    assert strict["verification"]["settings"]["min_inliers"] == 100000
+    cands = strict["queries"][0]["candidates"]
+    assert not any(c["verification"]["verified"] for c in cands) and not any("pose" in c for c in cands)
+    assert max(c["verification"]["matches"] for c in cands) >= 30  # putative matches, too few for the rule: no fit
+
+    few = run_json(capsys, *base, "--calibration", CALIBRATION, "--verification-candidates", "1")
+    assert sum(c["verification"] is not None for c in few["queries"][0]["candidates"]) == 1
+
+    plain = run_json(capsys, *base)  # no query intrinsics: the fundamental matrix, the keyframe's pose
+    best = plain["queries"][0]["candidates"][0]
+    assert plain["verification"]["query_intrinsics"] is False
+    assert best["verification"]["model"] == "fundamental" and "relative_pose" not in best
+    assert best["pose"]["case"] == "keyframe" and best["pose"]["position"] == pytest.approx(best["position"])
+
+    off = run_json(capsys, *base, "--no-verification-enabled")
+    assert off["verification"]["enabled"] is False and "verification" not in off["queries"][0]["candidates"][0]
+
+    bare = posed_map / "bare.dinomap"
+    run_json(capsys, "map", "build", bare, "--images", posed_map / "db", "--geotags", "csv",
+             "--features-max-features", "0", *MODEL)
+    no_features = run_json(capsys, "map", "query", bare, query, *MODEL)
+    assert "no local features" in no_features["verification"]["note"]
+
+    other = posed_map / "other.yaml"
+    other.write_text(CALIBRATION.read_text().replace("image_width: 512", "image_width: 640"))
+    message = run_error(capsys, caplog, *base, "--calibration", other)
+    assert message == f"--calibration describes 640x384 images, {query} is 512x384; give the calibration of the " \
+                      "camera that took it"
