@@ -12,6 +12,10 @@ For each variant (``TYPE:MAX_FEATURES``, e.g. ``orb:400``), on this repository's
   without intrinsics (fundamental matrix, as in the demo) with the accept rules off so that every pair gets a model:
   ``true_above_p99_unrelated`` is the share of true pairs with more inliers than 99 % of the unrelated ones; with the
   default rules, how many true and unrelated pairs are accepted;
+* ``corridor_all_pairs``: every corridor pair at least 10 frames apart (2,775: the 228 true loops and 2,547 others,
+  near misses included), fitted once, then accepted or not at each ``--min-inliers-grid`` value (and the default
+  inlier ratio): how many true and how many false pairs each ``verification.min_inliers`` accepts with this feature
+  count (more features give unrelated pairs more inliers too);
 * ``lund_far_accepted``: Lund photo pairs more than 40 m apart (different places) accepted at the default rules;
 * ``bytes_per_keyframe``: what a map stores per keyframe (:mod:`dinomix_ros.maps.local_features`);
 * ``timing``: the node's per-frame CPU cost at 640x480: features of the frame plus the verification of 5 candidates
@@ -87,9 +91,26 @@ def corridor_pairs(seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int
     return true, sorted(unrelated)
 
 
-def corridor(config: FeatureConfig, true: list, unrelated: list) -> dict:
+def corridor_frames(config: FeatureConfig) -> list:
     extractor = FeatureExtractor(config)
-    frames = [extractor.extract(_gray(DATA / "rtabmap_corridor" / "samples" / f"{i}.jpg")) for i in range(1, 85)]
+    return [extractor.extract(_gray(DATA / "rtabmap_corridor" / "samples" / f"{i}.jpg")) for i in range(1, 85)]
+
+
+def corridor_all_pairs(frames: list, grid: list[int]) -> dict:
+    gt = load_loop_closure_ground_truth(DATA / "rtabmap_corridor" / "samples_GT.bmp")
+    gt = gt | gt.T
+    fit_all = VerificationConfig(min_inliers=0, min_inlier_ratio=0.0)
+    ratio = VerificationConfig().min_inlier_ratio
+    fits = [(bool(gt[i, j]), verify_pair(frames[i], frames[j], fit_all)) for i in range(len(frames))
+            for j in range(i - 9)]
+    out = {"pairs": len(fits), "true_pairs": sum(t for t, _ in fits)}
+    for m in grid:
+        ok = [t for t, v in fits if v.inliers >= m and v.inlier_ratio >= ratio]
+        out[f"min_inliers_{m}"] = {"true_accepted": sum(ok), "false_accepted": len(ok) - sum(ok)}
+    return out
+
+
+def corridor(frames: list, true: list, unrelated: list) -> dict:
     fit_all = VerificationConfig(min_inliers=0, min_inlier_ratio=0.0)
     defaults = VerificationConfig()
     t_in = np.array([verify_pair(frames[i], frames[j], fit_all).inliers for i, j in true])
@@ -153,6 +174,8 @@ def main() -> None:
     parser.add_argument("--max-image-side", type=int, default=FeatureConfig().max_image_side)
     parser.add_argument("--rounds", type=int, default=3, help="timed repetitions per photo (0: no timing)")
     parser.add_argument("--only", choices=("all", "accuracy", "timing"), default="all")
+    parser.add_argument("--min-inliers-grid", default="30,35,40,45,50,60",
+                        help="verification.min_inliers values for corridor_all_pairs (comma-separated; empty: skip)")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     import faiss
@@ -170,7 +193,11 @@ def main() -> None:
                "bytes_per_keyframe": int(count) * slot_dtype(kind).itemsize}
         if args.only in ("all", "accuracy"):
             row["posed_pairs"] = posed_pairs(config, pairs)
-            row["corridor"] = corridor(config, true, unrelated)
+            frames = corridor_frames(config)
+            row["corridor"] = corridor(frames, true, unrelated)
+            if args.min_inliers_grid:
+                row["corridor_all_pairs"] = corridor_all_pairs(frames, [int(x) for x in
+                                                                        args.min_inliers_grid.split(",")])
             row["lund_far_accepted"] = lund_far_accepted(config)
         if args.only in ("all", "timing") and args.rounds > 0:
             row["timing"] = timing(config, args.rounds)
