@@ -96,6 +96,13 @@ def test_query_verification_flags_change_the_result(
     assert not any(c["verification"]["verified"] for c in cands) and not any("pose" in c for c in cands)
     assert max(c["verification"]["matches"] for c in cands) >= 30  # putative matches, too few for the rule: no fit
 
+    default = run_json(capsys, *base, "--calibration", CALIBRATION)["queries"][0]["candidates"][0]
+    level = run_json(capsys, *base, "--calibration", CALIBRATION, "--camera-mount-roll", "0", "--camera-mount-yaw",
+                     "0")["queries"][0]["candidates"][0]  # a camera whose optical axes are the base's
+    assert default["verification"] == {**level["verification"], "seconds": default["verification"]["seconds"]}
+    assert default["pose"]["position"] == level["pose"]["position"]  # the rotation case keeps the keyframe's
+    assert abs(np.dot(default["pose"]["orientation"], level["pose"]["orientation"])) < 1 - 1e-6
+
     few = run_json(capsys, *base, "--calibration", CALIBRATION, "--verification-candidates", "1")
     assert sum(c["verification"] is not None for c in few["queries"][0]["candidates"]) == 1
 
@@ -116,6 +123,7 @@ def test_query_verification_flags_change_the_result(
 
     other = posed_map / "other.yaml"
     other.write_text(CALIBRATION.read_text().replace("image_width: 512", "image_width: 640"))
+    assert run_error(capsys, caplog, *base, "--camera-mount-x", "500") == "--camera-mount-x must be <= 100, got 500.0"
     message = run_error(capsys, caplog, *base, "--calibration", other)
     assert message == f"--calibration describes 640x384 images, {query} is 512x384; give the calibration of the " \
                       "camera that took it"
