@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from cliutil import DATA, MODEL, run, run_error, run_json
 
+from dinomix_ros.cli.main import main
 from dinomix_ros.imaging.camera import camera_from_info_yaml
 from dinomix_ros.imaging.decode import read_image_file
 from dinomix_ros.imaging.features import FeatureExtractor, to_gray
@@ -26,7 +27,8 @@ QUERIES = {"41.jpg": "1.jpg", "57.jpg": "17.jpg"}  # revisits and the first-pass
 
 @pytest.fixture(scope="module")
 def posed_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four first-pass corridor images with x/y/yaw poses and the (assumed) intrinsics, built into a map."""
+    """Four first-pass corridor images with x/y/yaw poses and the (assumed) intrinsics, built into a map once for the
+    module (each test then runs a few commands: every command loads the model, which is slow on a loaded machine)."""
     root = tmp_path_factory.mktemp("query_verified")
     db = root / "db"
     db.mkdir()
@@ -35,24 +37,29 @@ def posed_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(CORRIDOR / f"{i}.jpg", db / f"{i}.jpg")
         rows.append(f"{i}.jpg,{2.0 * k},{0.5 * k},{0.1 * k}")
     (db / "poses.csv").write_text("\n".join(rows) + "\n")
-    return root
+    assert main(["map", "build", str(root / "m.dinomap"), "--images", str(db), "--geotags", "csv", "--calibration",
+                 str(CALIBRATION), *MODEL]) == 0
+    return root / "m.dinomap"
 
 
-def test_query_verifies_its_candidates_as_the_node_does(posed_map: Path, capsys: pytest.CaptureFixture) -> None:
-    m = posed_map / "m.dinomap"
-    run_json(capsys, "map", "build", m, "--images", posed_map / "db", "--geotags", "csv", "--calibration",
-             CALIBRATION, *MODEL)
+def _query(capsys: pytest.CaptureFixture, m: Path, *flags: str | Path) -> dict:
+    """The best candidate of the revisit 41.jpg."""
+    return run_json(capsys, "map", "query", m, CORRIDOR / "41.jpg", "--top-k", "4", *flags, *MODEL)
+
+
+def test_query_verifies_its_candidates_as_the_node_does(
+        posed_map: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     queries = [CORRIDOR / name for name in QUERIES]
-    result = run_json(capsys, "map", "query", m, *queries, "--top-k", "4", "--calibration", CALIBRATION, *MODEL)
+    result = run_json(capsys, "map", "query", posed_map, *queries, "--top-k", "4", "--calibration", CALIBRATION,
+                      *MODEL)
     info = result["verification"]
     assert info["enabled"] and info["query_intrinsics"] and info["keyframe_intrinsics"] == ["images"]
     assert info["features"] == {"type": "orb", "max_features": 400, "max_image_side": 640}
 
     # the node on the same map, descriptors and features
-    assert run(capsys, "describe", *queries, "--out", posed_map / "q.npy", *MODEL)[0] == 0
-    descriptors = np.load(posed_map / "q.npy")
-    kmap = KeyframeMap.load(m)
-    live = LiveMap(kmap, matcher=MatcherConfig(top_k=4))
+    assert run(capsys, "describe", *queries, "--out", tmp_path / "q.npy", *MODEL)[0] == 0
+    descriptors = np.load(tmp_path / "q.npy")
+    live = LiveMap(KeyframeMap.load(posed_map), matcher=MatcherConfig(top_k=4))
     live.set_camera_model("query_cam", camera_from_info_yaml(CALIBRATION))
     extractor = FeatureExtractor()
     for entry, desc, path in zip(result["queries"], descriptors, queries):
@@ -82,48 +89,47 @@ def test_query_verifies_its_candidates_as_the_node_does(posed_map: Path, capsys:
         assert np.diag(outcome.result.prior.covariance).tolist() == pytest.approx(pose["covariance_diagonal"])
 
 
-def test_query_verification_flags_change_the_result(
-        posed_map: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
-    m = posed_map / "flags.dinomap"
-    run_json(capsys, "map", "build", m, "--images", posed_map / "db", "--geotags", "csv", "--calibration",
-             CALIBRATION, *MODEL)
-    query = CORRIDOR / "41.jpg"
-    base = ["map", "query", m, query, "--top-k", "4", *MODEL]
-
-    strict = run_json(capsys, *base, "--calibration", CALIBRATION, "--verification-min-inliers", "100000")
+def test_verification_flags_change_the_result(posed_map: Path, capsys: pytest.CaptureFixture) -> None:
+    strict = _query(capsys, posed_map, "--calibration", CALIBRATION, "--verification-min-inliers", "100000")
     assert strict["verification"]["settings"]["min_inliers"] == 100000
     cands = strict["queries"][0]["candidates"]
     assert not any(c["verification"]["verified"] for c in cands) and not any("pose" in c for c in cands)
     assert max(c["verification"]["matches"] for c in cands) >= 30  # putative matches, too few for the rule: no fit
+    few = _query(capsys, posed_map, "--calibration", CALIBRATION, "--verification-candidates", "1")
+    assert sum(c["verification"] is not None for c in few["queries"][0]["candidates"]) == 1
 
-    default = run_json(capsys, *base, "--calibration", CALIBRATION)["queries"][0]["candidates"][0]
-    level = run_json(capsys, *base, "--calibration", CALIBRATION, "--camera-mount-roll", "0", "--camera-mount-yaw",
-                     "0")["queries"][0]["candidates"][0]  # a camera whose optical axes are the base's
+
+def test_the_camera_mount_changes_the_pose_not_the_verification(
+        posed_map: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    default = _query(capsys, posed_map, "--calibration", CALIBRATION)["queries"][0]["candidates"][0]
+    level = _query(capsys, posed_map, "--calibration", CALIBRATION, "--camera-mount-roll", "0",
+                   "--camera-mount-yaw", "0")["queries"][0]["candidates"][0]  # optical axes = the base's
     assert default["verification"] == {**level["verification"], "seconds": default["verification"]["seconds"]}
     assert default["pose"]["position"] == level["pose"]["position"]  # the rotation case keeps the keyframe's
     assert abs(np.dot(default["pose"]["orientation"], level["pose"]["orientation"])) < 1 - 1e-6
+    assert run_error(capsys, caplog, "map", "query", posed_map, CORRIDOR / "41.jpg", "--camera-mount-x", "500",
+                     *MODEL) == "--camera-mount-x must be <= 100, got 500.0"
 
-    few = run_json(capsys, *base, "--calibration", CALIBRATION, "--verification-candidates", "1")
-    assert sum(c["verification"] is not None for c in few["queries"][0]["candidates"]) == 1
 
-    plain = run_json(capsys, *base)  # no query intrinsics: the fundamental matrix, the keyframe's pose
+def test_without_intrinsics_or_verification(posed_map: Path, capsys: pytest.CaptureFixture) -> None:
+    plain = _query(capsys, posed_map)  # no query intrinsics: the fundamental matrix, the keyframe's pose
     best = plain["queries"][0]["candidates"][0]
     assert plain["verification"]["query_intrinsics"] is False
     assert best["verification"]["model"] == "fundamental" and "relative_pose" not in best
     assert best["pose"]["case"] == "keyframe" and best["pose"]["position"] == pytest.approx(best["position"])
-
-    off = run_json(capsys, *base, "--no-verification-enabled")
+    off = _query(capsys, posed_map, "--no-verification-enabled")
     assert off["verification"]["enabled"] is False and "verification" not in off["queries"][0]["candidates"][0]
 
-    bare = posed_map / "bare.dinomap"
-    run_json(capsys, "map", "build", bare, "--images", posed_map / "db", "--geotags", "csv",
-             "--features-max-features", "0", *MODEL)
-    no_features = run_json(capsys, "map", "query", bare, query, *MODEL)
-    assert "no local features" in no_features["verification"]["note"]
 
-    other = posed_map / "other.yaml"
+def test_a_map_without_features_and_a_calibration_of_another_size(
+        posed_map: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    bare = tmp_path / "bare.dinomap"
+    run_json(capsys, "map", "build", bare, "--images", posed_map.parent / "db", "--geotags", "csv",
+             "--features-max-features", "0", *MODEL)
+    assert "no local features" in _query(capsys, bare)["verification"]["note"]
+    other = tmp_path / "other.yaml"
     other.write_text(CALIBRATION.read_text().replace("image_width: 512", "image_width: 640"))
-    assert run_error(capsys, caplog, *base, "--camera-mount-x", "500") == "--camera-mount-x must be <= 100, got 500.0"
-    message = run_error(capsys, caplog, *base, "--calibration", other)
+    query = CORRIDOR / "41.jpg"
+    message = run_error(capsys, caplog, "map", "query", posed_map, query, "--calibration", other, *MODEL)
     assert message == f"--calibration describes 640x384 images, {query} is 512x384; give the calibration of the " \
                       "camera that took it"
