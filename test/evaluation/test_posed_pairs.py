@@ -29,6 +29,16 @@ EXACT = ("stereo", "rotation_warp", "plane_warp", "depth_warp")
 MAX_ROTATION_ERROR_RAD = 0.055  # Kimera-VIO's loop-closure test tolerance
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_opencv_thread():
+    """OpenCV on the calling thread, as the node's worker and the benchmarks run it (no worker pool left spinning
+    for the tests that follow in this process)."""
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(previous)
+
+
 @pytest.fixture(scope="module")
 def pairs() -> list[PosedPair]:
     return load_posed_pairs(PAIRS)
