@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     progress, search_device = show_progress(args), exact_search_device(args.device)
     if setup == "folders" and args.ground_truth is not None:
         result = runs_folders.evaluate_folders_ground_truth(encoder, args.database, args.queries, args.ground_truth,
-                                                            search_device=search_device, progress=progress)
+                                                            search_device=search_device, progress=progress,
+                                                            **_verification_settings(args))
     elif setup == "folders":
         result = runs_folders.evaluate_folders(encoder, args.database, args.queries, geotags=args.geotags,
                                                database_csv=args.database_csv, queries_csv=args.queries_csv,

@@ -7,7 +7,8 @@ Actions (each has ``--help`` with defaults):
   report. ``--append`` adds to an existing map built by the same model.
 * ``map info MAP``: what a map holds, from its manifest only (no descriptors are read).
 * ``map topics BAG``: a bag's topics, types and counts, and which can be used as images, poses or GPS.
-* ``map query MAP IMAGE...``: the top-k keyframes for each image, as JSON.
+* ``map query MAP IMAGE...``: the top-k keyframes for each image, verified geometrically as the node does it
+  (:mod:`dinomix_ros.cli.verify`), as JSON.
 * ``map eval``: see :mod:`dinomix_ros.cli.evaluate`.
 * ``map push``, ``map pull``: the fleet's shared map, see :mod:`dinomix_ros.cli.fleet`.
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dinomix_ros.cli import evaluate, fleet
+from dinomix_ros.cli.verify import QueryVerifier, add_verification_flags
 from dinomix_ros.cli.common import (
     add_bag_flags,
     add_command,
@@ -70,9 +72,14 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
     add_command(actions, "topics", _add_topics_arguments, run=run_topics,
                 summary="a bag's topics, types, counts and which can feed map build")
     add_command(actions, "query", _add_query_arguments, run=run_query,
-                summary="top-k keyframes of a map for each image (JSON)",
+                summary="top-k keyframes of a map for each image, verified as the node does (JSON)",
                 description="Loads the map with the model's fingerprint (a map built by another model is refused), "
-                            "describes the images and prints the best keyframes per image.")
+                            "describes the images and prints the best keyframes per image. The best "
+                            "--verification-candidates of them are verified geometrically with the node's code and "
+                            "settings (the map's local features and intrinsics; --calibration for the query camera) "
+                            "and re-ranked by verified score; each verified candidate shows its inliers, verified "
+                            "score, model and the pose the node would publish (relative pose, verified pose prior "
+                            "and its case).")
     evaluate.register(actions)
     fleet.register(actions)
 
@@ -413,6 +420,7 @@ def _add_query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="auto", choices=("auto",) + index.choices,
                    help=f"{index.description}; auto = the kind stored with the map, else exact")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_verification_flags(p)
     add_model_flags(p)
 
 
@@ -433,6 +441,7 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError(f"the map at {args.map} has no keyframes; build it first (`dinomix map build`)")
     kind = stored_index_kind(kmap) if args.index == "auto" else args.index
     index = index_for_map(kmap, kind, exact_search_device(args.device) if kind == "exact" else "cpu")
+    verifier, verification = QueryVerifier.from_args(args, kmap, index, top_k)
     desc = encoder.describe(paths, progress=show_progress(args), skip_errors=True, desc="query")
     ok = np.isfinite(desc).all(axis=1)
     D = np.full((len(paths), top_k), -np.inf, np.float32)
@@ -445,15 +454,27 @@ def run_query(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = {"image": str(path)}
         if not ok[q]:
             entry["error"] = "the image could not be read"
-        else:
+        elif verifier is None:
             entry["candidates"] = [_candidate(kmap, rank, float(D[q, rank]), int(I[q, rank]), threshold)
                                    for rank in range(top_k) if I[q, rank] >= 0]
+        else:
+            entry["candidates"] = _verified_candidates(verifier, kmap, path, desc[q], threshold)
         queries.append(entry)
     result: dict[str, Any] = {"map": str(args.map), "model": fingerprint["id"],
                               **({"note": RANDOM_WEIGHTS_NOTE} if args.random_weights else {}),
-                              "keyframes": len(kmap), "index": kind, "min_similarity": threshold, "queries": queries}
+                              "keyframes": len(kmap), "index": kind, "min_similarity": threshold,
+                              "verification": verification, "queries": queries}
     print(json.dumps(json_ready(result), indent=2, ensure_ascii=False))
     return 0
+
+
+def _verified_candidates(verifier: QueryVerifier, kmap: KeyframeMap, path: Path, descriptor: np.ndarray,
+                         threshold: float | None) -> list[dict[str, Any]]:
+    """One image's candidates verified and re-ranked as the node does (``rank``: the new order; ``similarity_rank``:
+    the order by similarity)."""
+    cands, checks = verifier.verify(path, descriptor)
+    return [{**_candidate(kmap, rank, cand.similarity, cand.row, threshold), "similarity_rank": cand.rank,
+             **verifier.describe(cands, checks, rank)} for rank, cand in enumerate(cands)]
 
 
 def _candidate(kmap: KeyframeMap, rank: int, similarity: float, row: int, threshold: float | None) -> dict[str, Any]:

@@ -7,6 +7,9 @@
 * :mod:`~dinomix_ros.evaluation.runs_folders`, :mod:`~dinomix_ros.evaluation.runs_bag` and
   :mod:`~dinomix_ros.evaluation.runs_loop_closure`: the three setups of ``dinomix map eval`` as library calls;
   :mod:`~dinomix_ros.evaluation.runs`: what they share, and the run folder;
+* :mod:`~dinomix_ros.evaluation.posed_pairs`: pose accuracy of geometric verification on posed image pairs (rotation
+  and translation errors, NEES of the published covariance); :mod:`~dinomix_ros.evaluation.warped_pairs` renders
+  the known-motion views;
 * :mod:`~dinomix_ros.evaluation.reports` and :mod:`~dinomix_ros.evaluation.calibration`: the run folder, and the
   calibrated threshold stored in a map;
 * :mod:`~dinomix_ros.evaluation.pose_graph`: loop closures in a GTSAM pose graph (gtsam imported lazily),

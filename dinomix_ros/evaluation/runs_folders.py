@@ -233,7 +233,9 @@ def _first_disorder(names: list[str]) -> tuple[str, str]:
 
 
 def evaluate_folders_ground_truth(encoder: Any, database: Path, queries: Path, ground_truth: Path, *,
-                                  search_device: str = "auto", progress: bool = False) -> RunResult:
+                                  search_device: str = "auto", progress: bool = False,
+                                  verification: VerificationConfig | None = None,
+                                  features: FeatureConfig | None = None, min_similarity: float = 0.5) -> RunResult:
     """Setup (a) on the standard VPR layout: positives come from an index ground truth, not from positions.
 
     Recall@N is the VPR literature's: the share of queries with a correct database image among their N best (N
@@ -250,6 +252,10 @@ def evaluate_folders_ground_truth(encoder: Any, database: Path, queries: Path, g
             (:func:`~dinomix_ros.evaluation.groundtruth.load_index_ground_truth`).
         search_device: where the exact search runs (``map.search_device``: auto, cpu or cuda).
         progress: show progress bars.
+        verification: when given and enabled, the same queries verified geometrically (``report["verification"]``,
+            as in :func:`evaluate_folders`); features from the image files, no intrinsics.
+        features: local features for verification.
+        min_similarity: similarity threshold of the accept rules compared with and without verification.
 
     Returns:
         The result; ``report["queries_detail"]`` gives each query's index, best database index and positives.
@@ -286,7 +292,13 @@ def evaluate_folders_ground_truth(encoder: Any, database: Path, queries: Path, g
         "skipped": {"database_unreadable": int((~db_ok).sum()), "queries_unreadable": int((~q_ok).sum())},
         "queries_detail": detail,
     }
-    return RunResult("folders", report, curve, recall, time.perf_counter() - t0)
+    verified_curve = None
+    if verification is not None and verification.enabled:
+        db_features = _LazyFeatures(db_paths, features)
+        q_features = _LazyFeatures([q_paths[q] for q in q_rows], features)
+        verified_curve = _verify_setup(report, D, I, positives, lambda q, row: _check_files(
+            q_features, q, db_features, row, verification), verification, min_similarity)
+    return RunResult("folders", report, curve, recall, time.perf_counter() - t0, verified_curve=verified_curve)
 
 
 class _LazyFeatures:

@@ -11,7 +11,7 @@ import pytest
 from dinomix_ros.cli.main import main
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-MODEL = ["--random-weights", "--device", "cpu", "--batch-size", "4", "--quiet"]
+MODEL = ["--random-weights", "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--quiet"]
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str]:
