@@ -55,7 +55,7 @@ def test_folders_with_verification_of_the_same_queries(tmp_path: Path, data_dir:
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", batch_size=4))
+    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32", batch_size=4))
 
 
 def test_map_against_bag_verifies_with_the_maps_features(tmp_path: Path, data_dir: Path, encoder) -> None:

@@ -208,8 +208,8 @@ def test_device_path_descriptors_match_the_host_path(data_dir) -> None:
     from dinomix_ros.model.encoder import Encoder, EncoderConfig
 
     paths = [data_dir / "rtabmap_corridor" / "samples" / f"{i}.jpg" for i in (1, 9, 17)]
-    host = Encoder.from_random("s", 3, EncoderConfig(device="cpu", preprocess="host"))
-    device = Encoder.from_random("s", 3, EncoderConfig(device="cpu", preprocess="device"))
+    host = Encoder.from_random("s", 3, EncoderConfig(device="cpu", dtype="float32", preprocess="host"))
+    device = Encoder.from_random("s", 3, EncoderConfig(device="cpu", dtype="float32", preprocess="device"))
     assert host.describe_info()["preprocess"] == "host" and device.describe_info()["preprocess"] == "device"
     cpu = EncoderConfig(device="cpu", dtype="float32")
     assert Encoder.from_random("s", 3, cpu).preprocess_on == "host"  # auto: exact on the CPU

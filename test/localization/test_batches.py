@@ -111,7 +111,7 @@ def camera_frames() -> list[tuple[str, np.ndarray, str]]:
 
 @pytest.mark.parametrize("preprocess", ["host", "device"])
 def test_batch_results_equal_one_by_one(camera_frames, preprocess: str) -> None:
-    encoder = Encoder.from_random("s", 5, EncoderConfig(device="cpu", preprocess=preprocess))
+    encoder = Encoder.from_random("s", 5, EncoderConfig(device="cpu", dtype="float32", preprocess=preprocess))
     one_by_one = np.stack([encoder.describe_one(image, enc) for _, image, enc in camera_frames])
     timing: dict[str, float] = {}
     batched = encoder.describe_staged([encoder.stage(image, enc) for _, image, enc in camera_frames], timing)

@@ -31,7 +31,7 @@ LUND = Path(__file__).resolve().parents[1] / "data" / "lund_gps"
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", batch_size=3, workers=2))
+    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32", batch_size=3, workers=2))
 
 
 def expected_keyframes(stamps: np.ndarray, positions: np.ndarray, orientations: np.ndarray | None,

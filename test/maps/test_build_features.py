@@ -25,7 +25,7 @@ K = [300.0, 0.0, 160.0, 0.0, 301.0, 120.0, 0.0, 0.0, 1.0]
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", batch_size=3, workers=2))
+    return Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32", batch_size=3, workers=2))
 
 
 def _camera_info(stamp_ns: int, k: list[float]) -> object:

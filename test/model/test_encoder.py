@@ -22,7 +22,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder(random_model("vits14", seed=5), EncoderConfig(device="cpu", batch_size=3, workers=2))
+    return Encoder(random_model("vits14", seed=5),
+                   EncoderConfig(device="cpu", dtype="float32", batch_size=3, workers=2))
 
 
 @pytest.fixture
@@ -245,5 +246,6 @@ def test_cuda_camera_batches_with_graphs_equal_one_by_one(corridor: list[Path]) 
 def test_cuda_auto_dtype_is_float16_and_close_to_cpu_float32(corridor: list[Path]) -> None:
     enc = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cuda"))
     assert enc.describe_info()["dtype"] == "float16"
-    cpu = Encoder(random_model("vitb14", seed=5), EncoderConfig(device="cpu", preprocess="device")).describe(corridor)
+    cpu = Encoder(random_model("vitb14", seed=5),
+                  EncoderConfig(device="cpu", dtype="float32", preprocess="device")).describe(corridor)
     assert (cpu * enc.describe(corridor)).sum(1).min() >= 0.99999 - 1e-6
