@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import dinomix_ros
     from dinomix_ros.model.benchmark import percentiles
     from dinomix_ros.maps.keyframes import KeyframeMap
+    from dinomix_ros.maps.storage import save_map
     from dinomix_ros.model import random_model
     from dinomix_ros.ros.conversions import diagnostic_values, time_to_ns
     from dinomix_ros.ros.session import NodeProcess, RosClient
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         desc /= np.linalg.norm(desc, axis=1, keepdims=True)
         kmap.add(desc, stamps_ns=np.arange(start, start + n, dtype=np.int64) * 10**8, cameras="cam", frame_ids="map",
                  positions=rng.uniform(-100, 100, (n, 3)))
-    map_path = kmap.save(work / "synthetic.dinomap")
+    map_path = save_map(kmap, work / "synthetic.dinomap")
 
     domain = args.domain if args.domain is not None else random.Random().randrange(150, 230)
     params = {"model.random_weights": True, "model.variant": args.variant, "model.device": args.device,
