@@ -21,6 +21,9 @@ os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"  # the only RMW of the whe
 if "ROS_LOG_DIR" not in os.environ:  # a folder of this run's own, removed when it ends
     os.environ["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="dinomix_test_roslog_")
     atexit.register(shutil.rmtree, os.environ["ROS_LOG_DIR"], ignore_errors=True)
+# Idle OpenMP threads sleep, as in the node and the CLI (dinomix_ros.util.openmp): tests that import the maps
+# modules alone would otherwise spin faiss's and torch's idle threads, several times slower on a loaded 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 for _name in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"):  # Fast DDS 3 and 2 (Jazzy) read
     os.environ.setdefault(_name, str(REPO / "config" / "fastdds_large_images.xml"))  # one each: session.py
 
