@@ -152,4 +152,7 @@ class HealthMonitor:
         if counters.get("qos_incompatible"):
             level, message = WARN, (f"{counters['qos_incompatible']} camera publishers with incompatible QoS: their "
                                     "frames are not received (set cameras.reliability to auto)")
+        if str(live.get("map_check", "")).startswith("FAILED"):
+            level, message = ERROR, (f"map damaged, not matching against it: {live['map_check'][len('FAILED: '):]}; "
+                                     "restore the map directory from a backup and call ~/load_map")
         return level, message, values

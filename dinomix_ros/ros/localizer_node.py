@@ -161,7 +161,7 @@ class LocalizerNode(LifecycleNode):
         kmap = open_map(s.map.path, fingerprint, storage_dtype=s.storage.storage_dtype,
                         create=s.map.create_if_missing or s.node.mode == "self_map",
                         metadata={"name": Path(s.map.path).name if s.map.path else "live",
-                                  "source": f"live:{self.get_fully_qualified_name()}"})
+                                  "source": f"live:{self.get_fully_qualified_name()}"}, verify=s.map.verify)
         if len(kmap) == 0 and s.node.mode == "localize":
             self.get_logger().warning("starting with an EMPTY map: record one with ~/start_recording, or load one")
         self.live = LiveMap(kmap, index_config=s.index, matcher=s.matcher, gate=s.gate, output=s.output,
@@ -179,7 +179,8 @@ class LocalizerNode(LifecycleNode):
         self.get_logger().info(
             f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} with {runtime} in "
             f"{info['dtype']} ({info['dtype_reason']}), preprocessing on the {info['preprocess']}, "
-            f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {s.index.index}")
+            f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {self.live.index.kind} "
+            f"(map.index {s.index.index}), map check {self.live.stats()['map_check']}")
         self._create_interfaces()
 
     def _feature_extractor(self, config: FeatureConfig) -> FeatureExtractor | None:
