@@ -136,3 +136,25 @@ def test_an_index_that_does_not_fit_in_ram_is_refused_with_the_estimate_and_the_
     with pytest.raises(IndexConfigError, match="hnsw needs about"):
         index_for_map(kmap, "hnsw", "cpu", memory_limit_bytes=5_000_000)
     assert index_for_map(kmap, "exact", "cpu", memory_limit_bytes=10**9).ntotal == 12_000
+
+
+def test_rows_unlike_the_training_sample_are_searched_exactly(tmp_path: Path) -> None:
+    """Rows the PCA keeps little of (foreign descriptors recorded into a trained index) go to an exact side list:
+    their queries still find them, also after a save and load."""
+    kmap, queries = city_map(12_000, seed=8)
+    index = index_for_map(kmap, "ivfpq_mmap", mmap_params=PARAMS)
+    foreign = np.random.default_rng(9).standard_normal((30, SCALE_DIM)).astype(np.float32)
+    foreign /= np.linalg.norm(foreign, axis=1, keepdims=True)  # isotropic: 64 of 256 dimensions keep ~25 %
+    kmap.add(foreign, stamps_ns=[10**12] * 30, cameras="indoor", frame_ids="map")
+    index.add(foreign)
+    assert index.describe()["exact_side_list"] == 30
+    near = foreign + 0.05 * np.random.default_rng(10).standard_normal(foreign.shape).astype(np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    assert index.search(near, 1)[1][:, 0].tolist() == list(range(12_000, 12_030))
+    gate = np.zeros(len(kmap), dtype=bool)
+    gate[::2] = True  # a wide gate (6015 rows > exact_max is not needed: the side list is masked too)
+    assert all(gate[r] or r < 0 for r in index.search(near, 3, allowed=gate)[1].ravel())
+    path = save_map_with_index(kmap, tmp_path / "m.dinomap", index)
+    again = index_for_map(load_map(path), "auto", mmap_params=PARAMS)
+    assert again.describe()["exact_side_list"] == 30
+    assert again.search(near, 1)[1][:, 0].tolist() == list(range(12_000, 12_030))
