@@ -79,7 +79,7 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
                 summary="a map from descriptors computed elsewhere (.npy) and a geotag CSV",
                 description="Streams an (N, D) descriptor .npy (checked block by block: D, dtype, unit rows) and a "
                             "geotag CSV of N rows in the same order (the columns of `map build --images`) into a new "
-                            "map, builds its search index (--index auto: ivfpq_mmap from 20000 keyframes) and prints "
+                            "map, builds its search index (--index auto: ivfpq_mmap from 10000 keyframes) and prints "
                             "a JSON report.")
     evaluate.register(actions)
 

@@ -11,7 +11,7 @@ a folder build makes them (:mod:`.build_folder`). Stamps are 0 (unknown), as for
 features (there are no images), so geometric verification is off for it.
 
 The search index is built after the map is written, from the written map (memory-mapped), and saved with it
-(:func:`~dinomix_ros.maps.index.index_for_map`: ``auto`` makes an ivfpq_mmap index from 20000 keyframes on).
+(:func:`~dinomix_ros.maps.index.index_for_map`: ``auto`` makes an ivfpq_mmap index from 10000 keyframes on).
 """
 
 from __future__ import annotations

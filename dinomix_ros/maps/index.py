@@ -93,7 +93,7 @@ class IndexConfig:
 
     SETTINGS_GROUP: ClassVar[str] = "map"
 
-    index: str = setting("auto", "search index: auto (exact below 20000 keyframes, else ivfpq_mmap or the kind the map "
+    index: str = setting("auto", "search index: auto (exact below 10000 keyframes, else ivfpq_mmap or the kind the map "
                                  "stores), exact, hnsw, ivfpq, or ivfpq_mmap (large maps: codes in RAM, exact re-rank "
                                  "from the memory-mapped map)", choices=MAP_KINDS, reconfigure=True)
     search_device: str = setting("auto", "where exact search runs: auto, cpu or cuda", choices=DEVICES,

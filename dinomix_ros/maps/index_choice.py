@@ -22,11 +22,11 @@ __all__ = ["AUTO_EXACT_MAX_ROWS", "available_ram_bytes", "check_fits", "estimate
 
 LOG = logging.getLogger(__name__)
 
-#: ``auto`` searches maps of fewer keyframes exactly. Measured (bench/bench_scale.py, README "Performance"): exact
-#: batch-1 search of 4096-d float32 rows costs ~1 ms per 1000 keyframes on the 2-core build machine (50 ms at 50k,
-#: over the 20 ms budget above ~20k), while ivfpq_mmap answers in a few ms at any size with recall@1 >= 0.98 of
-#: exact; below this size training its quantizers on the map itself is not worth it.
-AUTO_EXACT_MAX_ROWS = 20_000
+#: ``auto`` searches maps of fewer keyframes exactly. Measured (bench/bench_search.py --configs exact-faiss, 2-core
+#: build machine, load average ~3.5, 2026-12-06): exact batch-1 search of 4096-d rows p50 17 ms at 10k keyframes,
+#: 56 ms at 20k, 73 ms at 50k, 180 ms at 100k: past the 20 ms budget above ~10k, where ivfpq_mmap answers in 4-13 ms
+#: (bench_scale.py, 100k-1M) with recall@1 0.98 of exact; ivfpq_mmap also needs ~10k rows to train.
+AUTO_EXACT_MAX_ROWS = 10_000
 #: Share of ``MemAvailable`` an index may take.
 RAM_SHARE = 0.8
 _GB = 1e9
