@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import mmap as mmap_module
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Iterator, Sequence
@@ -40,6 +39,7 @@ from dinomix_ros.maps.validation import (
     check_descriptors, check_fingerprint, check_index_kind, check_metadata, check_same_model, dtype_name, empty_columns,
 )
 from dinomix_ros.settings import check, setting
+from dinomix_ros.util.mmaps import gather_rows
 
 __all__ = [
     "Keyframe",
@@ -447,10 +447,10 @@ class KeyframeMap:
         which = np.searchsorted(ends, rows, side="right")
         if which[0] == which[-1] and (which == which[0]).all():
             s = int(which[0])
-            return _gather(self._segments[s], rows - (ends[s - 1] if s else 0))
+            return gather_rows(self._segments[s], rows - (ends[s - 1] if s else 0))
         for s in np.unique(which).tolist():
             sel = which == s
-            out[sel] = _gather(self._segments[s], rows[sel] - (ends[s - 1] if s else 0))
+            out[sel] = gather_rows(self._segments[s], rows[sel] - (ends[s - 1] if s else 0))
         return out
 
     def keyframe(self, i: int) -> Keyframe:
@@ -644,23 +644,6 @@ class KeyframeMap:
             self._cols = merged
             self._pending = []
         return self._cols
-
-
-def _gather(seg: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``seg[rows]``; for a memory-mapped chunk, the rows' pages are first asked for all at once (MADV_WILLNEED), so
-    a cold disk serves them in parallel instead of one page fault at a time."""
-    mapped = getattr(seg, "_mmap", None)
-    if mapped is not None and rows.shape[0] > 1 and hasattr(mmap_module, "MADV_WILLNEED"):
-        page = mmap_module.PAGESIZE
-        row_bytes = seg.strides[0]
-        base = seg.offset % mmap_module.ALLOCATIONGRANULARITY  # where the array starts inside numpy's mapping
-        for start in (base + np.unique(rows) * row_bytes).tolist():
-            aligned = start - start % page
-            try:
-                mapped.madvise(mmap_module.MADV_WILLNEED, aligned, start + row_bytes - aligned)
-            except (OSError, ValueError):  # advice only
-                break
-    return seg[rows]
 
 
 def utc_now_iso() -> str:
