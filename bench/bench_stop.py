@@ -108,10 +108,10 @@ def _default_signals() -> None:
 
 def _saved(map_path: Path) -> int:
     """Keyframes in the saved map (0: none saved)."""
-    from dinomix_ros.maps.keyframes import KeyframeMap
+    from dinomix_ros.maps.loading import load_map
 
     try:
-        return len(KeyframeMap.load(map_path))
+        return len(load_map(map_path))
     except Exception:  # nothing saved: no map directory
         return 0
 

@@ -26,6 +26,9 @@ if "ROS_LOG_DIR" not in os.environ:  # a folder of this run's own, removed when 
 # The transport the launch files give the node: the shell's own Fast DDS settings, else the large-image profile
 # through the one variable this distribution's Fast DDS reads (dinomix_ros.ros.transport, imported without rclpy).
 os.environ.update(transport.choose().env)
+# Idle OpenMP threads sleep, as in the node and the CLI (dinomix_ros.util.openmp): tests that import the maps
+# modules alone would otherwise spin faiss's and torch's idle threads, several times slower on a loaded 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture

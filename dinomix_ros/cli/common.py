@@ -187,16 +187,17 @@ def show_progress(args: argparse.Namespace) -> bool:
 # ------------------------------------------------------------------------------------------------------------ model
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The weights (--checkpoint or --random-weights, --variant, --seed), the engine (device, dtype, backend, ONNX
-    file, where preprocessing runs, batching) and the 16-bit image range."""
+    file, where preprocessing runs, batching) and the 16-bit image range. ``required``: one weights source must be
+    given (False: the command checks, e.g. only some of its modes need the model)."""
     from dinomix_ros.imaging.preprocess import ImageConfig
     from dinomix_ros.model.checkpoint import ModelSource
     from dinomix_ros.model.encoder import EncoderConfig
 
     group = parser.add_argument_group("model")
     # Exactly one weights source: a required mutually exclusive pair, which add_flags (one flag each) cannot make.
-    source = group.add_mutually_exclusive_group(required=True)
+    source = group.add_mutually_exclusive_group(required=required)
     source.add_argument("--checkpoint", type=Path, help=spec_of(ModelSource, "checkpoint").description)
     source.add_argument("--random-weights", action="store_true",
                         help=spec_of(ModelSource, "random_weights").description)

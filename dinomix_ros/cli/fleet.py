@@ -70,10 +70,10 @@ def run_push(args: argparse.Namespace) -> int:
     from dinomix_ros.maps.fleet.push import PushLedger, push_backlog
     from dinomix_ros.maps.fleet.records import map_uid
     from dinomix_ros.maps.fleet.store import FleetError, FleetStore
-    from dinomix_ros.maps.keyframes import KeyframeMap
+    from dinomix_ros.maps.loading import load_map
 
     config = _fleet_config(args)
-    kmap = KeyframeMap.load(args.map)
+    kmap = load_map(args.map)
     robot = robot_id(config)
     store = FleetStore(config, kmap.fingerprint)
     try:
@@ -136,6 +136,7 @@ def run_pull(args: argparse.Namespace) -> int:
     from dinomix_ros.maps.fleet.store import FleetError, FleetStore
     from dinomix_ros.maps.index import save_map
     from dinomix_ros.maps.keyframes import KeyframeMap, StorageConfig
+    from dinomix_ros.maps.loading import load_map
     from dinomix_ros.model.checkpoint import ModelSource
 
     check_map_out(args.out, args.append)
@@ -144,7 +145,7 @@ def run_pull(args: argparse.Namespace) -> int:
     source = from_flags(ModelSource, args, checkpoint="" if args.checkpoint is None else str(args.checkpoint))
     fingerprint = source.load().fingerprint.to_dict()
     if args.append:
-        kmap = KeyframeMap.load(args.out, expected_fingerprint=fingerprint)
+        kmap = load_map(args.out, expected_fingerprint=fingerprint)
     else:
         kmap = KeyframeMap.empty(fingerprint, storage_dtype=from_flags(StorageConfig, args).storage_dtype,
                                  metadata={"name": args.name or args.out.name.removesuffix(".dinomap") or "fleet"})

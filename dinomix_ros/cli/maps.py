@@ -8,7 +8,10 @@ Actions (each has ``--help`` with defaults):
 * ``map info MAP``: what a map holds, from its manifest only (no descriptors are read).
 * ``map topics BAG``: a bag's topics, types and counts, and which can be used as images, poses or GPS.
 * ``map query MAP IMAGE...``: the top-k keyframes for each image, verified geometrically as the node does it
-  (:mod:`dinomix_ros.cli.verify`), as JSON.
+  (:mod:`dinomix_ros.cli.verify`), as JSON (``--descriptors Q.npy``: for stored query descriptors, no model, not
+  verified: :mod:`dinomix_ros.cli.map_import`).
+* ``map import OUT --descriptors D.npy --csv GEOTAGS.csv``: a map from descriptors computed elsewhere
+  (:mod:`dinomix_ros.cli.map_import`).
 * ``map eval``: see :mod:`dinomix_ros.cli.evaluate`.
 * ``map push``, ``map pull``: the fleet's shared map, see :mod:`dinomix_ros.cli.fleet`.
 
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dinomix_ros.cli import evaluate, fleet
+from dinomix_ros.cli import evaluate, fleet, map_import
 from dinomix_ros.cli.verify import QueryVerifier, add_verification_flags
 from dinomix_ros.cli.common import (
     add_bag_flags,
@@ -39,7 +42,7 @@ from dinomix_ros.cli.common import (
     refuse,
     show_progress,
 )
-from dinomix_ros.settings import add_flags, from_flags, spec_of
+from dinomix_ros.settings import add_flags, from_flags
 
 if TYPE_CHECKING:  # imported where used: maps.build_bag imports torch
     from dinomix_ros.maps.build_bag import BagMapConfig
@@ -79,7 +82,15 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
                             "settings (the map's local features and intrinsics; --calibration for the query camera) "
                             "and re-ranked by verified score; each verified candidate shows its inliers, verified "
                             "score, model and the pose the node would publish (relative pose, verified pose prior "
-                            "and its case).")
+                            "and its case). With --descriptors "
+                            "Q.npy: stored query descriptors instead of images (no model, no verification), each "
+                            "query's candidates with their map row and its search time.")
+    add_command(actions, "import", map_import.add_import_arguments, run=_run_import,
+                summary="a map from descriptors computed elsewhere (.npy) and a geotag CSV",
+                description="Streams an (N, D) descriptor .npy (checked block by block: D, dtype, unit rows) and a "
+                            "geotag CSV of N rows in the same order (the columns of `map build --images`) into a new "
+                            "map, builds its search index (--index auto: ivfpq_mmap from 10000 keyframes) and prints "
+                            "a JSON report.")
     evaluate.register(actions)
     fleet.register(actions)
 
@@ -130,6 +141,11 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
 
 
+def _run_import(args: argparse.Namespace) -> int:
+    """``dinomix map import``, with the OUT checks of ``map build``."""
+    return map_import.run_import(args, check_map_out, _default_name)
+
+
 def _add_feature_flags(group: argparse._ArgumentGroup) -> None:
     """Local features stored per keyframe (``--features-*``) and the cameras' calibration (``--calibration``)."""
     from dinomix_ros.imaging.features import FeatureConfig
@@ -178,7 +194,7 @@ def run_build(args: argparse.Namespace) -> int:
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE
     from dinomix_ros.maps.build_bag import build_map_from_bag
     from dinomix_ros.maps.build_folder import build_map_from_folder
-    from dinomix_ros.maps.index import index_for_map, save_map
+    from dinomix_ros.maps.index import index_for_map, save_map_with_index
     from dinomix_ros.maps.index import IndexConfig
     from dinomix_ros.maps.keyframes import StorageConfig, utc_now_iso
 
@@ -211,7 +227,7 @@ def run_build(args: argparse.Namespace) -> int:
         {"time": utc_now_iso(), "model": fingerprint["id"], "report": report.to_dict(), "config": resolved})
     if args.random_weights:
         kmap.metadata["note"] = RANDOM_WEIGHTS_NOTE
-    save_map(kmap, args.out, index_for_map(kmap, index_kind, "cpu") if index_kind != "exact" else None)
+    save_map_with_index(kmap, args.out, index_for_map(kmap, index_kind, "cpu") if index_kind != "exact" else None)
     _logger.info("saved %s (%d keyframes)", args.out, len(kmap))
     result = {"map": str(args.out), **({"note": RANDOM_WEIGHTS_NOTE} if args.random_weights else {}),
               "keyframes": len(kmap), "frames": kmap.frames, "index": index_kind, "report": report.to_dict()}
@@ -261,9 +277,10 @@ def _check_build_early(raw: list[str]) -> None:
 def _open_map(args: argparse.Namespace, fingerprint: dict[str, Any], storage: str) -> KeyframeMap:
     """The map to add to: OUT's (same model required) with --append, else a new empty one named by --name or OUT."""
     from dinomix_ros.maps.keyframes import KeyframeMap
+    from dinomix_ros.maps.loading import load_map
 
     if args.append:
-        kmap = KeyframeMap.load(args.out, expected_fingerprint=fingerprint)
+        kmap = load_map(args.out, expected_fingerprint=fingerprint)
         if kmap.storage_dtype != storage:
             _logger.info("--storage-dtype %s ignored: the map stores %s", storage, kmap.storage_dtype)
     else:
@@ -413,34 +430,39 @@ def _add_query_arguments(p: argparse.ArgumentParser) -> None:
     from dinomix_ros.maps.index import IndexConfig
 
     p.add_argument("map", type=Path, metavar="MAP", help="map directory")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="query images and/or folders of images")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="query images and/or folders of images")
     add_flags(p, MatcherConfig, fields=("top_k",))
-    # --index also takes "auto" here (the map's stored kind), which IndexConfig.index does not: declared by hand.
-    index = spec_of(IndexConfig, "index")
-    p.add_argument("--index", default="auto", choices=("auto",) + index.choices,
-                   help=f"{index.description}; auto = the kind stored with the map, else exact")
+    add_flags(p, IndexConfig, fields=("index",))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_verification_flags(p)
-    add_model_flags(p)
+    map_import.add_descriptor_query_arguments(p)
+    add_model_flags(p, required=False)
 
 
 def run_query(args: argparse.Namespace) -> int:
     """``dinomix map query``: top-k keyframes per image, with the map's calibrated threshold when it has one."""
     from dinomix_ros.evaluation.reports import RANDOM_WEIGHTS_NOTE, json_ready
-    from dinomix_ros.evaluation.runs_bag import stored_index_kind
     from dinomix_ros.localization.matching import MatcherConfig
     from dinomix_ros.maps.index import index_for_map
-    from dinomix_ros.maps.keyframes import KeyframeMap
+    from dinomix_ros.maps.loading import load_map
 
+    if args.descriptors is not None:
+        return map_import.run_descriptor_query(args, _candidate)
+    if not args.images:
+        raise ValueError("map query needs query IMAGEs (with --checkpoint W or --random-weights), or --descriptors "
+                         "Q.npy")
+    if args.checkpoint is None and not args.random_weights:
+        raise ValueError("map query IMAGE... needs the model that built the map: --checkpoint W (or "
+                         "--random-weights)")
     top_k = from_flags(MatcherConfig, args, fields=("top_k",)).top_k
     paths = expand_images([Path(p) for p in args.images])
     encoder = make_encoder(args)
     fingerprint = encoder.fingerprint.to_dict()
-    kmap = KeyframeMap.load(args.map, expected_fingerprint=fingerprint)
+    kmap = load_map(args.map, expected_fingerprint=fingerprint)
     if len(kmap) == 0:
         raise ValueError(f"the map at {args.map} has no keyframes; build it first (`dinomix map build`)")
-    kind = stored_index_kind(kmap) if args.index == "auto" else args.index
-    index = index_for_map(kmap, kind, exact_search_device(args.device) if kind == "exact" else "cpu")
+    index = index_for_map(kmap, args.index, exact_search_device(args.device))
+    kind = index.kind
     verifier, verification = QueryVerifier.from_args(args, kmap, index, top_k)
     desc = encoder.describe(paths, progress=show_progress(args), skip_errors=True, desc="query")
     ok = np.isfinite(desc).all(axis=1)

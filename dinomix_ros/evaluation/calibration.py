@@ -129,10 +129,12 @@ def store_calibration(path: Path, fingerprint: dict[str, Any], report: dict[str,
             :func:`require_calibration`).
         MapMismatchError: the map was built by another model.
     """
-    from dinomix_ros.maps.keyframes import KeyframeMap, utc_now_iso
+    from dinomix_ros.maps.keyframes import utc_now_iso
+    from dinomix_ros.maps.loading import load_map
+    from dinomix_ros.maps.storage import save_map
 
     require_calibration(report, path, config)
-    kmap = KeyframeMap.load(path, expected_fingerprint=fingerprint, load_index=False)
+    kmap = load_map(path, expected_fingerprint=fingerprint, load_index=False)
     cal = report["calibration"]
     record = json_ready({
         "min_similarity": cal["min_similarity"],
@@ -149,7 +151,7 @@ def store_calibration(path: Path, fingerprint: dict[str, Any], report: dict[str,
         **({"note": report["note"]} if "note" in report else {}),
     })
     kmap.metadata["calibration"] = record
-    kmap.save(path)
+    save_map(kmap, path)
     _logger.info("calibrated %s: min_similarity %.6f for precision %s", path, cal["min_similarity"],
                  cal["target_precision"])
     return record

@@ -91,14 +91,14 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
     from dinomix_ros.maps.build import BuildReport
     from dinomix_ros.maps.build_bag import PosedImageStream, check_bag_config
     from dinomix_ros.maps.index import index_for_map
-    from dinomix_ros.maps.keyframes import KeyframeMap
+    from dinomix_ros.maps.loading import load_map
     from dinomix_ros.maps.sources.bags import read_pose_track
 
     # Over 80 lines on purpose: one pass over the setup (load, stream, score, report, verify); most of it is the
     # report's literal fields.
     t0 = time.perf_counter()
     check_bag_config(bag, config)
-    kmap = KeyframeMap.load(map_path, expected_fingerprint=encoder.fingerprint.to_dict())
+    kmap = load_map(map_path, expected_fingerprint=encoder.fingerprint.to_dict())
     if len(kmap) == 0:
         raise ValueError(f"the map at {map_path} has no keyframes")
     track = read_pose_track(bag, config.pose_topic)

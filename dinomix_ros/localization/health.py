@@ -164,6 +164,9 @@ class HealthMonitor:
         if counters.get("qos_incompatible"):
             level, message = WARN, (f"{counters['qos_incompatible']} camera publishers with incompatible QoS: their "
                                     "frames are not received (set cameras.reliability to auto)")
+        if str(live.get("map_check", "")).startswith("FAILED"):
+            level, message = ERROR, (f"map damaged, not matching against it: {live['map_check'][len('FAILED: '):]}; "
+                                     "restore the map directory from a backup and call ~/load_map")
         problems = ([(level, message)] if level > OK else []) + [p for p in findings if p[0] > OK]
         if not problems:
             return OK, "ok", values

@@ -19,6 +19,12 @@
 4. decides what to publish: the pose prior (rate-limited forward in time by ``output.pose_prior_min_period_s``)
    and the loop closure (only to keyframes of this run with ``output.loop_closure_scope: session``).
 
+A map loaded with its content check in the background (``map.verify: background``, see
+:mod:`dinomix_ros.maps.integrity`) is matched against at once; if the check finds a damaged chunk, the live map stops
+matching against it from the next frame on (no candidates, so no pose prior and no loop closure: a damaged map makes
+no claims), keeps recording, reports the refusal in :meth:`LiveMap.stats` (``map_check``), and saves only by
+appending (the damaged chunk keeps its hashes, so restoring it from a backup repairs the map).
+
 It counts what the node reports: keyframes recorded this session, frames without a pose, keyframes not yet saved.
 :meth:`LiveMap.save` writes the map atomically; a failed save loses nothing (every keyframe stays in memory and the
 next save writes it). Thread-safe: one lock around the map, the index, the matcher and the counters.
@@ -51,9 +57,10 @@ from dinomix_ros.localization.verification import VerificationConfig, verify_can
 from dinomix_ros.maps.fleet.push import backlog_rows
 from dinomix_ros.maps.fleet.records import AddResult, PulledKeyframes
 from dinomix_ros.maps.geotags import NO_POSE_FRAME, geotag_columns
-from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map
+from dinomix_ros.maps.index import IndexConfig, PlaceIndex, index_for_map, save_map_with_index
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import CameraRecord
+from dinomix_ros.maps.loading import load_map
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGate, KeyframeGateConfig
 from dinomix_ros.settings import check, setting
@@ -128,7 +135,7 @@ class SaveResult:
 
 
 def open_map(path: str, fingerprint: dict[str, Any], *, storage_dtype: str = "float16", create: bool = False,
-             metadata: dict[str, Any] | None = None) -> KeyframeMap:
+             metadata: dict[str, Any] | None = None, verify: str = "background") -> KeyframeMap:
     """The map at ``path`` (built by the model with ``fingerprint``), or a new empty one.
 
     Args:
@@ -137,13 +144,15 @@ def open_map(path: str, fingerprint: dict[str, Any], *, storage_dtype: str = "fl
         storage_dtype: descriptor storage of a new map.
         create: start an empty map when ``path`` does not exist (else that is an error).
         metadata: metadata of a new map (name, source).
+        verify: when the map's chunks are checked: "background" (started now, the map is usable at once) or
+            "full" (before this returns).
 
     Raises:
         FileNotFoundError: ``path`` does not exist and ``create`` is false.
         MapError: the map cannot be loaded (damaged, newer format, another model).
     """
     if path and Path(path).exists():
-        kmap = KeyframeMap.load(path, expected_fingerprint=fingerprint)
+        kmap = load_map(path, expected_fingerprint=fingerprint, verify=True if verify == "full" else verify)
         _logger.info("loaded map %s: %d keyframes, frames %s", path, len(kmap), kmap.frames)
         return kmap
     if path and not create:
@@ -224,6 +233,9 @@ class LiveMap:
         if calibrated is not None and config.use_map_calibration:
             config = dataclasses.replace(config, min_similarity=calibrated)
         with self._lock:
+            old = getattr(self, "kmap", None)
+            if old is not None and old is not kmap and old.integrity is not None:
+                old.integrity.close()  # the replaced map's background check stops
             self.kmap = kmap
             self.index = index
             self._matcher_config = config
@@ -394,7 +406,10 @@ class LiveMap:
             intrinsics = self._fitted(camera, image_size)
             verify = functools.partial(self._verify, intrinsics, features) if self.verifying else None
             self._verify_s = 0.0
-            result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint, verify=verify)
+            if self.map_damaged:  # no claims from a damaged map (the module docstring)
+                result = MatchResult(stamp_ns, camera, [], accepted=False, rejected_by=["map_damaged"])
+            else:
+                result = self.matcher.query(descriptor, stamp_ns, camera, position_hint=hint, verify=verify)
             case, relative = "keyframe", None
             if result.best is not None and result.best.verified:
                 mounts = self.keyframe_mount(result.best), self.query_mount(camera, frame_id)
@@ -424,6 +439,12 @@ class LiveMap:
                 prior = result.prior is not None and self._prior_due(stamp_ns)
                 loop = session_row or self.output.loop_closure_scope == "all"
             return FrameOutcome(result, prior, loop, recorded, jump, error, case, self._verify_s, relative)
+
+    @property
+    def map_damaged(self) -> bool:
+        """Whether the map's content check found a damaged chunk (matching against it stopped)."""
+        integrity = self.kmap.integrity
+        return integrity is not None and integrity.failed
 
     def query_mount(self, camera: str, frame_id: str = "") -> np.ndarray:
         """(4, 4) ``T_base_cam`` of the camera a query frame comes from, by its image's ``frame_id``
@@ -590,7 +611,7 @@ class LiveMap:
         """
         t0 = time.monotonic()
         with self._lock:  # the map grows only under this lock: the save sees one consistent state
-            save_map(self.kmap, path, self.index)
+            save_map_with_index(self.kmap, path, self.index)
             self._saved_rows = n = len(self.kmap)
         return SaveResult(Path(path), n, time.monotonic() - t0)
 
@@ -608,6 +629,8 @@ class LiveMap:
                 "accepted_matches": self.counters["accepted"],
                 "min_similarity": self._matcher_config.min_similarity if self.matcher is not None else math.nan,
                 "cameras_intrinsics_unfit": ",".join(sorted(self._unfit)),
+                "map_check": "none" if self.kmap.integrity is None else self.kmap.integrity.describe(),
+                "map_index": getattr(self.index, "kind", "?"),
                 **self._verification_stats(),
             }
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from dinomix_ros.localization.live_map import LiveMap
+from dinomix_ros.maps import loading
 from dinomix_ros.maps.index import index_for_map
-from dinomix_ros.maps.keyframes import KeyframeMap
 
 __all__ = ["autosave", "load_map", "rescue_paths", "save_map", "start_recording", "stop_recording"]
 
@@ -48,16 +48,17 @@ def save_map(live: LiveMap, path: str, node_name: str) -> tuple[bool, str]:
     return True, f"saved {saved.keyframes} keyframes to {path} in {saved.seconds:.2f} s"
 
 
-def load_map(live: LiveMap, path: str, fingerprint: dict) -> tuple[bool, str]:
+def load_map(live: LiveMap, path: str, fingerprint: dict, verify: str = "full") -> tuple[bool, str]:
     """Replace the live map by the one at ``path`` (made by the model of ``fingerprint``); refused while the current
     map has unsaved keyframes. Loading and indexing happen outside the map lock: the camera pipeline keeps matching
-    the old map meanwhile, and keeps it when the load fails."""
+    the old map meanwhile, and keeps it when the load fails. ``verify``: "full" (the default: the map's chunks are
+    checked before it replaces the old one, so a damaged map is refused and the old one kept) or "background"."""
     if live.unsaved > 0:
         return False, f"the current map has {live.unsaved} unsaved keyframes: call ~/save_map first"
     if not path or not Path(path).exists():
         return False, f"map.path {path!r} does not exist"
     try:
-        kmap = KeyframeMap.load(path, expected_fingerprint=fingerprint)
+        kmap = loading.load_map(path, expected_fingerprint=fingerprint, verify=True if verify == "full" else verify)
         live.replace_map(kmap, index_for_map(kmap, kind=live.index_config.index,
                                              device=live.index_config.search_device))
     except Exception as exc:  # the old map stays in use

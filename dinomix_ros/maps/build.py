@@ -6,7 +6,7 @@ keyframes.
 
 The live node (:mod:`dinomix_ros.ros.localizer_node`) reuses :data:`~dinomix_ros.maps.geotags.NO_POSE_FRAME` and the
 keyframe gate of :mod:`dinomix_ros.maps.sources.poses`. The search index of a map
-(:func:`~dinomix_ros.maps.index.index_for_map`, :func:`~dinomix_ros.maps.index.save_map`) lives in
+(:func:`~dinomix_ros.maps.index.index_for_map`, :func:`~dinomix_ros.maps.index.save_map_with_index`) lives in
 :mod:`dinomix_ros.maps.index`.
 """
 

@@ -36,7 +36,7 @@ import torch
 from dinomix_ros.maps.errors import IndexFormatError
 from dinomix_ros.maps.torch_backend import matmul_topk
 
-__all__ = ["PQ_NBITS", "MIN_POINTS_PER_CENTROID", "FaissBackend", "read_faiss_index"]
+__all__ = ["PQ_NBITS", "MIN_POINTS_PER_CENTROID", "FaissBackend", "read_faiss_index", "read_trusted_blob"]
 
 LOG = logging.getLogger(__name__)
 
@@ -246,6 +246,21 @@ def read_faiss_index(buf: np.ndarray | bytes) -> tuple[Any, str, dict[str, Any]]
     Raises:
         IndexFormatError: When ``buf`` is not a faiss index, or one of an unsupported type or metric.
     """
+    index = read_trusted_blob(buf)
+    kind, params = _kind_and_params(index)
+    return index, kind, params
+
+
+def read_trusted_blob(buf: np.ndarray | bytes) -> Any:
+    """Deserialise a faiss inner-product index from untrusted bytes (a map file), guarded.
+
+    The bytes are first read in a forked child whose address space is capped (:func:`_deserializes_within_memory`):
+    a blob declaring far more memory than its size, or crashing faiss's reader, is refused without touching this
+    process. Then faiss reads it here.
+
+    Raises:
+        IndexFormatError: not a faiss index, one that asks for far more memory than its size, or not inner product.
+    """
     if isinstance(buf, (bytes, bytearray, memoryview)):
         buf = np.frombuffer(buf, dtype=np.uint8)
     buf = np.ascontiguousarray(buf)
@@ -270,8 +285,7 @@ def read_faiss_index(buf: np.ndarray | bytes) -> tuple[Any, str, dict[str, Any]]
             f"the stored index uses metric {index.metric_type}, expected METRIC_INNER_PRODUCT "
             f"({faiss.METRIC_INNER_PRODUCT}): rebuild it with PlaceIndex."
         )
-    kind, params = _kind_and_params(index)
-    return index, kind, params
+    return index
 
 
 def _deserializes_within_memory(buf: np.ndarray, timeout_s: float = 120.0) -> bool:

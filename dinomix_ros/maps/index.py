@@ -12,8 +12,9 @@ sums to about 1e-6) would otherwise give an image matched with itself a cosine s
   :class:`~dinomix_ros.maps.torch_backend.TorchBackend` (exact, CPU or CUDA). The masks of ``allowed=`` are built
   by :mod:`dinomix_ros.maps.masks`.
 * :class:`IndexConfig`: which index a map gets and where it runs (node and CLI settings).
-* :func:`index_for_map` / :func:`save_map`: a map's index, from the blob stored with the map when that is fresh,
-  else built from its descriptors; an approximate index is saved with the map (:data:`INDEX_KIND_NAMES` labels it).
+* :func:`index_for_map` / :func:`save_map_with_index`: a map's index, from the blob stored with the map when that is
+  fresh, else built from its descriptors; an approximate index is saved with the map (:data:`INDEX_KIND_NAMES`
+  labels it).
 
 Bad inputs raise the :class:`~dinomix_ros.maps.errors.PlaceIndexError` family of
 :mod:`dinomix_ros.maps.errors`. faiss is faiss-cpu: exact search on CUDA is the torch backend.
@@ -41,32 +42,46 @@ from dinomix_ros.maps.errors import (
     IndexFormatError,
     PlaceIndexError,
 )
+from dinomix_ros.maps.index_choice import check_fits, resolve_kind
+from dinomix_ros.maps.index_inputs import (
+    ADD_CHUNK, as_matrix, check_choice, check_matrix, check_positive_int, largest_divisor_at_most,
+    resolve_device_backend,
+)
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.masks import normalize_allowed
+from dinomix_ros.maps.mmap_index import KIND as MMAP_KIND
+from dinomix_ros.maps.mmap_index import STORED_KIND as MMAP_STORED_KIND
+from dinomix_ros.maps.mmap_index import MmapIndex, MmapIndexParams, min_train_rows
 from dinomix_ros.maps.torch_backend import TORCH_DTYPES, TorchBackend
+from dinomix_ros.maps.storage import save_map
 from dinomix_ros.settings import check, setting
 
 __all__ = [
     "IndexConfig",
     "KINDS",
+    "MAP_KINDS",
     "BACKENDS",
     "DEVICES",
     "INDEX_KIND_NAMES",
     "PlaceIndex",
     "index_for_map",
-    "save_map",
+    "save_map_with_index",
 ]
 
 LOG = logging.getLogger(__name__)
 
-KINDS = ("exact", "hnsw", "ivfpq")
+KINDS = ("exact", "hnsw", "ivfpq")  # what PlaceIndex builds
+#: What ``map.index`` takes: auto (by map size, :mod:`.index_choice`), PlaceIndex's kinds, and ivfpq_mmap
+#: (:mod:`.mmap_index`: codes in RAM, exact re-ranking from the memory-mapped map; for large maps).
+MAP_KINDS = ("auto",) + KINDS + (MMAP_KIND,)
 BACKENDS = ("auto", "faiss", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 #: Map ``index_kind`` label of each :class:`PlaceIndex` kind (stored in the map's manifest).
-INDEX_KIND_NAMES: dict[str, str] = {"exact": "faiss_flat_ip", "hnsw": "faiss_hnsw_ip", "ivfpq": "faiss_ivfpq_ip"}
+INDEX_KIND_NAMES: dict[str, str] = {
+    "exact": "faiss_flat_ip", "hnsw": "faiss_hnsw_ip", "ivfpq": "faiss_ivfpq_ip", MMAP_KIND: MMAP_STORED_KIND,
+}
 
 FLOAT16_MAX = 65504.0
-_ADD_CHUNK = 65536  # rows converted to float32 at a time by add()
 _STRUCTURAL_PARAMS = frozenset({"hnsw_m", "hnsw_ef_construction", "ivf_nlist", "pq_m", "refine"})
 _IVF_TRAIN_SAMPLE = 65536  # rows index_for_map trains IVF-PQ on at most (k-means cost grows with it)
 
@@ -78,8 +93,9 @@ class IndexConfig:
 
     SETTINGS_GROUP: ClassVar[str] = "map"
 
-    index: str = setting("exact", "search index: exact, hnsw or ivfpq (approximate, for large maps)", choices=KINDS,
-                         reconfigure=True)
+    index: str = setting("auto", "search index: auto (exact below 10000 keyframes, else ivfpq_mmap or the kind the map "
+                                 "stores), exact, hnsw, ivfpq, or ivfpq_mmap (large maps: codes in RAM, exact re-rank "
+                                 "from the memory-mapped map)", choices=MAP_KINDS, reconfigure=True)
     search_device: str = setting("auto", "where exact search runs: auto, cpu or cuda", choices=DEVICES,
                                  reconfigure=True)
 
@@ -168,15 +184,15 @@ class PlaceIndex:
         refine_k_factor: float = 8.0,
         filter_exact_max: int = 4096,
     ) -> None:
-        _check_choice("kind", kind, KINDS)
-        _check_choice("device", device, DEVICES)
-        _check_choice("backend", backend, BACKENDS)
-        _check_positive_int("dim", dim)
+        check_choice("kind", kind, KINDS)
+        check_choice("device", device, DEVICES)
+        check_choice("backend", backend, BACKENDS)
+        check_positive_int("dim", dim)
         for name, value in (("hnsw_m", hnsw_m), ("hnsw_ef_construction", hnsw_ef_construction),
                             ("hnsw_ef_search", hnsw_ef_search), ("pq_m", pq_m), ("ivf_nprobe", ivf_nprobe)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if ivf_nlist is not None:
-            _check_positive_int("ivf_nlist", ivf_nlist)
+            check_positive_int("ivf_nlist", ivf_nlist)
         if not isinstance(filter_exact_max, numbers.Integral) or filter_exact_max < 0:
             raise IndexConfigError(f"filter_exact_max must be an int >= 0, found {filter_exact_max!r}.")
         if not (isinstance(refine_k_factor, numbers.Real) and refine_k_factor >= 1.0):
@@ -184,10 +200,10 @@ class PlaceIndex:
         if kind == "ivfpq" and dim % pq_m != 0:
             raise IndexConfigError(
                 f"pq_m={pq_m} does not divide dim={dim}: IVF-PQ splits each vector into pq_m equal sub-vectors. "
-                f"Pick a divisor of {dim} (e.g. {_largest_divisor_at_most(dim, pq_m)})."
+                f"Pick a divisor of {dim} (e.g. {largest_divisor_at_most(dim, pq_m)})."
             )
         if torch_dtype is not None:
-            _check_choice("torch_dtype", torch_dtype, tuple(TORCH_DTYPES))
+            check_choice("torch_dtype", torch_dtype, tuple(TORCH_DTYPES))
 
         self.dim = int(dim)
         self.kind = kind
@@ -202,7 +218,7 @@ class PlaceIndex:
         if kind != "exact":
             self.params["filter_exact_max"] = int(filter_exact_max)
 
-        self.device, self.backend = _resolve_device_backend(kind, device, backend)
+        self.device, self.backend = resolve_device_backend(kind, device, backend)
         self._lock = threading.RLock()
         self._store: TorchBackend | FaissBackend  # the rows and their search; self.backend names which
         if self.backend == "torch":
@@ -251,7 +267,7 @@ class PlaceIndex:
                 the float16 range.
         """
         fp16 = isinstance(self._store, TorchBackend) and self._store.dtype == torch.float16
-        xb = _check_matrix(xb, self.dim, "xb", FLOAT16_MAX if fp16 else None)  # validates all rows before adding any
+        xb = check_matrix(xb, self.dim, "xb", FLOAT16_MAX if fp16 else None)  # validates all rows before adding any
         if xb.shape[0] == 0:
             return
         with self._lock:
@@ -259,8 +275,8 @@ class PlaceIndex:
                 self._store.add(np.ascontiguousarray(xb, dtype=np.float32))
                 return
             # chunks bound the float32 conversion of a large float16 or read-only (memory-mapped) map
-            for j0 in range(0, xb.shape[0], _ADD_CHUNK):
-                self._store.add(np.ascontiguousarray(xb[j0:j0 + _ADD_CHUNK], dtype=np.float32))
+            for j0 in range(0, xb.shape[0], ADD_CHUNK):
+                self._store.add(np.ascontiguousarray(xb[j0:j0 + ADD_CHUNK], dtype=np.float32))
 
     def train(self, xt: np.ndarray) -> None:
         """Train an ivfpq index now on ``xt`` (e.g. all or a sample of the map) instead of on the first rows added.
@@ -279,7 +295,7 @@ class PlaceIndex:
         if self.kind != "ivfpq":
             LOG.debug("train(): kind %r needs no training", self.kind)
             return
-        xt = _as_matrix(xt, self.dim, "xt")
+        xt = as_matrix(xt, self.dim, "xt")
         need = self._store.min_train()
         if xt.shape[0] < need:
             raise DescriptorError(f"xt has {xt.shape[0]} vectors, ivfpq training needs at least {need} "
@@ -312,7 +328,7 @@ class PlaceIndex:
             EmptyIndexError: When the index holds no descriptors.
             IndexConfigError: For k < 1.
         """
-        xq = _as_matrix(xq, self.dim, "xq")
+        xq = as_matrix(xq, self.dim, "xq")
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise IndexConfigError(f"k must be an int >= 1, found {k!r}.")
         k = int(k)
@@ -392,7 +408,7 @@ class PlaceIndex:
         """
         index, found, fparams = read_faiss_index(buf)
         if kind is not None:
-            _check_choice("kind", kind, KINDS)
+            check_choice("kind", kind, KINDS)
             if kind != found and not (kind == "ivfpq" and found == "exact"):
                 raise IndexFormatError(f"the stored index is {type(index).__name__} (kind {found!r}), expected kind "
                                        f"{kind!r}. Pass kind=None to accept what is stored.")
@@ -445,28 +461,46 @@ class PlaceIndex:
 # ---------------------------------------------------------------------- the index of a map
 
 
-def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", **params: Any) -> PlaceIndex:
+def index_for_map(kmap: KeyframeMap, kind: str = "auto", device: str = "auto", *,
+                  memory_limit_bytes: int | None = None, mmap_params: MmapIndexParams | None = None,
+                  **params: Any) -> PlaceIndex | MmapIndex:
     """The search index over every keyframe of ``kmap``.
 
-    The map's stored index blob is used when it is fresh (built over all current rows), labelled with this kind
-    (:data:`INDEX_KIND_NAMES`) and loads with the same row count; otherwise the index is built from
-    :meth:`KeyframeMap.iter_descriptors_f32` in blocks (no concatenated float32 copy of the map). The log says which.
+    The map's stored index is used when it is fresh (built over all current rows) and of this kind
+    (:data:`INDEX_KIND_NAMES`); otherwise the index is built from the map in blocks (no concatenated float32 copy of
+    the map). The log says which, and why ``auto`` chose its kind (:func:`~.index_choice.resolve_kind`).
 
     Args:
         kmap: the map.
-        kind: "exact", "hnsw" or "ivfpq" (see :class:`PlaceIndex`).
-        device: "auto", "cpu" or "cuda" (hnsw and ivfpq run on the CPU).
+        kind: "auto", "exact", "hnsw", "ivfpq" or "ivfpq_mmap" (:data:`MAP_KINDS`). ivfpq_mmap on a map too small to
+            train it (:func:`~.mmap_index.min_train_rows`) is exact, logged.
+        device: "auto", "cpu" or "cuda" (only exact search runs on CUDA).
+        memory_limit_bytes: RAM the index may take (None: 80 % of MemAvailable); see :func:`~.index_choice.check_fits`.
+        mmap_params: parameters of an ivfpq_mmap index (search-time ones apply to a stored one too).
         **params: further :class:`PlaceIndex` arguments (e.g. ``hnsw_ef_search``).
 
     Returns:
         The index; row i is map row i.
 
     Raises:
-        IndexConfigError: an unknown kind or device, or a kind the device cannot run.
+        IndexConfigError: an unknown kind or device, a kind the device cannot run, or an index that would not fit in
+            RAM (the message gives the estimate and the kind to use instead).
     """
-    if kind not in KINDS:
-        raise IndexConfigError(f"index kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
+    if kind not in MAP_KINDS:
+        raise IndexConfigError(f"index kind {kind!r} is unknown; expected one of {', '.join(MAP_KINDS)}")
+    requested = kind
+    kind, why = resolve_kind(kind, kmap, INDEX_KIND_NAMES)
+    if requested == "auto" and kind != "exact" and device == "cuda":
+        device = "cpu"  # approximate kinds run on the CPU (exact search is what runs on CUDA)
+    if kind == MMAP_KIND and len(kmap) < min_train_rows(mmap_params or MmapIndexParams()):
+        LOG.info("index: %s needs %d keyframes to train, the map has %d: exact search instead", MMAP_KIND,
+                 min_train_rows(mmap_params or MmapIndexParams()), len(kmap))
+        kind, why = "exact", "too few keyframes for ivfpq_mmap"
+    if kind == MMAP_KIND:
+        return _mmap_index_for_map(kmap, why, memory_limit_bytes, mmap_params)
     blob, stored = kmap.index_blob, kmap.index_kind
+    resolved_device = resolve_device_backend(kind, device, params.get("backend", "auto"))[0]
+    check_fits(kind, len(kmap), kmap.descriptor_dim, resolved_device, params, memory_limit_bytes)
     if blob is None:
         reason = "the map has no fresh stored index"
     elif stored != INDEX_KIND_NAMES[kind]:
@@ -480,7 +514,7 @@ def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", 
             reason = f"the stored index could not be read ({exc})"
         else:
             if index.ntotal == len(kmap) and index.dim == kmap.descriptor_dim:
-                LOG.info("index: using the stored %s index of the map (%d rows)", stored, index.ntotal)
+                LOG.info("index: using the stored %s index of the map (%d rows), %s", stored, index.ntotal, why)
                 return index
             reason = (f"the stored index holds {index.ntotal} rows of dim {index.dim}, the map {len(kmap)} of dim "
                       f"{kmap.descriptor_dim}")
@@ -492,103 +526,45 @@ def index_for_map(kmap: KeyframeMap, kind: str = "exact", device: str = "auto", 
         index.train(np.concatenate([block[::stride] for block in kmap.iter_descriptors_f32(block_rows=stride * 4096)]))
     for block in kmap.iter_descriptors_f32():
         index.add(block)
-    LOG.info("index: %s index built over %d rows in %.2f s (%s)", kind, index.ntotal, time.perf_counter() - t0,
-             reason)
+    LOG.info("index: %s index built over %d rows in %.2f s (%s), %s", kind, index.ntotal, time.perf_counter() - t0,
+             reason, why)
     return index
 
 
-def save_map(kmap: KeyframeMap, path: str | Path, index: PlaceIndex | None = None) -> Path:
+def _mmap_index_for_map(kmap: KeyframeMap, why: str, memory_limit_bytes: int | None,
+                        params: MmapIndexParams | None) -> MmapIndex:
+    """The map's stored ivfpq_mmap index when fresh and readable, else one trained on the map."""
+    if kmap.index_kind == MMAP_STORED_KIND:
+        try:
+            index = MmapIndex.from_stored(kmap, params)
+        except PlaceIndexError as exc:
+            reason = f"the stored index could not be read ({exc})"
+        else:
+            LOG.info("index: using the stored %s index of the map (%d rows), %s", MMAP_KIND, index.ntotal, why)
+            return index
+    else:
+        reason = "the map has no fresh stored ivfpq_mmap index"
+    check_fits(MMAP_KIND, len(kmap), kmap.descriptor_dim, "cpu", None, memory_limit_bytes)
+    LOG.info("index: training %s over %d rows (%s; %s)", MMAP_KIND, len(kmap), reason, why)
+    return MmapIndex.train(kmap, params)
+
+
+def save_map_with_index(kmap: KeyframeMap, path: str | Path, index: PlaceIndex | MmapIndex | None = None) -> Path:
     """Save ``kmap`` atomically; an approximate index is stored with it (exact ones are rebuilt on load).
 
     Args:
         kmap: the map.
         path: the map directory.
-        index: the map's index; stored when it is approximate and covers every row of the map.
+        index: the map's index; stored when it is approximate and covers every row of the map (an ivfpq_mmap index
+            as its quantizers plus code chunks that later saves append to).
 
     Returns:
         The path the map was saved to.
     """
-    if index is not None and index.kind != "exact" and index.ntotal == len(kmap):
-        return kmap.save(path, index.to_bytes(), INDEX_KIND_NAMES[index.kind])
-    return kmap.save(path)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _resolve_device_backend(kind: str, device: str, backend: str) -> tuple[str, str]:
-    cuda = torch.cuda.is_available()
-    if backend == "torch" and kind != "exact":
-        raise IndexConfigError(f"backend='torch' only implements kind 'exact', found kind {kind!r}. "
-                               "Use backend='auto' or 'faiss' for hnsw/ivfpq.")
-    if backend == "faiss" and device == "cuda":
-        raise IndexConfigError("backend='faiss' runs on the CPU only (faiss-cpu), found device='cuda'. Use "
-                               "backend='auto' or 'torch' for exact search on CUDA, or device='cpu'.")
-    if device == "cuda" and not cuda:
-        raise IndexConfigError("device='cuda' was requested but torch.cuda.is_available() is False. "
-                               "Use device='auto' (CUDA when present) or device='cpu'.")
-    if kind != "exact":
-        if device == "cuda":
-            raise IndexConfigError(f"kind {kind!r} runs on CPU only, found device='cuda'. Use device='cpu'/'auto', "
-                                   "or kind='exact' (a brute-force float16 scan) on CUDA.")
-        if device == "auto":
-            LOG.info("device='auto': kind %r runs on CPU", kind)
-        return "cpu", "faiss"
-    if device == "auto":
-        device = "cuda" if cuda and backend != "faiss" else "cpu"
-        LOG.debug("device='auto' resolved to %s (torch.cuda.is_available()=%s, backend=%s)", device, cuda, backend)
-    if device == "cpu":
-        return "cpu", "torch" if backend == "torch" else "faiss"
-    return "cuda", "torch"  # exact search on CUDA is the torch backend: faiss here is faiss-cpu
-
-
-def _check_matrix(x: np.ndarray, dim: int, name: str, limit: float | None = None) -> np.ndarray:
-    """Validate descriptors/queries: float dtype, (n, dim) or (dim,) shape, finite, |x| <= limit; return (n, dim)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DescriptorError(f"{name} must be a float32/float16 array, found dtype {x.dtype}. "
-                              "Pass the float descriptors returned by the encoder.")
-    if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise DescriptorError(f"{name} has shape {x.shape}, expected (n, {dim}) or ({dim},). "
-                              "Check that the map and the encoder use the same descriptor dimension.")
-    if limit is None and x.dtype.itemsize > 4:
-        limit = float(np.finfo(np.float32).max)  # float64 values beyond this become inf in float32
-    n_bad, first_bad, peak = 0, -1, 0.0
-    for j0 in range(0, x.shape[0], _ADD_CHUNK):  # chunked: no full-size temporaries for a large map
-        chunk = x[j0:j0 + _ADD_CHUNK]
-        bad = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
-        if bad.size and first_bad < 0:
-            first_bad = j0 + int(bad[0])
-        n_bad += bad.size
-        if limit is not None and not bad.size and chunk.size:
-            peak = max(peak, float(np.abs(chunk).max()))
-    if n_bad:
-        raise DescriptorError(f"{name} has {n_bad} row(s) with NaN/inf values (first: row {first_bad}), expected "
-                              "finite descriptors. Drop those rows or fix the encoder input.")
-    if limit is not None and peak > limit:
-        raise DescriptorError(f"{name} has |value| {peak:.6g} > {limit:.6g}, the largest value the index stores "
-                              "(float16 max for float16 storage). L2-normalise the descriptors, or store float32.")
-    return x
-
-
-def _as_matrix(x: np.ndarray, dim: int, name: str) -> np.ndarray:
-    """Validate queries and return them as a C-contiguous float32 (n, dim) array."""
-    return np.ascontiguousarray(_check_matrix(x, dim, name), dtype=np.float32)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise IndexConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, found {value!r}.")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise IndexConfigError(f"{name} must be an int >= 1, found {value!r}.")
-
-
-def _largest_divisor_at_most(n: int, m: int) -> int:
-    return max(d for d in range(1, min(n, m) + 1) if n % d == 0)
+    if isinstance(index, MmapIndex) and index.ntotal == len(kmap):
+        blob, codes = index.stored()
+        kmap.set_index(blob, MMAP_STORED_KIND, codes=codes)
+        return save_map(kmap, path)
+    if index is not None and index.kind not in ("exact", MMAP_KIND) and index.ntotal == len(kmap):
+        return save_map(kmap, path, index.to_bytes(), INDEX_KIND_NAMES[index.kind])
+    return save_map(kmap, path)

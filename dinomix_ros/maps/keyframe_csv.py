@@ -22,7 +22,7 @@ from dinomix_ros.maps.validation import check_columns, short_repr
 if TYPE_CHECKING:
     from dinomix_ros.maps.keyframes import KeyframeMap
 
-__all__ = ["CSV_COLUMNS", "parse_csv", "write_csv"]
+__all__ = ["CSV_COLUMNS", "check_csv_matches", "parse_csv", "write_csv"]
 
 #: Header of the keyframe CSV, in order. Empty cell = unknown.
 CSV_COLUMNS = (
@@ -98,6 +98,71 @@ def parse_csv(data: bytes, name: str, count: int) -> dict[str, np.ndarray]:
         raise MapFormatError(f"{name} line 2: negative id {ids[0]}")
     check_columns(cols, lambda i: f"{name} line {i + 2}", MapFormatError)
     return cols
+
+
+def check_csv_matches(f: Any, name: str, count: int, cols: dict[str, np.ndarray], other: str,
+                      block_rows: int = 65536) -> None:
+    """Parse the CSV from the binary file ``f`` in blocks (bounded memory) and compare every cell with ``cols``, the
+    columns loaded from ``other`` (the binary table): the content check of a map loaded from its binary table.
+
+    Raises:
+        MapFormatError: the CSV is malformed (the messages of :func:`parse_csv`), has another row count, or a cell
+            differs (floats bit for bit) from ``cols``.
+    """
+    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    reader = csv.reader(text)
+    try:
+        header = next(reader, None)
+        if header is None or tuple(header) != CSV_COLUMNS:
+            raise MapFormatError(f"{name}: header is {short_repr(header, 300)}, expected {list(CSV_COLUMNS)}")
+        rows: list[list[str]] = []
+        start = 0
+        for row in reader:
+            if len(row) != len(CSV_COLUMNS):
+                raise MapFormatError(f"{name} line {reader.line_num}: {len(row)} cells, expected {len(CSV_COLUMNS)}")
+            rows.append(row)
+            if start + len(rows) > count:
+                raise MapFormatError(f"{name} has more than the {count} keyframe rows manifest.json says")
+            if len(rows) == block_rows:
+                _compare_rows(rows, start, name, cols, other)
+                start, rows = start + len(rows), []
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise MapFormatError(f"{name} line {reader.line_num}: not a keyframe table row ({exc}); the table is "
+                             "damaged or was edited: restore the map directory from a backup or rebuild the map") \
+            from None
+    _compare_rows(rows, start, name, cols, other)
+    if start + len(rows) != count:
+        raise MapFormatError(f"{name} has {start + len(rows)} keyframe rows but manifest.json says {count}")
+
+
+def _compare_rows(rows: list[list[str]], start: int, name: str, cols: dict[str, np.ndarray], other: str) -> None:
+    if not rows:
+        return
+    cells = dict(zip(CSV_COLUMNS, zip(*rows)))
+    stop = start + len(rows)
+    parsed = {
+        "ids": _ints(cells, "id", name), "stamps_ns": _ints(cells, "stamp_ns", name),
+        "cameras": _strs(cells, "camera"), "frame_ids": _strs(cells, "frame_id"),
+        "positions": _floats(cells, ("x", "y", "z"), name),
+        "orientations": _floats(cells, ("qx", "qy", "qz", "qw"), name),
+        "gps": _floats(cells, ("lat", "lon", "alt"), name), "utm_zones": _ints(cells, "utm_zone", name, empty=0),
+        "utm_bands": _strs(cells, "utm_band"), "utm": _floats(cells, ("utm_easting", "utm_northing"), name),
+        "sources": _strs(cells, "source"),
+    }
+    for key, mine in parsed.items():
+        theirs = cols[key][start:stop]
+        if mine.dtype.kind == "f":
+            same = (mine.view(np.int64) == theirs.view(np.int64)).reshape(len(rows), -1).all(axis=1)
+        elif mine.dtype.kind == "O":
+            same = mine == theirs
+        else:
+            same = mine == theirs.astype(np.int64)
+        if not np.all(same):
+            i = int(np.flatnonzero(~np.asarray(same, dtype=bool))[0])
+            ours, loaded = np.asarray(mine[i]).tolist(), np.asarray(theirs[i]).tolist()
+            raise MapFormatError(f"{name} line {start + i + 2} and {other} row {start + i} disagree on {key} "
+                                 f"({short_repr(ours, 60)} vs {short_repr(loaded, 60)}): edited by hand? Restore the "
+                                 "map directory from a backup or rebuild the map")
 
 
 def _read_rows(data: bytes, name: str, count: int) -> list[list[str]]:

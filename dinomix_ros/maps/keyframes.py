@@ -4,26 +4,26 @@ A :class:`KeyframeMap` is a table with one row per keyframe (struct of arrays: r
 ``i``). Rows are only ever appended; ids are assigned increasing by :meth:`KeyframeMap.add` and never reused, so an id
 that went out in a message keeps meaning the same place. A :class:`KeyframeMap` object is not thread-safe.
 
-Memory: a loaded map keeps its descriptor chunks separate (memory maps after ``load(mmap=True)``);
+Memory: a loaded map keeps its descriptor chunks separate (memory maps after ``load_map(path, mmap=True)``);
 :attr:`KeyframeMap.descriptors` concatenates them once, on first access, into RAM (a 1M x 4096 float16 map is 8 GB),
-and is a zero-copy memory map when the map has a single chunk (``save(..., compact=True)`` rewrites all chunks into
-one). :meth:`KeyframeMap.iter_descriptors_f32` streams float32 blocks without concatenating.
+and is a zero-copy memory map when the map has a single chunk (``save_map(kmap, path, compact=True)`` rewrites all
+chunks into one). :meth:`KeyframeMap.iter_descriptors_f32` streams float32 blocks without concatenating, and
+:meth:`KeyframeMap.descriptor_rows` gathers a few rows (a search's short list) from any chunk.
 
-:meth:`KeyframeMap.save` and :meth:`KeyframeMap.load` are the map's persistence; the on-disk format, its atomic
-generations and its lock live in :mod:`dinomix_ros.maps.storage` (engine), :mod:`dinomix_ros.maps.loading` (verified
-loading) and :mod:`dinomix_ros.maps.manifest` (format), and are documented in ``maps/README.md``. What a valid row
-is lives in :mod:`dinomix_ros.maps.validation`, shared by :meth:`KeyframeMap.add` and loading. The map's errors are
-defined in :mod:`dinomix_ros.maps.errors` and importable from here.
+Persistence is not this module's: :func:`dinomix_ros.maps.storage.save_map` and
+:func:`dinomix_ros.maps.loading.load_map` are functions over the table (the on-disk format, its atomic generations and
+its lock live there and in :mod:`dinomix_ros.maps.manifest`, documented in ``maps/README.md``), and this module
+imports none of them. What a valid row is lives in :mod:`dinomix_ros.maps.validation`, shared by
+:meth:`KeyframeMap.add` and loading. The map's errors are defined in :mod:`dinomix_ros.maps.errors` and importable
+from here.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
@@ -39,6 +39,7 @@ from dinomix_ros.maps.validation import (
     check_descriptors, check_fingerprint, check_index_kind, check_metadata, check_same_model, dtype_name, empty_columns,
 )
 from dinomix_ros.settings import check, setting
+from dinomix_ros.util.mmaps import gather_rows
 
 __all__ = [
     "Keyframe",
@@ -94,18 +95,21 @@ class Keyframe:
 
 @dataclass(frozen=True)
 class _AttachedIndex:
-    """A serialized search index attached to a map: the blob, its kind, the row count it covers and its sha256."""
+    """A serialized search index attached to a map: the blob, its kind, the row count it covers and its sha256, and
+    for an index stored as codes per row (kind "faiss_ivfpq_mmap") those codes, in row order."""
 
     blob: np.ndarray
     kind: str
     rows: int
     sha256: str
+    codes: tuple[np.ndarray, ...] | None = None
 
 
 class KeyframeMap:
     """Keyframes with descriptors, poses, geotags and the fingerprint of the model that described them.
 
-    Build one with :meth:`empty` and :meth:`add`, or :meth:`load` it; persist it with :meth:`save`. Column
+    Build one with :meth:`empty` and :meth:`add`, or load one with :func:`~dinomix_ros.maps.loading.load_map`;
+    save it with :func:`~dinomix_ros.maps.storage.save_map`. Column
     properties (:attr:`ids`, :attr:`positions`, ...) return read-only arrays with row ``i`` = keyframe ``i``.
 
     Attributes:
@@ -127,7 +131,7 @@ class KeyframeMap:
         columns: dict[str, np.ndarray] | None = None,
         segments: list[np.ndarray] | None = None,
     ) -> None:
-        """Internal constructor, for :meth:`subset` and the storage module; use :meth:`empty` or :meth:`load`."""
+        """Internal constructor, for :meth:`subset`, loading and importing; use :meth:`empty` or ``load_map``."""
         self.fingerprint = fingerprint
         self.metadata = metadata
         self.created = created
@@ -140,12 +144,16 @@ class KeyframeMap:
             arr.flags.writeable = False
         self._pending: list[dict[str, np.ndarray]] = []
         self._segments: list[np.ndarray] = segments if segments is not None else []
+        self._segment_ends: np.ndarray | None = None  # cumulative row counts of _segments, built on use
         self._count = int(self._cols["ids"].shape[0])
         self._index: _AttachedIndex | None = None
         # What this object knows is committed on disk, per map directory: owned by dinomix_ros.maps.storage and
         # .loading (which use it to append and to detect other writers) and opaque here. A new object (subset())
         # starts with none.
         self._storage_state: Any = None
+        # The content check of a loaded map's chunks (dinomix_ros.maps.integrity.MapIntegrity), set by loading; None
+        # for a map built in memory or loaded with verify=False. Opaque here.
+        self.integrity: Any = None
         # Local features per row and intrinsics per camera (map format 2), None for maps without them (format 1).
         self.local_features: KeyframeFeatures | None = None
 
@@ -260,6 +268,7 @@ class KeyframeMap:
         seg.flags.writeable = False
         self._pending.append(block)
         self._segments.append(seg)
+        self._segment_ends = None
         if feature_block is not None:
             self.local_features.append_block(feature_block)
         self._next_id += n
@@ -385,8 +394,8 @@ class KeyframeMap:
     def descriptors(self) -> np.ndarray:
         """(N, D) read-only descriptors in storage dtype.
 
-        With one chunk this is the chunk itself (a memory map after ``load(mmap=True)``). With several, they are
-        concatenated into RAM once, on first access, and kept (N * D * itemsize bytes).
+        With one chunk this is the chunk itself (a memory map after ``load_map(path, mmap=True)``). With several, they
+        are concatenated into RAM once, on first access, and kept (N * D * itemsize bytes).
         """
         if len(self._segments) != 1:
             if self._segments:
@@ -395,6 +404,7 @@ class KeyframeMap:
                 merged = np.empty((0, self._dim), dtype=self._dtype)
             merged.flags.writeable = False
             self._segments = [merged]
+            self._segment_ends = None
         seg = self._segments[0]
         if seg.flags.writeable:
             seg.flags.writeable = False
@@ -414,6 +424,34 @@ class KeyframeMap:
         for seg in self._segments:
             for start in range(0, seg.shape[0], block_rows):
                 yield np.asarray(seg[start:start + block_rows], dtype=np.float32)
+
+    def descriptor_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """(len(rows), D) descriptors of the given rows in storage dtype (a copy), gathered chunk by chunk.
+
+        Reads only those rows of a memory-mapped map: what a search re-ranks (its short list) costs len(rows) x D x
+        itemsize bytes, never the map. The rows of a memory-mapped chunk are requested from the disk together
+        (``madvise(MADV_WILLNEED)``) before they are copied, not one page fault after the other.
+
+        Raises:
+            IndexError: A row is out of range.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((rows.shape[0], self._dim), dtype=self._dtype)
+        if rows.shape[0] == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self._count:
+            raise IndexError(f"rows {rows.min()}..{rows.max()} out of range for a map of {self._count} keyframes")
+        if self._segment_ends is None:
+            self._segment_ends = np.cumsum([seg.shape[0] for seg in self._segments], dtype=np.int64)
+        ends = self._segment_ends
+        which = np.searchsorted(ends, rows, side="right")
+        if which[0] == which[-1] and (which == which[0]).all():
+            s = int(which[0])
+            return gather_rows(self._segments[s], rows - (ends[s - 1] if s else 0))
+        for s in np.unique(which).tolist():
+            sel = which == s
+            out[sel] = gather_rows(self._segments[s], rows[sel] - (ends[s - 1] if s else 0))
+        return out
 
     def keyframe(self, i: int) -> Keyframe:
         """Return row ``i`` (negative counts from the end) as a :class:`Keyframe`.
@@ -528,110 +566,36 @@ class KeyframeMap:
         """Kind of :attr:`index_blob` (e.g. "faiss_flat_ip"), or None when there is no fresh index."""
         return self._index.kind if self._index is not None and self._index.rows == self._count else None
 
-    def set_index(self, index_blob: np.ndarray | bytes, index_kind: str) -> None:
-        """Attach a serialized search index built over all current rows (saved by the next :meth:`save`).
+    @property
+    def index_codes(self) -> tuple[np.ndarray, ...] | None:
+        """The per-row codes of a fresh index stored as codes (:meth:`set_index` ``codes``), else None."""
+        return self._index.codes if self._index is not None and self._index.rows == self._count else None
+
+    def set_index(self, index_blob: np.ndarray | bytes, index_kind: str,
+                  codes: Sequence[np.ndarray] | None = None) -> None:
+        """Attach a serialized search index built over all current rows (saved by the next ``save_map``).
 
         Args:
             index_blob: bytes or a 1-D uint8 array (e.g. ``faiss.serialize_index(index)``).
             index_kind: What the blob is, e.g. "faiss_flat_ip"; names starting with "faiss" get a ``.faiss`` file.
+            codes: For an index whose rows are stored apart from its blob (the blob holds the trained quantizers):
+                (n_i, code_size) uint8 blocks, in row order, together one row per keyframe. Saves append them like
+                descriptor chunks (``codes.gNNNNNN.npy``).
 
         Raises:
-            MapError: The blob is not bytes/uint8 or the kind is empty or not printable.
+            MapError: The blob is not bytes/uint8, the kind is empty or not printable, or the codes do not cover
+                every row with one uint8 code width.
         """
         blob = as_index_blob(index_blob)
         check_index_kind(index_kind)
-        self._index = _AttachedIndex(blob, index_kind, self._count, hashlib.sha256(blob).hexdigest())
-
-    # ------------------------------------------------------------------ save
-
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        index_blob: np.ndarray | bytes | None = None,
-        index_kind: str | None = None,
-        *,
-        overwrite: bool = False,
-        compact: bool = False,
-        lock_timeout_s: float = 30.0,
-    ) -> Path:
-        """Save atomically to the map directory ``path`` (created if missing).
-
-        If this object loaded or last saved ``path`` and nobody changed it since, the save appends: it writes one new
-        descriptor chunk with the rows added since (none if none were added), a new keyframe CSV and manifest, and
-        never touches the existing chunk files. Otherwise it writes everything (one chunk).
-
-        Args:
-            path: Map directory, e.g. ``maps/office.dinomap``.
-            index_blob: Optional serialized search index built over all current rows (see :meth:`set_index`).
-                Without one, a previously attached or saved index is kept while it still covers all rows and
-                dropped (logged) once rows were added.
-            index_kind: Kind of ``index_blob``; required with it.
-            overwrite: Replace a map at ``path`` that this object did not load/save, or that another writer changed.
-            compact: Rewrite all descriptors into a single chunk (and delete the old chunks after the commit).
-            lock_timeout_s: How long to wait for another writer's lock.
-
-        Returns:
-            The map directory.
-
-        Raises:
-            MapError: ``path`` holds a different map and ``overwrite`` is False, or the metadata is not JSON-able.
-            MapConflictError: The map at ``path`` changed on disk since this object loaded/saved it.
-            MapMismatchError: Appending to a map made by another model (the fingerprint id was changed).
-            MapFormatError: The existing manifest is unreadable or newer, and ``overwrite`` is False.
-            MapLockedError: Another process held the lock for ``lock_timeout_s``.
-            OSError: Writing failed (disk full, permissions); the previous map is left intact. Or fsyncing the map
-                directory failed after the commit (see :func:`dinomix_ros.util.files.fsync_dir`): the new generation
-                may be in place but is not known to be durable; this object stays in step with it, so saving again
-                appends.
-        """
-        from dinomix_ros.maps import storage  # storage builds on this module: imported on use, not at import time
-
-        return storage.save_map(self, path, index_blob, index_kind, overwrite=overwrite, compact=compact,
-                                lock_timeout_s=lock_timeout_s)
-
-    # ------------------------------------------------------------------ load
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        expected_fingerprint: dict[str, Any] | None = None,
-        mmap: bool = True,
-        verify: bool = True,
-        load_index: bool = True,
-    ) -> KeyframeMap:
-        """Load and verify a map directory.
-
-        Checks the format and version, the manifest's seal and structure, that the keyframe CSV and every chunk have
-        the manifest's row count, size, dtype and dimension, the sha256 of every file, the keyframe invariants, and
-        that descriptors are unit vectors. A map directory is untrusted input: only regular files are opened, never
-        through a symbolic link, and sizes are bounded (``maps/README.md``).
-
-        Args:
-            path: Map directory.
-            expected_fingerprint: If given, the fingerprint of the model in use; a map from another model is refused.
-            mmap: Memory-map descriptor chunks (read-only) instead of reading them into RAM.
-            verify: Check the sha256 of the descriptor chunks and the index, and that every descriptor is a finite unit
-                vector (reads every byte: ~8 GB for a 1M x 4096 float16 map, several seconds). With False, only sizes
-                and headers are checked, so a flipped byte goes unnoticed. The keyframe CSV is always hashed (it is
-                read anyway), and the manifest's seal always checked.
-            load_index: Read the search index blob (if fresh); with False it stays on disk, and is kept by later saves
-                as long as no rows are added.
-
-        Returns:
-            The map; saving it back to ``path`` appends.
-
-        Raises:
-            MapNotFoundError: No directory or no manifest.json.
-            MapFormatError: Unknown format, newer version, or a file is missing, corrupted, truncated or inconsistent
-                with the manifest (the message names the file).
-            MapMismatchError: ``expected_fingerprint`` has a different id than the map's.
-        """
-        from dinomix_ros.maps import loading  # loading builds on this module: imported on use, not at import time
-
-        return loading.load_map(path, expected_fingerprint=expected_fingerprint, mmap=mmap, verify=verify,
-                                load_index=load_index, map_type=cls)
+        if codes is not None:
+            codes = tuple(codes)
+            widths = {c.shape[1] for c in codes if c.ndim == 2}
+            if any(c.dtype != np.uint8 or c.ndim != 2 for c in codes) or len(widths) > 1 \
+                    or sum(c.shape[0] for c in codes) != self._count:
+                raise MapError(f"index codes must be (rows, code_size) uint8 blocks of one width covering the map's "
+                               f"{self._count} rows, got {[(c.dtype.name, c.shape) for c in codes]}")
+        self._index = _AttachedIndex(blob, index_kind, self._count, hashlib.sha256(blob).hexdigest(), codes)
 
     # ------------------------------------------------------------------ storage interface
     # For dinomix_ros.maps.storage and .loading only: what a save or load needs beyond the public API, without
@@ -641,9 +605,10 @@ class KeyframeMap:
         """The attached index, fresh or stale (stale: its ``rows`` differ from ``len(self)``)."""
         return self._index
 
-    def _attach_verified_index(self, blob: np.ndarray, kind: str, sha256: str) -> None:
-        """Attach an index blob read from disk whose kind and sha256 the manifest gives (no re-hashing)."""
-        self._index = _AttachedIndex(blob, kind, self._count, sha256)
+    def _attach_verified_index(self, blob: np.ndarray, kind: str, sha256: str,
+                               codes: Sequence[np.ndarray] | None = None) -> None:
+        """Attach an index blob (and codes) read from disk whose kind and sha256 the manifest gives (no re-hashing)."""
+        self._index = _AttachedIndex(blob, kind, self._count, sha256, None if codes is None else tuple(codes))
 
     def _drop_index(self) -> None:
         """Forget the attached index (it is stale and will be rebuilt)."""
@@ -662,11 +627,12 @@ class KeyframeMap:
 
     def _descriptor_row(self, i: int) -> np.ndarray:
         """Row i as a read-only view into its chunk (does not concatenate chunks)."""
-        for seg in self._segments:
-            if i < seg.shape[0]:
-                return seg[i]
-            i -= seg.shape[0]
-        raise IndexError(i)
+        if self._segment_ends is None:
+            self._segment_ends = np.cumsum([seg.shape[0] for seg in self._segments], dtype=np.int64)
+        s = int(np.searchsorted(self._segment_ends, i, side="right"))
+        if s >= len(self._segments):
+            raise IndexError(i)
+        return self._segments[s][i - (int(self._segment_ends[s - 1]) if s else 0)]
 
     def _columns(self) -> dict[str, np.ndarray]:
         """Merge pending add() blocks into the column arrays (once per batch of adds)."""

@@ -1,5 +1,5 @@
-"""Verified loading of a keyframe map directory: the reader behind :meth:`KeyframeMap.load
-<dinomix_ros.maps.keyframes.KeyframeMap.load>` (call that; it documents the arguments and errors).
+"""Verified loading of a keyframe map directory: :func:`load_map` (the counterpart of
+:func:`~dinomix_ros.maps.storage.save_map`).
 
 The layout, the atomic generations written by saves and the writers' lock are :mod:`dinomix_ros.maps.storage`'s.
 Readers take no lock: every file the manifest names is opened before any is read (an open file survives a concurrent
@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import mmap as mmap_module
 import os
 import time
 from pathlib import Path
@@ -26,21 +27,26 @@ import numpy as np
 
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.maps.errors import MapError, MapFormatError
-from dinomix_ros.maps.keyframe_csv import parse_csv
+from dinomix_ros.maps.integrity import VERIFY_MODES, ChunkCheck, MapIntegrity
 from dinomix_ros.maps.geotags import rename_legacy_utm_frames
+from dinomix_ros.maps.keyframe_csv import check_csv_matches, parse_csv
+from dinomix_ros.maps.keyframe_table import parse_table
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import (
     CameraRecord, KeyframeFeatures, check_feature_rows, keypoint_bounds, slot_dtype,
 )
 from dinomix_ros.maps.manifest import corrupted, open_map_file, read_manifest
-from dinomix_ros.maps.storage import _IO_BLOCK, _DiskState, _remember  # the committed state a later save appends to
-from dinomix_ros.maps.validation import STORAGE_DTYPES, check_same_model, check_unit_rows, short_repr
+from dinomix_ros.maps.storage import _DiskState, _remember  # the committed state a later save appends to
+from dinomix_ros.maps.validation import STORAGE_DTYPES, check_same_model, short_repr
 
 __all__ = ["load_map"]
 
 logger = logging.getLogger(__name__)
 
 _LOAD_ATTEMPTS = 5
+#: From this many keyframes on, the binary keyframe table is loaded (when the map has one) instead of parsing the CSV
+#: (1 s per 30000 rows here); the CSV is then compared with it by the content check.
+TABLE_MIN_ROWS = 50_000
 #: Largest .npy header accepted in a descriptor chunk (numpy writes ~128 bytes): bounds what its parser is fed.
 _NPY_HEADER_MAX = 4096
 
@@ -61,12 +67,44 @@ def load_map(
     *,
     expected_fingerprint: dict[str, Any] | None = None,
     mmap: bool = True,
-    verify: bool = True,
+    verify: bool | str = True,
     load_index: bool = True,
     map_type: type[KeyframeMap] = KeyframeMap,
 ) -> KeyframeMap:
-    """Load and verify the map directory ``path`` as a ``map_type``; see :meth:`KeyframeMap.load` for the rest."""
+    """Load and verify a map directory.
+
+    Checks the format and version, the manifest's seal and structure, that the keyframe CSV and every chunk have
+    the manifest's row count, size, dtype and dimension, the sha256 of every file, the keyframe invariants, and
+    that descriptors are unit vectors. A map directory is untrusted input: only regular files are opened, never
+    through a symbolic link, and sizes are bounded (``maps/README.md``).
+
+    Args:
+        path: Map directory.
+        expected_fingerprint: If given, the fingerprint of the model in use; a map from another model is refused.
+        mmap: Memory-map descriptor chunks (read-only) instead of reading them into RAM.
+        verify: Check the content of the descriptor and local-feature chunks: the sha256 of every block (or file)
+            and that every descriptor is a finite unit vector (:mod:`~dinomix_ros.maps.integrity`; reads every
+            byte: ~8 GB for a 1M x 4096 float16 map). True: before returning. ``"background"``: in a background
+            thread started now (``kmap.integrity`` says how far it got and whether it failed; the map can be
+            searched meanwhile). ``"deferred"``: ``kmap.integrity`` is created, not started. False: never, so a
+            flipped byte goes unnoticed. Sizes and headers are always checked, the keyframe CSV always hashed (it
+            is read anyway), the manifest's seal always checked, and the index files hashed unless False.
+        load_index: Read the search index blob (if fresh); with False it stays on disk, and is kept by later saves
+            as long as no rows are added.
+        map_type: The class to build (:class:`KeyframeMap` or a subclass).
+
+    Returns:
+        The map; saving it back to ``path`` appends.
+
+    Raises:
+        MapNotFoundError: No directory or no manifest.json.
+        MapFormatError: Unknown format, newer version, or a file is missing, corrupted, truncated or inconsistent
+            with the manifest (the message names the file).
+        MapMismatchError: ``expected_fingerprint`` has a different id than the map's.
+    """
     directory = Path(path)
+    if verify not in (True, False) + VERIFY_MODES:
+        raise MapError(f"verify must be True, False, 'background' or 'deferred', got {verify!r}")
     for _ in range(_LOAD_ATTEMPTS):
         manifest = read_manifest(directory)
         if expected_fingerprint is not None:
@@ -90,8 +128,8 @@ def load_map(
 
 
 def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[str, Any], *, mmap: bool,
-                   verify: bool, load_index: bool) -> KeyframeMap:
-    """Read and verify the files ``manifest`` names (raises :class:`_VanishedFileError` if one is gone)."""
+                   verify: bool | str, load_index: bool) -> KeyframeMap:
+    """Read and check the files ``manifest`` names (raises :class:`_VanishedFileError` if one is gone)."""
     t0 = time.monotonic()
     count = manifest["count"]
     dim = manifest["descriptor_dim"]
@@ -102,56 +140,137 @@ def _from_manifest(map_type: type[KeyframeMap], directory: Path, manifest: dict[
         logger.warning("map %s: index %s was built for %d rows but the map has %d: index stale, will be rebuilt",
                        directory, index_rec["file"], index_rec["rows"], count)
         index_rec = None
-    with contextlib.ExitStack() as stack:
-        # Open every referenced file before reading any: an open file survives a concurrent save deleting it,
-        # so a writer can only race this reader during these few open() calls (then load() retries).
-        kf_file = _open_referenced(directory, kf_rec, stack)
-        chunk_files = [_open_referenced(directory, rec, stack) for rec in files["descriptors"]]
-        starts = np.cumsum([0] + [rec["rows"] for rec in files["descriptors"]]).tolist()
-        feature_files = [_open_referenced(directory, rec, stack) for rec in files.get("features") or []]
-        index_file = None
-        if index_rec is not None and load_index:
-            try:
-                index_file = _open_referenced(directory, index_rec, stack)
-            except _VanishedFileError:
-                logger.warning("map %s: index %s is missing: index stale, will be rebuilt", directory,
-                               index_rec["file"])
-                index_rec = None
-            except MapFormatError as exc:  # not a regular file, or not the manifest's size: optional, so dropped
-                logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
-                index_rec = None
-        cols = parse_csv(_read_verified(kf_file, kf_rec, verify=True), kf_rec["file"], count)
-        _check_table_matches(manifest, cols, kf_rec["file"])
-        cols["frame_ids"] = rename_legacy_utm_frames(cols["frame_ids"], cols["utm_zones"])  # utm_33U -> utm
-        segments = [_open_chunk(f, rec, dim, dtype, start, mmap=mmap, verify=verify)
-                    for f, rec, start in zip(chunk_files, files["descriptors"], starts)]
-        local = _load_features(manifest, feature_files, cols["cameras"], mmap=mmap, verify=verify)
-        blob = None
-        if index_file is not None:
-            try:
-                blob = _read_verified(index_file, index_rec, verify=verify)
-            except MapFormatError as exc:
-                logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
-                index_rec = None
+    checks: list[ChunkCheck] = []
+    extra: list[tuple[int, Any, int | None]] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            # Open every referenced file before reading any: an open file survives a concurrent save deleting it,
+            # so a writer can only race this reader during these few open() calls (then load() retries).
+            kf_file = _open_referenced(directory, kf_rec, stack)
+            table_files = None
+            if files.get("table") is not None and count >= TABLE_MIN_ROWS:
+                table_files = [_open_referenced(directory, files[key], stack) for key in ("table", "sources")]
+            chunk_files = [_open_referenced(directory, rec, stack) for rec in files["descriptors"]]
+            starts = np.cumsum([0] + [rec["rows"] for rec in files["descriptors"]]).tolist()
+            feature_files = [_open_referenced(directory, rec, stack) for rec in files.get("features") or []]
+            index_files = _open_index(directory, index_rec, stack) if index_rec is not None and load_index else None
+            if index_files is None:
+                index_rec = None if load_index else index_rec
+            if table_files is None:
+                cols = parse_csv(_read_verified(kf_file, kf_rec, verify=True), kf_rec["file"], count)
+                _check_table_matches(manifest, cols, kf_rec["file"])
+            else:  # the binary table; the CSV is hashed now and compared with it by the content check
+                _read_verified(kf_file, kf_rec, verify=True)
+                cols = _read_table(table_files, files, manifest)
+                _check_table_matches(manifest, cols, files["table"]["file"])
+                if verify is not False:
+                    fd = os.dup(kf_file.fileno())
+                    extra.append((kf_rec["bytes"], _csv_check(fd, kf_rec, cols, files["table"]["file"]), fd))
+            cols["frame_ids"] = rename_legacy_utm_frames(cols["frame_ids"], cols["utm_zones"])  # utm_33U -> utm
+            segments = []
+            for f, rec, start in zip(chunk_files, files["descriptors"], starts):
+                arr, offset = _open_chunk(f, rec, dim, dtype, mmap=mmap)
+                segments.append(arr)
+                if verify is not False:
+                    checks.append(ChunkCheck(rec["file"], os.dup(f.fileno()), rec, offset, rec["rows"], dim, dtype,
+                                             start))
+            local = _load_features(manifest, feature_files, cols["cameras"],
+                                   (checks, extra) if verify is not False else None, mmap=mmap)
+            blob, codes = None, None
+            if index_files is not None:
+                try:
+                    blob, codes = _read_index(index_files, index_rec, verify=verify is not False)
+                except MapFormatError as exc:
+                    logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
+                    index_rec = None
+    except BaseException:
+        for fd in [chunk.fd for chunk in checks] + [e[2] for e in extra if e[2] is not None]:
+            os.close(fd)
+        raise
     obj = map_type(manifest["fingerprint"], descriptor_dim=dim, storage_dtype=manifest["descriptor_dtype"],
                    metadata=manifest["metadata"], created=manifest["created"], next_id=manifest["next_id"],
                    columns=cols, segments=segments)
     obj.local_features = local
     if blob is not None:
-        obj._attach_verified_index(np.frombuffer(blob, dtype=np.uint8), index_rec["kind"], index_rec["sha256"])
+        obj._attach_verified_index(np.frombuffer(blob, dtype=np.uint8), index_rec["kind"], index_rec["sha256"],
+                                   codes)
+    if checks or extra:
+        obj.integrity = MapIntegrity(directory, checks, extra)
+        if verify is True:
+            obj.integrity.run()  # the refusal of a damaged map, before anything uses it
+        elif verify == "background":
+            obj.integrity.start()
     _remember(obj, os.path.realpath(directory), _DiskState(
         generation=manifest["generation"], rows=count, chunks=files["descriptors"], index=index_rec,
         features=files.get("features")))
-    logger.info("loaded map %s: generation %d, %d keyframes x %d %s in %d chunk(s), index %s, %.3f s",
-                directory, manifest["generation"], count, dim, manifest["descriptor_dtype"], len(segments),
-                obj.index_kind, time.monotonic() - t0)
+    logger.info("loaded map %s: generation %d, %d keyframes x %d %s in %d chunk(s), index %s, content check %s, "
+                "%.3f s", directory, manifest["generation"], count, dim, manifest["descriptor_dtype"], len(segments),
+                obj.index_kind, "none" if obj.integrity is None else obj.integrity.describe(), time.monotonic() - t0)
     return obj
 
 
-def _load_features(manifest: dict[str, Any], files: list[io.BufferedReader], row_cameras: np.ndarray, *,
-                   mmap: bool, verify: bool) -> KeyframeFeatures | None:
-    """The map's local features from its open, verified feature chunks (None for a map without: format 1); with
-    ``verify``, every row's keypoints are checked against its camera's image (:func:`check_feature_rows`)."""
+def _csv_check(fd: int, rec: dict[str, Any], cols: dict[str, np.ndarray], table: str) -> Any:
+    """The content check that the keyframe CSV (open as ``fd``, owned by the check) says what the binary table
+    ``table`` loaded."""
+
+    def check() -> None:
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            check_csv_matches(f, rec["file"], rec["rows"], cols, table)
+
+    return check
+
+
+def _read_table(table_files: list[io.BufferedReader], files: dict[str, Any],
+                manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The keyframe columns from the binary table and sources (hashed; :mod:`.keyframe_table`)."""
+    table_rec, sources_rec = files["table"], files["sources"]
+    data = _read_verified(table_files[0], table_rec, verify=True)
+    try:
+        records = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
+        raise corrupted(table_rec["file"], f"not a valid .npy file: {str(exc)[:200]}") from None
+    sources = _read_verified(table_files[1], sources_rec, verify=True)
+    return parse_table(records, sources, manifest, (table_rec["file"], sources_rec["file"]))
+
+
+def _open_index(directory: Path, rec: dict[str, Any], stack: contextlib.ExitStack) -> list[io.BufferedReader] | None:
+    """The index file and its code chunks, opened; None (logged: rebuilt) when one is missing or unusable."""
+    try:
+        return [_open_referenced(directory, r, stack) for r in [rec] + list(rec.get("codes") or [])]
+    except _VanishedFileError as exc:
+        logger.warning("map %s: index file %s is missing: index stale, will be rebuilt", directory, exc.name)
+    except MapFormatError as exc:  # not a regular file, or not the manifest's size: optional, so dropped
+        logger.warning("map %s: index unusable (%s): index stale, will be rebuilt", directory, exc)
+    return None
+
+
+def _read_index(files: list[io.BufferedReader], rec: dict[str, Any], *,
+                verify: bool) -> tuple[bytes, list[np.ndarray] | None]:
+    """The index blob and its code chunks (memory-mapped uint8 (rows, code_size), hashed when ``verify``)."""
+    blob = _read_verified(files[0], rec, verify=verify)
+    if "codes" not in rec:
+        return blob, None
+    codes, width = [], None
+    for f, code_rec in zip(files[1:], rec["codes"]):
+        arr, offset = _open_chunk(f, code_rec, None, np.dtype(np.uint8), mmap=True)
+        if width is not None and arr.shape[1] != width:
+            raise MapFormatError(f"{code_rec['file']} holds codes of {arr.shape[1]} bytes, the first chunk of "
+                                 f"{width}: the files are inconsistent")
+        width = arr.shape[1]
+        if verify:
+            MapIntegrity("index", [ChunkCheck(code_rec["file"], os.dup(f.fileno()), code_rec, offset,
+                                              code_rec["rows"])], quiet=True).run()
+        codes.append(arr)
+    return blob, codes
+
+
+def _load_features(manifest: dict[str, Any], files: list[io.BufferedReader], row_cameras: np.ndarray,
+                   checks: tuple[list[ChunkCheck], list[tuple[int, Any, int | None]]] | None, *,
+                   mmap: bool) -> KeyframeFeatures | None:
+    """The map's local features from their open feature chunks (None for a map without: format 1). Their content
+    checks (``checks``: the chunk and extra lists of :class:`MapIntegrity`; None: not checked) are each chunk's hashes,
+    then every row's keypoints against its camera's image (:func:`check_feature_rows`)."""
     entry = manifest.get("local_features")
     if entry is None:
         return None
@@ -168,16 +287,26 @@ def _load_features(manifest: dict[str, Any], files: list[io.BufferedReader], row
     bounds = np.array([keypoint_bounds(n, cameras, intrinsics) for n in names.tolist()], np.float64).reshape(-1, 2)
     segments, start = [], 0
     for f, rec in zip(files, manifest["files"]["features"]):
-        chunk = _open_chunk(f, rec, rec.get("slots", slots), slot_dtype(kind), None, mmap=mmap, verify=verify)
-        if verify:
-            try:
-                check_feature_rows(chunk, bounds[which[start:start + rec["rows"]]],
-                                   lambda i, s=start, n=rec["file"]: f"{n} row {i} (map row {s + i})")
-            except MapError as exc:
-                raise MapFormatError(f"{exc}; restore the map directory from a backup or rebuild the map") from None
-        segments.append(chunk)
+        arr, offset = _open_chunk(f, rec, rec.get("slots", slots), slot_dtype(kind), mmap=mmap)
+        segments.append(arr)
+        if checks is not None:
+            checks[0].append(ChunkCheck(rec["file"], os.dup(f.fileno()), rec, offset, rec["rows"]))
+            checks[1].append((rec["bytes"], _keypoint_check(arr, bounds[which[start:start + rec["rows"]]],
+                                                            rec["file"], start), None))
         start += rec["rows"]
     return KeyframeFeatures(kind, slots, segments, intrinsics, cameras)
+
+
+def _keypoint_check(chunk: np.ndarray, bounds: np.ndarray, name: str, start: int) -> Any:
+    """The content check that every row of a feature chunk holds keypoints of its camera's image."""
+
+    def check() -> None:
+        try:
+            check_feature_rows(chunk, bounds, lambda i: f"{name} row {i} (map row {start + i})")
+        except MapError as exc:
+            raise MapFormatError(f"{exc}; restore the map directory from a backup or rebuild the map") from None
+
+    return check
 
 
 def _check_table_matches(manifest: dict[str, Any], cols: dict[str, np.ndarray], name: str) -> None:
@@ -222,57 +351,47 @@ def _read_verified(f: io.BufferedReader, rec: dict[str, Any], *, verify: bool) -
     return data
 
 
-def _sha256_of(f: io.BufferedReader) -> str:
-    """Hash an open file from its current position to the end, in blocks."""
-    h = hashlib.sha256()
-    buf = bytearray(_IO_BLOCK)
-    view = memoryview(buf)
-    while True:
-        n = f.readinto(view)
-        if not n:
-            return h.hexdigest()
-        h.update(view[:n])
+def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], width: int | None, dtype: np.dtype, *,
+                mmap: bool) -> tuple[np.ndarray, int]:
+    """Map (or read) one open chunk; returns the (rows, width) array and the file offset of its data.
 
-
-def _open_chunk(f: io.BufferedReader, rec: dict[str, Any], dim: int, dtype: np.dtype, start: int | None, *,
-                mmap: bool, verify: bool) -> np.ndarray:
-    """Read or map one open chunk (map rows from ``start``); checks size, sha256, .npy header, dtype and shape
-    against the manifest, and with ``verify`` that every row of a descriptor chunk (``start`` given) is a finite
-    unit vector (``start`` None: a chunk of another kind, e.g. local features)."""
+    Checks size, ``.npy`` header, dtype and shape against the manifest (``width`` None: any width), not the content
+    (:mod:`~dinomix_ros.maps.integrity` does). The memory map is of the file already opened and checked (np.load
+    would reopen it by name, maybe another file by then), read-only, and advised for random access: a search reads
+    a few scattered rows, and read-ahead would fetch 16 times what it asks for from a cold disk.
+    """
     name = rec["file"]
     size = os.fstat(f.fileno()).st_size
     if size != rec["bytes"]:
         raise corrupted(name, f"{size} bytes, manifest says {rec['bytes']}")
-    if verify:
-        sha = _sha256_of(f)
-        if sha != rec["sha256"]:
-            raise corrupted(name, f"sha256 {sha[:12]}..., manifest says {rec['sha256'][:12]}...")
-        f.seek(0)
+    f.seek(0)
     try:
         shape, fortran, found = _npy_header(f)
     except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:  # numpy parses it with ast
         raise corrupted(name, f"not a valid .npy file: {str(exc)[:200]}") from None
-    if found != dtype or fortran or shape != (rec["rows"], dim):
+    expected = (rec["rows"], width if width is not None else (shape[1] if len(shape) == 2 else -1))
+    if found != dtype or fortran or shape != expected:
         raise MapFormatError(
             f"{name} holds a {'Fortran-order ' if fortran else ''}{found} array of shape {shape}, expected "
-            f"{dtype} ({rec['rows']}, {dim}) as the manifest says; the files are inconsistent (mixed maps?)"
+            f"{dtype} ({rec['rows']}, {width if width is not None else 'N'}) as the manifest says; the files are "
+            "inconsistent (mixed maps?)"
         )
     offset = f.tell()
-    if offset + rec["rows"] * dim * dtype.itemsize != size:
-        raise corrupted(name, f"{size} bytes cannot hold a ({rec['rows']}, {dim}) {dtype} array")
-    if mmap:
-        # Map the already opened and verified file (np.load would reopen it by name, maybe another file by then).
-        arr = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(rec["rows"], dim))
-    else:
-        arr = np.empty((rec["rows"], dim), dtype=dtype)
+    if offset + expected[0] * expected[1] * dtype.itemsize != size:
+        raise corrupted(name, f"{size} bytes cannot hold a {expected} {dtype} array")
+    if not mmap:
+        arr = np.empty(expected, dtype=dtype)
         if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
             raise corrupted(name, "short read")
-        arr.flags.writeable = False
-    if verify and start is not None:  # a sealed, hashed file is not yet a descriptor: search assumes unit vectors
-        check_unit_rows(arr, lambda i: f"{name} row {i} (map row {start + i})", MapFormatError,
-                        hint="; the file is not a dinomix descriptor chunk (edited or damaged): restore the map "
-                             "directory from a backup or rebuild the map")
-    return arr
+    elif size == 0 or expected[0] * expected[1] == 0:
+        arr = np.empty(expected, dtype=dtype)
+    else:
+        arr = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=expected)
+        mapped = getattr(arr, "_mmap", None)  # numpy's mmap object of the array (no public accessor)
+        if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap_module, "MADV_RANDOM"):
+            mapped.madvise(mmap_module.MADV_RANDOM)
+    arr.flags.writeable = False
+    return arr, offset
 
 
 def _npy_header(f: io.BufferedReader) -> tuple[Any, bool, np.dtype]:

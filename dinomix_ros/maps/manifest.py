@@ -81,12 +81,12 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # The only names a manifest may reference: plain file names (no path), each carrying the generation that wrote it.
 _GEN_FILE_RE = re.compile(
     r"^(?:keyframes\.g(\d{6,})\.csv|descriptors\.g(\d{6,})\.npy|index\.g(\d{6,})\.(?:faiss|bin)"
-    r"|features\.g(\d{6,})\.npy)$")
+    r"|features\.g(\d{6,})\.npy|codes\.g(\d{6,})\.npy|table\.g(\d{6,})\.npy|sources\.g(\d{6,})\.txt)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def generation_file(stem: str, generation: int, ext: str) -> str:
-    """Name of the ``stem`` file ("keyframes", "descriptors", "index") written by ``generation``."""
+    """Name of the ``stem`` file ("keyframes", "descriptors", "features", "index", "codes") of ``generation``."""
     return f"{stem}.g{generation:06d}.{ext}"
 
 
@@ -98,7 +98,8 @@ def generation_of(name: str) -> int | None:
 
 def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: dict[str, Any],
                  descriptors: list[dict[str, Any]], index: dict[str, Any] | None,
-                 features: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 features: list[dict[str, Any]] | None = None,
+                 table: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest that commits ``kmap`` as ``generation``, given the records of the files that hold it.
 
     Args:
@@ -109,6 +110,7 @@ def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: di
         descriptors: Records of the descriptor chunks, in row order.
         index: ``{"file", "kind", "rows", "bytes", "sha256"}`` of the search index, or None.
         features: Records of the local-feature chunks in row order, None for a map without local features.
+        table: ``{"table": record, "sources": record}`` of the binary keyframe table (:mod:`.keyframe_table`).
 
     Returns:
         The manifest as a JSON-able dict (see ``maps/README.md`` for its keys).
@@ -128,7 +130,8 @@ def new_manifest(kmap: KeyframeMap, generation: int, updated: str, keyframes: di
         "created": kmap.created,
         "updated": updated,
         "writer": f"dinomix_ros {__version__}",
-        "files": {"keyframes": keyframes, "descriptors": descriptors, "index": index, "features": features},
+        "files": {"keyframes": keyframes, "descriptors": descriptors, "index": index, "features": features,
+                  **(table or {})},
         "local_features": None if kmap.local_features is None else kmap.local_features.manifest_entry(),
     }
 
@@ -168,9 +171,11 @@ def listed_files(manifest: dict[str, Any]) -> set[str]:
     """Names of the files a (validated) manifest references."""
     files = manifest["files"]
     names = {files["keyframes"]["file"]}
+    names.update(files[key]["file"] for key in ("table", "sources") if files.get(key) is not None)
     names.update(rec["file"] for rec in files["descriptors"])
     if files["index"] is not None:
         names.add(files["index"]["file"])
+        names.update(rec["file"] for rec in files["index"].get("codes") or [])
     names.update(rec["file"] for rec in files.get("features") or [])
     return names
 
@@ -385,17 +390,27 @@ def _validate_manifest(m: dict[str, Any], mpath: Path) -> None:
         for key in extra:
             if not isinstance(rec.get(key), str) or not rec[key] or len(rec[key]) > 128:
                 raise fail(f"files.{what}.{key} is {_short(rec.get(key))}, expected a short non-empty string")
+        _validate_blocks(rec, what, fail)
         names.append(name)
 
-    record(files.get("keyframes"), "keyframes")
-    if files["keyframes"]["rows"] != count:
-        raise fail(f"files.keyframes.rows is {files['keyframes']['rows']} but count is {count}")
+    for key in ("keyframes", "table", "sources"):
+        if key == "keyframes" or files.get(key) is not None:
+            record(files.get(key), key)
+            if files[key]["rows"] != count:
+                raise fail(f"files.{key}.rows is {files[key]['rows']} but count is {count}")
+    if (files.get("table") is None) != (files.get("sources") is None):
+        raise fail("files.table and files.sources go together (the binary keyframe table): one is missing")
     chunks = files.get("descriptors")
     if not isinstance(chunks, list):
         raise fail(f"files.descriptors is {_short(chunks)}, expected a list of chunk records")
     _validate_chunks(chunks, "descriptors", "descriptor", fail, record, count)
     if files.get("index") is not None:
         record(files["index"], "index", extra=("kind",))
+        codes = files["index"].get("codes")
+        if codes is not None:
+            if not isinstance(codes, list):
+                raise fail(f"files.index.codes is {_short(codes)}, expected a list of chunk records")
+            _validate_chunks(codes, "index.codes", "index code", fail, record, files["index"]["rows"])
     _validate_features(m, fail, record, count)
     if len(set(names)) != len(names):
         raise fail(f"a file is listed twice in files: {sorted(n for n in set(names) if names.count(n) > 1)}")
@@ -447,6 +462,21 @@ def _validate_features(m: dict[str, Any], fail: Any, record: Any, count: int) ->
         if "slots" in rec and (type(rec["slots"]) is not int or not 1 <= rec["slots"] <= max_slots):
             raise fail(f"files.features[{i}].slots is {_short(rec['slots'])}, expected an integer in 1..{max_slots}")
     _validate_chunks(chunks, "features", "local-feature", fail, record, count)
+
+
+def _validate_blocks(rec: dict[str, Any], what: str, fail: Any) -> None:
+    """The optional block hashes of a file record: ``block_bytes`` and one ``block_sha256`` per block of the file."""
+    if "block_bytes" not in rec and "block_sha256" not in rec:
+        return
+    size, blocks = rec.get("block_bytes"), rec.get("block_sha256")
+    if type(size) is not int or not 4096 <= size <= _INT64_MAX:
+        raise fail(f"files.{what}.block_bytes is {_short(size)}, expected an integer >= 4096")
+    expected = -(-rec["bytes"] // size)
+    if not isinstance(blocks, list) or len(blocks) != expected:
+        raise fail(f"files.{what}.block_sha256 must list {expected} block hashes ({rec['bytes']} bytes in blocks of "
+                   f"{size}), found {_short(blocks)}")
+    if not all(isinstance(h, str) and _SHA256_RE.match(h) for h in blocks):
+        raise fail(f"files.{what}.block_sha256 holds an entry that is not 64 lowercase hex digits")
 
 
 def _validate_chunks(chunks: list, key: str, what: str, fail: Any, record: Any, count: int) -> None:

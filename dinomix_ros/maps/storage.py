@@ -1,8 +1,8 @@
 """On-disk storage of keyframe maps: atomic generations in a map directory, append-only chunks, the writers' lock.
 
-This is the engine behind :meth:`KeyframeMap.save <dinomix_ros.maps.keyframes.KeyframeMap.save>`; verified loading,
-behind :meth:`KeyframeMap.load <dinomix_ros.maps.keyframes.KeyframeMap.load>`, is :mod:`dinomix_ros.maps.loading`
-(call those methods; they document the arguments and errors). A map is a directory a person can inspect with
+:func:`save_map` writes a :class:`~dinomix_ros.maps.keyframes.KeyframeMap`; verified loading,
+:func:`~dinomix_ros.maps.loading.load_map`, is :mod:`dinomix_ros.maps.loading`. The table imports neither: loading and
+saving are functions over it. A map is a directory a person can inspect with
 standard tools (see ``maps/README.md``)::
 
     office.dinomap/
@@ -58,7 +58,9 @@ from typing import Any, Callable
 import numpy as np
 
 from dinomix_ros.maps.errors import MapConflictError, MapError, MapFormatError, MapLockedError, MapNotFoundError
+from dinomix_ros.maps.integrity import BLOCK_BYTES
 from dinomix_ros.maps.keyframe_csv import write_csv
+from dinomix_ros.maps.keyframe_table import sources_bytes, table_records
 from dinomix_ros.maps.keyframes import KeyframeMap, utc_now_iso
 from dinomix_ros.maps.local_features import slot_dtype
 from dinomix_ros.maps.manifest import (
@@ -128,13 +130,44 @@ def save_map(
     compact: bool = False,
     lock_timeout_s: float = 30.0,
 ) -> Path:
-    """Save ``kmap`` atomically to the map directory ``path``; see :meth:`KeyframeMap.save` for the arguments."""
+    """Save the map ``kmap`` atomically to the map directory ``path`` (created if missing).
+
+    If ``kmap`` loaded or last saved ``path`` and nobody changed it since, the save appends: it writes one new
+    descriptor chunk with the rows added since (none if none were added), a new keyframe CSV and manifest, and
+    never touches the existing chunk files. Otherwise it writes everything (one chunk).
+
+    Args:
+        kmap: The map.
+        path: Map directory, e.g. ``maps/office.dinomap``.
+        index_blob: Optional serialized search index built over all current rows (see :meth:`KeyframeMap.set_index`).
+            Without one, a previously attached or saved index is kept while it still covers all rows and
+            dropped (logged) once rows were added.
+        index_kind: Kind of ``index_blob``; required with it.
+        overwrite: Replace a map at ``path`` that ``kmap`` did not load/save, or that another writer changed.
+        compact: Rewrite all descriptors into a single chunk (and delete the old chunks after the commit).
+        lock_timeout_s: How long to wait for another writer's lock.
+
+    Returns:
+        The map directory.
+
+    Raises:
+        MapError: ``path`` holds a different map and ``overwrite`` is False, or the metadata is not JSON-able.
+        MapConflictError: The map at ``path`` changed on disk since ``kmap`` loaded/saved it.
+        MapMismatchError: Appending to a map made by another model (the fingerprint id was changed).
+        MapFormatError: The existing manifest is unreadable or newer, and ``overwrite`` is False.
+        MapLockedError: Another process held the lock for ``lock_timeout_s``.
+        OSError: Writing failed (disk full, permissions); the previous map is left intact. Or fsyncing the map
+            directory failed after the commit (see :func:`dinomix_ros.util.files.fsync_dir`): the new generation
+            may be in place but is not known to be durable; ``kmap`` stays in step with it, so saving again
+            appends.
+    """
     t0 = time.monotonic()
     _check_savable(kmap, index_blob, index_kind)
     directory = _map_directory(path)
     key = os.path.realpath(directory)
     with _DirLock(directory, lock_timeout_s):
         plan = _plan_save(kmap, directory, key, overwrite=overwrite, compact=compact)
+        _check_copied_content(kmap, plan)
         manifest = _commit_generation(kmap, directory, key, plan)
         removed = _remove_unreferenced(directory, _referenced(manifest))
         if removed:
@@ -160,6 +193,27 @@ def _check_savable(kmap: KeyframeMap, index_blob: np.ndarray | bytes | None, ind
         kmap.set_index(index_blob, index_kind)
     elif index_kind is not None:
         raise MapError("index_kind given without index_blob")
+
+
+def _check_copied_content(kmap: KeyframeMap, plan: _SavePlan) -> None:
+    """A save that copies loaded rows into new files (a full write, or local features rewritten) must not launder a
+    damaged chunk into a freshly hashed one: finish the map's pending content check first (refused if it failed).
+    An append copies nothing: it stays possible on a map whose check failed (the damaged chunk keeps its hashes)."""
+    integrity = kmap.integrity
+    if integrity is None:
+        return
+    base = plan.base if plan.append else None
+    store = kmap.local_features
+    rewrites_features = store is not None and plan.append and base is not None and (
+        base.features is None or not _feature_slots(base.features, store.slots)) and base.rows > 0
+    if plan.append and not rewrites_features:
+        return
+    try:
+        integrity.run()
+    except MapFormatError as exc:
+        raise MapFormatError(f"not saved: this save would copy the loaded map's rows into new files, and the map is "
+                             f"damaged ({exc}). Restore the map directory from a backup (saving back to it, which "
+                             "appends, still works)") from None
 
 
 def _map_directory(path: str | os.PathLike[str]) -> Path:
@@ -213,10 +267,11 @@ def _commit_generation(kmap: KeyframeMap, directory: Path, key: str, plan: _Save
         name = generation_file("keyframes", gen, "csv")
         sha, size = _write_file(directory, name, lambda w: write_csv(w, kmap), created)
         kf_rec = {"file": name, "rows": len(kmap), "bytes": size, "sha256": sha}
+        table = _write_table(kmap, directory, gen, created)
         index_rec = _index_for_save(kmap, directory, gen, plan.base, created)
         feature_recs = _features_for_save(kmap, directory, gen, plan, created)
         fsync_dir(directory)  # the new names are durable before a manifest references them
-        manifest = new_manifest(kmap, gen, utc_now_iso(), kf_rec, chunks, index_rec, feature_recs)
+        manifest = new_manifest(kmap, gen, utc_now_iso(), kf_rec, chunks, index_rec, feature_recs, table)
         data = manifest_bytes(manifest)
         _write_file(directory, MANIFEST, lambda w: w.write(data), None)
         committed = True  # os.replace onto manifest.json happened: this is the commit point
@@ -232,6 +287,25 @@ def _commit_generation(kmap: KeyframeMap, directory: Path, key: str, plan: _Save
     return manifest
 
 
+def _write_table(kmap: KeyframeMap, directory: Path, gen: int, created: list[Path]) -> dict[str, dict[str, Any]]:
+    """Write the binary keyframe table and the sources (:mod:`.keyframe_table`); their manifest records."""
+    records = table_records(kmap)
+    out = {}
+    for key, name, fill in (
+            ("table", generation_file("table", gen, "npy"), lambda w: _write_npy(w, records)),
+            ("sources", generation_file("sources", gen, "txt"), lambda w: w.write(sources_bytes(kmap)))):
+        sha, size = _write_file(directory, name, fill, created)
+        out[key] = {"file": name, "rows": len(kmap), "bytes": size, "sha256": sha}
+    return out
+
+
+def _write_npy(w: _HashingWriter, arr: np.ndarray) -> None:
+    """``arr`` as a version 1.0 ``.npy`` (C order, no pickle)."""
+    header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
+    np.lib.format.write_array_header_1_0(w, header)
+    w.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
 def _write_chunk(kmap: KeyframeMap, directory: Path, gen: int, start: int, created: list[Path]) -> dict[str, Any]:
     """Write rows [start, len(kmap)) as descriptors.g<gen>.npy; return its manifest record."""
     rows = len(kmap) - start
@@ -245,8 +319,8 @@ def _write_chunk(kmap: KeyframeMap, directory: Path, gen: int, start: int, creat
         for part in kmap._stored_blocks(start, max(1, _IO_BLOCK // (dim * dtype.itemsize))):
             w.write(memoryview(part).cast("B"))
 
-    sha, size = _write_file(directory, name, write, created)
-    return {"file": name, "rows": rows, "bytes": size, "sha256": sha}
+    rec = _write_chunk_file(directory, name, write, created)
+    return {"file": name, "rows": rows, **{k: v for k, v in rec.items() if k != "file"}}
 
 
 def _features_for_save(kmap: KeyframeMap, directory: Path, gen: int, plan: _SavePlan,
@@ -284,22 +358,38 @@ def _write_feature_chunk(store: Any, directory: Path, gen: int, start: int, rows
         for part in store.blocks(start):
             w.write(memoryview(part).cast("B"))
 
-    sha, size = _write_file(directory, name, write, created)
-    return {"file": name, "rows": rows, "bytes": size, "sha256": sha, "slots": store.slots}
+    rec = _write_chunk_file(directory, name, write, created)
+    return {"file": name, "rows": rows, **{k: v for k, v in rec.items() if k != "file"}, "slots": store.slots}
 
 
 def _index_for_save(kmap: KeyframeMap, directory: Path, gen: int, base: _DiskState | None,
                     created: list[Path]) -> dict[str, Any] | None:
-    """Manifest record of the index to commit: reuse the committed file, write the attached blob, or none."""
+    """Manifest record of the index to commit: reuse the committed file, write the attached blob, or none.
+
+    An index stored as codes per row (``codes``) appends like the descriptors: when the committed index has the same
+    blob (trained quantizers), its code chunks are kept and only the rows added since are written.
+    """
     attached = kmap._attached_index()
     count = len(kmap)
     if attached is not None and attached.rows == count:
-        if base is not None and base.index is not None and base.index["sha256"] == attached.sha256 \
-                and base.index["rows"] == count and base.index["kind"] == attached.kind:
+        same_blob = base is not None and base.index is not None and base.index["sha256"] == attached.sha256 \
+            and base.index["kind"] == attached.kind
+        if same_blob and base.index["rows"] == count and (attached.codes is None) == ("codes" not in base.index):
             return base.index
-        name = generation_file("index", gen, "faiss" if attached.kind.lower().startswith("faiss") else "bin")
-        sha, size = _write_file(directory, name, lambda w: w.write(memoryview(attached.blob).cast("B")), created)
-        return {"file": name, "kind": attached.kind, "rows": count, "bytes": size, "sha256": sha}
+        if same_blob:
+            rec = {k: v for k, v in base.index.items() if k != "codes"}
+        else:
+            name = generation_file("index", gen, "faiss" if attached.kind.lower().startswith("faiss") else "bin")
+            sha, size = _write_file(directory, name, lambda w: w.write(memoryview(attached.blob).cast("B")), created)
+            rec = {"file": name, "kind": attached.kind, "bytes": size, "sha256": sha}
+        rec["rows"] = count
+        if attached.codes is not None:
+            kept = list(base.index.get("codes") or []) if same_blob and "codes" in base.index else []
+            start = sum(r["rows"] for r in kept)
+            if count > start:
+                kept.append(_write_code_chunk(attached.codes, directory, gen, start, count - start, created))
+            rec["codes"] = kept
+        return rec
     if base is not None and base.index is not None and base.index["rows"] == count:
         return base.index  # committed index still covers every row (e.g. loaded with load_index=False)
     if attached is not None:
@@ -311,6 +401,27 @@ def _index_for_save(kmap: KeyframeMap, directory: Path, gen: int, base: _DiskSta
     logger.info("index stale (built for %d rows, map has %d): not saved, will be rebuilt", built_for, count)
     kmap._drop_index()
     return None
+
+
+def _write_code_chunk(codes: tuple[np.ndarray, ...], directory: Path, gen: int, start: int, rows: int,
+                      created: list[Path]) -> dict[str, Any]:
+    """Write index code rows [start, start + rows) as codes.g<gen>.npy (uint8, (rows, code_size)); its record."""
+    name = generation_file("codes", gen, "npy")
+    width = codes[0].shape[1]
+
+    def write(w: _HashingWriter) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (rows, width)}
+        np.lib.format.write_array_header_1_0(w, header)
+        offset = 0
+        for block in codes:
+            lo, hi = max(start - offset, 0), block.shape[0]
+            offset += block.shape[0]
+            if lo < hi:
+                w.write(memoryview(np.ascontiguousarray(block[lo:hi])).cast("B"))
+
+    rec = _write_chunk_file(directory, name, write, created)
+    return {"file": name, "rows": rows, **{k: v for k, v in rec.items() if k != "file"}}
 
 
 def _existing_manifest(directory: Path, overwrite: bool) -> tuple[dict[str, Any] | None, int]:
@@ -354,32 +465,62 @@ def _remove_unreferenced(directory: Path, referenced: set[str]) -> int:
 
 
 class _HashingWriter:
-    """Binary writer that hashes and counts what passes through it."""
+    """Binary writer that hashes and counts what passes through it; with ``block_bytes``, also each block of that
+    many bytes (the ``block_sha256`` of a chunk record, what background checks verify)."""
 
-    def __init__(self, f: io.BufferedWriter) -> None:
+    def __init__(self, f: io.BufferedWriter, block_bytes: int = 0) -> None:
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        self.block_bytes = block_bytes
+        self.blocks: list[str] = []
+        self._block = hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> int:
-        self.sha.update(data)
-        n = self._f.write(data)
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        if self.block_bytes:
+            pos = 0
+            while pos < len(view):
+                room = self.block_bytes - (self.size + pos) % self.block_bytes
+                part = view[pos:pos + room]
+                self._block.update(part)
+                pos += len(part)
+                if (self.size + pos) % self.block_bytes == 0:
+                    self.blocks.append(self._block.hexdigest())
+                    self._block = hashlib.sha256()
+        n = self._f.write(view)
         self.size += n
         return n
+
+    def block_record(self) -> dict[str, Any]:
+        """``block_bytes`` and ``block_sha256`` for a file of more than one block, else nothing (its sha256 serves)."""
+        if not self.block_bytes or self.size <= self.block_bytes:
+            return {}
+        blocks = self.blocks + ([self._block.hexdigest()] if self.size % self.block_bytes else [])
+        return {"block_bytes": self.block_bytes, "block_sha256": blocks}
 
 
 def _write_file(directory: Path, name: str, fill: Callable[[_HashingWriter], None],
                 created: list[Path] | None) -> tuple[str, int]:
-    """Write ``directory/name`` atomically through ``fill``; return (sha256 hex, size) of what was written.
+    """Write ``directory/name`` atomically through ``fill``; return (sha256 hex, size) of what was written."""
+    rec = _write_chunk_file(directory, name, fill, created, block_bytes=0)
+    return rec["sha256"], rec["bytes"]
+
+
+def _write_chunk_file(directory: Path, name: str, fill: Callable[[_HashingWriter], None],
+                      created: list[Path] | None, block_bytes: int | None = None) -> dict[str, Any]:
+    """Write ``directory/name`` atomically through ``fill``; return its record: ``file``, ``bytes``, ``sha256`` and,
+    for a file of several blocks, ``block_bytes`` and ``block_sha256``.
 
     The rename is not yet durable: the caller fsyncs the directory once for all the files of a generation.
     """
     with atomic_path(directory / name, sync_dir=False) as tmp, open(tmp, "wb") as f:
-        w = _HashingWriter(f)
+        w = _HashingWriter(f, BLOCK_BYTES if block_bytes is None else block_bytes)
         fill(w)
     if created is not None:
         created.append(directory / name)
-    return w.sha.hexdigest(), w.size
+    return {"file": name, "bytes": w.size, "sha256": w.sha.hexdigest(), **w.block_record()}
 
 
 class _DirLock:

@@ -208,7 +208,7 @@ class LocalizerNode(LifecycleNode):
         kmap = open_map(s.map.path, fingerprint, storage_dtype=s.storage.storage_dtype,
                         create=s.map.create_if_missing or s.node.mode == "self_map",
                         metadata={"name": Path(s.map.path).name if s.map.path else "live",
-                                  "source": f"live:{self.get_fully_qualified_name()}"})
+                                  "source": f"live:{self.get_fully_qualified_name()}"}, verify=s.map.verify)
         if len(kmap) == 0 and s.node.mode == "localize":
             self.get_logger().warning("starting with an EMPTY map: record one with ~/start_recording, or load one")
         lookup, self._tf_listener, why = tf_lookup(self, s.extrinsics.base_frame)
@@ -233,7 +233,8 @@ class LocalizerNode(LifecycleNode):
         self.get_logger().info(
             f"configured: mode {s.node.mode}, {info['architecture']} on {info['device']} with {runtime} in "
             f"{info['dtype']} ({info['dtype_reason']}), preprocessing on the {info['preprocess']}, "
-            f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {s.index.index}")
+            f"fingerprint {info['fingerprint']['id']}, map {len(kmap)} keyframes, index {self.live.index.kind} "
+            f"(map.index {s.index.index}), map check {self.live.stats()['map_check']}")
         self._create_interfaces()
         if s.fleet.enabled:
             self._start_fleet(s)

@@ -98,6 +98,12 @@ class NodeMapConfig:
                                              "there) instead of failing configuration", reconfigure=True)
     autosave: bool = setting(True, "save keyframes recorded since the last save to map.path when the node shuts "
                                    "down or cleans up (so Ctrl-C does not lose a mapping run)")
+    verify: str = setting("background", "when the content of the map's descriptor and feature chunks is checked at "
+                                        "configure (sha256 per block, unit descriptors): background (the node is "
+                                        "active at once; a failed check stops matching against the map, /diagnostics "
+                                        "ERROR) or full (before configure completes: about a minute per million "
+                                        "keyframes). ~/load_map always checks before switching maps",
+                          choices=("background", "full"), reconfigure=True)
 
     def __post_init__(self) -> None:
         check(self)

@@ -12,8 +12,9 @@ from fleetfactory import fleet_fingerprint, placed_map, random_map
 from liteserver import free_port
 
 from dinomix_ros.maps.fleet.config import default_collection
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.model.checkpoint import ModelSource
+from dinomix_ros.maps.loading import load_map
+from dinomix_ros.maps.storage import save_map
 
 PULL_MODEL = [a for a in MODEL if a != "--quiet"]  # a pull describes no image: no progress bar to quieten
 
@@ -36,7 +37,7 @@ def lite_db(tmp_path):
 def test_push_then_pull_regions_into_a_map(tmp_path, rng, capsys, lite_db, random_model_fingerprint) -> None:
     center_xy, center_gps, radius = (12.0, -3.0), (55.7107, 13.1935), 40.0
     kmap, near_xy, near_gps = placed_map(rng, center_xy, center_gps, radius, fp=random_model_fingerprint)
-    kmap.save(tmp_path / "r1.dinomap")
+    save_map(kmap, tmp_path / "r1.dinomap")
     pushed = run_json(capsys, "map", "push", tmp_path / "r1.dinomap", "--fleet", lite_db, "--fleet-robot", "r1",
                       "--fleet-batch-rows", "16")
     assert (pushed["pushed"], pushed["pending"], pushed["robot"]) == (len(kmap), 0, "r1")
@@ -48,7 +49,7 @@ def test_push_then_pull_regions_into_a_map(tmp_path, rng, capsys, lite_db, rando
     pulled = run_json(capsys, "map", "pull", out, "--fleet", lite_db, "--near", "12,-3", "--radius", "40",
                       "--fleet-robot", "r2", *PULL_MODEL)
     assert (pulled["added"], pulled["keyframes"], pulled["frames"]) == (len(near_xy), len(near_xy), ["map"])
-    site = KeyframeMap.load(out, expected_fingerprint=random_model_fingerprint)
+    site = load_map(out, expected_fingerprint=random_model_fingerprint)
     assert sorted(int(s.rsplit("/", 1)[1]) for s in site.sources) == sorted(near_xy)
     assert site.metadata["name"] == "site" and site.metadata["fleet_pulls"][0]["added"] == len(near_xy)
     gps = run_json(capsys, "map", "pull", out, "--fleet", lite_db, "--gps", "55.7107,13.1935", "--radius", "40",
@@ -64,13 +65,13 @@ def test_push_then_pull_regions_into_a_map(tmp_path, rng, capsys, lite_db, rando
 
 def test_failures_are_one_line(tmp_path, rng, capsys, caplog, lite_db, random_model_fingerprint) -> None:
     kmap = random_map(rng, 4, fleet_fingerprint("dmx-aaaaaaaaaaaaaaaa"))
-    kmap.save(tmp_path / "a.dinomap")
+    save_map(kmap, tmp_path / "a.dinomap")
     dead = f"http://127.0.0.1:{free_port()}"
     line = run_error(capsys, caplog, "map", "push", tmp_path / "a.dinomap", "--fleet", dead, "--fleet-timeout-s", "2")
     assert "unreachable" in line and "0 keyframes" in line and "4 still to push" in line
     run_json(capsys, "map", "push", tmp_path / "a.dinomap", "--fleet", lite_db)
     other = random_map(rng, 2, fleet_fingerprint("dmx-bbbbbbbbbbbbbbbb"))
-    other.save(tmp_path / "b.dinomap")
+    save_map(other, tmp_path / "b.dinomap")
     line = run_error(capsys, caplog, "map", "push", tmp_path / "b.dinomap", "--fleet", lite_db, "--fleet-collection",
                      default_collection(kmap.fingerprint))
     assert "holds descriptors of model dmx-aaaaaaaaaaaaaaaa" in line

@@ -20,6 +20,7 @@ from dinomix_ros.maps.build_bag import BagMapConfig
 from dinomix_ros.maps.fleet.config import FleetConfig
 from dinomix_ros.maps.index import IndexConfig
 from dinomix_ros.maps.keyframes import KeyframeMap, StorageConfig
+from dinomix_ros.maps.storage import save_map
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, PosePairingConfig
 from dinomix_ros.model.checkpoint import ModelSource
 from dinomix_ros.model.encoder import EncoderConfig
@@ -60,7 +61,8 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 def test_every_command_is_reachable(parsers: dict) -> None:
     assert set(parsers) == {"describe", "model", "model info", "model convert", "model export", "bench", "map",
                             "map build",
-                            "map info", "map topics", "map query", "map eval", "map push", "map pull"}
+                            "map info", "map topics", "map query", "map eval", "map import", "map push",
+                            "map pull"}
 
 
 def test_setting_flags_have_the_settings_default_help_and_choices(parsers: dict) -> None:
@@ -102,7 +104,7 @@ def test_hand_declared_flags_keep_their_special_forms(parsers: dict) -> None:
     assert group.required and build["--random-weights"] in group._group_actions
     query_index = options(parsers["map query"])["--index"]
     assert query_index.default == "auto"
-    assert tuple(query_index.choices) == ("auto",) + spec_of(IndexConfig, "index").choices
+    assert tuple(query_index.choices) == spec_of(IndexConfig, "index").choices and "auto" in query_index.choices
     assert options(parsers["map eval"])["--exclude-recent-count"].default == 10
 
 
@@ -159,7 +161,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("package", ["dinomix_ros.cli", "dinomix_ros.evaluation"])
+@pytest.mark.parametrize("package", ["dinomix_ros.cli", "dinomix_ros.evaluation", "dinomix_ros.maps"])
 def test_packages_have_no_import_cycle(package: str) -> None:
     graph = _package_graph(package)
     assert len(graph) >= 6 and _cycle(graph) is None, _cycle(graph)
@@ -180,7 +182,7 @@ def test_evaluation_does_not_depend_on_the_command_line() -> None:
 def test_help_and_map_info_do_not_import_torch(tmp_path: Path) -> None:
     fingerprint = {"id": "dmx-00000000000000aa", "architecture": "dinomix_vits14", "weights_sha256": "ab" * 32,
                    "preprocessing": "rgb resize 224 imagenet-norm", "descriptor_dim": 8}
-    KeyframeMap.empty(fingerprint).save(tmp_path / "m.dinomap")
+    save_map(KeyframeMap.empty(fingerprint), tmp_path / "m.dinomap")
     code = (
         "import contextlib, io, sys\n"
         "from dinomix_ros.cli.main import main\n"
@@ -236,7 +238,7 @@ def test_successful_runs_are_quiet_verbose_logs_each_line_once(
         tmp_path: Path, corridor_subset: Path, capsys: pytest.CaptureFixture) -> None:
     fingerprint = {"id": "dmx-00000000000000aa", "architecture": "dinomix_vits14", "weights_sha256": "ab" * 32,
                    "preprocessing": "rgb resize 224 imagenet-norm", "descriptor_dim": 8}
-    KeyframeMap.empty(fingerprint).save(tmp_path / "m.dinomap")
+    save_map(KeyframeMap.empty(fingerprint), tmp_path / "m.dinomap")
     quiet = _run_cli("map", "info", "m.dinomap", cwd=tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith("map ")
     assert "dinomix --debug map info m.dinomap" in _run_cli("--debug", "map", "info", "m.dinomap", cwd=tmp_path).stderr

@@ -15,8 +15,8 @@ import pytest
 from bagfactory import Motion, photo_frames, write_camera_bag
 from cliutil import MODEL, run, run_error, run_json
 
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
+from dinomix_ros.maps.loading import load_map
 
 
 def test_build_info_query_from_a_folder(tmp_path: Path, corridor_subset: Path, capsys: pytest.CaptureFixture) -> None:
@@ -60,7 +60,7 @@ def test_bag_topics_build_append_eval_and_calibrate(tmp_path: Path, capsys: pyte
     assert (report["images_seen"], report["added"], report["not_keyframes"], report["no_pose"]) == (6, 3, 3, 0)
     manifest = read_manifest(out)
     assert manifest["files"]["index"]["kind"] == "faiss_hnsw_ip" and manifest["metadata"]["name"] == "lab"
-    kmap = KeyframeMap.load(out)
+    kmap = load_map(out)
     np.testing.assert_array_equal(kmap.stamps_ns, bag.image_stamps_ns[[0, 2, 4]])
     np.testing.assert_allclose(kmap.positions[:, 0], [0.0, 0.6, 1.2], atol=1e-9)
     assert kmap.frames == ["odom"] and set(kmap.utm_zones.tolist()) == {33}
@@ -141,7 +141,7 @@ def test_build_with_images_and_poses_from_two_bags(tmp_path: Path, capsys: pytes
                      "--image-topic", "/camera/image_raw", "--pose-topic", "/odom", "--gps-topic", "/gps/fix",
                      *MODEL)
     assert (built["report"]["images_seen"], built["report"]["added"], built["report"]["no_pose"]) == (6, 3, 0)
-    kmap = KeyframeMap.load(tmp_path / "two.dinomap")
+    kmap = load_map(tmp_path / "two.dinomap")
     np.testing.assert_allclose(kmap.positions[:, 0], [0.0, 0.6, 1.2], atol=1e-9)
     assert set(kmap.utm_zones.tolist()) == {33}
     build = read_manifest(tmp_path / "two.dinomap")["metadata"]["builds"][0]["config"]

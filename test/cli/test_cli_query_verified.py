@@ -18,7 +18,7 @@ from dinomix_ros.imaging.features import FeatureExtractor, to_gray
 from dinomix_ros.localization.camera_pose import VerifiedPriorConfig
 from dinomix_ros.localization.live_map import LiveMap
 from dinomix_ros.localization.matching import MatcherConfig
-from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.loading import load_map
 
 CORRIDOR = DATA / "rtabmap_corridor" / "samples"
 CALIBRATION = DATA / "posed_pairs" / "cameras" / "corridor_assumed.yaml"
@@ -59,7 +59,7 @@ def test_query_verifies_its_candidates_as_the_node_does(
     # the node on the same map, descriptors and features
     assert run(capsys, "describe", *queries, "--out", tmp_path / "q.npy", *MODEL)[0] == 0
     descriptors = np.load(tmp_path / "q.npy")
-    live = LiveMap(KeyframeMap.load(posed_map), matcher=MatcherConfig(top_k=4))
+    live = LiveMap(load_map(posed_map), matcher=MatcherConfig(top_k=4))
     live.set_camera_model("query_cam", camera_from_info_yaml(CALIBRATION))
     extractor = FeatureExtractor()
     for entry, desc, path in zip(result["queries"], descriptors, queries):

@@ -31,6 +31,7 @@ from dinomix_ros.evaluation.runs_loop_closure import check_loop_closure_inputs, 
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 from thumbnails import thumbnail
+from dinomix_ros.maps.storage import save_map
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def _one_keyframe_map(path: Path, fingerprint: dict) -> Path:
     desc = np.zeros((1, fingerprint["descriptor_dim"]), np.float32)
     desc[0, 0] = 1.0
     kmap.add(desc, stamps_ns=[1], cameras="front", frame_ids="map")
-    kmap.save(path)
+    save_map(kmap, path)
     return path
 
 

@@ -17,6 +17,7 @@ from dinomix_ros.localization.verification import VerificationConfig
 from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.storage import save_map
 
 CAMERA = "/camera/image_raw/compressed"
 
@@ -65,7 +66,7 @@ def test_map_against_bag_verifies_with_the_maps_features(tmp_path: Path, data_di
     config = BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
                           gate=KeyframeGateConfig(min_distance_m=0.3, min_rotation_deg=0.0))
     kmap, _ = build_map_from_bag(bag.path, encoder, config, progress=False, features=FeatureConfig())
-    with_features = kmap.save(tmp_path / "with.dinomap")
+    with_features = save_map(kmap, tmp_path / "with.dinomap")
     result = evaluate_map_against_bag(encoder, with_features, bag.path, config, radius_m=0.1,
                                       verification=VerificationConfig(), min_similarity=0.5)
     v = result.report["verification"]
@@ -75,6 +76,6 @@ def test_map_against_bag_verifies_with_the_maps_features(tmp_path: Path, data_di
     assert v["recall_after"]["recalls"]["1"] >= v["recall_before"]["recalls"]["1"]
     # a map without local features: no verification, and the run still works
     plain, _ = build_map_from_bag(bag.path, encoder, config, progress=False)
-    result = evaluate_map_against_bag(encoder, plain.save(tmp_path / "plain.dinomap"), bag.path, config,
+    result = evaluate_map_against_bag(encoder, save_map(plain, tmp_path / "plain.dinomap"), bag.path, config,
                                       radius_m=0.1, verification=VerificationConfig())
     assert "verification" not in result.report and result.recall.num_queries > 0

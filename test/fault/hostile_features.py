@@ -24,6 +24,7 @@ from dinomix_ros.localization.camera_pose import CameraMountConfig
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import EMPTY, KEYPOINT_SCALE, CameraRecord, slot_dtype
 from dinomix_ros.maps.manifest import MANIFEST, manifest_bytes
+from dinomix_ros.maps.storage import save_map
 
 __all__ = ["ROWS", "CAMERA", "CORRIDOR", "FeatureKind", "corridor_image", "feature_kinds", "make_feature_map"]
 
@@ -54,7 +55,7 @@ def make_feature_map(path: Path, fingerprint: dict) -> Path:
     m.add(x / np.linalg.norm(x, axis=1, keepdims=True), stamps_ns=np.arange(1, ROWS + 1, dtype=np.int64) * 10**9,
           cameras=CAMERA, frame_ids="map", positions=np.c_[np.arange(ROWS, dtype=float), np.zeros((ROWS, 2))],
           orientations=np.tile([0.0, 0.0, 0.0, 1.0], (ROWS, 1)), features=feats)
-    return m.save(path)
+    return save_map(m, path)
 
 
 # ---------------------------------------------------------------------- helpers

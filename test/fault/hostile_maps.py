@@ -23,6 +23,7 @@ import numpy as np
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import MANIFEST, SEAL_KEY, manifest_seal
 from dinomix_ros.model.checkpoint import LoadedModel, random_model
+from dinomix_ros.maps.storage import save_map
 
 __all__ = ["Kind", "hostile_kinds", "lock_kinds", "make_map", "pickle_marker", "random_weights"]
 
@@ -49,7 +50,7 @@ def make_map(path: Path, fingerprint: dict) -> Path:
           gps=np.c_[55.7 + rng.random(ROWS) * 1e-3, 13.2 + rng.random(ROWS) * 1e-3, rng.random(ROWS)],
           sources=[f"bag:/cam@{i}" for i in range(ROWS)])
     blob = index_for_map(m, "exact", "cpu").to_bytes()
-    return m.save(path, blob, INDEX_KIND_NAMES["exact"])
+    return save_map(m, path, blob, INDEX_KIND_NAMES["exact"])
 
 
 # ---------------------------------------------------------------------- helpers

@@ -33,6 +33,7 @@ from dinomix_ros.maps.errors import MapError
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.ros.conversions import matches_to_array
+from dinomix_ros.maps.loading import load_map
 
 KLASS = "hostile feature chunk"
 NODE = "/dinomix_localizer"
@@ -65,7 +66,7 @@ def _verified(kmap: KeyframeMap) -> int:
 
 def test_hostile_feature_chunks_are_refused_at_load_or_rejected_at_verification(
         pristine: Path, tmp_path: Path, fault_probe) -> None:
-    assert _verified(KeyframeMap.load(pristine)) == len(QUERIES)  # the control: the good map verifies them
+    assert _verified(load_map(pristine)) == len(QUERIES)  # the control: the good map verifies them
     query_image = tmp_path / "query.jpg"
     cv2.imwrite(str(query_image), cv2.cvtColor(corridor_image(1), cv2.COLOR_RGB2BGR))
     kinds = feature_kinds()

@@ -30,6 +30,8 @@ from hostile_maps import ROWS, hostile_kinds, lock_kinds, make_map, pickle_marke
 from dinomix_ros.maps.errors import MapError
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 KLASS = "hostile map"
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +75,7 @@ def load_with_timeout(path: Path, **kwargs: object) -> tuple[object, bool]:
 
     def run() -> None:
         try:
-            box.append(KeyframeMap.load(path, **kwargs))
+            box.append(load_map(path, **kwargs))
         except BaseException as exc:  # recorded and asserted on by the caller
             box.append(exc)
 
@@ -149,7 +151,7 @@ def test_hostile_maps_are_refused_by_load_and_the_cli(pristine: Path, tmp_path: 
                 lost = ROWS - len(outcome)
                 outcome.add(np.eye(1, outcome.descriptor_dim, dtype=np.float32), stamps_ns=[10**12], cameras="front",
                             frame_ids="map")
-                outcome.save(work)  # a map that loads takes a save (appending)
+                save_map(outcome, work)  # a map that loads takes a save (appending)
                 again, _ = load_with_timeout(work)
                 if not isinstance(again, KeyframeMap) or len(again) != ROWS + 1:
                     problems.append(f"after a save: {again!r}")
@@ -187,7 +189,7 @@ def test_hostile_maps_are_refused_by_load_and_the_cli(pristine: Path, tmp_path: 
         fault_probe(KLASS, name, crashed=crashed, hung=hung, keyframes_lost=lost, outside_touched=touched)
         failures += [f"{name}: {p}" for p in problems]
     assert not failures, "\n".join(failures)
-    assert KeyframeMap.load(pristine).ids.tolist() == list(range(ROWS))  # the original was never touched
+    assert load_map(pristine).ids.tolist() == list(range(ROWS))  # the original was never touched
 
 
 def test_hostile_lock_entries_refuse_the_save_and_touch_nothing_outside(
@@ -200,10 +202,11 @@ def test_hostile_lock_entries_refuse_the_save_and_touch_nothing_outside(
         shutil.copytree(pristine, work, symlinks=True)
         watched = damage(work, outside)
         before = tree_state(outside)
-        m = KeyframeMap.load(work)
+        m = load_map(work)
         m.add(np.eye(1, m.descriptor_dim, dtype=np.float32), stamps_ns=[10**12], cameras="front", frame_ids="map")
         box: list[object] = []
-        t = threading.Thread(target=lambda: box.append(_try(lambda: m.save(work, lock_timeout_s=2.0))), daemon=True)
+        t = threading.Thread(target=lambda: box.append(_try(lambda: save_map(m, work, lock_timeout_s=2.0))),
+                             daemon=True)
         t.start()
         t.join(LOAD_TIMEOUT_S)
         hung = t.is_alive()
@@ -214,7 +217,7 @@ def test_hostile_lock_entries_refuse_the_save_and_touch_nothing_outside(
             failures.append(f"{name}: hung={hung}, {outcome!r}")
         if touched or (watched is not None and watched.name == "created-by-lock" and os.path.lexists(watched)):
             failures.append(f"{name}: something outside changed")
-        if len(KeyframeMap.load(work)) != ROWS:  # the committed map is intact
+        if len(load_map(work)) != ROWS:  # the committed map is intact
             failures.append(f"{name}: committed map changed")
         assert len(m) == ROWS + 1  # the unsaved keyframe is still in memory
     assert not failures, "\n".join(failures)

@@ -8,6 +8,7 @@ memory and saved later), and nothing outside the map directory changes (a sentin
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
 import signal
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 256
@@ -54,16 +57,17 @@ import sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 from test_fault_storage import unit_rows
-from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.loading import load_map
+from dinomix_ros.maps.storage import save_map
 
 path, block = sys.argv[1], 400
-m = KeyframeMap.load(path)
+m = load_map(path)
 k = len(m) // block
 print("ready", flush=True)
 while True:
     m.add(unit_rows(k, block), stamps_ns=np.arange(k * block, (k + 1) * block, dtype=np.int64) + 1, cameras="cam",
           frame_ids="map", sources=[f"block {k}"] * block)
-    m.save(path)
+    save_map(m, path)
     k += 1
     print(f"committed {len(m)}", flush=True)
 """
@@ -74,7 +78,7 @@ def test_sigkill_during_saves_never_loses_a_committed_keyframe(tmp_path: Path, f
     m = KeyframeMap.empty(FP)
     m.add(unit_rows(0, 400), stamps_ns=np.arange(1, 401, dtype=np.int64), cameras="cam", frame_ids="map",
           sources=["block 0"] * 400)
-    m.save(path)
+    save_map(m, path)
     sentinel, digest = sentinel_beside(path)
     rng = np.random.default_rng(3)
     committed, mid_save, failures = 400, 0, []
@@ -91,7 +95,7 @@ def test_sigkill_during_saves_never_loses_a_committed_keyframe(tmp_path: Path, f
         committed = max([committed, *reported])
         if any(n.startswith(".tmp-") for n in os.listdir(path)):
             mid_save += 1
-        loaded = KeyframeMap.load(path)
+        loaded = load_map(path)
         lost = max(0, committed - len(loaded))
         whole = len(loaded) % 400 == 0 and np.array_equal(loaded.stamps_ns, np.arange(1, len(loaded) + 1))
         touched = sha(sentinel) != digest
@@ -125,6 +129,7 @@ def small_tmpfs():
     try:
         yield mnt
     finally:
+        gc.collect()  # maps loaded by the test may sit in a reference cycle (a caught exception's frame): unmapped
         subprocess.run(["umount", str(mnt)], check=True)
         mnt.rmdir()
 
@@ -144,22 +149,22 @@ def test_a_full_disk_fails_the_save_cleanly_and_loses_nothing(small_tmpfs: Path,
     path = mnt / "maps" / "full.dinomap"
     m = KeyframeMap.empty(FP)
     m.add(unit_rows(0, 200), stamps_ns=np.arange(1, 201, dtype=np.int64), cameras="cam", frame_ids="map")
-    m.save(path)
+    save_map(m, path)
     sentinel, digest = sentinel_beside(path)
     failed = 0
     # Free space from none to about one save's worth: the save runs out in the chunk, the CSV or the manifest.
     for i, leave in enumerate([0, 4096, 64 << 10, 128 << 10, 160 << 10, 192 << 10]):
         before = sorted(os.listdir(path))
-        on_disk = len(KeyframeMap.load(path))
+        on_disk = len(load_map(path))
         m.add(unit_rows(i + 1, 200), stamps_ns=np.arange(1, 201, dtype=np.int64) + 200 * (i + 1), cameras="cam",
               frame_ids="map")
         fill(mnt, leave)
         try:
-            m.save(path)
+            save_map(m, path)
             error = None
         except OSError as exc:
             error = exc
-        loaded = KeyframeMap.load(path)  # the map on disk loads whatever happened
+        loaded = load_map(path)  # the map on disk loads whatever happened
         if error is not None:
             failed += 1
             assert error.errno == errno.ENOSPC, error
@@ -168,17 +173,17 @@ def test_a_full_disk_fails_the_save_cleanly_and_loses_nothing(small_tmpfs: Path,
             assert len(loaded) == len(m)
         assert len(m) == 200 * (i + 2)  # every keyframe is still in memory
         (mnt / "filler").unlink()
-        m.save(path)  # the cause is gone: the next save succeeds, appending what the failed one could not
-        lost = len(m) - len(KeyframeMap.load(path))
+        save_map(m, path)  # the cause is gone: the next save succeeds, appending what the failed one could not
+        lost = len(m) - len(load_map(path))
         touched = sha(sentinel) != digest
         fault_probe("disk full", f"{leave} bytes free", keyframes_lost=lost, outside_touched=touched)
         assert lost == 0 and not touched
-        assert np.array_equal(KeyframeMap.load(path).stamps_ns, np.arange(1, len(m) + 1))
+        assert np.array_equal(load_map(path).stamps_ns, np.arange(1, len(m) + 1))
     assert failed >= 3, f"only {failed} saves ran out of space: the probe did not fill the disk"
     # A first save into a new directory on a full disk leaves no map behind, not a partial one.
     fill(mnt, 0)
     with pytest.raises(OSError):
-        m.save(mnt / "maps" / "second.dinomap")
+        save_map(m, mnt / "maps" / "second.dinomap")
     assert not (mnt / "maps" / "second.dinomap" / "manifest.json").exists()
     assert not [n for n in os.listdir(mnt / "maps" / "second.dinomap") if n.startswith(".tmp-")]
     fault_probe("disk full", "first save of a new map", outside_touched=sha(sentinel) != digest)
@@ -192,11 +197,13 @@ import sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 from test_fault_storage import unit_rows
-from dinomix_ros.maps.keyframes import KeyframeMap, MapConflictError, MapLockedError
+from dinomix_ros.maps.keyframes import MapConflictError, MapLockedError
+from dinomix_ros.maps.loading import load_map
+from dinomix_ros.maps.storage import save_map
 
 path, me, n = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 conflicts = 0
-m = KeyframeMap.load(path)
+m = load_map(path)
 print("loaded", flush=True)
 sys.stdin.readline()  # both writers hold the same generation before either saves: the second save must conflict
 for i in range(n):
@@ -205,11 +212,11 @@ for i in range(n):
         if stamp not in set(m.stamps_ns.tolist()):
             m.add(unit_rows(stamp, 1), stamps_ns=[stamp], cameras=f"writer{me}", frame_ids="map")
         try:
-            m.save(path, lock_timeout_s=60)
+            save_map(m, path, lock_timeout_s=60)
             break
         except MapConflictError:  # the other writer saved since: take its rows, re-add ours, save again
             conflicts += 1
-            m = KeyframeMap.load(path)
+            m = load_map(path)
     print(f"committed {stamp}", flush=True)
 print(f"conflicts {conflicts}", flush=True)
 """
@@ -219,7 +226,7 @@ def test_two_writers_detect_each_other_and_lose_nothing(tmp_path: Path, fault_pr
     path = tmp_path / "shared.dinomap"
     m = KeyframeMap.empty(FP)
     m.add(unit_rows(0, 1), stamps_ns=[1], cameras="seed", frame_ids="map")
-    m.save(path)
+    save_map(m, path)
     sentinel, digest = sentinel_beside(path)
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(Path(__file__).parent), str(me), "25"],
                                 cwd=REPO, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -240,7 +247,7 @@ def test_two_writers_detect_each_other_and_lose_nothing(tmp_path: Path, fault_pr
             out, err = w.communicate()
             hung = True
         results.append((w.returncode, out, err, hung))
-    loaded = KeyframeMap.load(path)
+    loaded = load_map(path)
     stamps = loaded.stamps_ns.tolist()
     committed = {int(line.split()[1]) for _, out, _, _ in results for line in out.splitlines()
                  if line.startswith("committed")}

@@ -23,8 +23,9 @@ from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id, r
 from sensor_msgs.msg import Image, PointCloud2
 from std_srvs.srv import Trigger
 
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.ros.parameters import PARAMETERS
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 NODE = "/dinomix_localizer"
 RAW = "/camera/image_raw"
@@ -120,22 +121,22 @@ def test_failed_saves_keep_every_keyframe_and_a_later_save_writes_them(tmp_path,
             _remount(disk, "rw,size=8m")
             ok = s.call("save_map")
             fault_probe("failing save", "save after the cause is gone", crashed=not s.node.alive(),
-                        keyframes_lost=15 - (len(KeyframeMap.load(map_path)) if ok.success else 0))
+                        keyframes_lost=15 - (len(load_map(map_path)) if ok.success else 0))
             assert ok.success and "saved 15 keyframes" in ok.message, ok.message
             assert int(s.values()["keyframes_unsaved"]) == 0
         finally:
             code, _ = s.stop()
         assert code == 0, s.node.log[-3000:]
-        assert len(KeyframeMap.load(map_path)) == 15
+        assert len(load_map(map_path)) == 15
 
 
 def _append_as_another_writer(map_path: Path, rows: int) -> None:
     """Another process loads the map, appends ``rows`` keyframes and saves it: the node's next save conflicts."""
-    other = KeyframeMap.load(map_path)
+    other = load_map(map_path)
     x = np.random.default_rng(9).standard_normal((rows, other.descriptor_dim)).astype(np.float32)
     other.add(x / np.linalg.norm(x, axis=1, keepdims=True), stamps_ns=list(range(1, rows + 1)), cameras="other",
               frame_ids="map")
-    other.save(map_path)
+    save_map(other, map_path)
 
 
 def test_another_writer_conflict_says_what_happened_and_offers_a_way(tmp_path, fault_probe) -> None:
@@ -159,8 +160,8 @@ def test_another_writer_conflict_says_what_happened_and_offers_a_way(tmp_path, f
     finally:
         code, _ = s.stop()
     assert code == 0
-    assert len(KeyframeMap.load(elsewhere)) == 7  # the node's 3 + 4: nothing lost
-    assert len(KeyframeMap.load(map_path)) == 5  # the other writer's map untouched: 3 + its 2
+    assert len(load_map(elsewhere)) == 7  # the node's 3 + 4: nothing lost
+    assert len(load_map(map_path)) == 5  # the other writer's map untouched: 3 + its 2
 
 
 def test_shutdown_with_a_failing_autosave_rescues_the_keyframes(tmp_path, fault_probe) -> None:
@@ -177,10 +178,10 @@ def test_shutdown_with_a_failing_autosave_rescues_the_keyframes(tmp_path, fault_
         code, seconds = s.stop()
     rescued = sorted(tmp_path.glob("run.dinomap.rescued-*"))
     fault_probe("shutdown", "autosave fails at SIGINT: rescued beside the map", crashed=code != 0,
-                keyframes_lost=5 - (len(KeyframeMap.load(rescued[0])) if rescued else 0))
+                keyframes_lost=5 - (len(load_map(rescued[0])) if rescued else 0))
     assert code == 0, s.node.log[-3000:]
     assert "autosave: save to" in s.node.log and "autosave rescue: saved 5 keyframes" in s.node.log, s.node.log
-    assert len(rescued) == 1 and len(KeyframeMap.load(rescued[0])) == 5
+    assert len(rescued) == 1 and len(load_map(rescued[0])) == 5
     assert not ros_home.exists()
 
 
@@ -194,10 +195,10 @@ def test_sigint_stops_quickly_saves_first_and_leaves_no_context_errors(tmp_path,
     code, seconds = s.stop(close_client=False)
     s.client.close()
     fault_probe("shutdown", "SIGINT while frames arrive", crashed=code != 0, hung=seconds >= 2.0,
-                keyframes_lost=4 - min(4, len(KeyframeMap.load(map_path))) if map_path.exists() else 4)
+                keyframes_lost=4 - min(4, len(load_map(map_path))) if map_path.exists() else 4)
     assert code == 0 and seconds < 2.0, (code, seconds, s.node.log[-2000:])
     assert "autosave: saved" in s.node.log
-    assert len(KeyframeMap.load(map_path)) >= 4
+    assert len(load_map(map_path)) >= 4
     assert "context is invalid" not in s.node.log and "Traceback" not in s.node.log, s.node.log[-3000:]
 
 
@@ -233,7 +234,7 @@ def test_services_hammered_from_several_clients_all_answer(tmp_path, fault_probe
         final = s.call("save_map")
     finally:
         code, _ = s.stop()
-    saved = len(KeyframeMap.load(map_path)) if map_path.exists() else 0
+    saved = len(load_map(map_path)) if map_path.exists() else 0
     fault_probe("service hammering", "4 clients x 12 random calls while recording", crashed=not alive or code != 0,
                 hung=any(t.is_alive() for t in threads), keyframes_lost=in_memory - saved)
     assert not errors and len(answers) == 48 and all(answers), errors

@@ -24,6 +24,7 @@ from dinomix_ros.maps.fleet.store import FleetStore
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
+from dinomix_ros.maps.loading import load_map
 
 NS = 1_000_000_000
 
@@ -94,7 +95,7 @@ def test_a_pull_joins_the_live_map_and_saves_are_pushed(tmp_path, rng, monkeypat
             assert (state["fleet_connected"], state["fleet_pushed"], state["fleet_pulled"], state["fleet_backlog"]) == (
                 True, 2, 9, 0)
             assert FleetStore(FleetConfig(uri=server.uri), fp).count() == 32
-            saved = KeyframeMap.load(path)
+            saved = load_map(path)
             assert sum(s.startswith("fleet:") for s in saved.sources) == 9  # the region is kept for offline use
         finally:
             sync.stop()

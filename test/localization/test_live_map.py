@@ -17,6 +17,8 @@ from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.geo import latlon_to_utm
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 DIM = 64
 NS = 1_000_000_000
@@ -106,9 +108,9 @@ def test_outputs_follow_the_rules() -> None:
 def test_loop_closure_scope_session_ignores_keyframes_loaded_from_disk(tmp_path) -> None:
     kmap = KeyframeMap.empty(FINGERPRINT)
     kmap.add(unit(0)[None], stamps_ns=[T0], cameras="cam", frame_ids="map", positions=[[0.0, 0.0, 0.0]])
-    path = kmap.save(tmp_path / "m.dinomap")
+    path = save_map(kmap, tmp_path / "m.dinomap")
     for scope, expected in (("session", False), ("all", True)):
-        lm = LiveMap(KeyframeMap.load(path), output=OutputConfig(loop_closure_scope=scope))
+        lm = LiveMap(load_map(path), output=OutputConfig(loop_closure_scope=scope))
         outcome = lm.process("cam", T0 + 100 * NS, unit(0), None)
         assert outcome.result.accepted and outcome.publish_loop_closure is expected
 
@@ -133,7 +135,7 @@ def test_failed_save_keeps_every_keyframe_and_a_later_save_writes_them(tmp_path)
     assert lm.unsaved == 3 and len(lm) == 3
     saved = lm.save(tmp_path / "ok.dinomap")
     assert saved.keyframes == 3 and lm.unsaved == 0
-    assert len(KeyframeMap.load(tmp_path / "ok.dinomap")) == 3
+    assert len(load_map(tmp_path / "ok.dinomap")) == 3
 
 
 def test_replace_map_refuses_to_drop_unsaved_keyframes(tmp_path) -> None:
@@ -143,7 +145,7 @@ def test_replace_map_refuses_to_drop_unsaved_keyframes(tmp_path) -> None:
     with pytest.raises(ValueError, match="1 unsaved keyframes"):
         lm.replace_map(KeyframeMap.empty(FINGERPRINT))
     lm.save(tmp_path / "a.dinomap")
-    lm.replace_map(KeyframeMap.load(tmp_path / "a.dinomap"))
+    lm.replace_map(load_map(tmp_path / "a.dinomap"))
     assert len(lm) == 1 and lm.unsaved == 0
 
 

@@ -23,6 +23,7 @@ from dinomix_ros.localization.verification import VerificationConfig, rotation_a
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import quat_to_matrix
+from dinomix_ros.maps.loading import load_map
 
 NS = 1_000_000_000
 T0 = 1_700_000_000 * NS
@@ -207,7 +208,7 @@ def test_a_changed_extrinsic_while_recording_starts_a_new_camera_version(data_di
     assert record(6) == "/front/image"  # back to the first mount: its keyframes' version
     live.stop_recording()
     live.save(tmp_path / "m")
-    loaded = KeyframeMap.load(tmp_path / "m")
+    loaded = load_map(tmp_path / "m")
     cameras = loaded.local_features.cameras
     assert sorted(cameras) == ["/front/image", "/front/image#2", "/front/image#3", "/front/image#4"]
     np.testing.assert_allclose(cameras["/front/image#2"].T_base_cam, moved)

@@ -20,6 +20,7 @@ from dinomix_ros.localization.verification import VerificationConfig
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.posemsg import PoseSample
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
+from dinomix_ros.maps.loading import load_map
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "rtabmap_corridor"
 NS = 1_000_000_000
@@ -106,7 +107,7 @@ def test_with_intrinsics_the_prior_rotation_is_corrected_and_intrinsics_are_stor
              for i in range(40, 80)]
     assert cases.count("rotation") >= 20 and set(cases) <= {"rotation", "keyframe"}
     live.save(tmp_path / "m")
-    loaded = KeyframeMap.load(tmp_path / "m")
+    loaded = load_map(tmp_path / "m")
     assert loaded.local_features.intrinsics == {"cam": CAMERA} and len(loaded.local_features) == 40
 
 

@@ -25,6 +25,8 @@ from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.maps.sources.bags import BagError
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig, quat_angle, select_keyframes, yaw_to_quat
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 LUND = Path(__file__).resolve().parents[1] / "data" / "lund_gps"
 
@@ -162,17 +164,17 @@ def test_append_to_a_saved_map_and_refuse_another_model(tmp_path: Path, encoder:
                           gate=KeyframeGateConfig(min_distance_m=0.7))
     kmap, report = build_map_from_bag(first.path, encoder, config, progress=False)
     assert report.added == 2  # 0.4 m per frame: frames 0 and 2
-    kmap.save(tmp_path / "office.dinomap")
+    save_map(kmap, tmp_path / "office.dinomap")
     later = Motion(start_ns=first.motion.start_ns + 60_000_000_000, origin=(5.0, 0.0, 0.0), velocity=(2.0, 0, 0))
     second = write_camera_bag(tmp_path / "second", frames=photo_frames(3, first=50), motion=later,
                               pose_kind="pose_cov", pose_frame_id="map", image_format="png")
-    loaded = KeyframeMap.load(tmp_path / "office.dinomap", expected_fingerprint=encoder.fingerprint.to_dict())
+    loaded = load_map(tmp_path / "office.dinomap", expected_fingerprint=encoder.fingerprint.to_dict())
     appended, report2 = build_map_from_bag(second.path, encoder, config, kmap=loaded, progress=False)
     assert appended is loaded and report2.added == 2 and len(appended) == 4
     np.testing.assert_array_equal(appended.ids, np.arange(4))
     np.testing.assert_array_equal(appended.stamps_ns[2:], second.image_stamps_ns[[0, 2]])
     np.testing.assert_allclose(appended.positions[:, 0], [0.0, 0.8, 5.0, 5.8], atol=1e-9)
-    appended.save(tmp_path / "office.dinomap")
+    save_map(appended, tmp_path / "office.dinomap")
     assert read_manifest(tmp_path / "office.dinomap")["count"] == 4
 
     other = KeyframeMap.empty({**encoder.fingerprint.to_dict(), "id": "dmx-0000000000000000"})

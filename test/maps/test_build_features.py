@@ -13,11 +13,12 @@ from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.build_folder import build_map_from_folder
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.maps.sources.bags import read_camera_info
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 K = [300.0, 0.0, 160.0, 0.0, 301.0, 120.0, 0.0, 0.0, 1.0]
@@ -51,7 +52,7 @@ def test_bag_build_stores_features_and_the_bags_intrinsics(tmp_path, encoder) ->
     assert report.added == 4 and len(kmap.local_features) == 4
     assert kmap.local_features.intrinsics == {"/camera/image_raw/compressed": camera}
     assert all(len(kmap.local_features.row(i)) > 100 for i in range(4))
-    kmap.save(tmp_path / "m")
+    save_map(kmap, tmp_path / "m")
     assert read_manifest(tmp_path / "m")["local_features"]["slots"] == 400
     # without features: a map without verification (and no feature chunks)
     plain, _ = build_map_from_bag(bag.path, encoder, config, progress=False)
@@ -70,8 +71,8 @@ def test_folder_build_with_a_calibration_and_appending_to_a_map_without_features
     assert report.added == 3 and kmap.local_features.slots == 200
     assert kmap.local_features.intrinsics == {"front": camera}
     assert all(150 <= len(kmap.local_features.row(i)) <= 200 for i in range(3))
-    kmap.save(tmp_path / "m")
-    assert KeyframeMap.load(tmp_path / "m").local_features.intrinsics["front"] == camera
+    save_map(kmap, tmp_path / "m")
+    assert load_map(tmp_path / "m").local_features.intrinsics["front"] == camera
     # a map without local features (format 1) keeps none when appended to, and says so
     old, _ = build_map_from_folder(folder, encoder, "none", progress=False)
     with caplog.at_level("WARNING"):
@@ -105,5 +106,5 @@ def test_bag_build_stores_camera_records_and_scales_a_full_resolution_calibratio
     record = kmap.local_features.cameras["rear"]
     assert (record.frame_id, record.size) == ("rear_optical", (320, 240))
     np.testing.assert_allclose(record.T_base_cam[:3, 3], [-1.0, 0.0, 0.6])
-    kmap.save(tmp_path / "m")
-    assert KeyframeMap.load(tmp_path / "m").local_features.cameras["rear"] == record
+    save_map(kmap, tmp_path / "m")
+    assert load_map(tmp_path / "m").local_features.cameras["rear"] == record

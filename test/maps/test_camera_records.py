@@ -23,6 +23,8 @@ from dinomix_ros.maps.local_features import (
     MAX_CAMERA_VERSIONS, CameraRecord, KeyframeFeatures, check_feature_rows, pack,
 )
 from dinomix_ros.maps.manifest import manifest_bytes, read_manifest
+from dinomix_ros.maps.loading import load_map
+from dinomix_ros.maps.storage import save_map
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CAMERA = CameraModel(512, 384, np.array([[400.0, 0, 256], [0, 400.0, 192], [0, 0, 1]]))
@@ -63,10 +65,10 @@ def _edit_manifest(directory: Path, edit) -> None:
 def test_records_round_trip_through_save_load_and_subset(tmp_path, corridor_features) -> None:
     m = _map(corridor_features, ["rear", "rear", "front"], {"rear": REAR})
     m.local_features.intrinsics["rear"] = CAMERA
-    m.save(tmp_path / "m")
+    save_map(m, tmp_path / "m")
     entry = read_manifest(tmp_path / "m")["local_features"]
     assert entry["cameras"] == {"rear": REAR.to_dict()} and len(entry["cameras"]["rear"]["T_base_cam"]) == 16
-    loaded = KeyframeMap.load(tmp_path / "m")
+    loaded = load_map(tmp_path / "m")
     assert loaded.local_features.cameras == {"rear": REAR}
     np.testing.assert_array_equal(loaded.local_features.cameras["rear"].T_base_cam, REAR.T_base_cam)  # bit-exact
     assert loaded.subset([2]).local_features.cameras == {"rear": REAR}
@@ -105,10 +107,10 @@ def test_a_map_without_camera_records_loads_and_bounds_keypoints_by_its_intrinsi
                                                                                    caplog) -> None:
     m = _map(corridor_features[:2], ["cam", "nocalib"])
     m.local_features.intrinsics["cam"] = CAMERA
-    m.save(tmp_path / "m")
+    save_map(m, tmp_path / "m")
     _without_records(tmp_path / "m")
     with caplog.at_level(logging.INFO, logger="dinomix_ros.maps.loading"):
-        loaded = KeyframeMap.load(tmp_path / "m")
+        loaded = load_map(tmp_path / "m")
     assert loaded.local_features.cameras == {} and len(loaded) == 2
     assert "have no camera record" in caplog.text and "intrinsics' image size where known" in caplog.text
     # the intrinsics' size bounds the keypoints of a map without records
@@ -116,8 +118,8 @@ def test_a_map_without_camera_records_loads_and_bounds_keypoints_by_its_intrinsi
     _edit_manifest(tmp_path / "m", lambda man: man["local_features"]["intrinsics"].update(cam=small.to_dict()))
     with pytest.raises(MapFormatError, match=r"row 0 \(map row 0\) has a keypoint at .* outside its camera's "
                                              r"256x192 image"):
-        KeyframeMap.load(tmp_path / "m")
-    assert len(KeyframeMap.load(tmp_path / "m", verify=False)) == 2  # verify=False skips the row checks
+        load_map(tmp_path / "m")
+    assert len(load_map(tmp_path / "m", verify=False)) == 2  # verify=False skips the row checks
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -137,10 +139,10 @@ def test_a_map_without_camera_records_loads_and_bounds_keypoints_by_its_intrinsi
 def test_bad_camera_records_are_refused_at_load(tmp_path, corridor_features, edit, message) -> None:
     m = _map(corridor_features[:1], ["rear"], {"rear": REAR})
     m.local_features.intrinsics["rear"] = CAMERA
-    m.save(tmp_path / "m")
+    save_map(m, tmp_path / "m")
     _edit_manifest(tmp_path / "m", lambda man: edit(man["local_features"]["cameras"]["rear"]))
     with pytest.raises(MapFormatError, match=message) as info:
-        KeyframeMap.load(tmp_path / "m")
+        load_map(tmp_path / "m")
     assert "\n" not in str(info.value)
 
 

@@ -27,6 +27,7 @@ from dinomix_ros.maps.fleet.config import FleetConfig, default_collection, model
 from dinomix_ros.maps.fleet.push import PushLedger, push_backlog
 from dinomix_ros.maps.fleet.records import SCALAR_FIELDS, keyframe_key, map_uid
 from dinomix_ros.maps.fleet.store import FleetError, FleetStore
+from dinomix_ros.maps.storage import save_map
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,9 +105,9 @@ from pathlib import Path
 from dinomix_ros.maps.fleet.config import FleetConfig
 from dinomix_ros.maps.fleet.push import PushLedger, push_backlog
 from dinomix_ros.maps.fleet.store import FleetStore
-from dinomix_ros.maps.keyframes import KeyframeMap
+from dinomix_ros.maps.loading import load_map
 map_path, uri, robot, go = sys.argv[1:5]
-kmap = KeyframeMap.load(map_path)
+kmap = load_map(map_path)
 store = FleetStore(FleetConfig(uri=uri, robot=robot, batch_rows=6), kmap.fingerprint)
 store.connect()
 while not Path(go).exists():
@@ -123,7 +124,7 @@ def test_two_robots_pushing_at_once_lose_nothing(server, rng, tmp_path) -> None:
     maps = {}
     for robot, n in (("r1", 120), ("r2", 90)):
         maps[robot] = random_map(rng, n, fp)
-        maps[robot].save(tmp_path / f"{robot}.dinomap")
+        save_map(maps[robot], tmp_path / f"{robot}.dinomap")
     go = tmp_path / "go"
     procs = {robot: subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / f"{robot}.dinomap"), server.uri,
                                       robot, str(go)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -149,7 +150,7 @@ def test_a_pusher_killed_in_the_middle_and_a_server_stopped_in_the_middle_lose_n
     fp = fleet_fingerprint()
     kmap = random_map(rng, 240, fp)
     path = tmp_path / "r1.dinomap"
-    kmap.save(path)
+    save_map(kmap, path)
     ledger = PushLedger.for_map(path)
     scope = {"uri": server.uri, "collection": default_collection(fp), "robot": "r1", "map_uid": map_uid(kmap)}
     proc = _push_process(path, server.uri, "r1", 5)
@@ -194,7 +195,7 @@ def test_a_lite_file_is_opened_by_one_process(rng, tmp_path) -> None:
     several processes share it (a Lite server)."""
     db = str(tmp_path / "fleet.db")
     kmap = random_map(rng, 2)
-    kmap.save(tmp_path / "r1.dinomap")
+    save_map(kmap, tmp_path / "r1.dinomap")
     FleetStore(FleetConfig(uri=db), kmap.fingerprint).connect()  # this process holds it
     try:
         proc = _push_process(tmp_path / "r1.dinomap", db, "r2", 2)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix_ros.maps.index import INDEX_KIND_NAMES, PlaceIndex, index_for_map, save_map
+from dinomix_ros.maps.index import INDEX_KIND_NAMES, PlaceIndex, index_for_map, save_map_with_index
 from dinomix_ros.maps.errors import (
     DescriptorError,
     EmptyIndexError,
@@ -23,6 +23,8 @@ from dinomix_ros.maps.errors import (
 )
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.masks import mask_exclude_last
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -573,8 +575,8 @@ def test_index_for_map_uses_a_fresh_stored_index_and_rebuilds_a_stale_one(
     planted = unit(rng.standard_normal((200, dim)))
     decoy = PlaceIndex(dim, "hnsw", "cpu")
     decoy.add(planted)
-    kmap.save(tmp_path / "m.dinomap", decoy.to_bytes(), INDEX_KIND_NAMES["hnsw"])
-    loaded = KeyframeMap.load(tmp_path / "m.dinomap")
+    save_map(kmap, tmp_path / "m.dinomap", decoy.to_bytes(), INDEX_KIND_NAMES["hnsw"])
+    loaded = load_map(tmp_path / "m.dinomap")
 
     caplog.set_level(logging.INFO, logger="dinomix_ros.maps.index")
     index = index_for_map(loaded, "hnsw", "cpu")
@@ -604,9 +606,9 @@ def test_index_for_map_rebuilds_an_unreadable_stored_index(tmp_path: Path, rng: 
     kmap = _map_of(xb)
     l2 = faiss.IndexFlatL2(32)  # a faiss index, but not an inner-product one
     l2.add(xb)
-    kmap.save(tmp_path / "m.dinomap", faiss.serialize_index(l2), INDEX_KIND_NAMES["exact"])
+    save_map(kmap, tmp_path / "m.dinomap", faiss.serialize_index(l2), INDEX_KIND_NAMES["exact"])
     caplog.set_level(logging.INFO, logger="dinomix_ros.maps.index")
-    index = index_for_map(KeyframeMap.load(tmp_path / "m.dinomap"), "exact", "cpu")
+    index = index_for_map(load_map(tmp_path / "m.dinomap"), "exact", "cpu")
     assert index.ntotal == 50 and "the stored index could not be read (the stored index uses metric" in caplog.text
     assert issubclass(IndexFormatError, PlaceIndexError)
 
@@ -614,17 +616,18 @@ def test_index_for_map_rebuilds_an_unreadable_stored_index(tmp_path: Path, rng: 
 def test_save_map_stores_only_a_fresh_approximate_index(tmp_path: Path, rng: np.random.Generator) -> None:
     xb = unit(rng.standard_normal((300, 32)))
     hnsw = index_for_map(_map_of(xb), "hnsw", "cpu")
-    save_map(_map_of(xb), tmp_path / "a.dinomap", hnsw)
-    loaded = KeyframeMap.load(tmp_path / "a.dinomap")
+    save_map_with_index(_map_of(xb), tmp_path / "a.dinomap", hnsw)
+    loaded = load_map(tmp_path / "a.dinomap")
     assert loaded.index_kind == INDEX_KIND_NAMES["hnsw"]
     again = index_for_map(loaded, "hnsw", "cpu")
     np.testing.assert_array_equal(again.search(xb[:20], 5)[1], hnsw.search(xb[:20], 5)[1])
-    save_map(_map_of(xb), tmp_path / "b.dinomap", index_for_map(_map_of(xb), "exact", "cpu"))  # rebuilt on load
-    assert KeyframeMap.load(tmp_path / "b.dinomap").index_blob is None
+    exact = index_for_map(_map_of(xb), "exact", "cpu")
+    save_map_with_index(_map_of(xb), tmp_path / "b.dinomap", exact)  # an exact index is rebuilt on load
+    assert load_map(tmp_path / "b.dinomap").index_blob is None
     grown = _map_of(xb)
     grown.add(unit(rng.standard_normal((1, 32))), stamps_ns=[999], cameras="cam", frame_ids="map")
-    save_map(grown, tmp_path / "c.dinomap", hnsw)  # the index misses the new row: not stored
-    assert KeyframeMap.load(tmp_path / "c.dinomap").index_blob is None
+    save_map_with_index(grown, tmp_path / "c.dinomap", hnsw)  # the index misses the new row: not stored
+    assert load_map(tmp_path / "c.dinomap").index_blob is None
 
 
 @pytest.mark.parametrize("kwargs", EXACT_CPU + [pytest.param({"kind": "hnsw"}, id="hnsw")])

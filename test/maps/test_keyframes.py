@@ -4,6 +4,7 @@ attached index). Saving and loading are tested in test_storage.py.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 from mapfactory import DIM, assert_same_map, fingerprint, full_map, unit
 
 from dinomix_ros.maps.keyframes import KeyframeMap, KeyframeNotFoundError, MapError
+from dinomix_ros.maps.loading import load_map
+from dinomix_ros.maps.storage import save_map
 
 # ---------------------------------------------------------------------- add() validation and accessors
 
@@ -91,8 +94,8 @@ def test_lookup_subset_and_read_only_columns(tmp_path: Path, rng: np.random.Gene
         m.descriptors[0, 0] = 1.0
     with pytest.raises(IndexError, match="row 14 out of range"):
         m.keyframe(14)
-    sub.save(tmp_path / "s")
-    assert_same_map(sub, KeyframeMap.load(tmp_path / "s", mmap=False))
+    save_map(sub, tmp_path / "s")
+    assert_same_map(sub, load_map(tmp_path / "s", mmap=False))
 
 
 def test_set_index_refuses_bad_blobs_and_kinds_and_goes_stale_on_add(rng: np.random.Generator) -> None:
@@ -114,3 +117,20 @@ def test_set_index_refuses_bad_blobs_and_kinds_and_goes_stale_on_add(rng: np.ran
         m.index_blob[0] = 1
     m.add(unit(rng, 1), stamps_ns=[1], cameras="front", frame_ids="map")
     assert m.index_blob is None and m.index_kind is None  # built for fewer rows than the map now has: stale
+
+
+def test_the_table_imports_none_of_its_storage() -> None:
+    """KeyframeMap is the in-memory table: loading and saving are functions over it (no import cycle, not even one
+    hidden in a function)."""
+    import dinomix_ros.maps.keyframes as keyframes
+
+    imported = set()
+    for node in ast.walk(ast.parse(Path(keyframes.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    storage_modules = {f"dinomix_ros.maps.{m}" for m in ("storage", "loading", "manifest", "keyframe_csv")}
+    assert not imported & storage_modules
+    assert not hasattr(KeyframeMap, "save") and not hasattr(KeyframeMap, "load")

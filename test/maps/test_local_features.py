@@ -16,6 +16,8 @@ from dinomix_ros.maps.errors import MapError, MapFormatError
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import KeyframeFeatures, pack, slot_dtype, unpack
 from dinomix_ros.maps.manifest import manifest_bytes, read_manifest
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CAMERA = CameraModel(512, 384, np.array([[400.0, 0, 256], [0, 400.0, 192], [0, 0, 1]]), "plumb_bob",
@@ -68,14 +70,14 @@ def _map_with_features(features: list[LocalFeatures]) -> tuple[KeyframeMap, np.n
 
 def test_save_load_round_trip_with_checksummed_feature_chunks(tmp_path, corridor_features):
     m, _ = _map_with_features(corridor_features[:3])
-    m.save(tmp_path / "m")
+    save_map(m, tmp_path / "m")
     manifest = read_manifest(tmp_path / "m")
     assert manifest["version"] == 2
     assert manifest["local_features"]["type"] == "orb" and manifest["local_features"]["slots"] == 400
     assert manifest["local_features"]["intrinsics"]["front"] == CAMERA.to_dict()
     (rec,) = manifest["files"]["features"]
     assert rec["rows"] == 3 and 0 < rec["bytes"] - 3 * 15_200 <= 256  # records + a small .npy header
-    loaded = KeyframeMap.load(tmp_path / "m")
+    loaded = load_map(tmp_path / "m")
     assert loaded.local_features.intrinsics["front"] == CAMERA
     for i in range(3):
         _equal_features(corridor_features[i], loaded.local_features.row(i))
@@ -85,19 +87,19 @@ def test_save_load_round_trip_with_checksummed_feature_chunks(tmp_path, corridor
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(MapFormatError, match="corrupted"):
-        KeyframeMap.load(tmp_path / "m")
+        load_map(tmp_path / "m")
 
 
 def test_appending_saves_write_only_the_new_feature_rows(tmp_path, corridor_features):
     m, _ = _map_with_features(corridor_features[:2])
-    m.save(tmp_path / "m")
-    m = KeyframeMap.load(tmp_path / "m")
+    save_map(m, tmp_path / "m")
+    m = load_map(tmp_path / "m")
     m.add(unit(np.random.default_rng(4), 2), stamps_ns=[5, 6], cameras="front", frame_ids="map",
           features=[corridor_features[2], None])
-    m.save(tmp_path / "m")
+    save_map(m, tmp_path / "m")
     chunks = read_manifest(tmp_path / "m")["files"]["features"]
     assert [c["rows"] for c in chunks] == [2, 2]
-    loaded = KeyframeMap.load(tmp_path / "m", mmap=False)
+    loaded = load_map(tmp_path / "m", mmap=False)
     _equal_features(corridor_features[2], loaded.local_features.row(2))
     assert len(loaded.local_features.row(3)) == 0
     sub = loaded.subset([0, 2])
@@ -130,25 +132,25 @@ def _as_format_1(directory: Path) -> None:
 
 def test_format_1_maps_still_load_without_local_features(tmp_path):
     m, _ = full_map(np.random.default_rng(0))
-    m.save(tmp_path / "v1")
+    save_map(m, tmp_path / "v1")
     _as_format_1(tmp_path / "v1")
-    loaded = KeyframeMap.load(tmp_path / "v1")
+    loaded = load_map(tmp_path / "v1")
     assert loaded.local_features is None and len(loaded) == len(m)
     # and it can be saved again (as format 2 without features), appending
     loaded.add(unit(np.random.default_rng(1), 1), stamps_ns=[1], cameras="c", frame_ids="map")
-    loaded.save(tmp_path / "v1")
+    save_map(loaded, tmp_path / "v1")
     assert read_manifest(tmp_path / "v1")["files"]["features"] is None
 
 
 def test_manifest_with_features_and_no_chunks_is_refused(tmp_path, corridor_features):
     m, _ = _map_with_features(corridor_features[:1])
-    m.save(tmp_path / "m")
+    save_map(m, tmp_path / "m")
     path = tmp_path / "m" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["files"]["features"] = []
     path.write_bytes(manifest_bytes(manifest))  # sealed: a writer's bug, not a hand edit
     with pytest.raises(MapFormatError, match="local-feature chunks hold 0 rows but count is 1"):
-        KeyframeMap.load(tmp_path / "m")
+        load_map(tmp_path / "m")
 
 
 def test_store_rejects_bad_arguments():

@@ -9,6 +9,8 @@ import pytest
 from dinomix_ros.maps.geotags import geotag_columns, rename_legacy_utm_frames
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources import geo
+from dinomix_ros.maps.loading import load_map
+from dinomix_ros.maps.storage import save_map
 
 
 def test_frame_names() -> None:
@@ -40,12 +42,12 @@ def fingerprint() -> dict:
 
 def test_a_legacy_map_loads_in_the_utm_frame_and_saves_so(tmp_path, fingerprint) -> None:
     legacy = _map(["utm_33U", "utm_33U", "map"], fingerprint, [33, 33, 33])
-    path = legacy.save(tmp_path / "legacy.dinomap")
-    loaded = KeyframeMap.load(path, expected_fingerprint=fingerprint)
+    path = save_map(legacy, tmp_path / "legacy.dinomap")
+    loaded = load_map(path, expected_fingerprint=fingerprint)
     assert loaded.frames == ["map", "utm"] and loaded.frame_ids.tolist() == ["utm", "utm", "map"]
     assert loaded.utm_zones.tolist() == [33, 33, 33]
-    loaded.save(tmp_path / "again.dinomap")
-    again = KeyframeMap.load(tmp_path / "again.dinomap", expected_fingerprint=fingerprint)
+    save_map(loaded, tmp_path / "again.dinomap")
+    again = load_map(tmp_path / "again.dinomap", expected_fingerprint=fingerprint)
     assert again.frames == ["map", "utm"]
 
 

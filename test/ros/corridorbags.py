@@ -16,6 +16,7 @@ from dinomix_ros.imaging.features import FeatureConfig
 from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.storage import save_map
 
 CAMERA = "/camera/image_raw/compressed"
 K = [420.0, 0.0, 256.0, 0.0, 420.0, 192.0, 0.0, 0.0, 1.0]  # assumed: the corridor's calibration is not published
@@ -58,7 +59,7 @@ def _build(folder: Path, chunk_sizes: tuple[int, ...], with_camera_info: bool) -
     kmap, _ = build_map_from_bag(first.path, encoder, BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
                                                                    gate=gate), progress=False,
                                  features=FeatureConfig())
-    map_path = kmap.save(folder / "corridor.dinomap")
+    map_path = save_map(kmap, folder / "corridor.dinomap")
     chunks, number, start = [], 41, STAMP0_NS + 1000 * NS
     for i, size in enumerate(chunk_sizes):
         bag = write_camera_bag(folder / f"second{i}", frames=corridor_frames(range(number, number + size)),

@@ -14,6 +14,7 @@ from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.ros.conversions import matches_to_array
+from dinomix_ros.maps.storage import save_map
 
 NODE = "/dinomix_localizer"
 CAMERA = "/camera/image_raw/compressed"
@@ -28,7 +29,7 @@ def test_offline_map_then_replay_with_the_replay_tool(tmp_path, storage: str) ->
     gate = KeyframeGateConfig(min_distance_m=0.5, min_rotation_deg=0.0)
     kmap, report = build_map_from_bag(bag.path, encoder, BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
                                                                       gate=gate), progress=False)
-    map_path = kmap.save(tmp_path / "drive.dinomap")
+    map_path = save_map(kmap, tmp_path / "drive.dinomap")
     keyframe_stamps = set(kmap.stamps_ns.tolist())
     assert 2 <= len(kmap) < 8
 

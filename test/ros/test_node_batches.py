@@ -12,6 +12,7 @@ from dinomix_ros.localization.health import STAGES
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.ros.conversions import matches_to_array
+from dinomix_ros.maps.storage import save_map
 
 NODE = "/dinomix_localizer"
 CAMERAS = ("/front/image_raw", "/rear/image_raw")
@@ -40,7 +41,7 @@ def test_cameras_batched_onnxruntime_own_stamps_and_stage_diagnostics(tmp_path) 
              frame_ids="map", positions=np.array([[0.0, 0, 0], [5.0, 0, 0]]))
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
-        "model.random_weights": True, "model.backend": "onnxruntime", "map.path": str(kmap.save(tmp_path / "m")),
+        "model.random_weights": True, "model.backend": "onnxruntime", "map.path": str(save_map(kmap, tmp_path / "m")),
         "cameras.topics": list(CAMERAS), "cameras.reliability": "reliable", "matching.min_similarity": -1.0,
         "diagnostics.period_s": 0.2})
     client = RosClient(domain)

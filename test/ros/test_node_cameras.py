@@ -22,9 +22,9 @@ from std_msgs.msg import Float64MultiArray
 
 from dinomix_ros.localization.camera_pose import rpy_to_matrix
 from dinomix_ros.localization.verification import rotation_angle_deg
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.poses import quat_to_matrix
 from dinomix_ros.ros.conversions import loop_constraint_from_msg, ns_to_time
+from dinomix_ros.maps.loading import load_map
 
 NODE = "/dinomix_localizer"
 NS = 1_000_000_000
@@ -160,7 +160,7 @@ def test_front_rear_and_side_cameras_each_in_their_place(tmp_path, data_dir) -> 
     assert np.allclose([unfit.position.x, unfit.position.y, unfit.position.z], 0.0) and unfit.orientation.w == 1.0
     assert len(constraints) == 2 and len(loops) == 3  # LIO-SAM's [t_query, t_match] for every verified loop
     assert all(len(m.data) == 2 for _, m in loops)
-    saved = KeyframeMap.load(tmp_path / "live.dinomap")  # autosaved at shutdown, with the rear camera's record
+    saved = load_map(tmp_path / "live.dinomap")  # autosaved at shutdown, with the rear camera's record
     assert saved.cameras.tolist() == [TOPICS["rear"]]
     record = saved.local_features.cameras[TOPICS["rear"]]
     assert record.frame_id == "rear_optical" and record.size == (W, H)

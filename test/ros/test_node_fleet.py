@@ -17,8 +17,8 @@ from std_srvs.srv import Trigger
 from dinomix_ros.maps.fleet.config import FleetConfig
 from dinomix_ros.maps.fleet.push import PushLedger, push_backlog
 from dinomix_ros.maps.fleet.store import FleetStore
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.model.checkpoint import ModelSource
+from dinomix_ros.maps.loading import load_map
 
 NODE = "/dinomix_localizer"
 
@@ -97,7 +97,7 @@ def test_pull_at_configure_push_after_save_pull_around_the_pose(tmp_path, finger
         finally:
             client.close()
             assert node.stop() == 0, node.log[-3000:]
-    local = KeyframeMap.load(tmp_path / "maps" / "r1.dinomap")  # both regions, saved for offline use (autosave)
+    local = load_map(tmp_path / "maps" / "r1.dinomap")  # both regions, saved for offline use (autosave)
     assert sum(s.startswith("fleet:") for s in local.sources) == 5 + 4
     assert set(local.cameras) == {"r2:/front", "/camera/image_raw"}
 

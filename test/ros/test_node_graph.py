@@ -17,10 +17,11 @@ from sensor_msgs.msg import Image, PointCloud2, PointField
 
 from dinomix_ros.localization.matching import Candidate, MatchResult
 from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.ros.conversions import matches_msg, matches_to_array
+from dinomix_ros.maps.storage import save_map
+from dinomix_ros.maps.loading import load_map
 
 NODE = "/dinomix_localizer"
 CAMERA = "/camera/image_raw"
@@ -117,7 +118,7 @@ def test_a_ros1_bag_replays_into_the_node_and_yields_pose_priors(tmp_path) -> No
     kmap, report = build_map_from_bag(T265 / "ros2_mcap", encoder, BagMapConfig(
         image_topics=topics, pose_topic="/camera/odom/sample", gate=KeyframeGateConfig(0.0, 0.0)), progress=False)
     assert report.added == 6
-    map_path = kmap.save(tmp_path / "office.dinomap")
+    map_path = save_map(kmap, tmp_path / "office.dinomap")
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
         "model.random_weights": True, "map.path": str(map_path), "cameras.topics": list(topics),
@@ -161,4 +162,4 @@ def test_self_map_without_poses_records_by_time(tmp_path) -> None:
         client.close()
         assert node.stop() == 0, node.log[-3000:]
     assert "recording from the start: a keyframe every 1 s (no pose source)" in node.log
-    assert len(KeyframeMap.load(map_path)) == 5
+    assert len(load_map(map_path)) == 5

@@ -16,6 +16,7 @@ from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
+from dinomix_ros.maps.storage import save_map
 
 OK, WARN, ERROR = b"\x00", b"\x01", b"\x02"
 
@@ -125,7 +126,7 @@ def _small_map(path):
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict())
     kmap.add(encoder.describe(images, "rgb8"), stamps_ns=np.arange(1, 4, dtype=np.int64) * 10**9, cameras="cam",
              frame_ids="map", positions=np.zeros((3, 3)))
-    return kmap.save(path)
+    return save_map(kmap, path)
 
 
 def test_a_bad_image_warns_for_the_window_then_the_status_is_ok_again(tmp_path) -> None:

@@ -11,9 +11,9 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.manifest import read_manifest
 from dinomix_ros.ros.conversions import matches_to_array
+from dinomix_ros.maps.loading import load_map
 
 NODE = "/dinomix_localizer"
 
@@ -67,7 +67,7 @@ def test_record_save_reload_relocalize(tmp_path, first_pass_bag, index: str) -> 
         assert saved.success and f"saved 6 keyframes to {map_path}" in saved.message, saved.message
         assert read_manifest(map_path)["count"] == 6
 
-        stored = KeyframeMap.load(map_path)
+        stored = load_map(map_path)
         kf_stamps = stored.stamps_ns
         np.testing.assert_array_equal(kf_stamps, first_pass_bag.image_stamps_ns[0::2])  # the even frames
         assert set(stored.frame_ids) == {"odom"}

@@ -12,6 +12,7 @@ from rcl_interfaces.srv import DescribeParameters, GetParameters, SetParameters,
 from rosutil import REPO_CONFIG, NodeProcess, RosClient, diagnostic_values, next_domain_id
 
 from dinomix_ros.ros.parameters import PARAMETERS
+from dinomix_ros.maps.storage import save_map
 
 NODE = "/dinomix_localizer"
 
@@ -94,7 +95,7 @@ def test_map_calibration_sets_min_similarity(tmp_path) -> None:
     encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     kmap = KeyframeMap.empty(encoder.fingerprint.to_dict(), metadata={"calibration": {"min_similarity": 0.8125}})
     kmap.add(encoder.describe([np.zeros((32, 32, 3), np.uint8)], "rgb8"), stamps_ns=[1], cameras="c", frame_ids="map")
-    map_path = kmap.save(tmp_path / "calibrated.dinomap")
+    map_path = save_map(kmap, tmp_path / "calibrated.dinomap")
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={"model.random_weights": True, "map.path": str(map_path)})
     client = RosClient(domain)

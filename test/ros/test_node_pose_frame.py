@@ -11,8 +11,8 @@ from rcl_interfaces.srv import SetParameters
 from rosutil import NodeProcess, RosClient, diagnostic_values, next_domain_id, stamp_ns
 from sensor_msgs.msg import Image, PointCloud2
 
-from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.ros.conversions import ns_to_time
+from dinomix_ros.maps.loading import load_map
 
 NODE = "/dinomix_localizer"
 RAW = "/camera/image_raw"
@@ -75,5 +75,5 @@ def test_empty_pose_frames_are_refused_until_pose_frame_id_names_them(tmp_path) 
         assert node.stop() == 0, node.log[-3000:]
     assert node.log.count("sends poses with an empty header.frame_id") == 1
     assert "set pose.frame_id to the frame they are in" in node.log
-    kmap = KeyframeMap.load(map_path)  # autosaved at shutdown
+    kmap = load_map(map_path)  # autosaved at shutdown
     assert len(kmap) == 1 and kmap.frames == ["odom"] and kmap.positions[0, 0] == 200.0

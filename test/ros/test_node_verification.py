@@ -22,6 +22,7 @@ from dinomix_ros.maps.build_bag import BagMapConfig, build_map_from_bag
 from dinomix_ros.maps.sources.poses import KeyframeGateConfig
 from dinomix_ros.model.encoder import Encoder, EncoderConfig
 from dinomix_ros.ros.conversions import MATCH_FIELDS, diagnostic_values, matches_to_array
+from dinomix_ros.maps.storage import save_map
 
 NODE = "/dinomix_localizer"
 CAMERA = "/camera/image_raw/compressed"
@@ -62,7 +63,7 @@ def test_verified_loop_closures_priors_and_matches_fields(tmp_path, data_dir) ->
                                                                    gate=gate), progress=False,
                                  features=FeatureConfig())
     assert len(kmap) == 40 and set(kmap.local_features.intrinsics) == {CAMERA}
-    map_path = kmap.save(tmp_path / "corridor.dinomap")
+    map_path = save_map(kmap, tmp_path / "corridor.dinomap")
     start2 = STAMP0_NS + 1000 * NS
     second = write_camera_bag(tmp_path / "second", frames=_corridor(data_dir, range(41, 81)), image_rate_hz=5.0,
                               image_topics=(CAMERA,), image_format="jpeg", motion=Motion(start_ns=start2),

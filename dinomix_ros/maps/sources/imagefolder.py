@@ -29,6 +29,7 @@ __all__ = [
     "list_images",
     "parse_utm_filename",
     "read_geotag_csv",
+    "read_geotag_rows",
     "geotag_images",
 ]
 
@@ -357,7 +358,12 @@ def _csv_geotag(row: dict[str, str], cols: _CsvColumns, path: Path, line: int, c
 
 
 def read_geotag_csv(csv_path: str | Path) -> dict[str, ImageGeotag]:
-    """Read per-image geotags from a CSV file with a header row.
+    """Per-image geotags of a CSV file (:func:`read_geotag_rows`), keyed by image file name."""
+    return {t.path.name: t for t in read_geotag_rows(csv_path)}
+
+
+def read_geotag_rows(csv_path: str | Path) -> list[ImageGeotag]:
+    """Read per-image geotags from a CSV file with a header row, in the file's row order.
 
     The image column may be named image/name/filename/file/path (a relative path is keyed by its file name). Position
     columns are any of (lat, lon[, alt|alt_m]), (x, y[, yaw]) and (utm_east|easting, utm_north|northing,
@@ -369,7 +375,8 @@ def read_geotag_csv(csv_path: str | Path) -> dict[str, ImageGeotag]:
         csv_path: the CSV file.
 
     Returns:
-        Geotags keyed by image file name; ``path`` is the CSV's value resolved against the CSV's folder.
+        One geotag per data row (blank lines skipped), in order; ``path`` is the CSV's value resolved against the
+        CSV's folder.
 
     Raises:
         FileNotFoundError: if the CSV does not exist.
@@ -408,7 +415,7 @@ def read_geotag_csv(csv_path: str | Path) -> dict[str, ImageGeotag]:
         tags[key] = _csv_geotag(row, cols, csv_path.parent / value, line, csv_path)
         first_line_of[key] = line
     logger.debug("read %d geotags from %s (columns: %s)", len(tags), csv_path, ", ".join(cols.sets))
-    return tags
+    return list(tags.values())
 
 
 def _single_csv(folder: Path) -> Path | None:
