@@ -139,7 +139,7 @@ def import_descriptors(out: str | Path, descriptors: str | Path, csv_path: str |
     t0 = time.perf_counter()
     _check_rows(arr, str(descriptors), None if progress is None else lambda d: progress("check", d, n))
     report.check_s = time.perf_counter() - t0
-    rows = _folder_rows(_unify_utm_zone(tags, None), None)
+    rows = _folder_rows(_unify_utm_zone(tags, None))
     columns = {
         "ids": np.arange(n, dtype=np.int64), "stamps_ns": np.zeros(n, dtype=np.int64),
         "cameras": as_str_column(camera, n, "cameras"), "frame_ids": as_str_column(rows["frame_ids"], n, "frame_ids"),
