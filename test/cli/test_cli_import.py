@@ -42,7 +42,8 @@ def test_import_then_query_descriptors_round_trip(inputs: dict, capsys) -> None:
     assert report["keyframes"] == N and report["index"] == "exact" and report["storage_dtype"] == "float16"
     assert report["model"] == inputs["fp"]["id"] and report["report"]["descriptor_dtype"] == "float32"
     kmap = load_map(d / "city.dinomap", expected_fingerprint=inputs["fp"])
-    assert len(kmap) == N and kmap.sources[17].endswith("img_00017.jpg") and kmap.frames == ["utm"] and set(kmap.utm_zones.tolist()) == {33}
+    assert len(kmap) == N and kmap.sources[17].endswith("img_00017.jpg")
+    assert kmap.frames == ["utm"] and set(kmap.utm_zones.tolist()) == {33}
     np.testing.assert_allclose(kmap.descriptor_rows([0, 1234]), inputs["x"][[0, 1234]], atol=1e-3)
     assert np.isclose(kmap.gps[10, 0], 55.70 + 1e-4) and np.isfinite(kmap.utm).all()
     # stored queries: exact rows of the map come back as their own best match, with their row and search time
