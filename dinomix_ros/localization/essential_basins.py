@@ -36,6 +36,9 @@ _START_ITERATIONS = 3  # robust iterations from each start of the essential matr
 _GRID_DIRECTIONS = 16  # translation directions the essential matrix is started from
 _BASINS = 3  # distinct starts refined to convergence
 _BASIN_ITERATIONS = 10
+# matches the starts are screened on, and the best ones converge on (ranking basins needs no more; 1000 features
+# give 500+ matches, and the cost of the batched steps grows with them: 7 of the 35 ms of verification per frame)
+_SCREEN_POINTS, _BASIN_POINTS = 200, 300
 _SAME_ROTATION_RAD, _SAME_TRANSLATION_RAD = math.radians(0.2), math.radians(2.0)
 _PARALLAX_SIGMAS = 3.0  # a point's parallax tells the side of the cameras it is on beyond 3 noise sigmas
 _MIN_SIGN_VOTES = 5
@@ -65,11 +68,11 @@ def essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, extra_star
     real posed pairs: 3-8 degrees off, with a covariance that claimed 0.1 degree, while another start reached the
     true motion at a clearly lower cost). So the model is started from RANSAC's essential matrix, from
     ``extra_starts`` ((R, t) pairs: the homography's decompositions) and from translations spread over the hemisphere
-    (with RANSAC's rotation); each start
-    takes a few robust steps on every match (Tukey; all starts at once), the :data:`_BASINS` best distinct ones go on
-    to convergence,
-    and the one with the lowest truncated cost (MSAC: every match counts, at most ``INLIER_GATE`` noise sigmas; a point
-    the motion puts behind a camera costs the most) is refined to the end (inliers re-selected, least squares).
+    (with RANSAC's rotation); each start takes a few robust steps (Tukey; all starts at once, on an evenly spread
+    subset of at most :data:`_SCREEN_POINTS` matches), the :data:`_BASINS` best distinct ones go on to convergence
+    (on at most :data:`_BASIN_POINTS`), and the one with the lowest truncated cost (MSAC: every match counts, at most
+    ``INLIER_GATE`` noise sigmas; a point the motion puts behind a camera costs the most) is refined to the end on
+    every match (inliers re-selected, least squares).
 
     Returns:
         (the refined model or None, the rotations of the other basins whose cost is within a likelihood ratio of
@@ -95,23 +98,27 @@ def essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, extra_star
         if norm > 1e-9 and not any(np.allclose(Rs, s[0]) and abs(float(s[1] @ ts)) > 0.999 * norm for s in starts):
             starts.append((np.asarray(Rs, dtype=np.float64), ts / norm))
     starts += [(R, d) for d in _DIRECTIONS]
-    # a few robust steps from every start at once, then the best distinct ones to convergence (cheirality only in
-    # the costs: cheaper, same choice)
-    screened, _ = tukey_irls_batch(model.batch_terms, model.batch_retract,
+    # a few robust steps from every start at once on at most _SCREEN_POINTS of the matches, then the best distinct
+    # ones to convergence on at most _BASIN_POINTS (their costs, on the same matches, rank the basins; cheirality only
+    # in the costs: cheaper, same choice); the best one is refined on every match
+    few, some = _subset(obs, _SCREEN_POINTS), _subset(obs, _BASIN_POINTS)
+    few_model, some_model = EssentialModel(few), EssentialModel(some)
+    screened, _ = tukey_irls_batch(few_model.batch_terms, few_model.batch_retract,
                                    (np.stack([s[0] for s in starts]), np.stack([s[1] for s in starts])),
                                    TUKEY_SCALE * sigma0, _START_ITERATIONS)
-    order = np.argsort(_batch_costs(obs, model, screened, sigma0))
+    order = np.argsort(_batch_costs(few, few_model, screened, sigma0)[0])
     keep: list[int] = []
     for i in order:
         if len(keep) == _BASINS:
             break
         if not any(_same_motion((screened[0][i], screened[1][i]), (screened[0][j], screened[1][j])) for j in keep):
             keep.append(int(i))
-    converged, _ = tukey_irls_batch(model.batch_terms, model.batch_retract, (screened[0][keep], screened[1][keep]),
-                                    TUKEY_SCALE * sigma0, _BASIN_ITERATIONS)
-    costs = _batch_costs(obs, model, converged, sigma0)
+    converged, _ = tukey_irls_batch(some_model.batch_terms, some_model.batch_retract,
+                                    (screened[0][keep], screened[1][keep]), TUKEY_SCALE * sigma0, _BASIN_ITERATIONS)
+    costs, counts = _batch_costs(some, some_model, converged, sigma0)
     basins = [(float(costs[i]), (converged[0][i], converged[1][i])) for i in range(len(keep))]
-    best_cost, best = min(basins, key=lambda c: c[0])
+    b = int(np.argmin(costs))
+    best_cost, best = basins[b]
     best_state = tukey_irls(model.evaluate, norms, model.retract, best, np.ones(len(obs), bool),
                             TUKEY_SCALE * sigma0, 1, iterations=5)
     refined = refine_with_gate(model.evaluate, norms, model.retract, best_state,
@@ -119,22 +126,31 @@ def essential_fit(obs: Observations, E: np.ndarray, mask: np.ndarray, extra_star
                                max_gate, leverage=True)
     # other basins that explain the matches about as well (within a likelihood ratio of 100, or the noise model's
     # error) are other motions the data allow
-    margin = max(MARGIN, MARGIN_PER_MATCH * int(refined.inliers.sum()) if refined is not None else 0.0)
+    margin = max(MARGIN, MARGIN_PER_MATCH * int(counts[b]))
     plausible = [s[0] for c, s in basins if s is not best and c - best_cost <= margin * sigma0 ** 2]
     return refined, plausible
 
 
-def _batch_costs(obs: Observations, model: EssentialModel, states: tuple, sigma0: float) -> np.ndarray:
+def _subset(obs: Observations, n: int) -> Observations:
+    """At most ``n`` of the matches, evenly spread over their order (all of them when there are fewer)."""
+    if len(obs) <= n:
+        return obs
+    idx = np.linspace(0, len(obs) - 1, n).round().astype(int)
+    return Observations(obs.xk[idx], obs.xq[idx], obs.Ck[idx], obs.Cq[idx], obs.focal)
+
+
+def _batch_costs(obs: Observations, model: EssentialModel, states: tuple, sigma0: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """(K,) truncated costs (MSAC: squared Sampson errors capped at ``INLIER_GATE`` noise sigmas; a point the motion
-    puts behind a camera costs the cap) of K essential-matrix states."""
+    puts behind a camera costs the cap) of K essential-matrix states, and (K,) their inlier counts."""
     e, _ = model.batch_terms(states, jacobian=False)
     cap = (INLIER_GATE * sigma0) ** 2
-    out = np.empty(e.shape[0])
+    out, counts = np.empty(e.shape[0]), np.empty(e.shape[0], int)
     for k in range(e.shape[0]):
         ek = np.minimum(e[k] ** 2, cap)
         ek[behind(obs, states[0][k], states[1][k], sigma0)] = cap
-        out[k] = float(np.sum(ek))
-    return out
+        out[k], counts[k] = float(np.sum(ek)), int(np.sum(ek < cap))
+    return out, counts
 
 
 def _same_motion(a: tuple, b: tuple) -> bool:
