@@ -46,7 +46,7 @@ from dinomix_ros.localization.camera_pose import VerifiedPriorConfig, relative_b
 from dinomix_ros.evaluation.warped_pairs import WARP_KINDS, render_view
 from dinomix_ros.localization.verification import Verification, VerificationConfig, verify_pair
 
-__all__ = ["CHI2_3DOF_99", "PosedView", "PosedPair", "PairResult", "load_posed_pairs", "render_pair",
+__all__ = ["CHI2_3DOF_99", "DETERMINED", "PosedView", "PosedPair", "PairResult", "load_posed_pairs", "render_pair",
            "evaluate_pair", "evaluate_pairs", "summarize", "pose_errors"]
 
 #: 99 % quantile of the chi-square distribution with 3 degrees of freedom: a consistent 3-D covariance keeps 99 % of
@@ -102,7 +102,7 @@ class PairResult:
         name, kind: the pair.
         true_rotation_deg, true_baseline_m: how far the camera moved.
         matches, inliers, model, passed: the verification (``model`` as in :class:`Verification`).
-        case: the relative pose's case ("metric", "rotation"; "" without a pose).
+        case: the relative pose's case ("metric", "rotation", "keyframe": ambiguous; "" without a pose).
         rotation_error_deg: angle of ``R_est R_true^T``.
         translation_direction_error_deg: angle between the estimated and true translation (a model with a
             translation, cameras moved at least :data:`MIN_BASELINE_M`).
@@ -338,10 +338,18 @@ def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
             "p90": round(float(np.percentile(arr, 90)), 4), "max": round(float(arr.max()), 4)}
 
 
+#: The relative pose's cases that claim a rotation (:func:`~dinomix_ros.localization.camera_pose.relative_base_pose`;
+#: "keyframe": an ambiguous motion, the keyframe's orientation with a covariance that covers every solution).
+DETERMINED = ("metric", "rotation")
+
+
 def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
-    """Median / p90 / max of the errors over the pairs that passed verification, pass counts, and how many NEES
-    values stay within :data:`CHI2_3DOF_99` and how many errors within 3 claimed standard deviations."""
+    """Over the pairs that passed verification: pass counts, how many were published as determined (metric or
+    rotation case) and how many as ambiguous (keyframe case); median / p90 / max of the errors of the DETERMINED ones
+    (an ambiguous pair claims no rotation: its estimate's error is not what it publishes); and, over all of them,
+    how many NEES values stay within :data:`CHI2_3DOF_99` and how many errors within 3 claimed standard deviations."""
     passed = [r for r in results if r.passed]
+    determined = [r for r in passed if r.case in DETERMINED]
 
     def within(values: list[float], bound: float) -> dict[str, Any]:
         finite = [v for v in values if math.isfinite(v)]
@@ -351,11 +359,13 @@ def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "pairs": len(results),
         "passed": len(passed),
+        "determined": len(determined),
+        "ambiguous": sum(r.case == "keyframe" for r in passed),
         "inliers": _stats(r.inliers for r in passed),
-        "rotation_error_deg": _stats(r.rotation_error_deg for r in passed),
-        "translation_direction_error_deg": _stats(r.translation_direction_error_deg for r in passed),
-        "translation_error_m": _stats(r.translation_error_m for r in passed),
-        "translation_error_rel": _stats(r.translation_error_rel for r in passed),
+        "rotation_error_deg": _stats(r.rotation_error_deg for r in determined),
+        "translation_direction_error_deg": _stats(r.translation_direction_error_deg for r in determined),
+        "translation_error_m": _stats(r.translation_error_m for r in determined),
+        "translation_error_rel": _stats(r.translation_error_rel for r in determined),
         "nees_rotation": _stats(r.nees_rotation for r in passed),
         "nees_position": _stats(r.nees_position for r in passed),
         "nees_rotation_within_chi2_99": within([r.nees_rotation for r in passed], CHI2_3DOF_99),
@@ -368,8 +378,9 @@ def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
     if len(kinds) > 1:
         out["by_kind"] = {k: {"pairs": sum(r.kind == k for r in results),
                               "passed": sum(r.kind == k and r.passed for r in results),
-                              "rotation_error_deg": _stats(r.rotation_error_deg for r in passed if r.kind == k),
+                              "ambiguous": sum(r.kind == k and r.case == "keyframe" for r in passed),
+                              "rotation_error_deg": _stats(r.rotation_error_deg for r in determined if r.kind == k),
                               "translation_direction_error_deg": _stats(r.translation_direction_error_deg
-                                                                        for r in passed if r.kind == k)}
+                                                                        for r in determined if r.kind == k)}
                           for k in kinds}
     return out

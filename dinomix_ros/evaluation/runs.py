@@ -72,12 +72,14 @@ def _score_search(D: np.ndarray, I: np.ndarray, positives: list[np.ndarray],
 
 
 def _verify_setup(report: dict[str, Any], D: np.ndarray, I: np.ndarray, positives: list[np.ndarray],
-                  check: Any, verification: VerificationConfig, min_similarity: float) -> PRCurve:
-    """Verify the same queries, put the comparison into ``report["verification"]``; the verified-score PR curve."""
+                  check: Any, verification: VerificationConfig, min_similarity: float, estimate: Any = None
+                  ) -> PRCurve:
+    """Verify the same queries, put the comparison into ``report["verification"]``; the verified-score PR curve
+    (``estimate``: the motion of the best candidate, see :func:`~dinomix_ros.evaluation.verified.compare_search`)."""
     from dinomix_ros.evaluation.verified import compare_search
 
     comparison = compare_search(D, I, positives, check, config=verification, min_similarity=min_similarity,
-                                ns=tuple(n for n in DEFAULT_NS if n <= I.shape[1]))
+                                ns=tuple(n for n in DEFAULT_NS if n <= I.shape[1]), estimate=estimate)
     report["verification"] = comparison.to_dict()
     return comparison.verified_curve
 

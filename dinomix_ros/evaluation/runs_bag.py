@@ -147,11 +147,13 @@ def evaluate_map_against_bag(encoder: Any, map_path: Path, bag: Path, config: Ba
         store = kmap.local_features
         cameras = {topic: read_camera_info(bag, topic) for topic in config.image_topics}
 
-        def check(q: int, row: int) -> Verification:
+        def check(q: int, row: int, motion: bool = False) -> Verification:
             return verify_pair(q_features[q], store.row(row), verification, cameras.get(meta[q][0]),
-                               store.intrinsics.get(str(kmap.cameras[row])))
+                               store.intrinsics.get(str(kmap.cameras[row])), motion=motion)
 
-        verified_curve = _verify_setup(report, D, I, positives, check, verification, min_similarity)
+        # candidates checked without their motion, the best one's estimated, as the node's LiveMap does
+        verified_curve = _verify_setup(report, D, I, positives, check, verification, min_similarity,
+                                       lambda q, row: check(q, row, motion=True))
     return RunResult("bag", report, curve, recall, time.perf_counter() - t0, verified_curve=verified_curve)
 
 

@@ -244,6 +244,9 @@ def load_photos(folder: str | Path, pattern: str = "*.jpg") -> list[np.ndarray]:
     return [cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for p in paths]
 
 
+_TEXTURE_FEATURES = 400  # ORB features that tell the textures apart (see distinct_photos)
+
+
 def distinct_photos(photos: Sequence[np.ndarray], max_inliers: int = 15, side: int = 512) -> list[np.ndarray]:
     """Textures no two of which look like the same place to geometric verification: photos and mirrored photos.
 
@@ -251,13 +254,15 @@ def distinct_photos(photos: Sequence[np.ndarray], max_inliers: int = 15, side: i
     two places that ARE alike: a verified match between them would be right, and the ground truth wrong. Greedily,
     in order, each photo and then its mirror image (ORB descriptors are not mirror-invariant, so the two do not
     verify against each other) is kept when it verifies with fewer than ``max_inliers`` inliers against every
-    texture kept so far (ORB, fundamental matrix, ``side`` pixels wide). Unrelated street photos give at most ~12
-    inliers, overlapping ones 27 or more (test/data/lund_gps).
+    texture kept so far (400 ORB features, fundamental matrix, ``side`` pixels wide). Unrelated street photos give at
+    most ~12 inliers, overlapping ones 27 or more (test/data/lund_gps). The feature count is fixed (where the
+    threshold was measured), not the node's default: the scene does not change with ``features.max_features``.
     """
-    from dinomix_ros.imaging.features import FeatureExtractor
+    from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor
     from dinomix_ros.localization.verification import VerificationConfig, verify_pair
 
-    extractor, config = FeatureExtractor(), VerificationConfig(min_inliers=0, min_inlier_ratio=0.0)
+    extractor = FeatureExtractor(FeatureConfig(max_features=_TEXTURE_FEATURES))
+    config = VerificationConfig(min_inliers=0, min_inlier_ratio=0.0)
     kept: list[np.ndarray] = []
     features: list = []
     for photo in photos:

@@ -16,6 +16,8 @@ the same queries:
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import math
 import time
@@ -128,17 +130,19 @@ def compare_loop_closures(similarity: np.ndarray, ground_truth: np.ndarray, feat
     candidate_mask = np.arange(n)[None, :] < num_candidates[queries, None]
     positives = [np.flatnonzero(r) for r in gt[queries] & candidate_mask]
 
-    def check(q: int, row: int) -> Verification:
+    def check(q: int, row: int, motion: bool = False) -> Verification:
         i = int(queries[q])
         return verify_pair(features[i], features[row], c, cameras[i] if cameras is not None else None,
-                           cameras[row] if cameras is not None else None)
+                           cameras[row] if cameras is not None else None, motion=motion)
 
-    return compare_search(scores, ranked, positives, check, config=c, min_similarity=min_similarity, ns=ns)
+    return compare_search(scores, ranked, positives, check, config=c, min_similarity=min_similarity, ns=ns,
+                          estimate=functools.partial(check, motion=True))
 
 
 def compare_search(D: np.ndarray, I: np.ndarray, positives: Sequence[np.ndarray],
                    check: Callable[[int, int], Verification | None], *, config: VerificationConfig | None = None,
-                   min_similarity: float = 0.5, ns: Sequence[int] = LOOP_NS) -> VerifiedComparison:
+                   min_similarity: float = 0.5, ns: Sequence[int] = LOOP_NS,
+                   estimate: Callable[[int, int], Verification | None] | None = None) -> VerifiedComparison:
     """Search results with and without verification: the core of every evaluation setup.
 
     Args:
@@ -149,6 +153,9 @@ def compare_search(D: np.ndarray, I: np.ndarray, positives: Sequence[np.ndarray]
         config: how many candidates are verified, thresholds, re-ranking.
         min_similarity: similarity threshold of both accept rules.
         ns: the N of Recall@N (at most K).
+        estimate: ``estimate(q, row)``: the verification with the motion estimated, when ``check`` checks without
+            it (``verify_pair(..., motion=False)``): run for the best passed candidate only, as the node does
+            (:func:`~dinomix_ros.localization.verification.verify_candidates`).
 
     Raises:
         EvaluationError: no query.
@@ -166,7 +173,8 @@ def compare_search(D: np.ndarray, I: np.ndarray, positives: Sequence[np.ndarray]
     for q in range(nq):
         cands = [k for k in range(I.shape[1]) if I[q, k] >= 0]
         t0 = time.perf_counter()
-        order, checks = verify_candidates(cands, lambda k: check(q, int(I[q, k])), c)
+        order, checks = verify_candidates(cands, lambda k: check(q, int(I[q, k])), c,
+                                          None if estimate is None else lambda k: estimate(q, int(I[q, k])))
         times.append((time.perf_counter() - t0) * 1e3)
         reranked[q, :len(order)] = I[q, order]
         resorted[q, :len(order)] = D[q, order]

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["skew", "skew_batch", "so3_exp", "so3_log", "rotation_angle", "se3_adjoint", "pose_matrix",
+__all__ = ["skew", "skew_batch", "so3_exp", "so3_exp_batch", "so3_log", "rotation_angle", "se3_adjoint", "pose_matrix",
            "right_covariance_through", "fixed_axes_covariance", "mean_rotation"]
 
 
@@ -41,6 +41,18 @@ def so3_exp(phi: np.ndarray) -> np.ndarray:
     if angle < 1e-8:
         return np.eye(3) + K + 0.5 * K @ K
     return np.eye(3) + math.sin(angle) / angle * K + (1.0 - math.cos(angle)) / angle ** 2 * K @ K
+
+
+def so3_exp_batch(phi: np.ndarray) -> np.ndarray:
+    """(K, 3, 3) rotation matrices of (K, 3) rotation vectors (Rodrigues; second order below 1e-8 rad)."""
+    phi = np.asarray(phi, dtype=np.float64)
+    angle = np.linalg.norm(phi, axis=1)
+    small = angle < 1e-8
+    a = np.where(small, 1.0, angle)
+    c1 = np.where(small, 1.0, np.sin(a) / a)
+    c2 = np.where(small, 0.5, (1.0 - np.cos(a)) / (a * a))
+    K = skew_batch(phi)
+    return np.eye(3) + c1[:, None, None] * K + c2[:, None, None] * (K @ K)
 
 
 def so3_log(R: np.ndarray) -> np.ndarray:

@@ -1,9 +1,12 @@
 """Pose accuracy of geometric verification on real posed pairs (test/data/posed_pairs), and the harness itself.
 
 The accuracy tests hold the verified relative pose to the issue's bounds on every pair whose ground truth is exact
-(rectified stereo, real images moved by a known motion): median rotation error <= 1.5 degrees, none above 0.055 rad
-(Kimera-VIO's loop-closure test tolerance), and no error beyond 3 standard deviations of the covariance that is
-published with it (along the error's direction). They are written against the public API (``verify_pair``,
+(rectified stereo, real images moved by a known motion) that passes verification: a pair whose published prior
+DETERMINES the rotation (case "metric" or "rotation") has a rotation error of at most 0.055 rad (Kimera-VIO's
+loop-closure test tolerance), with a median of at most 1.5 degrees; a pair published as AMBIGUOUS (case "keyframe":
+two motions explain its matches, e.g. the two solutions of a plane seen without depth) claims no rotation, its
+covariance must cover every solution; and no pair's error lies beyond 3 standard deviations of the covariance that
+is published with it (along the error's direction). They are written against the public API (``verify_pair``,
 ``relative_base_pose``), so they judge whatever verification and covariance model the package has.
 """
 
@@ -17,7 +20,8 @@ import numpy as np
 import pytest
 
 from dinomix_ros.evaluation.posed_pairs import (
-    CHI2_3DOF_99, PosedPair, PosedView, evaluate_pairs, load_posed_pairs, pose_errors, render_pair, summarize,
+    CHI2_3DOF_99, DETERMINED, PairResult, PosedPair, PosedView, evaluate_pairs, load_posed_pairs, pose_errors,
+    render_pair, summarize,
 )
 from dinomix_ros.imaging.camera import CameraModel
 from dinomix_ros.imaging.features import FeatureExtractor
@@ -85,17 +89,24 @@ def test_the_pairs_and_their_ground_truth(pairs) -> None:
 
 
 def test_rotation_error_of_verified_pairs_is_within_the_loop_closure_tolerance(results) -> None:
+    """The rotation a determined prior claims (metric or rotation case) is within the tolerance; ambiguous pairs
+    (keyframe case: no rotation claimed) are counted, and may not be most of them."""
     passed = [r for r in results if r.passed]
     assert len(passed) >= 0.8 * len(results), f"only {len(passed)} of {len(results)} pairs pass verification"
-    errors = np.array([r.rotation_error_deg for r in passed])
-    worst = sorted(((r.rotation_error_deg, r.name) for r in passed), reverse=True)[:5]
+    determined = [r for r in passed if r.case in DETERMINED]
+    ambiguous = [r.name for r in passed if r.case == "keyframe"]
+    assert len(determined) + len(ambiguous) == len(passed)  # every passed pair publishes a prior
+    assert len(determined) >= 0.75 * len(passed), f"{len(ambiguous)} of {len(passed)} ambiguous: {ambiguous}"
+    errors = np.array([r.rotation_error_deg for r in determined])
+    worst = sorted(((r.rotation_error_deg, r.name, r.case) for r in determined), reverse=True)[:5]
     assert np.median(errors) <= 1.5, summarize(results)["rotation_error_deg"]
-    assert errors.max() <= math.degrees(MAX_ROTATION_ERROR_RAD), f"worst pairs (deg, name): {worst}"
+    assert errors.max() <= math.degrees(MAX_ROTATION_ERROR_RAD), f"worst pairs (deg, name, case): {worst}"
 
 
 def test_published_covariance_covers_the_error(results) -> None:
     """No verified pair's error lies beyond 3 standard deviations of its published covariance (rotation, and the
-    position of the relative pose: metric with depth, the keyframe's position without)."""
+    position of the relative pose: metric with depth, the keyframe's position without), whatever its case: an
+    ambiguous pair's (the keyframe's pose) included."""
     passed = [r for r in results if r.passed and r.case]
     beyond = [(r.name, round(r.sigma_ratio_rotation, 2), round(r.sigma_ratio_position, 2)) for r in passed
               if r.sigma_ratio_rotation > 3.0 or r.sigma_ratio_position > 3.0]
@@ -138,6 +149,18 @@ def test_summary_counts_and_bounds() -> None:
     s = summarize([])
     assert s["pairs"] == 0 and s["rotation_error_deg"]["median"] is None
     assert CHI2_3DOF_99 == pytest.approx(11.345, abs=1e-3)
+    # errors are summarized over the determined pairs; an ambiguous pair is counted, and its 3-sigma test kept
+    nan = math.nan
+
+    def row(name: str, case: str, error: float, passed: bool = True, sigmas: float = 1.0) -> PairResult:
+        return PairResult(name, "stereo", 5.0, 0.1, 100, 80, "essential", passed, case, error, nan, nan, nan, 1.0,
+                          1.0, sigmas, sigmas, 1.0, 1.0, 1.0, 1.0)
+
+    s = summarize([row("a", "rotation", 0.5), row("b", "metric", 1.0), row("c", "keyframe", 10.0, sigmas=3.5),
+                   row("d", "rotation", 20.0, passed=False)])
+    assert (s["pairs"], s["passed"], s["determined"], s["ambiguous"]) == (4, 3, 2, 1)
+    assert s["rotation_error_deg"] == {"n": 2, "median": 0.75, "p90": 0.95, "max": 1.0}
+    assert s["rotation_within_3_sigma"] == {"within": 2, "of": 3, "share": 0.6667}
 
 
 def test_warps_render_the_known_motion(data_dir) -> None:

@@ -18,7 +18,8 @@ def lund(data_dir) -> np.ndarray:
 
 def test_orb_features_of_a_real_photo(lund) -> None:
     f = FeatureExtractor().extract(lund)
-    assert 300 <= len(f) <= 400 and f.kind == "orb" and f.image_size == (1024, 768)
+    n = FeatureConfig().max_features  # a textured photo fills most of the budget
+    assert 0.75 * n <= len(f) <= n and f.kind == "orb" and f.image_size == (1024, 768)
     assert f.descriptors.shape == (len(f), 32) and f.descriptors.dtype == np.uint8
     assert not f.has_depth
     # extracted at 640 px but reported in the 1024 px image: inside it, and spread over all of it

@@ -116,8 +116,13 @@ def test_priors_are_calibrated_in_every_family(family: str) -> None:
 
 
 def test_the_expected_case_per_family() -> None:
-    """Depth makes priors metric, its absence rotation-only; a facing wall is not ambiguous, a pure rotation is a
-    rotation; the suite must exercise each case."""
+    """Depth makes priors metric, its absence rotation-only; a facing wall is mostly not ambiguous, a pure rotation is
+    a rotation; the suite must exercise each case.
+
+    A facing wall has one plane solution in front of both cameras, but without depth nothing tells a plane from a
+    shallow 3-D scene: where the essential matrix explains every match as well with a rotation more than 2 degrees
+    from the plane's (seen at 1.4 px of noise), the pair is ambiguous (on the real posed pairs the same test caught
+    depth_rtabmap_rgbd_154_5, a 3-D scene a plane explains as well, whose plane solution is 15 degrees off)."""
     def cases(family: str) -> set[str]:
         return {r["case"] for r in family_results(family) if "case" in r}
 
@@ -125,8 +130,10 @@ def test_the_expected_case_per_family() -> None:
                    "side_camera_depth", "fisheye_depth", "distorted_depth"):
         assert cases(family) == {"metric"}, family
     for family in ("near", "far", "pure_rotation", "forward", "sideways", "cross_camera", "side_camera", "fisheye",
-                   "distorted", "plane_facing"):
+                   "distorted"):
         assert cases(family) == {"rotation"}, family
+    facing = [r["case"] for r in family_results("plane_facing") if "case" in r]
+    assert set(facing) <= {"rotation", "keyframe"} and facing.count("rotation") >= 0.9 * len(facing), facing
     assert {r["model"] for r in family_results("pure_rotation") if r["passed"]} == {"rotation"}
     assert "keyframe" in cases("plane_tilted")  # a tilted plane without depth: some pairs are ambiguous
 

@@ -53,7 +53,7 @@ def test_bag_build_stores_features_and_the_bags_intrinsics(tmp_path, encoder) ->
     assert kmap.local_features.intrinsics == {"/camera/image_raw/compressed": camera}
     assert all(len(kmap.local_features.row(i)) > 100 for i in range(4))
     save_map(kmap, tmp_path / "m")
-    assert read_manifest(tmp_path / "m")["local_features"]["slots"] == 400
+    assert read_manifest(tmp_path / "m")["local_features"]["slots"] == FeatureConfig().max_features
     # without features: a map without verification (and no feature chunks)
     plain, _ = build_map_from_bag(bag.path, encoder, config, progress=False)
     assert plain.local_features is None

@@ -11,7 +11,7 @@ import pytest
 from mapfactory import fingerprint, full_map, unit
 
 from dinomix_ros.imaging.camera import CameraModel
-from dinomix_ros.imaging.features import FeatureExtractor, LocalFeatures
+from dinomix_ros.imaging.features import FeatureConfig, FeatureExtractor, LocalFeatures
 from dinomix_ros.maps.errors import MapError, MapFormatError
 from dinomix_ros.maps.keyframes import KeyframeMap
 from dinomix_ros.maps.local_features import KeyframeFeatures, pack, slot_dtype, unpack
@@ -26,7 +26,7 @@ CAMERA = CameraModel(512, 384, np.array([[400.0, 0, 256], [0, 400.0, 192], [0, 0
 
 @pytest.fixture(scope="module")
 def corridor_features() -> list[LocalFeatures]:
-    ex = FeatureExtractor()
+    ex = FeatureExtractor(FeatureConfig(max_features=400))  # the chunks below have 400 slots
     return [ex.extract(cv2.imread(str(DATA / "rtabmap_corridor" / "samples" / f"{i}.jpg"), cv2.IMREAD_GRAYSCALE))
             for i in (1, 2, 3, 41)]
 
