@@ -10,6 +10,7 @@ import math
 import cv2
 import numpy as np
 from bagfactory import STAMP0_NS, TYPESTORE, BagMessage, Motion, header, write_camera_bag
+from corridorbags import NS, camera_infos, corridor_frames
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rosutil import NodeProcess, RosClient, next_domain_id, replay_bag, stamp_ns
@@ -26,27 +27,6 @@ from dinomix_ros.maps.storage import save_map
 
 NODE = "/dinomix_localizer"
 CAMERA = "/camera/image_raw/compressed"
-K = [420.0, 0.0, 256.0, 0.0, 420.0, 192.0, 0.0, 0.0, 1.0]  # assumed: the corridor's calibration is not published
-NS = 1_000_000_000
-
-
-def _corridor(data_dir, numbers: range) -> list[np.ndarray]:
-    folder = data_dir / "rtabmap_corridor" / "samples"
-    return [cv2.cvtColor(cv2.imread(str(folder / f"{i}.jpg")), cv2.COLOR_BGR2RGB) for i in numbers]
-
-
-def _camera_infos(start_ns: int, n: int) -> list[BagMessage]:
-    """One CameraInfo per frame (a driver publishes one with every image)."""
-    T = TYPESTORE.types
-    out = []
-    for i in range(n):
-        stamp = start_ns + i * NS // 5
-        msg = T["sensor_msgs/msg/CameraInfo"](
-            header=header(stamp, "camera_optical_frame"), height=384, width=512, distortion_model="plumb_bob",
-            d=np.zeros(5), k=np.array(K), r=np.eye(3).ravel(), p=np.zeros(12), binning_x=0, binning_y=0,
-            roi=T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
-        out.append(BagMessage("/camera/camera_info", "sensor_msgs/msg/CameraInfo", stamp - 1_000_000, msg))
-    return out
 
 
 def _verified_and_rejected(msg: DiagnosticArray) -> int:
@@ -55,8 +35,8 @@ def _verified_and_rejected(msg: DiagnosticArray) -> int:
 
 
 def test_verified_loop_closures_priors_and_matches_fields(tmp_path, data_dir) -> None:
-    first = write_camera_bag(tmp_path / "first", frames=_corridor(data_dir, range(1, 41)), image_rate_hz=5.0,
-                             image_topics=(CAMERA,), image_format="jpeg", extra_messages=_camera_infos(STAMP0_NS, 40))
+    first = write_camera_bag(tmp_path / "first", frames=corridor_frames(range(1, 41)), image_rate_hz=5.0,
+                             image_topics=(CAMERA,), image_format="jpeg", extra_messages=camera_infos(STAMP0_NS, 40))
     encoder = Encoder.from_random("vits14", 0, EncoderConfig(device="cpu", dtype="float32"))
     gate = KeyframeGateConfig(min_distance_m=0.1, min_rotation_deg=0.0)
     kmap, _ = build_map_from_bag(first.path, encoder, BagMapConfig(image_topics=(CAMERA,), pose_topic="/odom",
@@ -65,9 +45,9 @@ def test_verified_loop_closures_priors_and_matches_fields(tmp_path, data_dir) ->
     assert len(kmap) == 40 and set(kmap.local_features.intrinsics) == {CAMERA}
     map_path = save_map(kmap, tmp_path / "corridor.dinomap")
     start2 = STAMP0_NS + 1000 * NS
-    second = write_camera_bag(tmp_path / "second", frames=_corridor(data_dir, range(41, 81)), image_rate_hz=5.0,
+    second = write_camera_bag(tmp_path / "second", frames=corridor_frames(range(41, 81)), image_rate_hz=5.0,
                               image_topics=(CAMERA,), image_format="jpeg", motion=Motion(start_ns=start2),
-                              pose_kind=None, extra_messages=_camera_infos(start2, 40))
+                              pose_kind=None, extra_messages=camera_infos(start2, 40))
 
     domain = next_domain_id()
     node = NodeProcess.localizer(tmp_path, domain, params={
